@@ -1,0 +1,231 @@
+"""The Backbone protocol: the only thing decoding methods and the FlashAR parts know about a model.
+
+A backend subclasses :class:`Backbone` and supplies
+
+* geometry: ``grid(image_size) -> (H, W)``, the code range (``code_offset``, ``codebook_size``);
+* conditioning: ``prefix(conditions, cfg=...)`` -> :class:`Prefix` whose last valid position predicts
+  cell (0, 0); with CFG its rows are ``[cond; uncond]`` (flashar's order, whatever the model's own);
+* positions: ``cell_positions(cells, prefix_length)`` for any set of grid cells, so tokens can be fed in
+  any order and keep their raster geometry (2-D RoPE rows, 1-D position ids, ...). The tensor is opaque
+  to methods except that its first axis indexes tokens;
+* layers: ``embed``, ``layers``, ``norm``, ``output`` and ``layer_forward``, one block over a chunk of
+  tokens with explicit positions, an explicit boolean mask and a static KV cache written at explicit
+  slots; :meth:`Backbone.forward` runs them all and can return the hidden state entering layer ``tap``;
+* images: ``decode(codes)`` and ``encode(images)`` through the backend's tokenizer;
+* native layout: ``row_end_token`` (a token the model emits after every row but the last, e.g. Emu3.5's
+  EOL) and ``native_cfg`` (the space the model's own CFG mixes in), which only the raster baseline honours.
+
+Shapes: B batch rows, T tokens in a chunk, S cache slots, D width, V codebook size.
+Masks are boolean, ``True`` = may attend, shape (B, 1, T, S) with a cache or (B, 1, T, T) without.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flashar.errors import FlashARError
+
+
+@dataclass
+class Prefix:
+    """The conditioning prefix of a batch, already embedded."""
+
+    embeds: Tensor  # (B, P, D)
+    valid: Tensor  # (B, P) bool; padded positions are False
+    positions: Tensor  # (P, ...) backend position encoding of the prefix positions
+    last: Tensor  # (B,) int64 index of the last valid position (its output predicts cell (0, 0))
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.embeds.shape[0]
+
+
+class KVCache:
+    """Static key/value buffers, one (B, H_kv, S, hd) pair per layer, written by index at explicit slots.
+
+    Shapes never change, so a decode step that writes here compiles once. On CUDA the buffers are marked
+    as static addresses so a CUDA graph can replay writes into them.
+    """
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, length: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (num_layers, batch, num_kv_heads, length, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, H_kv, S, hd)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if self.k.device.type == "cuda":
+            torch._dynamo.mark_static_address(self.k)
+            torch._dynamo.mark_static_address(self.v)
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[3]
+
+    def layer(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.k[i], self.v[i]
+
+    def reset(self) -> None:
+        self.k.zero_()
+        self.v.zero_()
+
+
+def write_kv(kv: tuple[Tensor, Tensor], slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Write k, v (B, H_kv, T, hd) at ``slots`` (T,) and return the whole cache (B, H_kv, S, hd)."""
+    k_cache, v_cache = kv
+    k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
+    v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
+    return k_cache, v_cache
+
+
+class Backbone(nn.Module, ABC):
+    """A pretrained raster-scan AR image model, seen through the protocol of the module docstring."""
+
+    backend_id: str = ""
+    condition_kind: Literal["class", "text"] = "class"
+    num_classes: int | None = None
+    codebook_size: int
+    code_offset: int = 0
+    downsample: int = 16
+    default_image_size: int = 256
+    row_end_token: int | None = None
+    native_cfg: Literal["logits", "log_softmax"] = "logits"
+    sampling_defaults: dict[str, Any] = {}
+
+    layers: nn.ModuleList
+    norm: nn.Module
+    output: nn.Linear
+
+    # --- geometry -------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def dim(self) -> int:
+        return self.output.weight.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.output.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.output.weight.device
+
+    def grid(self, image_size: int | tuple[int, int] | None = None) -> tuple[int, int]:
+        """Token grid (H, W) for an image of ``image_size`` pixels (one side, or (height, width))."""
+        size = image_size or self.default_image_size
+        height, width = (size, size) if isinstance(size, int) else size
+        if height % self.downsample or width % self.downsample or height <= 0 or width <= 0:
+            raise FlashARError(
+                f"image size {height}x{width} is not a positive multiple of the tokenizer's downsampling factor "
+                f"{self.downsample}; use e.g. {self.default_image_size}"
+            )
+        return height // self.downsample, width // self.downsample
+
+    # --- what a backend implements --------------------------------------------------------------
+    @abstractmethod
+    def prefix(self, conditions: Sequence[Any], *, cfg: bool) -> Prefix:
+        """Embed the conditions (class ids or prompts); with ``cfg`` append the unconditional rows."""
+
+    @abstractmethod
+    def cell_positions(self, cells: Tensor, prefix_length: int, native: bool = False) -> Tensor:
+        """Position encoding (T, ...) of grid cells ``cells`` (T, 2) = (row, col).
+
+        ``native=True`` asks for the model's own raster layout, where a column index equal to W denotes
+        the ``row_end_token`` slot; otherwise cells sit at prefix_length + row * W + col.
+        """
+
+    @abstractmethod
+    def embed(self, ids: Tensor) -> Tensor:
+        """Token ids (B, T) of the model's vocabulary -> embeddings (B, T, D)."""
+
+    @abstractmethod
+    def layer_forward(self, layer: nn.Module, x: Tensor, positions: Tensor, mask: Tensor,
+                      kv: tuple[Tensor, Tensor] | None, slots: Tensor | None) -> Tensor:
+        """Run one block (of ``layers``, or a clone of one) on x (B, T, D); write its K/V at ``slots``."""
+
+    @abstractmethod
+    def decode(self, codes: Tensor) -> Tensor:
+        """Codes (B, H, W) in [0, V) -> images (B, 3, h, w) in [0, 1]."""
+
+    @abstractmethod
+    def encode(self, images: Tensor) -> Tensor:
+        """Images (B, 3, h, w) in [0, 1] -> codes (B, H, W)."""
+
+    @abstractmethod
+    def architecture(self) -> dict[str, Any]:
+        """JSON-able description of the architecture (sizes, vocabulary, preset name)."""
+
+    # --- shared machinery -----------------------------------------------------------------------
+    def forward(self, x: Tensor, positions: Tensor, mask: Tensor, cache: KVCache | None = None,
+                slots: Tensor | None = None, tap: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """All layers over x (B, T, D) -> (final-normed hidden (B, T, D), hidden entering layer ``tap``)."""
+        h_tap = None
+        for i, layer in enumerate(self.layers):
+            if i == tap:
+                h_tap = x
+            x = self.layer_forward(layer, x, positions, mask, None if cache is None else cache.layer(i), slots)
+        if tap == self.num_layers:
+            h_tap = x
+        return self.norm(x), h_tap
+
+    def logits(self, h: Tensor, head: nn.Linear | None = None) -> Tensor:
+        """float32 logits over the codebook (..., V) from normed hidden states, with ``head`` or ``output``."""
+        weight = (head or self.output).weight[self.code_offset : self.code_offset + self.codebook_size]
+        return F.linear(h, weight).float()
+
+    def code_ids(self, codes: Tensor) -> Tensor:
+        """Codes in [0, V) -> token ids of the model's vocabulary."""
+        return codes + self.code_offset
+
+    def new_cache(self, batch: int, length: int, num_layers: int | None = None) -> KVCache:
+        """A zeroed static cache for ``batch`` rows and ``length`` slots (rounded up to a multiple of 8)."""
+        length = (length + 7) // 8 * 8
+        return KVCache(num_layers or self.num_layers, batch, self.num_kv_heads, length, self.head_dim,
+                       self.dtype, self.device)
+
+    @property
+    def num_kv_heads(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def head_dim(self) -> int:
+        raise NotImplementedError
+
+    def clone_layers(self, start: int, count: int) -> nn.ModuleList:
+        """Independent copies of layers [start, start + count), for the FlashAR vertical branch."""
+        if start < 0 or count < 1 or start + count > self.num_layers:
+            raise FlashARError(
+                f"cannot clone layers [{start}, {start + count}) from a backbone with {self.num_layers} layers; "
+                f"choose branch_layer + num_blocks <= {self.num_layers}"
+            )
+        return nn.ModuleList(copy.deepcopy(self.layers[i]) for i in range(start, start + count))
+
+    def new_norm(self) -> nn.Module:
+        """A fresh final-norm-like module with unit weights (the vertical branch's norm)."""
+        norm = copy.deepcopy(self.norm)
+        with torch.no_grad():
+            norm.weight.fill_(1.0)
+        return norm
+
+    def fingerprint(self) -> str:
+        """Identity of the architecture and weights: a hash of ``architecture()`` and sampled weight values."""
+        digest = hashlib.sha256(json.dumps(self.architecture(), sort_keys=True).encode())
+        with torch.no_grad():
+            for tensor in (self.output.weight, self.layers[0].state_dict()[next(iter(self.layers[0].state_dict()))]):
+                sample = tensor.detach().flatten()[:: max(1, tensor.numel() // 4096)][:4096]
+                digest.update(sample.float().cpu().numpy().round(5).tobytes())
+        return digest.hexdigest()[:16]

@@ -1,0 +1,52 @@
+"""The LlamaGen backend (FoundationVision/LlamaGen GPT-B ... GPT-3B, c2i and t2i, VQ-16 / VQ-8).
+
+Registered as an ordinary flashar plugin. Importing this package is cheap; the model code loads on use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from flashar.config import Config, RuntimeConfig
+from flashar.hookspecs import hookimpl
+from flashar.plugins import BackendSpec
+
+
+class LlamaGenOptions(Config):
+    checkpoint: Path = Field(..., description="GPT checkpoint as published (.pt with a 'model' entry or a bare state dict) or .safetensors.")
+    gpt_model: str | None = Field(None, description="Size preset as in the official scripts (GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B, ...); default: read off the checkpoint.")
+    config_file: Path | None = Field(None, description="JSON file of GPTConfig fields, for a custom size.", json_schema_extra={"flag": "model-config"})
+    vq_checkpoint: Path | None = Field(None, description="VQ tokenizer checkpoint (e.g. vq_ds16_c2i.pt); needed to write images and to tokenise data.")
+    vq_model: str = Field("VQ-16", description="VQ preset: VQ-16 or VQ-8.")
+    t5_path: Path | None = Field(None, description="Local FLAN-T5-XL folder, for text-conditional (t2i) models.")
+
+
+def load(options: LlamaGenOptions, runtime: RuntimeConfig):
+    import torch
+
+    from flashar.backends.llamagen.loader import load_gpt, load_vq
+
+    dtype = getattr(torch, runtime.dtype)
+    vq = load_vq(options.vq_checkpoint, options.vq_model) if options.vq_checkpoint else None
+    if vq is not None:
+        vq.model.to(runtime.device)
+    text = None
+    if options.t5_path is not None:
+        from flashar.backends.llamagen.text import T5TextEncoder
+
+        text = T5TextEncoder(options.t5_path, runtime.device)
+    model = load_gpt(options.checkpoint, options.gpt_model, options.config_file, tokenizer=vq, text_encoder=text)
+    return model.to(device=runtime.device, dtype=dtype)
+
+
+@hookimpl
+def flashar_register_backends(register):
+    register(BackendSpec(
+        id="llamagen",
+        description="LlamaGen GPT (c2i/t2i) with its VQ tokenizer, from the official checkpoints.",
+        options=LlamaGenOptions,
+        load=load,
+        extra="llamagen",
+    ))

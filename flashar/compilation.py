@@ -1,0 +1,31 @@
+"""The one place where flashar configures torch.compile.
+
+Decode steps are compiled with ``fullgraph=True, dynamic=False``: a graph break or a recompile is a bug.
+On CUDA the mode is ``reduce-overhead`` (CUDA graphs). Tests pass ``backend="eager"`` to check tracing
+without inductor.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def compile_step(fn: Callable, device: torch.device | str, backend: str | Callable = "inductor") -> Callable:
+    """Compile a decode step once; CUDA graphs on GPU."""
+    device = torch.device(device)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8)
+    mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+    return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode, backend=backend)
+
+
+class CompileCounter:
+    """A torch.compile backend that counts compilations and runs the graph eagerly (for tests)."""
+
+    def __init__(self):
+        self.frames = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        self.frames += 1
+        return gm.forward

@@ -1,0 +1,107 @@
+"""Every user-facing setting, as frozen pydantic models (the CLI help reuses the descriptions).
+
+Each default is written once, here. Backends may recommend other sampling values
+(``Backbone.sampling_defaults``); values the user sets win over both.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SamplingConfig(Config):
+    """How codes are drawn from the model's logits (shared by every decoding method)."""
+
+    temperature: float = Field(1.0, ge=0.0, description="Softmax temperature; 0 means greedy (argmax).")
+    top_k: int = Field(0, ge=0, description="Keep only the k most likely codes (0 = off, 1 = greedy).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of codes whose probability reaches p (1 = off).")
+    cfg_scale: float = Field(1.0, ge=0.0, description="Classifier-free guidance scale: uncond + scale * (cond - uncond); 1 turns guidance off.")
+    cfg_interval: int = Field(-1, ge=-1, description="Use guidance only for the first N+2 generated tokens (LlamaGen semantics); -1 = always.")
+
+    @property
+    def use_cfg(self) -> bool:
+        return self.cfg_scale != 1.0
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class RuntimeConfig(Config):
+    """Where and how the model runs."""
+
+    device: str = Field("cpu", description="Torch device, e.g. cpu, cuda, cuda:1.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Compute dtype of the backbone.")
+    compile: bool = Field(False, description="Compile the decode step with torch.compile(fullgraph=True) (CUDA graphs on GPU).")
+    seed: int = Field(0, description="Seed of the torch.Generator that drives sampling.")
+
+
+class GenerateConfig(Config):
+    """One generation run."""
+
+    method: str = Field("raster", description="Decoding method id (see `flashar methods`).")
+    image_size: int | None = Field(None, gt=0, description="Image side in pixels; default: the backend's native size.")
+    batch_size: int = Field(8, gt=0, description="Images generated per forward batch.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+
+class BranchConfig(Config):
+    """The FlashAR vertical branch and fusion gate (arXiv 2605.09430 §3)."""
+
+    num_blocks: int = Field(1, ge=1, description="K: backbone layers cloned into the vertical branch.")
+    branch_layer: int | None = Field(None, ge=0, description="b: the branch reads the hidden state entering this layer and clones layers [b, b+K); default L-K.")
+    gate: Literal["hidden", "logits", "scalar", "fixed"] = Field(
+        "hidden",
+        description="Fusion gate: per-position MLP on [left final hidden; upper vertical hidden] (the released Emu3.5 gate), "
+        "per-position MLP on the detached logit pair, one learned scalar, or a fixed 0.5 average.",
+    )
+    gate_hidden: int | None = Field(None, gt=0, description="Gate MLP width; default max(64, d/8) for 'hidden', max(32, V/512) for 'logits'.")
+
+
+class StageConfig(Config):
+    """One adaptation stage."""
+
+    steps: int = Field(..., ge=0, description="Optimizer steps in this stage.")
+    lr: float = Field(..., gt=0, description="Peak learning rate of the FlashAR parts (branch, heads, gates).")
+    backbone_lr_factor: float = Field(0.2, ge=0, description="Backbone learning rate = lr * this factor (stage 2).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    flat_steps: int = Field(0, ge=0, description="Steps at the peak rate after warm-up, before the cosine decay.")
+    min_lr_factor: float = Field(0.05, ge=0, le=1, description="Cosine floor as a fraction of the peak rate.")
+    aux_vertical_weight: float = Field(0.05, ge=0, description="Weight of the auxiliary vertical cross-entropy.")
+    distill_weight: float = Field(0.0, ge=0, description="Weight of the KL distillation from the frozen raster model (stage 1).")
+    distill_temperature: float = Field(2.0, gt=0, description="Temperature of the distillation KL.")
+    gate_entropy_weight: float = Field(0.0, ge=0, description="Weight of the gate anti-collapse regulariser.")
+
+
+class AdaptConfig(Config):
+    """Two-stage adaptation (spec §7)."""
+
+    branch: BranchConfig = Field(default_factory=BranchConfig)
+    stage1: StageConfig = Field(
+        default_factory=lambda: StageConfig(steps=1000, lr=5e-5, flat_steps=500, distill_weight=0.2, aux_vertical_weight=0.05)
+    )
+    stage2: StageConfig = Field(
+        default_factory=lambda: StageConfig(steps=2000, lr=1.75e-5, backbone_lr_factor=0.2, flat_steps=500, aux_vertical_weight=0.05)
+    )
+    stage2_mode: Literal["full", "lora", "none"] = Field("full", description="Stage 2 trains the whole backbone, LoRA adapters on it, or nothing.")
+    lora_rank: int = Field(8, gt=0, description="LoRA rank (stage2_mode=lora).")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (stage2_mode=lora).")
+    batch_size: int = Field(8, gt=0, description="Sequences per optimizer step (global).")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this value (0 = off).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    checkpoint_every: int = Field(200, gt=0, description="Write a resumable checkpoint every N optimizer steps.")
+    seed: int = Field(0, description="Seed for data order and initialisation.")
+
+    @model_validator(mode="after")
+    def _check_batch(self):
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        return self

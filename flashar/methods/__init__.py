@@ -1,0 +1,1 @@
+"""Decoding methods. Each lives in ``methods/<id>.py`` and registers itself through pluggy."""

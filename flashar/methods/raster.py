@@ -1,0 +1,110 @@
+"""Raster decoding: the baseline every acceleration method is compared against.
+
+The model's own next-token loop (LlamaGen ``generate``, Emu3.5 native layout): prefill the prefix, then
+one token per forward pass in raster order on a static KV cache, so an H x W grid costs H * W passes
+(plus one per row-end token on backbones whose native layout has them, e.g. Emu3.5's EOL, which are
+forced rather than sampled). CFG runs both halves in one batch, mixed in the backbone's native space.
+The step always feeds exactly one token, so one compiled graph serves the whole generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from flashar import grid as G
+from flashar.backbone import Backbone, KVCache, Prefix
+from flashar.config import SamplingConfig
+from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill
+from flashar.hookspecs import hookimpl
+from flashar.sampling import new_noise, sample
+
+
+@dataclass
+class RasterState:
+    prefix: Prefix
+    cache: KVCache
+    sampling: SamplingConfig
+    positions: Tensor  # (M, ...) native position encoding of every sequence entry
+    slots: Tensor  # (M,) cache slot of every sequence entry: P + j
+    slot_index: Tensor  # (S,) arange over cache slots
+    key_valid: Tensor  # (B', S) valid prefix slots and all image slots
+    forced: Tensor  # (M,) token id forced at entry j (row ends), -1 where sampled
+    is_cell: Tensor  # (M,) bool, True for grid cells
+    tokens: Tensor  # (B, M) generated token ids (model vocabulary)
+    steps: Tensor  # (M,) arange, the step index fed to the compiled step
+    noise: Tensor  # (B, V) exponential noise, refilled every step
+
+
+class Raster(Method):
+    id = "raster"
+    description = "Raster-order next-token decoding (the baseline): H*W forward passes."
+
+    @staticmethod
+    def num_forward_passes(height: int, width: int) -> int:
+        return height * width
+
+    def setup(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> RasterState:
+        bb = self.backbone
+        height, width = grid
+        prefix = bb.prefix(conditions, cfg=sampling.use_cfg)
+        cells, is_cell = G.raster_sequence(height, width, bb.row_end_token is not None)
+        num_entries, batch = len(cells), len(conditions)
+        cache = bb.new_cache(prefix.batch_size, prefix.length + num_entries)
+        device = bb.device
+        forced = torch.where(is_cell, -1, bb.row_end_token if bb.row_end_token is not None else -1)
+        return RasterState(
+            prefix=prefix, cache=cache, sampling=sampling,
+            positions=bb.cell_positions(cells.to(device), prefix.length, native=True),
+            slots=prefix.length + torch.arange(num_entries, device=device),
+            slot_index=torch.arange(cache.length, device=device),
+            key_valid=image_key_valid(prefix, cache.length),
+            forced=forced.to(device), is_cell=is_cell.to(device),
+            tokens=torch.zeros(batch, num_entries, dtype=torch.long, device=device),
+            steps=torch.arange(num_entries, device=device),
+            noise=new_noise((batch, bb.codebook_size), device),
+        )
+
+    def _draw(self, state: RasterState, logits: Tensor, j: Tensor) -> Tensor:
+        """Guided, sampled code for sequence entry j (0-d), as a token id, forced tokens respected."""
+        sampling = state.sampling
+        use_cfg = (j <= sampling.cfg_interval + 1) | (sampling.cfg_interval < 0)
+        code = sample(guided(logits, sampling, self.backbone.native_cfg, use_cfg), state.noise, sampling)
+        return torch.where(state.forced[j] >= 0, state.forced[j], self.backbone.code_ids(code))
+
+    def _step(self, state: RasterState, j: Tensor) -> None:
+        """Feed entry j-1, predict entry j, write it into ``state.tokens`` (all shapes static)."""
+        prev = (j - 1).view(1)
+        ids = state.tokens.index_select(1, prev)  # (B, 1)
+        if state.sampling.use_cfg:
+            ids = torch.cat([ids, ids])  # both CFG halves consume the same token
+        slot = state.slots.index_select(0, prev)
+        mask = key_mask(state.key_valid, state.slot_index[None, :] <= slot[:, None])
+        h, _ = self.backbone(self.backbone.embed(ids), state.positions.index_select(0, prev), mask, state.cache, slot)
+        token = self._draw(state, self.backbone.logits(h[:, 0]), j)
+        state.tokens.index_copy_(1, j.view(1), token[:, None])
+
+    def generate(self, conditions, grid, sampling, generator) -> Generation:
+        state = self.setup(conditions, grid, sampling)
+        with torch.no_grad():
+            h, _ = prefill(self.backbone, state.prefix, state.cache)
+            self._refill(state, generator)
+            state.tokens[:, 0] = self._draw(state, self.backbone.logits(h), state.steps[0])
+            for j in range(1, len(state.steps)):
+                self._refill(state, generator)
+                self.step(state, state.steps[j])
+        codes = state.tokens[:, state.is_cell] - self.backbone.code_offset
+        return Generation(codes.view(len(conditions), *grid).cpu(), num_forward_passes=len(state.steps))
+
+    @staticmethod
+    def _refill(state: RasterState, generator: torch.Generator) -> None:
+        if not state.sampling.is_greedy:
+            state.noise.exponential_(generator=generator)
+
+
+@hookimpl
+def flashar_register_methods(register):
+    register(Raster)

@@ -1,0 +1,76 @@
+"""Classifier-free guidance and sync-free sampling, shared by every decoding method.
+
+Everything here is static-shape and host-sync-free, so it runs inside a compiled step:
+
+* top-k keeps every logit >= the k-th largest (ties at the threshold survive, as in LlamaGen);
+* top-p keeps the smallest prefix of the sorted distribution whose mass reaches p (the first token that
+  crosses p is kept, the top-1 is never removed), applied after top-k;
+* a draw is an exponential race, argmax(p / E) with E ~ Exp(1), which picks code i with probability p_i.
+  The exponential noise is drawn by the caller from a seeded ``torch.Generator`` (one call per step,
+  outside the compiled step), so eager and compiled runs draw exactly the same codes.
+
+CFG rows are always ``[cond; uncond]`` inside flashar.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from flashar.config import SamplingConfig
+
+
+def cfg_mix(logits: Tensor, scale: float, space: str = "logits") -> Tensor:
+    """(2B, ..., V) rows [cond; uncond] -> (B, ..., V) guided logits uncond + scale * (cond - uncond).
+
+    ``space="log_softmax"`` mixes log-probabilities instead of raw logits (Emu3.5's native CFG).
+    """
+    if space == "log_softmax":
+        logits = torch.log_softmax(logits, dim=-1)
+    cond, uncond = logits.chunk(2, dim=0)
+    return uncond + scale * (cond - uncond)
+
+
+def filter_logits(logits: Tensor, sampling: SamplingConfig) -> Tensor:
+    """Temperature, then top-k, then top-p; removed codes become -inf. (..., V) float32."""
+    if sampling.temperature > 0:
+        logits = logits / max(sampling.temperature, 1e-5)
+    if sampling.top_k > 0:
+        k = min(sampling.top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of everything ranked above
+        remove_sorted = mass_before > sampling.top_p
+        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def processed_probs(logits: Tensor, sampling: SamplingConfig) -> Tensor:
+    """The distribution a code is actually drawn from (after filtering); one-hot when greedy. (..., V)."""
+    if sampling.is_greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    return torch.softmax(filter_logits(logits, sampling), dim=-1)
+
+
+def sample(logits: Tensor, noise: Tensor | None, sampling: SamplingConfig) -> Tensor:
+    """Draw one code per row of logits (..., V) with exponential noise of the same shape -> (...) int64."""
+    if sampling.is_greedy:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(filter_logits(logits, sampling), dim=-1)
+    return torch.argmax(probs / noise, dim=-1)
+
+
+def new_noise(shape: tuple[int, ...], device: torch.device | str) -> Tensor:
+    """A buffer for exponential noise; refill it each step with ``buf.exponential_(generator=g)``."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A seeded generator on ``device`` (CUDA generators for CUDA noise)."""
+    generator = torch.Generator(device=torch.device(device))
+    generator.manual_seed(seed)
+    return generator
