@@ -20,6 +20,7 @@ class LlamaGenOptions(Config):
     config_file: Path | None = Field(None, description="JSON file of GPTConfig fields, for a custom size.", json_schema_extra={"flag": "model-config"})
     vq_checkpoint: Path | None = Field(None, description="VQ tokenizer checkpoint (e.g. vq_ds16_c2i.pt); needed to write images and to tokenise data.")
     vq_model: str = Field("VQ-16", description="VQ preset: VQ-16 or VQ-8.")
+    vq_config: Path | None = Field(None, description="JSON file of VQConfig fields, for a custom tokenizer (overrides --vq-model).")
     t5_path: Path | None = Field(None, description="Local FLAN-T5-XL folder, for text-conditional (t2i) models.")
 
 
@@ -29,7 +30,9 @@ def load(options: LlamaGenOptions, runtime: RuntimeConfig):
     from flashar.backends.llamagen.loader import load_gpt, load_vq
 
     dtype = getattr(torch, runtime.dtype)
-    vq = load_vq(options.vq_checkpoint, options.vq_model) if options.vq_checkpoint else None
+    vq = None
+    if options.vq_checkpoint is not None:
+        vq = load_vq(options.vq_checkpoint, options.vq_model, vq_config_from(options.vq_config))
     if vq is not None:
         vq.model.to(runtime.device)
     text = None
@@ -39,6 +42,16 @@ def load(options: LlamaGenOptions, runtime: RuntimeConfig):
         text = T5TextEncoder(options.t5_path, runtime.device)
     model = load_gpt(options.checkpoint, options.gpt_model, options.config_file, tokenizer=vq, text_encoder=text)
     return model.to(device=runtime.device, dtype=dtype)
+
+
+def vq_config_from(path: Path | None):
+    if path is None:
+        return None
+    from flashar.api import validated
+    from flashar.backends.llamagen.tokenizer import VQConfig
+    from flashar.io import load_json
+
+    return validated(VQConfig, load_json(path), f"VQ config {path}")
 
 
 @hookimpl

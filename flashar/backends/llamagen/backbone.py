@@ -88,7 +88,7 @@ class LlamaGenBackbone(Backbone):
         features, mask = self.text_encoder(list(conditions))  # (B, 120, 2048) zero-padded on the left, (B, 120)
         features, mask = features.to(self.device, torch.float32), mask.to(self.device)
         if cfg:
-            uncond = self.cls_embedding.uncond_embedding.float().expand_as(features)
+            uncond = self.cls_embedding.uncond_embedding[: features.shape[1]].float().expand_as(features)
             features, mask = torch.cat([features, uncond]), torch.cat([mask, mask])
         return self.cls_embedding(features.to(self.cls_embedding.cap_proj.fc1.weight.dtype)), mask
 

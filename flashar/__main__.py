@@ -1,0 +1,3 @@
+from flashar.cli import main
+
+main()

@@ -1,0 +1,142 @@
+"""The Python API: load a backbone, build a decoding method, generate and save images.
+
+    from flashar import api
+    backbone = api.load_backbone("llamagen", {"checkpoint": "c2i_B_256.pt", "vq_checkpoint": "vq_ds16_c2i.pt"})
+    method = api.build_method("raster", backbone)
+    result = api.generate(method, [207, 360], sampling=api.resolve_sampling(backbone, {"cfg_scale": 4.0}))
+    api.save_images(backbone, result.codes, "out/")
+
+The CLI commands are thin wrappers over these functions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from flashar.backbone import Backbone
+from flashar.config import Config, RuntimeConfig, SamplingConfig
+from flashar.decoding import Method
+from flashar.errors import FlashARError
+from flashar.io import atomic_path, ensure_writable_dir, save_png
+from flashar.plugins import Registry, get_registry
+from flashar.sampling import make_generator
+
+
+def validated(model: type[Config], values: Mapping[str, Any] | Config | None, what: str) -> Config:
+    """Build a pydantic config, turning validation errors into one-line :class:`FlashARError`."""
+    if isinstance(values, model):
+        return values
+    try:
+        return model(**dict(values or {}))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or what
+        raise FlashARError(f"invalid {what} option '{where}': {first['msg']} (got {first.get('input')!r})") from None
+
+
+def load_backbone(backend: str, options: Mapping[str, Any] | Config, runtime: RuntimeConfig | None = None,
+                  registry: Registry | None = None) -> Backbone:
+    """Load a backbone with a registered backend's options (see ``flashar backends``)."""
+    spec = (registry or get_registry()).backend(backend)
+    spec.check_available()
+    runtime = runtime or RuntimeConfig()
+    _check_device(runtime.device)
+    return spec.load(validated(spec.options, options, f"backend '{backend}'"), runtime)
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise FlashARError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FlashARError(f"device '{device}' was requested but CUDA is not available here; use --device cpu")
+
+
+def build_method(name: str, backbone: Backbone, options: Mapping[str, Any] | Config | None = None, *,
+                 compile: bool = False, registry: Registry | None = None) -> Method:
+    """A registered decoding method bound to ``backbone`` (see ``flashar methods``)."""
+    cls = (registry or get_registry()).method(name)
+    return cls(backbone, validated(cls.Options, options, f"method '{name}'"), compile=compile)
+
+
+def resolve_sampling(backbone: Backbone, overrides: Mapping[str, Any] | None = None) -> SamplingConfig:
+    """Library defaults < the backend's recommended values < what the user set."""
+    values = {**backbone.sampling_defaults, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    return validated(SamplingConfig, values, "sampling")
+
+
+@dataclass
+class GenerateResult:
+    codes: torch.Tensor  # (N, H, W) int64
+    num_forward_passes: int  # per batch
+    seconds: float  # wall time of decoding (tokenizer decode excluded)
+    batch_seconds: list[float] = field(default_factory=list)
+
+
+def generate(method: Method, conditions: Sequence[Any], image_size: int | tuple[int, int] | None = None,
+             sampling: SamplingConfig | None = None, batch_size: int = 8, seed: int = 0,
+             on_batch: Callable[[int], None] | None = None) -> GenerateResult:
+    """Generate one token grid per condition, ``batch_size`` at a time, from one seeded generator."""
+    backbone = method.backbone
+    if not conditions:
+        raise FlashARError("nothing to generate: pass at least one class id (--classes) or prompt (--prompt)")
+    grid = backbone.grid(image_size)
+    sampling = sampling or resolve_sampling(backbone)
+    generator = make_generator(seed, backbone.device)
+    codes, times, passes = [], [], 0
+    for start in range(0, len(conditions), batch_size):
+        batch = list(conditions[start : start + batch_size])
+        began = time.perf_counter()
+        result = method.generate(batch, grid, sampling, generator)
+        _synchronize(backbone.device)
+        times.append(time.perf_counter() - began)
+        codes.append(result.codes)
+        passes = result.num_forward_passes
+        if on_batch:
+            on_batch(len(batch))
+    return GenerateResult(torch.cat(codes), passes, sum(times), times)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def image_names(conditions: Sequence[Any]) -> list[str]:
+    def label(c: Any) -> str:
+        text = str(c) if not isinstance(c, str) else "".join(ch if ch.isalnum() else "_" for ch in c)[:40]
+        return text.strip("_") or "prompt"
+
+    return [f"{i:04d}_{label(c)}.png" for i, c in enumerate(conditions)]
+
+
+def save_images(backbone: Backbone, codes: torch.Tensor, out_dir: str | Path, conditions: Sequence[Any],
+                batch_size: int = 8) -> list[Path]:
+    """Decode codes (N, H, W) to pixels and write one PNG per image."""
+    out_dir = ensure_writable_dir(out_dir)
+    paths = []
+    for start in range(0, len(codes), batch_size):
+        images = backbone.decode(codes[start : start + batch_size])
+        for image, name in zip(images, image_names(conditions)[start : start + batch_size]):
+            save_png(image, out_dir / name)
+            paths.append(out_dir / name)
+    return paths
+
+
+def save_tokens(codes: torch.Tensor, path: str | Path) -> Path:
+    """Token grids as int64 .npy of shape (N, H, W)."""
+    path = Path(path)
+    if path.suffix != ".npy":
+        raise FlashARError(f"--save-tokens must name a .npy file, got {path}")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, codes.to(torch.int64).numpy())
+    return path

@@ -1,0 +1,217 @@
+"""The ``flashar`` command line: a thin dispatcher over :mod:`flashar.api` and friends.
+
+Commands that act are verbs (generate, adapt, compare); listings are nouns (backends, methods, plugins).
+Backends and methods add their own options (``--checkpoint``, ``--adapter``, ...) through their pydantic
+``Options`` models. Errors a user can fix print one line and exit 1; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from flashar import __version__
+from flashar.cliutils import (
+    PluginCommand,
+    backend_and_method_options,
+    check_foreign,
+    console,
+    echo_json,
+    field_options,
+    parse_classes,
+    pick,
+    print_table,
+    registry_of,
+    user_errors,
+)
+from flashar.config import RuntimeConfig, SamplingConfig
+from flashar.io import load_json
+
+
+class FlashARGroup(click.Group):
+    """The command group; plugins add commands through ``flashar_register_commands``."""
+
+    def _plugin_commands(self, ctx: click.Context) -> None:
+        registry = registry_of(ctx)
+        if getattr(self, "_loaded_for", None) is not registry:
+            self._loaded_for = registry
+            registry.pm.hook.flashar_register_commands(cli=self)
+
+    def get_command(self, ctx, name):
+        self._plugin_commands(ctx)
+        return super().get_command(ctx, name)
+
+    def list_commands(self, ctx):
+        self._plugin_commands(ctx)
+        return super().list_commands(ctx)
+
+
+@click.group(cls=FlashARGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="flashar")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors a user can fix.")
+def cli(debug: bool) -> None:
+    """Make pretrained autoregressive image generators fast (FlashAR and its peers)."""
+
+
+def runtime_from(values: dict) -> RuntimeConfig:
+    from flashar.api import validated
+
+    return validated(RuntimeConfig, pick(RuntimeConfig, values), "runtime")
+
+
+def with_config_file(values: dict) -> dict:
+    """Values from ``--config FILE`` (a JSON object of option names), overridden by flags."""
+    path = values.pop("config", None)
+    if path is None:
+        return values
+    data = load_json(path)
+    if not isinstance(data, dict):
+        click.get_current_context().fail(f"--config {path} must hold a JSON object of option names")
+    return {**{k.replace("-", "_"): v for k, v in data.items()}, **{k: v for k, v in values.items() if v is not None}}
+
+
+def config_options(*models):
+    """Add one option per field of each pydantic model (applied like a stack of @click.option)."""
+
+    def decorator(fn):
+        options = [option for model in models for option in field_options(model)]
+        fn.__click_params__ = getattr(fn, "__click_params__", []) + list(reversed(options))
+        return fn
+
+    return decorator
+
+
+@cli.command(cls=PluginCommand, plugin_params=backend_and_method_options)
+@click.option("--backend", "-b", required=True, help="Backend id (see `flashar backends`).")
+@click.option("--method", "-m", default="raster", show_default=True, help="Decoding method id (see `flashar methods`).")
+@click.option("--classes", help="Comma-separated class ids, one image each (class-conditional backends).")
+@click.option("--prompt", "prompts", multiple=True, help="A prompt, one image each; repeat for several (text-conditional backends).")
+@click.option("--image-size", type=int, help="Image side in pixels; default: the backend's native size.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Images decoded together.")
+@click.option("--out", type=click.Path(path_type=Path), help="Folder for one PNG per image.")
+@click.option("--save-tokens", type=click.Path(path_type=Path), help="Also save the token grids as int64 .npy, shape [N, H, W].")
+@click.option("--config", type=click.Path(path_type=Path), help="JSON file of option values; flags override it.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of a table.")
+@config_options(SamplingConfig, RuntimeConfig)
+@click.pass_context
+@user_errors
+def generate(ctx: click.Context, **values) -> None:
+    """Generate images with raster or accelerated decoding."""
+    from flashar import api
+    from flashar.io import ensure_writable_dir
+
+    values = with_config_file(values)
+    registry = registry_of(ctx)
+    check_foreign(values, registry, values["backend"], [values["method"]])
+    conditions = parse_classes(values["classes"]) or list(values["prompts"])
+    if values["out"]:
+        ensure_writable_dir(values["out"])  # fail before any work is done
+    runtime = runtime_from(values)
+    backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
+    method_cls = registry.method(values["method"])
+    method = api.build_method(values["method"], backbone, pick(method_cls.Options, values), compile=runtime.compile, registry=registry)
+    sampling = api.resolve_sampling(backbone, pick(SamplingConfig, values))
+    with _progress(len(conditions), f"{values['method']} decoding", values["as_json"]) as advance:
+        result = api.generate(method, conditions, values["image_size"], sampling, values["batch_size"], runtime.seed, advance)
+    paths = api.save_images(method.backbone, result.codes, values["out"], conditions) if values["out"] else []
+    if values["save_tokens"]:
+        api.save_tokens(result.codes, values["save_tokens"])
+    summary = {
+        "backend": values["backend"], "method": values["method"], "images": len(conditions),
+        "grid": list(result.codes.shape[1:]), "forward_passes_per_batch": result.num_forward_passes,
+        "wall_seconds": round(result.seconds, 4), "sampling": sampling.model_dump(), "outputs": [str(p) for p in paths],
+        "tokens": str(values["save_tokens"]) if values["save_tokens"] else None,
+    }
+    if values["as_json"]:
+        echo_json(summary)
+    else:
+        print_table("flashar generate", ["images", "grid", "forward passes / batch", "seconds", "written to"],
+                    [[len(conditions), "x".join(map(str, summary["grid"])), result.num_forward_passes,
+                      f"{result.seconds:.2f}", values["out"] or "-"]])
+
+
+class _progress:
+    """A rich progress bar on stderr (silent with --json), advanced once per finished image."""
+
+    def __init__(self, total: int, label: str, quiet: bool):
+        self.total, self.label, self.quiet = total, label, quiet
+
+    def __enter__(self):
+        if self.quiet:
+            return lambda n: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=console())
+        self.bar.start()
+        task = self.bar.add_task(self.label, total=self.total)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc):
+        if not self.quiet:
+            self.bar.stop()
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def backends(ctx: click.Context, as_json: bool) -> None:
+    """List the registered backends and whether they can be used here."""
+    registry = registry_of(ctx)
+    rows = []
+    for spec in sorted(registry.backends.values(), key=lambda s: s.id):
+        missing = spec.missing()
+        rows.append({"id": spec.id, "available": not missing, "install": spec.install_hint() if missing else None,
+                     "plugin": registry.owners[("backend", spec.id)], "description": spec.description,
+                     "options": sorted(spec.options.model_fields)})
+    if as_json:
+        return echo_json(rows)
+    print_table("flashar backends", ["id", "status", "plugin", "description"],
+                [[r["id"], "available" if r["available"] else f"unavailable: {r['install']}", r["plugin"], r["description"]]
+                 for r in rows])
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def methods(ctx: click.Context, as_json: bool) -> None:
+    """List the registered decoding methods."""
+    registry = registry_of(ctx)
+    rows = [{"id": cls.id, "plugin": registry.owners[("method", cls.id)], "description": cls.description,
+             "needs_adapter": cls.requires_adapter, "forward_passes_32x32": _passes(cls, 32, 32),
+             "options": sorted(cls.Options.model_fields)}
+            for cls in sorted(registry.methods.values(), key=lambda c: c.id)]
+    if as_json:
+        return echo_json(rows)
+    print_table("flashar methods", ["id", "passes at 32x32", "plugin", "description"],
+                [[r["id"], r["forward_passes_32x32"], r["plugin"], r["description"]] for r in rows])
+
+
+def _passes(cls, height: int, width: int):
+    try:
+        return cls.num_forward_passes(height, width)
+    except NotImplementedError:
+        return None
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def plugins(ctx: click.Context, as_json: bool) -> None:
+    """List the loaded plugins, their packages and versions, and any that failed to load."""
+    registry = registry_of(ctx)
+    rows = []
+    for info in registry.plugins:
+        owned = sorted(f"{kind}:{item}" for (kind, item), owner in registry.owners.items() if owner == info.name)
+        rows.append({"name": info.name, "package": info.package, "version": info.version, "builtin": info.builtin,
+                     "registers": owned, "error": info.error})
+    if as_json:
+        return echo_json(rows)
+    print_table("flashar plugins", ["name", "package", "version", "registers", "status"],
+                [[r["name"], r["package"], r["version"], ", ".join(r["registers"]),
+                  f"failed: {r['error']}" if r["error"] else "loaded"] for r in rows])
+
+
+def main() -> None:
+    cli(prog_name="flashar")

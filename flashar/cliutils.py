@@ -1,0 +1,159 @@
+"""CLI plumbing: pydantic fields as click options, plugin-defined options, one-line errors, rendering.
+
+Options map one-to-one to config fields (``--cfg-scale`` sets ``cfg_scale``); a field may name its flag
+with ``json_schema_extra={"flag": "model-config"}``. Backends and methods contribute options from their
+``Options`` models, resolved lazily from the registry in the click context so tests can pass their own.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import click
+from pydantic import BaseModel, ValidationError
+
+from flashar.errors import FlashARError
+from flashar.plugins import Registry, get_registry
+
+
+def flag_name(name: str, field) -> str:
+    extra = field.json_schema_extra or {}
+    return extra.get("flag") or name.replace("_", "-")
+
+
+def _click_type(annotation) -> Any:
+    base = annotation
+    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType")):
+        base = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(base) is typing.Literal:
+        return click.Choice([str(a) for a in typing.get_args(base)])
+    if base is Path:
+        return click.Path(path_type=Path)
+    return {int: int, float: float, bool: bool}.get(base, str)
+
+
+def field_options(model: type[BaseModel], skip: Iterable[str] = ()) -> list[click.Option]:
+    """One click option per field of ``model``; defaults stay None so only what the user typed is set."""
+    options = []
+    for name, field in model.model_fields.items():
+        if name in skip or isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            continue
+        flag, ctype = flag_name(name, field), _click_type(field.annotation)
+        shown = not field.is_required() and field.default is not None
+        help_text = (field.description or "") + (f"  [default: {field.default}]" if shown else "")
+        if ctype is bool:
+            options.append(click.Option([f"--{flag}/--no-{flag}", name], default=None, help=help_text))
+        else:
+            options.append(click.Option([f"--{flag}", name], type=ctype, default=None, help=help_text))
+    return options
+
+
+def pick(model: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
+    """The subset of parsed CLI values that belong to ``model`` and were actually given."""
+    return {k: v for k, v in values.items() if k in model.model_fields and v is not None}
+
+
+def registry_of(ctx: click.Context) -> Registry:
+    root = ctx.find_root()
+    if not isinstance(root.obj, Registry):
+        root.obj = get_registry()
+    return root.obj
+
+
+class PluginCommand(click.Command):
+    """A command whose options include those contributed by the registered backends and methods."""
+
+    def __init__(self, *args, plugin_params: Callable[[Registry], list[click.Option]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plugin_params = plugin_params
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        seen = {opt for p in params for opt in p.opts}
+        for param in self.plugin_params(registry_of(ctx)):
+            if not seen.intersection(param.opts):
+                params.append(param)
+                seen.update(param.opts)
+        return params
+
+
+def backend_and_method_options(registry: Registry) -> list[click.Option]:
+    options = []
+    for spec in registry.backends.values():
+        options += field_options(spec.options)
+    for method in registry.methods.values():
+        options += field_options(method.Options)
+    return options
+
+
+def check_foreign(values: dict[str, Any], registry: Registry, backend: str, methods: list[str]) -> None:
+    """Reject options that belong only to backends or methods not in use."""
+    own = set(registry.backend(backend).options.model_fields)
+    for name in methods:
+        own |= set(registry.method(name).Options.model_fields)
+    for spec in registry.backends.values():
+        for name in set(spec.options.model_fields) - own:
+            if values.get(name) is not None:
+                raise FlashARError(f"--{name.replace('_', '-')} is an option of backend '{spec.id}', not of '{backend}'")
+    for cls in registry.methods.values():
+        for name in set(cls.Options.model_fields) - own:
+            if values.get(name) is not None:
+                raise FlashARError(f"--{name.replace('_', '-')} is an option of method '{cls.id}', which is not selected")
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn FlashARError / pydantic errors into one-line click errors (tracebacks only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = click.get_current_context().find_root().params.get("debug")
+        try:
+            return fn(*args, **kwargs)
+        except (FlashARError, ValidationError) as exc:
+            if debug:
+                raise
+            message = str(exc) if isinstance(exc, FlashARError) else _pydantic_line(exc)
+            raise click.ClickException(message) from None
+
+    return wrapper
+
+
+def _pydantic_line(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    return f"invalid value for {'.'.join(map(str, first['loc']))}: {first['msg']}"
+
+
+def parse_classes(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers like 207,360, got {text!r}", param_hint="--classes") from None
+
+
+def echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    Console(file=sys.stdout, width=160).print(table)
