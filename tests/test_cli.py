@@ -1,0 +1,101 @@
+"""The CLI as a user drives it: exit codes, one-line errors, outputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import cli_args, write_llamagen
+from PIL import Image
+
+from flashar.cli import cli
+
+
+@pytest.fixture
+def run(registry):
+    def invoke(*args):
+        return CliRunner().invoke(cli, [str(a) for a in args], obj=registry)
+
+    return invoke
+
+
+def test_generate_writes_pngs_tokens_and_json(tmp_path, run):
+    options = write_llamagen(tmp_path / "model")
+    out, tokens = tmp_path / "out", tmp_path / "tokens.npy"
+    result = run("generate", "--backend", "llamagen", *cli_args(options), "--image-size", 8, "--classes", "3,7,1",
+                 "--top-k", 5, "--cfg-scale", 2.0, "--seed", 0, "--out", out, "--save-tokens", tokens, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["forward_passes_per_batch"] == 16 and summary["grid"] == [4, 4]
+    assert sorted(p.name for p in out.iterdir()) == ["0000_3.png", "0001_7.png", "0002_1.png"]
+    assert Image.open(out / "0000_3.png").size == (8, 8)
+    grids = np.load(tokens)
+    assert grids.shape == (3, 4, 4) and grids.dtype == np.int64
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(tmp_path, run):
+    options = write_llamagen(tmp_path / "model")
+    def tokens(seed, name):
+        path = tmp_path / name
+        result = run("generate", "-b", "llamagen", *cli_args(options), "--image-size", 8, "--classes", "1,2",
+                     "--top-k", 0, "--seed", seed, "--save-tokens", path, "--json")
+        assert result.exit_code == 0, result.output
+        return np.load(path)
+    assert np.array_equal(tokens(0, "a.npy"), tokens(0, "b.npy"))
+    assert not np.array_equal(tokens(0, "a.npy"), tokens(1, "c.npy"))
+
+
+def test_greedy_top_k_1_equals_temperature_0(tmp_path, run):
+    options = write_llamagen(tmp_path / "model")
+    grids = []
+    for flag, name in (("--top-k", "k.npy"), ("--temperature", "t.npy")):
+        result = run("generate", "-b", "llamagen", *cli_args(options), "--image-size", 8, "--classes", "4",
+                     flag, 1 if flag == "--top-k" else 0, "--save-tokens", tmp_path / name, "--json")
+        assert result.exit_code == 0, result.output
+        grids.append(np.load(tmp_path / name))
+    assert np.array_equal(*grids)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "llamgen"], "unknown backend 'llamgen'; installed: llamagen"),
+    (["--backend", "llamagen", "--method", "nope"], "unknown method 'nope'"),
+    (["--backend", "llamagen", "--classes", "99"], "class id 99 is out of range"),
+    (["--backend", "llamagen", "--classes", "1", "--image-size", 7], "not a positive multiple"),
+    (["--backend", "llamagen", "--classes", "1", "--top-p", 0], "invalid sampling option 'top_p'"),
+    (["--backend", "llamagen", "--classes", "x"], "expected comma-separated integers"),
+])
+def test_bad_input_gives_one_line_and_no_output(tmp_path, run, args, message):
+    options = write_llamagen(tmp_path / "model")
+    out = tmp_path / "out"
+    full = args[:2] + (cli_args(options) if args[1] == "llamagen" else []) + args[2:]
+    result = run("generate", *full, "--out", out)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_missing_checkpoint_is_one_line(tmp_path, run):
+    result = run("generate", "-b", "llamagen", "--checkpoint", tmp_path / "nope.pt", "--classes", "1")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith("Error: checkpoint file not found")
+
+
+def test_debug_shows_the_traceback(tmp_path, registry):
+    result = CliRunner().invoke(cli, ["--debug", "generate", "-b", "llamagen", "--checkpoint", str(tmp_path / "x.pt"), "--classes", "1"], obj=registry)
+    assert result.exit_code != 0 and result.exception is not None
+
+
+def test_listings_as_json(run):
+    backends = json.loads(run("backends", "--json").output)
+    methods = json.loads(run("methods", "--json").output)
+    assert {b["id"] for b in backends} >= {"llamagen"}
+    raster = next(m for m in methods if m["id"] == "raster")
+    assert raster["forward_passes_32x32"] == 1024
+
+
+def test_help_lists_backend_options(run):
+    result = run("generate", "--help")
+    assert "--gpt-model" in result.output and "--vq-checkpoint" in result.output and "--cfg-scale" in result.output

@@ -1,0 +1,144 @@
+"""The plugin system: built-ins as plugins, third-party registration, duplicates, failures, entry points."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from flashar.cli import cli
+from flashar.config import Config
+from flashar.errors import MissingExtraError, PluginError
+from flashar.hookspecs import hookimpl
+from flashar.plugins import BackendSpec, Registry, build_manager
+
+
+class _Opts(Config):
+    pass
+
+
+def spec(id, requires=(), extra=None):
+    return BackendSpec(id=id, description=f"{id} test backend", options=_Opts, load=lambda o, r: None,
+                       requires=requires, extra=extra)
+
+
+def registry_with(*plugins):
+    pm, infos = build_manager(load_entry_points=False)
+    for i, plugin in enumerate(plugins):
+        pm.register(plugin, name=f"test-plugin-{i}")
+    return Registry.from_manager(pm, infos)
+
+
+def test_builtins_register_through_the_same_hooks(registry):
+    assert registry.owners[("backend", "llamagen")] == "flashar.backends.llamagen"
+    assert registry.owners[("method", "raster")] == "flashar.methods.raster"
+
+
+def test_a_plugin_object_adds_a_backend():
+    class Plugin:
+        @hookimpl
+        def flashar_register_backends(self, register):
+            register(spec("toy"))
+
+    reg = registry_with(Plugin())
+    assert reg.backend("toy").description == "toy test backend"
+    assert reg.owners[("backend", "toy")] == "test-plugin-0"
+
+
+def test_duplicate_ids_are_rejected_naming_both_plugins():
+    class Plugin:
+        @hookimpl
+        def flashar_register_backends(self, register):
+            register(spec("llamagen"))
+
+    with pytest.raises(PluginError, match="'llamagen' is registered twice, by plugin 'flashar.backends.llamagen' and by plugin 'test-plugin-0'"):
+        registry_with(Plugin())
+
+
+def test_a_plugin_whose_hook_raises_is_reported_not_fatal():
+    class Broken:
+        @hookimpl
+        def flashar_register_methods(self, register):
+            raise RuntimeError("boom")
+
+    reg = registry_with(Broken())
+    assert "raster" in reg.methods
+    assert any(p.name == "test-plugin-0" and "boom" in p.error for p in reg.plugins)
+
+
+def test_missing_extra_is_listed_with_the_pip_command():
+    class Plugin:
+        @hookimpl
+        def flashar_register_backends(self, register):
+            register(spec("needs-extra", requires=("surely_not_installed_pkg",), extra="fancy"))
+
+    reg = registry_with(Plugin())
+    result = CliRunner().invoke(cli, ["backends", "--json"], obj=reg)
+    row = next(r for r in json.loads(result.output) if r["id"] == "needs-extra")
+    assert row["available"] is False and row["install"] == "pip install 'flashar[fancy]'"
+    with pytest.raises(MissingExtraError, match=r"run: pip install 'flashar\[fancy\]'"):
+        reg.backend("needs-extra").check_available()
+
+
+@pytest.fixture
+def entry_point_plugin(tmp_path, monkeypatch):
+    """A real installed distribution (dist-info with an entry point in group 'flashar') on sys.path."""
+    (tmp_path / "flashar_toyplugin.py").write_text(textwrap.dedent('''
+        from flashar.hookspecs import hookimpl
+        from flashar.plugins import BackendSpec
+        from flashar.config import Config
+
+        class Options(Config):
+            pass
+
+        @hookimpl
+        def flashar_register_backends(register):
+            register(BackendSpec(id="toy-ep", description="from an entry point", options=Options, load=lambda o, r: None))
+    '''))
+    (tmp_path / "broken_plugin.py").write_text("raise ImportError('this plugin is broken')\n")
+    dist = tmp_path / "flashar_toyplugin-1.2.3.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: flashar-toyplugin\nVersion: 1.2.3\n")
+    (dist / "entry_points.txt").write_text("[flashar]\ntoy = flashar_toyplugin\nbroken = broken_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    sys.modules.pop("flashar_toyplugin", None)
+
+
+def test_entry_point_plugins_load_and_failures_are_reported(entry_point_plugin):
+    pm, infos = build_manager()
+    reg = Registry.from_manager(pm, infos)
+    assert reg.backend("toy-ep").description == "from an entry point"
+    toy = next(i for i in infos if i.name == "toy")
+    assert (toy.package, toy.version, toy.error) == ("flashar-toyplugin", "1.2.3", None)
+    broken = next(i for i in infos if i.name == "broken")
+    assert "this plugin is broken" in broken.error
+    result = CliRunner().invoke(cli, ["plugins", "--json"], obj=reg)
+    rows = {r["name"]: r for r in json.loads(result.output)}
+    assert rows["toy"]["registers"] == ["backend:toy-ep"] and rows["broken"]["error"]
+
+
+def test_environment_variable_limits_entry_points(entry_point_plugin, monkeypatch):
+    monkeypatch.setenv("FLASHAR_LOAD_PLUGINS", "toy")
+    _, infos = build_manager()
+    assert {i.name for i in infos if not i.builtin} == {"toy"}
+    monkeypatch.setenv("FLASHAR_LOAD_PLUGINS", "")
+    _, infos = build_manager()
+    assert all(i.builtin for i in infos)
+
+
+def test_plugin_commands_join_the_cli():
+    import click
+
+    class Plugin:
+        @hookimpl
+        def flashar_register_commands(self, cli):
+            @cli.command(name="hello-toy")
+            def hello():
+                click.echo("hi from a plugin")
+
+    result = CliRunner().invoke(cli, ["hello-toy"], obj=registry_with(Plugin()))
+    assert result.exit_code == 0 and "hi from a plugin" in result.output
