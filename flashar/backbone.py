@@ -89,6 +89,17 @@ def write_kv(kv: tuple[Tensor, Tensor], slots: Tensor, k: Tensor, v: Tensor) -> 
     return k_cache, v_cache
 
 
+def copy_module(module: nn.Module, meta: bool = False) -> nn.Module:
+    """A deep copy of ``module``; with ``meta`` its tensors are shape-only (no memory is copied)."""
+    if not meta:
+        return copy.deepcopy(module)
+    memo = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        empty = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(module, memo)
+
+
 class Backbone(nn.Module, ABC):
     """A pretrained raster-scan AR image model, seen through the protocol of the module docstring."""
 
@@ -205,20 +216,24 @@ class Backbone(nn.Module, ABC):
     def head_dim(self) -> int:
         raise NotImplementedError
 
-    def clone_layers(self, start: int, count: int) -> nn.ModuleList:
-        """Independent copies of layers [start, start + count), for the FlashAR vertical branch."""
+    def clone_layers(self, start: int, count: int, meta: bool = False) -> nn.ModuleList:
+        """Independent copies of layers [start, start + count), for the FlashAR vertical branch.
+
+        ``meta=True`` copies only the structure (parameters on the meta device), for loading weights into.
+        """
         if start < 0 or count < 1 or start + count > self.num_layers:
             raise FlashARError(
                 f"cannot clone layers [{start}, {start + count}) from a backbone with {self.num_layers} layers; "
                 f"choose branch_layer + num_blocks <= {self.num_layers}"
             )
-        return nn.ModuleList(copy.deepcopy(self.layers[i]) for i in range(start, start + count))
+        return nn.ModuleList(copy_module(self.layers[i], meta) for i in range(start, start + count))
 
-    def new_norm(self) -> nn.Module:
+    def new_norm(self, meta: bool = False) -> nn.Module:
         """A fresh final-norm-like module with unit weights (the vertical branch's norm)."""
-        norm = copy.deepcopy(self.norm)
-        with torch.no_grad():
-            norm.weight.fill_(1.0)
+        norm = copy_module(self.norm, meta)
+        if not meta:
+            with torch.no_grad():
+                norm.weight.fill_(1.0)
         return norm
 
     def fingerprint(self) -> str:

@@ -105,3 +105,21 @@ class AdaptConfig(Config):
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
         return self
+
+
+class AdapterMetadata(Config):
+    """``config.json`` of an adapter folder: enough to rebuild the FlashAR parts and check compatibility."""
+
+    format: Literal["flashar-adapter"] = "flashar-adapter"
+    flashar_version: str
+    backend: str = Field(..., description="Backend id of the base backbone.")
+    backbone_fingerprint: str = Field(..., description="Fingerprint of the base backbone the adapter was trained from.")
+    backbone_architecture: dict = Field(default_factory=dict)
+    grid: tuple[int, int] = Field(..., description="Token grid (H, W) the adapter was trained for.")
+    branch: BranchConfig
+    branch_layer: int = Field(..., ge=0, description="b, resolved.")
+    num_blocks: int = Field(..., ge=1, description="K.")
+    stage: int = Field(0, ge=0, le=2, description="Last completed adaptation stage.")
+    step: int = Field(0, ge=0, description="Optimizer steps taken in total.")
+    backbone_weights: Literal["none", "full", "lora"] = Field("none", description="What the adapter holds of the backbone.")
+    lora_scaling: float | None = Field(None, description="alpha / rank of the stored LoRA factors.")

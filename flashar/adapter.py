@@ -1,0 +1,124 @@
+"""FlashAR adapters on disk: ``model.safetensors`` + ``config.json`` in one folder.
+
+``config.json`` is :class:`AdapterMetadata` (flashar version, backend id, the base backbone's fingerprint
+and architecture, grid, branch layer b, K, gate, stage and step, and whether backbone weights changed).
+``model.safetensors`` holds the FlashAR parts under their released names (``vertical_block.*``,
+``vertical_norm.*``, ``vertical_head.*``, ``hv_gate_*``) plus, when stage 2 changed the backbone, either
+every backbone weight under ``backbone.*`` or LoRA factors under ``lora.*`` (merged on load).
+
+Loading validates the JSON first, refuses an adapter made for another backend, backbone or grid, builds
+the parts on ``meta`` and loads them strictly, naming any missing or unexpected key.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import ValidationError
+
+from flashar import __version__
+from flashar.backbone import Backbone
+from flashar.branch import FlashARHead
+from flashar.config import AdapterMetadata
+from flashar.errors import CheckpointError, FlashARError
+from flashar.io import check_keys, ensure_writable_dir, load_json, load_weights, save_json, save_safetensors
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+@dataclass
+class Adapter:
+    metadata: AdapterMetadata
+    head: FlashARHead
+    backbone: Backbone  # the adapted backbone (the base one when stage 2 left it unchanged)
+
+    def check_grid(self, grid: tuple[int, int]) -> None:
+        if tuple(grid) != tuple(self.metadata.grid):
+            height, width = self.metadata.grid
+            raise FlashARError(
+                f"this adapter was trained for a {height}x{width} token grid, not {grid[0]}x{grid[1]}; generate at "
+                f"image size {height * self.backbone.downsample}x{width * self.backbone.downsample} or adapt for this size"
+            )
+
+    def save_pretrained(self, path: str | Path, backbone_weights: Literal["none", "full", "lora"] | None = None,
+                        lora_state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``path`` (atomically, each)."""
+        path = ensure_writable_dir(path)
+        mode = backbone_weights or self.metadata.backbone_weights
+        tensors = {k: v for k, v in self.head.state_dict().items()}
+        if mode == "full":
+            tensors.update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
+        elif mode == "lora":
+            tensors.update({f"lora.{k}": v for k, v in (lora_state or {}).items()})
+        metadata = self.metadata.model_copy(update={"backbone_weights": mode})
+        save_safetensors(tensors, path / WEIGHTS, metadata={"format": "flashar-adapter"})
+        save_json(metadata.model_dump(mode="json"), path / CONFIG)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, backbone: Backbone, copy_backbone: bool = True) -> Adapter:
+        return load_adapter(path, backbone, copy_backbone)
+
+
+def new_metadata(backbone: Backbone, head: FlashARHead, grid: tuple[int, int], stage: int = 0, step: int = 0) -> AdapterMetadata:
+    return AdapterMetadata(
+        flashar_version=__version__, backend=backbone.backend_id, backbone_fingerprint=backbone.fingerprint(),
+        backbone_architecture=backbone.architecture(), grid=tuple(grid), branch=head.config,
+        branch_layer=head.branch_layer, num_blocks=len(head.vertical_block), stage=stage, step=step,
+    )
+
+
+def read_metadata(path: str | Path) -> AdapterMetadata:
+    path = Path(path)
+    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+        raise CheckpointError(f"{path} is not a flashar adapter folder (it needs {CONFIG} and {WEIGHTS}); write one with `flashar adapt`")
+    try:
+        return AdapterMetadata(**load_json(path / CONFIG))
+    except (ValidationError, TypeError) as exc:
+        first = exc.errors()[0] if isinstance(exc, ValidationError) else {"loc": ("?",), "msg": str(exc)}
+        raise CheckpointError(f"{path / CONFIG} is not valid adapter metadata ({'.'.join(map(str, first['loc']))}: {first['msg']})") from None
+
+
+def check_compatible(meta: AdapterMetadata, backbone: Backbone, path: Path) -> None:
+    if meta.backend != backbone.backend_id:
+        raise CheckpointError(f"adapter {path} was made for backend '{meta.backend}', not '{backbone.backend_id}'")
+    if meta.backbone_fingerprint != backbone.fingerprint():
+        raise CheckpointError(
+            f"adapter {path} was made for another backbone (fingerprint {meta.backbone_fingerprint}, this one is "
+            f"{backbone.fingerprint()}); load the checkpoint it was adapted from"
+        )
+
+
+def load_adapter(path: str | Path, backbone: Backbone, copy_backbone: bool = True) -> Adapter:
+    """Validate, then build the FlashAR parts on ``meta`` and load them (and any backbone weights) strictly."""
+    path = Path(path)
+    meta = read_metadata(path)
+    check_compatible(meta, backbone, path)
+    state = load_weights(path / WEIGHTS)
+    head = FlashARHead(backbone, meta.branch.model_copy(update={"branch_layer": meta.branch_layer}), meta=True)
+    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    head_state = {k: v for k, v in state.items() if not k.startswith(("backbone.", "lora."))}
+    check_keys(expected, head_state, path / WEIGHTS)
+    head.load_state_dict(head_state, strict=True, assign=True)
+    head = head.to(device=backbone.device, dtype=backbone.dtype).eval()
+    adapted = _adapted_backbone(backbone, meta, state, path, copy_backbone)
+    return Adapter(meta, head, adapted)
+
+
+def _adapted_backbone(backbone: Backbone, meta: AdapterMetadata, state: dict, path: Path, copy_backbone: bool) -> Backbone:
+    if meta.backbone_weights == "none":
+        return backbone
+    target = copy.deepcopy(backbone) if copy_backbone else backbone
+    if meta.backbone_weights == "full":
+        weights = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        check_keys({k: tuple(v.shape) for k, v in target.state_dict().items()}, weights, path / WEIGHTS)
+        target.load_state_dict({k: v.to(target.dtype) for k, v in weights.items()}, strict=True)
+    else:
+        from flashar.lora import merge_lora
+
+        merge_lora(target, {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}, meta.lora_scaling, path)
+    return target.eval()

@@ -1,0 +1,197 @@
+"""FlashAR anti-diagonal decoding (Zhou et al., arXiv 2605.09430; reference/flashar_method.md §8).
+
+After adaptation the model predicts every cell of anti-diagonal s + 1 from diagonals <= s: the
+horizontal head reads the left neighbour's final hidden state, the vertical branch the upper neighbour's,
+and a learned gate mixes the two logit vectors. Decoding prefills the prefix (which predicts the corner),
+then each step appends the diagonal just sampled (one backbone forward over its cells, with the branch
+run on the layer-b hidden states) and samples the whole next diagonal, every cell independently.
+An H x W grid costs 1 prefill + (H + W - 2) steps = H + W - 1 forward passes.
+
+Static shapes: every diagonal is padded to T = min(H, W) slots; padded slots read and write a scratch
+cell (index H*W) and a scratch cache slot that no query ever sees, so one compiled step serves all steps.
+The backbone cache stores cells at slot P + raster index, the branch cache at slot raster index; a query
+on diagonal s sees keys of diagonals <= s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from flashar import grid as G
+from flashar.backbone import KVCache, Prefix
+from flashar.branch import CORNER, cell_kinds
+from flashar.config import Config, SamplingConfig
+from flashar.errors import FlashARError
+from flashar.decoding import Generation, Method, guided, key_mask, prefill
+from flashar.hookspecs import hookimpl
+from flashar.sampling import new_noise, sample
+
+
+class FlashAROptions(Config):
+    adapter: Path | None = Field(None, description="Adapter folder written by `flashar adapt` (or a released FlashAR checkpoint the backend can read).")
+
+
+NEVER = 1 << 30  # step id of scratch slots: never visible
+
+
+@dataclass
+class FlashARState:
+    prefix: Prefix
+    sampling: SamplingConfig
+    cache: KVCache  # backbone, S >= P + N + 1 slots (the last image slot is scratch)
+    branch_cache: KVCache  # vertical blocks, N + 1 slots
+    diagonals: Tensor  # (D, T) raster index of each slot of each diagonal, scratch N where padded
+    positions: Tensor  # (N + 1, ...) position encoding of every cell (+ scratch)
+    slot_step: Tensor  # (S,) diagonal of the cell stored in each backbone slot; -1 prefix, NEVER scratch/unused
+    branch_step: Tensor  # (S_v,) diagonal of the cell in each branch slot; NEVER for scratch/unused
+    key_valid: Tensor  # (B', S) valid prefix slots and all other slots
+    left: Tensor  # (N + 1,) raster index of the left neighbour (N if none)
+    up: Tensor  # (N + 1,) raster index of the upper neighbour (N if none)
+    kind: Tensor  # (N + 1,) cell kind (interior, first row, first column, corner)
+    hidden: Tensor  # (B', N + 1, D) final hidden state of every appended cell
+    vertical: Tensor  # (B', N + 1, D) vertical-branch output of every appended cell
+    tokens: Tensor  # (B, N + 1) sampled codes (index N is scratch)
+    steps: Tensor  # (D,) arange
+    noise: Tensor  # (B, T, V) exponential noise
+    teacher: bool = False  # teacher forcing: keep given tokens and record logits
+    logits: Tensor | None = None  # (B', N + 1, V) fused logits per cell, in teacher forcing
+
+
+class FlashAR(Method):
+    id = "flashar"
+    description = "FlashAR anti-diagonal decoding with an adapted vertical branch and gate: H+W-1 forward passes."
+    Options = FlashAROptions
+    requires_adapter = True
+
+    def __init__(self, backbone, options=None, *, compile=False, compile_backend="inductor", adapter=None):
+        if adapter is None:
+            from flashar.adapter import load_adapter
+
+            if options is None or options.adapter is None:
+                raise FlashARError("method 'flashar' needs an adapter; pass --adapter DIR (a folder written by `flashar adapt`)")
+            adapter = load_adapter(options.adapter, backbone)
+        super().__init__(adapter.backbone, options, compile=compile, compile_backend=compile_backend, adapter=adapter)
+        self.head = adapter.head
+
+    @staticmethod
+    def num_forward_passes(height: int, width: int) -> int:
+        return height + width - 1
+
+    # --- setup: everything allocated once -------------------------------------------------------
+    def setup(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> FlashARState:
+        bb, device = self.backbone, self.backbone.device
+        height, width = grid
+        self.adapter.check_grid(grid)
+        num_cells = height * width
+        prefix = bb.prefix(conditions, cfg=sampling.use_cfg)
+        rows = prefix.batch_size
+        cache = bb.new_cache(rows, prefix.length + num_cells + 1)
+        diagonals, _ = G.diagonal_slots(height, width)
+        steps = torch.cat([G.step_ids(height, width), torch.tensor([NEVER])])  # (N + 1,)
+        slot_step = torch.full((cache.length,), NEVER)
+        slot_step[: prefix.length] = -1
+        slot_step[prefix.length : prefix.length + num_cells + 1] = steps
+        key_valid = torch.ones(rows, cache.length, dtype=torch.bool, device=device)
+        key_valid[:, : prefix.length] = prefix.valid
+        branch_cache = self.head.new_cache(bb, rows, num_cells + 1)
+        branch_step = torch.full((branch_cache.length,), NEVER)
+        branch_step[: num_cells + 1] = steps
+        cells = torch.cat([G.raster_cells(height, width), torch.zeros(1, 2, dtype=torch.long)])
+        left, up = G.neighbour_index(height, width)
+        scratch = torch.tensor([num_cells])
+        return FlashARState(
+            prefix=prefix, sampling=sampling, cache=cache,
+            branch_cache=branch_cache,
+            diagonals=diagonals.to(device), positions=bb.cell_positions(cells.to(device), prefix.length),
+            slot_step=slot_step.to(device), branch_step=branch_step.to(device), key_valid=key_valid,
+            left=torch.cat([left, scratch]).to(device), up=torch.cat([up, scratch]).to(device),
+            kind=torch.cat([cell_kinds(height, width), torch.tensor([CORNER])]).to(device),
+            hidden=torch.zeros(rows, num_cells + 1, bb.dim, dtype=bb.dtype, device=device),
+            vertical=torch.zeros(rows, num_cells + 1, bb.dim, dtype=bb.dtype, device=device),
+            tokens=torch.zeros(len(conditions), num_cells + 1, dtype=torch.long, device=device),
+            steps=torch.arange(G.num_diagonals(height, width), device=device),
+            noise=new_noise((len(conditions), diagonals.shape[1], bb.codebook_size), device),
+        )
+
+    # --- the compiled step --------------------------------------------------------------------------
+    def _append(self, st: FlashARState, cells: Tensor, s: Tensor) -> None:
+        """One backbone forward over the cells (T,) of diagonal s, then the branch; store h and v."""
+        bb = self.backbone
+        ids = bb.code_ids(st.tokens.index_select(1, cells))  # (B, T)
+        if st.sampling.use_cfg:
+            ids = torch.cat([ids, ids])  # both CFG halves see the same tokens
+        positions = st.positions.index_select(0, cells)
+        mask = key_mask(st.key_valid, (st.slot_step <= s)[None, :].expand(len(cells), -1))
+        h, h_tap = bb(bb.embed(ids), positions, mask, st.cache, st.prefix.length + cells, tap=self.head.branch_layer)
+        branch_mask = (st.branch_step <= s)[None, None, None, :].expand(ids.shape[0], 1, len(cells), -1)
+        v = self.head.vertical(bb, h_tap, positions, branch_mask, st.branch_cache, cells)
+        st.hidden.index_copy_(1, cells, h)
+        st.vertical.index_copy_(1, cells, v)
+
+    def _predict(self, st: FlashARState, cells: Tensor, t: Tensor) -> None:
+        """Fused logits for the cells (T,) of diagonal t from their neighbours; sample and store codes."""
+        h_left = st.hidden.index_select(1, st.left.index_select(0, cells))  # (B', T, D)
+        v_up = st.vertical.index_select(1, st.up.index_select(0, cells))
+        logits, _ = self.head.fuse(self.backbone, h_left, v_up, st.kind.index_select(0, cells))
+        self._store(st, cells, logits)
+
+    def _store(self, st: FlashARState, cells: Tensor, logits: Tensor) -> None:
+        """Sample codes for ``cells`` from fused logits (B', T, V), or record the logits when teacher forcing."""
+        if st.teacher:
+            st.logits.index_copy_(1, cells, logits)
+            return
+        codes = sample(guided(logits, st.sampling), st.noise[:, : cells.shape[0]], st.sampling)  # (B, T)
+        st.tokens.index_copy_(1, cells, codes)
+
+    def _step(self, st: FlashARState, t: Tensor) -> None:
+        """Append diagonal t-1, predict diagonal t (t is a 0-d tensor; every shape is static)."""
+        previous, current = st.diagonals.index_select(0, torch.stack([t - 1, t])).unbind(0)  # (T,) each
+        self._append(st, previous, t - 1)
+        self._predict(st, current, t)
+
+    # --- the loop -----------------------------------------------------------------------------------
+    def _prefill(self, st: FlashARState) -> None:
+        """The prefix predicts the corner: horizontal on its final state, vertical on its layer-b state (§4)."""
+        h, h_tap = prefill(self.backbone, st.prefix, st.cache, tap=self.head.branch_layer)
+        corner = torch.zeros(1, dtype=torch.long, device=h.device)
+        logits, _ = self.head.fuse(self.backbone, h[:, None], h_tap[:, None], st.kind[corner])
+        self._store(st, corner, logits)
+
+    def _run(self, st: FlashARState, generator: torch.Generator | None) -> None:
+        with torch.no_grad():
+            self._refill(st, generator)
+            self._prefill(st)
+            for t in range(1, len(st.steps)):
+                self._refill(st, generator)
+                self.step(st, st.steps[t])
+
+    def generate(self, conditions, grid, sampling, generator) -> Generation:
+        st = self.setup(conditions, grid, sampling)
+        self._run(st, generator)
+        codes = st.tokens[:, :-1].reshape(len(conditions), *grid)
+        return Generation(codes.cpu(), num_forward_passes=len(st.steps))
+
+    def teacher_logits(self, conditions, codes: Tensor, sampling: SamplingConfig) -> Tensor:
+        """Run the cached decoder on given codes (B, H, W); return the fused logits (B', N, V) it computes."""
+        st = self.setup(conditions, tuple(codes.shape[1:]), sampling)
+        st.teacher = True
+        st.tokens[:, :-1] = codes.flatten(1).to(st.tokens.device)
+        st.logits = torch.zeros(st.prefix.batch_size, st.tokens.shape[1], self.backbone.codebook_size, device=st.tokens.device)
+        self._run(st, None)
+        return st.logits[:, :-1]
+
+    @staticmethod
+    def _refill(st: FlashARState, generator: torch.Generator | None) -> None:
+        if generator is not None and not st.sampling.is_greedy:
+            st.noise.exponential_(generator=generator)
+
+
+@hookimpl
+def flashar_register_methods(register):
+    register(FlashAR)
