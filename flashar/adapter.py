@@ -45,13 +45,15 @@ class Adapter:
             )
 
     def save_pretrained(self, path: str | Path, backbone_weights: Literal["none", "full", "lora"] | None = None,
-                        lora_state: dict[str, torch.Tensor] | None = None) -> Path:
+                        lora_state: dict[str, torch.Tensor] | None = None,
+                        backbone_state: dict[str, torch.Tensor] | None = None) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``path`` (atomically, each)."""
         path = ensure_writable_dir(path)
         mode = backbone_weights or self.metadata.backbone_weights
         tensors = {k: v for k, v in self.head.state_dict().items()}
         if mode == "full":
-            tensors.update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
+            state = backbone_state if backbone_state is not None else self.backbone.state_dict()
+            tensors.update({f"backbone.{k}": v for k, v in state.items()})
         elif mode == "lora":
             tensors.update({f"lora.{k}": v for k, v in (lora_state or {}).items()})
         metadata = self.metadata.model_copy(update={"backbone_weights": mode})

@@ -140,3 +140,36 @@ def save_tokens(codes: torch.Tensor, path: str | Path) -> Path:
         with open(tmp, "wb") as f:
             np.save(f, codes.to(torch.int64).numpy())
     return path
+
+
+def ensure_output(out_dir: str | Path, resume: bool = False) -> Path:
+    """Check an adaptation output folder before any work: writable, and not silently overwritten."""
+    out_dir = Path(out_dir)
+    taken = out_dir.is_dir() and any((out_dir / name).exists() for name in ("checkpoints", "config.json", "model.safetensors"))
+    if taken and not resume:
+        raise FlashARError(f"{out_dir} already holds an adapter or checkpoints; pass --resume to continue it or choose a new --out")
+    return ensure_writable_dir(out_dir)
+
+
+def load_data(backbone: Backbone, data_dir: str | Path | None = None, codes_dir: str | Path | None = None,
+              image_size: int | None = None, cache_dir: str | Path | None = None):
+    """Adaptation data from an image folder (tokenised once, cached) or from pre-extracted LlamaGen codes."""
+    from flashar.adapt.data import load_llamagen_codes, tokenize_folder
+
+    if (data_dir is None) == (codes_dir is None):
+        raise FlashARError("pass exactly one of --data DIR (images) or --codes DIR (pre-extracted codes)")
+    if codes_dir is not None:
+        data = load_llamagen_codes(codes_dir)
+        expected = backbone.grid(image_size) if image_size else data.grid
+        if data.grid != expected:
+            raise FlashARError(f"the codes in {codes_dir} form {data.grid[0]}x{data.grid[1]} grids, not {expected[0]}x{expected[1]}; drop --image-size or re-extract")
+        return data
+    return tokenize_folder(backbone, data_dir, image_size, Path(cache_dir) if cache_dir else None)
+
+
+def adapt(backbone: Backbone, data, config, out_dir: str | Path, resume: bool = False, on_step=None):
+    """Two-stage adaptation; writes ``config.json`` + ``model.safetensors`` into ``out_dir``."""
+    from flashar.adapt.trainer import Run
+    from flashar.adapt.trainer import adapt as run_adaptation
+
+    return run_adaptation(backbone, Run(data, config, Path(out_dir), on_step=on_step), resume=resume)

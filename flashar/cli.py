@@ -18,14 +18,16 @@ from flashar.cliutils import (
     check_foreign,
     console,
     echo_json,
+    backend_options,
     field_options,
+    nested_config,
     parse_classes,
     pick,
     print_table,
     registry_of,
     user_errors,
 )
-from flashar.config import RuntimeConfig, SamplingConfig
+from flashar.config import AdaptConfig, BranchConfig, RuntimeConfig, SamplingConfig, StageConfig
 from flashar.io import load_json
 
 
@@ -71,11 +73,24 @@ def with_config_file(values: dict) -> dict:
     return {**{k.replace("-", "_"): v for k, v in data.items()}, **{k: v for k, v in values.items() if v is not None}}
 
 
-def config_options(*models):
-    """Add one option per field of each pydantic model (applied like a stack of @click.option)."""
+def config_stage_options(fn):
+    """--stage1-* and --stage2-* options, one per StageConfig field, showing each stage's defaults."""
+    defaults = AdaptConfig()
+    options = [o for stage in ("stage1", "stage2") for o in field_options(StageConfig, prefix=stage, defaults=getattr(defaults, stage))]
+    fn.__click_params__ = getattr(fn, "__click_params__", []) + list(reversed(options))
+    return fn
+
+
+def config_options(*models, skip: tuple[str, ...] = ()):
+    """Add one option per field of each pydantic model (first one wins when two share a flag)."""
 
     def decorator(fn):
-        options = [option for model in models for option in field_options(model)]
+        options, seen = [], set()
+        for model in models:
+            for option in field_options(model, skip=skip):
+                if option.name not in seen:
+                    seen.add(option.name)
+                    options.append(option)
         fn.__click_params__ = getattr(fn, "__click_params__", []) + list(reversed(options))
         return fn
 
@@ -129,6 +144,56 @@ def generate(ctx: click.Context, **values) -> None:
         print_table("flashar generate", ["images", "grid", "forward passes / batch", "seconds", "written to"],
                     [[len(conditions), "x".join(map(str, summary["grid"])), result.num_forward_passes,
                       f"{result.seconds:.2f}", values["out"] or "-"]])
+
+
+@cli.command(cls=PluginCommand, plugin_params=backend_options)
+@click.option("--backend", "-b", required=True, help="Backend id (see `flashar backends`).")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), help="Image folder: class subfolders, or images + metadata.jsonl for text backends.")
+@click.option("--codes", "codes_dir", type=click.Path(path_type=Path), help="Pre-extracted LlamaGen codes (extract_codes_c2i.py output) instead of images.")
+@click.option("--image-size", type=int, help="Image side in pixels; default: the backend's native size.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Adapter folder to write (also holds checkpoints/ and metrics.jsonl).")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Where tokenised data is cached [default: ~/.cache/flashar/tokens].")
+@click.option("--config", type=click.Path(path_type=Path), help="JSON file of AdaptConfig values (nested like config.py); flags override it.")
+@config_options(AdaptConfig, BranchConfig, RuntimeConfig, skip=("compile",))
+@config_stage_options
+@click.pass_context
+@user_errors
+def adapt(ctx: click.Context, **values) -> None:
+    """Two-stage FlashAR adaptation of a backbone on your images; writes an adapter folder."""
+    from flashar import api
+
+    registry = registry_of(ctx)
+    check_foreign(values, registry, values["backend"], [])
+    config = api.validated(AdaptConfig, nested_config(AdaptConfig, values, load_json(values["config"]) if values["config"] else None), "adapt")
+    runtime = runtime_from(values)
+    api.ensure_output(values["out"], resume=values["resume"])
+    backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
+    data = api.load_data(backbone, values["data_dir"], values["codes_dir"], values["image_size"], values["cache_dir"])
+    total = sum(s.steps for s in (config.stage1, config.stage2) if s is config.stage1 or config.stage2_mode != "none")
+    with _train_progress(total) as on_step:
+        api.adapt(backbone, data, config, values["out"], resume=values["resume"], on_step=on_step)
+    console().print(f"adapter written to {values['out']} (use: flashar generate --method flashar --adapter {values['out']})")
+
+
+class _train_progress:
+    """A rich progress bar with the loss and gate statistics of the last step."""
+
+    def __init__(self, total: int):
+        self.total = total
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]:.4f}  gate {task.fields[gate]:.3f}"), TimeRemainingColumn(),
+                            console=console())
+        self.bar.start()
+        task = self.bar.add_task("adapt", total=self.total, stage=1, loss=float("nan"), gate=0.5)
+        return lambda r: self.bar.update(task, completed=r["step"], stage=r["stage"], loss=r["loss"], gate=r["gate_mean"])
+
+    def __exit__(self, *exc):
+        self.bar.stop()
 
 
 class _progress:

@@ -37,19 +37,29 @@ def _click_type(annotation) -> Any:
     return {int: int, float: float, bool: bool}.get(base, str)
 
 
-def field_options(model: type[BaseModel], skip: Iterable[str] = ()) -> list[click.Option]:
-    """One click option per field of ``model``; defaults stay None so only what the user typed is set."""
+def field_options(model: type[BaseModel], skip: Iterable[str] = (), prefix: str = "",
+                  defaults: BaseModel | None = None) -> list[click.Option]:
+    """One click option per field of ``model``; defaults stay None so only what the user typed is set.
+
+    ``prefix`` (e.g. "stage1") names options ``--stage1-lr`` with destination ``stage1_lr``; ``defaults``
+    (an instance) supplies the defaults shown in the help when they differ from the field defaults.
+    """
     options = []
     for name, field in model.model_fields.items():
         if name in skip or isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
             continue
         flag, ctype = flag_name(name, field), _click_type(field.annotation)
-        shown = not field.is_required() and field.default is not None
-        help_text = (field.description or "") + (f"  [default: {field.default}]" if shown else "")
-        if ctype is bool:
-            options.append(click.Option([f"--{flag}/--no-{flag}", name], default=None, help=help_text))
+        if prefix:
+            flag, dest = f"{prefix}-{flag}", f"{prefix}_{name}"
         else:
-            options.append(click.Option([f"--{flag}", name], type=ctype, default=None, help=help_text))
+            dest = name
+        default = getattr(defaults, name) if defaults is not None else field.default
+        shown = (defaults is not None or not field.is_required()) and default is not None
+        help_text = (field.description or "") + (f"  [default: {default}]" if shown else "")
+        if ctype is bool:
+            options.append(click.Option([f"--{flag}/--no-{flag}", dest], default=None, help=help_text))
+        else:
+            options.append(click.Option([f"--{flag}", dest], type=ctype, default=None, help=help_text))
     return options
 
 
@@ -82,13 +92,12 @@ class PluginCommand(click.Command):
         return params
 
 
+def backend_options(registry: Registry) -> list[click.Option]:
+    return [option for spec in registry.backends.values() for option in field_options(spec.options)]
+
+
 def backend_and_method_options(registry: Registry) -> list[click.Option]:
-    options = []
-    for spec in registry.backends.values():
-        options += field_options(spec.options)
-    for method in registry.methods.values():
-        options += field_options(method.Options)
-    return options
+    return backend_options(registry) + [o for method in registry.methods.values() for o in field_options(method.Options)]
 
 
 def check_foreign(values: dict[str, Any], registry: Registry, backend: str, methods: list[str]) -> None:
@@ -157,3 +166,24 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row))
     Console(file=sys.stdout, width=160).print(table)
+
+
+def nested_config(model: type[BaseModel], values: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Merge flat CLI values into a nested config dict: ``stage1_lr`` -> {"stage1": {"lr": ...}}.
+
+    Sub-models are filled from ``base`` (a config file) and the model's defaults, then overridden.
+    """
+    merged = dict(base or {})
+    defaults = model()
+    for name, field in model.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            given = {k[len(name) + 1 :]: v for k, v in values.items() if k.startswith(name + "_") and v is not None
+                     and k[len(name) + 1 :] in sub.model_fields}
+            if name == "branch":
+                given = pick(sub, values)
+            start = {**getattr(defaults, name).model_dump(), **merged.get(name, {})}
+            merged[name] = {**start, **given}
+        elif values.get(name) is not None:
+            merged[name] = values[name]
+    return merged

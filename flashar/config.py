@@ -96,6 +96,8 @@ class AdaptConfig(Config):
     batch_size: int = Field(8, gt=0, description="Sequences per optimizer step (global).")
     grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this value (0 = off).")
+    condition_dropout: float = Field(0.1, ge=0, lt=1, description="Replace a sample's condition by the unconditional one with this probability (keeps CFG working).")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="bf16 autocast (auto: on CUDA only).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     checkpoint_every: int = Field(200, gt=0, description="Write a resumable checkpoint every N optimizer steps.")
     seed: int = Field(0, description="Seed for data order and initialisation.")

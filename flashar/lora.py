@@ -49,4 +49,15 @@ def merge_lora(backbone: nn.Module, factors: dict[str, torch.Tensor], scaling: f
             layer = modules.get(name)
             if a is None or b is None or not isinstance(layer, nn.Linear):
                 raise CheckpointError(f"adapter {path} has LoRA factors for '{name}', which is not a linear layer of this backbone")
-            layer.weight += (scaling * (b.float() @ a.float())).to(layer.weight.dtype, layer.weight.device)
+            layer.weight += (scaling * (b.float() @ a.float())).to(device=layer.weight.device, dtype=layer.weight.dtype)
+
+
+def load_lora_state(backbone: nn.Module, factors: dict[str, torch.Tensor]) -> None:
+    """Copy stored factors into the injected LoRA parameters (names as written by :func:`lora_state`)."""
+    params = {name.replace(".default", ""): p for name, p in backbone.named_parameters() if "lora_" in name}
+    missing = sorted(set(params) - set(factors))
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks LoRA factors for {missing[:3]}; resume with the same --lora-rank")
+    with torch.no_grad():
+        for name, value in factors.items():
+            params[name].copy_(value)

@@ -19,7 +19,7 @@ from flashar.backbone import Backbone, Prefix
 from flashar.branch import FlashARHead, cell_kinds
 
 
-def _inputs(backbone: Backbone, prefix: Prefix, codes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def grid_inputs(backbone: Backbone, prefix: Prefix, codes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """[prefix | grid in raster order] embeddings (B, P+N, D), positions, and grid positions (N, ...)."""
     height, width = codes.shape[1:]
     ids = backbone.code_ids(codes.flatten(1).to(backbone.device))
@@ -38,7 +38,7 @@ def _at_last(h: Tensor, prefix: Prefix) -> Tensor:
 def raster_logits(backbone: Backbone, prefix: Prefix, codes: Tensor) -> Tensor:
     """Logits (B, N, V) of every cell under the raster-causal mask: cell q is predicted from q-1."""
     height, width = codes.shape[1:]
-    x, positions, _ = _inputs(backbone, prefix, codes)
+    x, positions, _ = grid_inputs(backbone, prefix, codes)
     mask = G.sequence_mask(prefix.valid, G.causal_mask(height * width))
     h, _ = backbone(x, positions, mask)
     first = _at_last(h, prefix)[:, None]  # the last prefix state predicts cell 0
@@ -59,7 +59,7 @@ def flashar_logits(backbone: Backbone, head: FlashARHead, prefix: Prefix, codes:
     """Teacher-forced FlashAR forward under the proximity mask (r'+c' <= r+c), spec §6.1 and §4."""
     batch, height, width = prefix.batch_size, *codes.shape[1:]
     num_cells = height * width
-    x, positions, cell_positions = _inputs(backbone, prefix, codes)
+    x, positions, cell_positions = grid_inputs(backbone, prefix, codes)
     proximity = G.proximity_mask(height, width).to(backbone.device)
     h, h_tap = backbone(x, positions, G.sequence_mask(prefix.valid, proximity), tap=head.branch_layer)
     image_mask = proximity[None, None].expand(batch, 1, num_cells, num_cells)

@@ -1,0 +1,182 @@
+"""Adaptation data: images (or pre-extracted codes) to token grids, tokenised once and cached.
+
+Sources:
+
+* a folder of class subfolders (class-conditional backends). Subfolder names that are all integers are
+  the class ids; otherwise the sorted subfolder index is the class id (ImageNet's ``n01440764`` order);
+* a folder of images with ``metadata.jsonl`` lines ``{"file_name": ..., "text": ...}`` (text-conditional
+  backends; ``image``/``caption`` keys are accepted too);
+* pre-extracted LlamaGen codes (``extract_codes_c2i.py`` output: ``*_codes/{i}.npy`` of shape
+  (1, num_aug, N) and ``*_labels/{i}.npy`` of shape (1,)); every augmentation is one sample.
+
+Images are centre-cropped and resized as ADM / LlamaGen do, tokenised by the backbone's tokenizer in
+batches with a progress bar, and cached as ``codes.safetensors`` + ``conditions.json`` under a key that
+covers the file list, the image size and the tokenizer, so a second run reads the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flashar.backbone import Backbone
+from flashar.errors import DataError
+from flashar.io import load_weights, save_json, save_safetensors
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass
+class TokenData:
+    codes: Tensor  # (N, H, W) int64
+    conditions: list[Any]  # class ids or captions, one per grid
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.codes.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.conditions)
+
+    def split(self, fraction: float, seed: int = 0) -> tuple[TokenData, TokenData]:
+        """A seeded random split into (rest, held-out fraction)."""
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        cut = len(self) - max(1, int(round(fraction * len(self))))
+        pick = lambda idx: TokenData(self.codes[idx], [self.conditions[i] for i in idx.tolist()])
+        return pick(order[:cut]), pick(order[cut:])
+
+
+def center_crop(image, size: int):
+    """ADM's center_crop_arr: halve with BOX while the short side >= 2x size, BICUBIC to size, centre crop."""
+    from PIL import Image
+
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image.convert("RGB"))
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top : top + size, left : left + size]
+
+
+def list_class_folder(folder: Path) -> list[tuple[Path, int]]:
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        return []
+    numeric = all(p.name.isdigit() for p in classes)
+    items = []
+    for index, sub in enumerate(classes):
+        label = int(sub.name) if numeric else index
+        items += [(f, label) for f in sorted(sub.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    return items
+
+
+def list_caption_folder(folder: Path) -> list[tuple[Path, str]]:
+    items = []
+    for n, line in enumerate((folder / "metadata.jsonl").read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            items.append((folder / (row.get("file_name") or row["image"]), str(row.get("text") or row["caption"])))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"{folder / 'metadata.jsonl'} line {n} needs a JSON object with 'file_name' and 'text'") from None
+    return items
+
+
+def list_images(folder: str | Path, condition_kind: str) -> list[tuple[Path, Any]]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data folder not found: {folder}")
+    if condition_kind == "text":
+        if not (folder / "metadata.jsonl").is_file():
+            raise DataError(f"{folder} needs a metadata.jsonl with one {{\"file_name\": ..., \"text\": ...}} line per image for a text-conditional backend")
+        items = list_caption_folder(folder)
+    else:
+        items = list_class_folder(folder)
+    if not items:
+        layout = "metadata.jsonl + images" if condition_kind == "text" else "one subfolder of images per class"
+        raise DataError(f"no images found in {folder}; expected {layout}")
+    return items
+
+
+def cache_key(items: list[tuple[Path, Any]], image_size: int, backbone: Backbone) -> str:
+    digest = hashlib.sha256(f"{image_size}|{backbone.backend_id}|{backbone.fingerprint()}|{backbone.downsample}".encode())
+    tokenizer = getattr(backbone, "tokenizer", None)
+    if tokenizer is not None and hasattr(tokenizer, "model"):
+        first = next(iter(tokenizer.model.state_dict().values()))
+        digest.update(first.flatten()[:256].float().cpu().numpy().tobytes())
+    for path, cond in items:
+        stat = path.stat()
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{cond}".encode())
+    return digest.hexdigest()[:20]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FLASHAR_CACHE", Path.home() / ".cache" / "flashar")) / "tokens"
+
+
+def tokenize_folder(backbone: Backbone, folder: str | Path, image_size: int | None = None, cache_dir: Path | None = None,
+                    batch_size: int = 32, progress: Callable[[int, int], None] | None = None) -> TokenData:
+    """Encode every image of the folder into a token grid (cached)."""
+    size = image_size or backbone.default_image_size
+    backbone.grid(size)  # validates the size against the tokenizer's downsampling factor
+    items = list_images(folder, backbone.condition_kind)
+    cache = (cache_dir or default_cache_dir()) / cache_key(items, size, backbone)
+    if (cache / "codes.safetensors").is_file() and (cache / "conditions.json").is_file():
+        return TokenData(load_weights(cache / "codes.safetensors")["codes"].long(), json.loads((cache / "conditions.json").read_text()))
+    codes = []
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        pixels = torch.stack([_read(path, size) for path, _ in batch])
+        codes.append(backbone.encode(pixels).long().cpu())
+        if progress:
+            progress(min(start + batch_size, len(items)), len(items))
+    data = TokenData(torch.cat(codes), [cond for _, cond in items])
+    save_safetensors({"codes": data.codes.to(torch.int32)}, cache / "codes.safetensors")
+    save_json(data.conditions, cache / "conditions.json")
+    return data
+
+
+def _read(path: Path, size: int) -> Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            arr = center_crop(image, size)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"cannot read image {path} ({exc}); remove or replace it") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+
+
+def load_llamagen_codes(folder: str | Path) -> TokenData:
+    """Codes written by LlamaGen's ``extract_codes_c2i.py`` (square grids, every augmentation a sample)."""
+    folder = Path(folder)
+    code_dirs = sorted(folder.glob("*_codes"))
+    if not code_dirs:
+        raise DataError(f"no '*_codes' folder in {folder}; point --codes at LlamaGen's --code-path")
+    code_dir = code_dirs[0]
+    label_dir = code_dir.with_name(code_dir.name[: -len("_codes")] + "_labels")
+    files = sorted(code_dir.glob("*.npy"), key=lambda p: int(p.stem) if p.stem.isdigit() else p.stem)
+    if not files or not label_dir.is_dir():
+        raise DataError(f"{code_dir} has no .npy codes or {label_dir} is missing")
+    codes, labels = [], []
+    for path in files:
+        array = np.load(path, allow_pickle=False)
+        grid = array.reshape(-1, array.shape[-1])  # (num_aug, N)
+        label = int(np.load(label_dir / path.name, allow_pickle=False).reshape(-1)[0])
+        codes.append(torch.from_numpy(grid.astype(np.int64)))
+        labels += [label] * grid.shape[0]
+    flat = torch.cat(codes)
+    side = int(round(flat.shape[1] ** 0.5))
+    if side * side != flat.shape[1]:
+        raise DataError(f"codes in {code_dir} have {flat.shape[1]} tokens, not a square grid")
+    return TokenData(flat.view(-1, side, side), labels)

@@ -1,0 +1,139 @@
+"""Two-stage adaptation: learning, exact resume, stages, LoRA, the CLI from images to an adapter."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import cli_args, random_gpt, write_llamagen
+from PIL import Image
+
+from flashar.adapt.data import TokenData
+from flashar.adapt.trainer import Run, adapt, lr_factor
+from flashar.adapter import load_adapter
+from flashar.cli import cli
+from flashar.config import AdaptConfig, SamplingConfig, StageConfig
+from flashar.errors import FlashARError
+from flashar.io import load_weights
+from flashar.methods.flashar import FlashAR
+from flashar.sampling import make_generator
+
+
+def stripes(n=24, grid=(4, 4)):
+    """Learnable data: class c draws a grid whose rows repeat a class-specific pattern."""
+    gen = torch.Generator().manual_seed(0)
+    conditions = [i % 4 for i in range(n)]
+    codes = torch.stack([(torch.arange(grid[1]) * (c + 1) + torch.randint(0, 2, (grid[0], 1), generator=gen)) % 64
+                         for c in conditions])
+    return TokenData(codes.long(), conditions)
+
+
+def config(steps1=3, steps2=3, **kw):
+    return AdaptConfig(stage1=StageConfig(steps=steps1, lr=3e-3, distill_weight=0.2, warmup_steps=1),
+                       stage2=StageConfig(steps=steps2, lr=1e-3, flat_steps=1), batch_size=4, grad_accum=2,
+                       checkpoint_every=2, **kw)
+
+
+def test_loss_falls_on_a_tiny_model(tmp_path):
+    losses = []
+    adapt(random_gpt(), Run(stripes(), config(steps1=20, steps2=20), tmp_path, on_step=lambda r: losses.append(r["ce"])))
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
+
+
+def test_interrupted_run_resumed_ends_with_the_same_adapter(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    adapt(random_gpt(), Run(stripes(), config(), full))
+    assert adapt(random_gpt(), Run(stripes(), config(), cut, stop_after=5)) is None  # "killed" after step 5
+    assert not (cut / "model.safetensors").exists()
+    adapt(random_gpt(), Run(stripes(), config(), cut), resume=True)  # resumes from the step-4 checkpoint
+    a, b = load_weights(full / "model.safetensors"), load_weights(cut / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((full / "config.json").read_text())["step"] == 6
+
+
+def test_stage_one_trains_only_the_flashar_parts(tmp_path):
+    backbone = random_gpt()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    adapter = adapt(backbone, Run(stripes(), config(steps2=0), tmp_path))
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    assert adapter.metadata.backbone_weights == "none"
+    assert not any(k.startswith("backbone.") for k in load_weights(tmp_path / "model.safetensors"))
+
+
+def test_stage_two_changes_the_backbone_and_the_adapter_carries_it(tmp_path):
+    backbone = random_gpt()
+    adapt(backbone, Run(stripes(), config(), tmp_path))
+    loaded = load_adapter(tmp_path, random_gpt())
+    assert loaded.metadata.backbone_weights == "full"
+    assert torch.equal(loaded.backbone.output.weight, backbone.output.weight)
+    assert not torch.equal(loaded.backbone.output.weight, random_gpt().output.weight)
+
+
+def test_lora_stage_two_merges_on_load(tmp_path):
+    pytest.importorskip("peft")
+    backbone = random_gpt()
+    adapter = adapt(backbone, Run(stripes(), config(stage2_mode="lora", lora_rank=2), tmp_path))
+    keys = load_weights(tmp_path / "model.safetensors").keys()
+    assert any(k.startswith("lora.") for k in keys) and not any(k.startswith("backbone.") for k in keys)
+    loaded = load_adapter(tmp_path, random_gpt())
+    codes = torch.randint(0, 64, (1, 4, 4))
+    sampling = SamplingConfig(cfg_scale=1.0)
+    with torch.no_grad():  # the merged weights compute what the peft-wrapped trained model computes
+        a = FlashAR(loaded.backbone, adapter=loaded).teacher_logits([1], codes, sampling)
+        b = FlashAR(adapter.backbone, adapter=adapter).teacher_logits([1], codes, sampling)
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_adapter_from_another_backbone_is_refused(tmp_path):
+    adapt(random_gpt(), Run(stripes(), config(steps2=0), tmp_path))
+    with pytest.raises(FlashARError, match="made for another backbone"):
+        load_adapter(tmp_path, random_gpt(seed=3))
+
+
+def test_schedule_warms_up_holds_and_decays():
+    cfg = StageConfig(steps=10, lr=1.0, warmup_steps=2, flat_steps=3, min_lr_factor=0.1)
+    factors = [lr_factor(i, cfg) for i in range(10)]
+    assert factors[:2] == [0.5, 1.0] and factors[2:5] == [1.0, 1.0, 1.0]
+    assert all(a >= b for a, b in zip(factors[5:], factors[6:])) and factors[-1] > 0.1
+
+
+def write_class_folder(folder, size=8, per_class=6):
+    rng = np.random.default_rng(0)
+    for label in range(3):
+        (folder / str(label)).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / str(label) / f"{i}.png")
+
+
+def test_adapt_then_generate_from_an_image_folder(tmp_path, registry):
+    options = write_llamagen(tmp_path / "model")
+    write_class_folder(tmp_path / "images")
+    runner = CliRunner()
+    args = ["adapt", "-b", "llamagen", *cli_args(options), "--data", tmp_path / "images", "--image-size", 8,
+            "--out", tmp_path / "adapter", "--stage1-steps", 2, "--stage2-steps", 2, "--batch-size", 2,
+            "--checkpoint-every", 1, "--cache-dir", tmp_path / "cache"]
+    result = runner.invoke(cli, [str(a) for a in args], obj=registry)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "adapter" / "config.json").is_file() and (tmp_path / "cache").is_dir()
+    assert len((tmp_path / "adapter" / "metrics.jsonl").read_text().splitlines()) == 4
+    again = runner.invoke(cli, [str(a) for a in args], obj=registry)
+    assert again.exit_code == 1 and "pass --resume" in again.output
+    gen = runner.invoke(cli, [str(a) for a in ["generate", "-b", "llamagen", *cli_args(options), "--image-size", 8,
+                                                 "--classes", "0,1,2", "--method", "flashar", "--adapter",
+                                                 tmp_path / "adapter", "--out", tmp_path / "png", "--json"]], obj=registry)
+    assert gen.exit_code == 0, gen.output
+    summary = json.loads(gen.output)
+    assert summary["forward_passes_per_batch"] == 7 and len(summary["outputs"]) == 3
+
+
+def test_empty_data_folder_is_reported(tmp_path, registry):
+    options = write_llamagen(tmp_path / "model")
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(cli, [str(a) for a in ["adapt", "-b", "llamagen", *cli_args(options), "--data",
+                                                         tmp_path / "empty", "--out", tmp_path / "a"]], obj=registry)
+    assert result.exit_code == 1 and "no images found" in result.output

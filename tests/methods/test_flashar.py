@@ -1,0 +1,120 @@
+"""FlashAR decoding: exact parity with the teacher-forced forward, pass counts, gates, compiling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import random_gpt
+
+from flashar import grid as G
+from flashar.adapter import Adapter, new_metadata
+from flashar.branch import INTERIOR, FlashARHead
+from flashar.compilation import CompileCounter
+from flashar.config import BranchConfig, SamplingConfig
+from flashar.methods.flashar import FlashAR
+from flashar.sampling import make_generator
+from flashar.teacher import flashar_logits, grid_inputs
+
+
+def make_method(gate="hidden", grid=(3, 4), num_blocks=1, randomise=True, **kwargs):
+    backbone = random_gpt()
+    head = FlashARHead(backbone, BranchConfig(gate=gate, num_blocks=num_blocks))
+    if randomise:  # trained gates are not 0.5; make them position dependent
+        with torch.no_grad():
+            for name, p in head.named_parameters():
+                if "gate" in name or "mix" in name:
+                    p.normal_(0, 0.3)
+    adapter = Adapter(new_metadata(backbone, head, grid), head, backbone)
+    return FlashAR(backbone, adapter=adapter, **kwargs)
+
+
+@pytest.mark.parametrize("gate", ["hidden", "logits", "scalar", "fixed"])
+@pytest.mark.parametrize("grid", [(3, 4), (4, 2), (1, 3)])
+def test_cached_decoder_logits_equal_teacher_forced_logits(gate, grid):
+    method = make_method(gate, grid)
+    codes = torch.randint(0, 64, (2, *grid), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cached = method.teacher_logits([1, 2], codes, SamplingConfig(cfg_scale=2.0))
+        teacher = flashar_logits(method.backbone, method.head, method.backbone.prefix([1, 2], cfg=True), codes).fused
+    torch.testing.assert_close(cached, teacher, atol=2e-4, rtol=1e-4)
+
+
+def test_generation_uses_h_plus_w_minus_1_passes_and_samples_each_cell_once():
+    grid = (3, 5)
+    method = make_method(grid=grid)
+    calls, written = [], []
+    method.backbone.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[1]))
+    store = method._store
+    method._store = lambda st, cells, logits: (written.append(cells.clone()), store(st, cells, logits))
+    result = method.generate([1, 2, 3], grid, SamplingConfig(cfg_scale=1.5), make_generator(0, "cpu"))
+    assert result.num_forward_passes == len(calls) == grid[0] + grid[1] - 1
+    assert calls[1:] == [min(grid)] * (len(calls) - 1)  # every step feeds one padded diagonal
+    cells = torch.cat(written)
+    cells = cells[cells < grid[0] * grid[1]]
+    assert sorted(cells.tolist()) == list(range(grid[0] * grid[1]))
+    assert result.codes.shape == (3, *grid)
+
+
+def test_gate_is_one_half_at_initialisation():
+    method = make_method(randomise=False)
+    codes = torch.randint(0, 64, (2, 3, 4))
+    out = flashar_logits(method.backbone, method.head, method.backbone.prefix([1, 2], cfg=False), codes)
+    torch.testing.assert_close(out.gate[:, out.kind == INTERIOR], torch.full_like(out.gate[:, out.kind == INTERIOR], 0.5))
+    assert out.gate[:, 0].allclose(torch.tensor(0.5))  # the corner gate too
+
+
+def test_gate_fixed_at_one_gives_the_horizontal_logits():
+    method = make_method(randomise=False)
+    with torch.no_grad():
+        method.head.hv_gate_mlp[2].bias.fill_(100.0)
+        method.head.hv_gate_corner.bias.fill_(100.0)
+    codes = torch.randint(0, 64, (1, 3, 4))
+    backbone = method.backbone
+    with torch.no_grad():
+        out = flashar_logits(backbone, method.head, backbone.prefix([5], cfg=False), codes)
+        x, positions, _ = grid_inputs(backbone, backbone.prefix([5], cfg=False), codes)  # the backbone alone
+        h, _ = backbone(x, positions, G.sequence_mask(torch.ones(1, 1, dtype=torch.bool), G.proximity_mask(3, 4)))
+    horizontal = backbone.logits(h[:, :-1])  # state at position p predicts the next raster cell
+    cols = torch.arange(12) % 4
+    torch.testing.assert_close(out.fused[0, cols > 0], horizontal[0, cols > 0], atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_decoding_is_argmax_of_the_teacher_forced_logits():
+    grid = (4, 3)
+    method = make_method(grid=grid)
+    sampling = SamplingConfig(cfg_scale=2.5, top_k=1)
+    result = method.generate([0, 9], grid, sampling, make_generator(0, "cpu"))
+    with torch.no_grad():
+        fused = flashar_logits(method.backbone, method.head, method.backbone.prefix([0, 9], cfg=True), result.codes).fused
+    cond, uncond = fused.chunk(2)
+    assert torch.equal((uncond + 2.5 * (cond - uncond)).argmax(-1).view(2, *grid), result.codes)
+
+
+def test_step_compiles_once_per_generation_without_graph_breaks():
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    grid = (3, 4)
+    compiled = make_method(grid=grid, compile=True, compile_backend=counter)
+    sampling = SamplingConfig(cfg_scale=2.0, top_k=6, top_p=0.9)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = compiled.generate([1, 2], grid, sampling, make_generator(5, "cpu"))
+        again = compiled.generate([3, 4], grid, sampling, make_generator(6, "cpu"))
+    eager = make_method(grid=grid).generate([1, 2], grid, sampling, make_generator(5, "cpu"))
+    assert counter.frames == 1
+    assert torch.equal(got.codes, eager.codes) and again.codes.shape == got.codes.shape
+
+
+@pytest.mark.slow
+def test_step_compiles_with_inductor():
+    torch._dynamo.reset()
+    grid = (3, 4)
+    sampling = SamplingConfig(cfg_scale=2.0, top_k=1)
+    got = make_method(grid=grid, compile=True).generate([1, 2], grid, sampling, make_generator(0, "cpu"))
+    eager = make_method(grid=grid).generate([1, 2], grid, sampling, make_generator(0, "cpu"))
+    assert torch.equal(got.codes, eager.codes)
+
+
+def test_adapter_for_another_grid_is_refused():
+    method = make_method(grid=(3, 4))
+    with pytest.raises(Exception, match="trained for a 3x4 token grid"):
+        method.generate([1], (4, 4), SamplingConfig(), make_generator(0, "cpu"))

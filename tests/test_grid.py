@@ -1,0 +1,56 @@
+"""Grid geometry and masks (spec §6.1), checked as properties."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flashar import grid as G
+
+
+@given(st.integers(1, 7), st.integers(1, 7), st.data())
+@settings(max_examples=60, deadline=None)
+def test_proximity_mask_allows_exactly_earlier_or_same_diagonals(height, width, data):
+    mask = G.proximity_mask(height, width)
+    q = data.draw(st.integers(0, height * width - 1))
+    k = data.draw(st.integers(0, height * width - 1))
+    (r, c), (r2, c2) = divmod(q, width), divmod(k, width)
+    assert bool(mask[q, k]) == (r2 + c2 <= r + c)
+    assert mask[q, q]  # a cell always sees itself
+
+
+@given(st.integers(1, 5), st.integers(1, 5), st.lists(st.booleans(), min_size=1, max_size=5))
+@settings(max_examples=60, deadline=None)
+def test_sequence_mask_prefix_rules(height, width, valid_bits):
+    valid = torch.tensor([valid_bits, list(reversed(valid_bits))])
+    prefix_len, num_cells = valid.shape[1], height * width
+    mask = G.sequence_mask(valid, G.proximity_mask(height, width))[:, 0]
+    assert not mask[:, :prefix_len, prefix_len:].any()  # the prefix never sees the image
+    assert torch.equal(mask[:, prefix_len:, :prefix_len], valid[:, None, :].expand(-1, num_cells, -1))
+    for b in range(2):
+        for i in range(prefix_len):
+            for j in range(prefix_len):
+                expected = (j <= i and bool(valid[b, j])) or i == j
+                assert bool(mask[b, i, j]) == expected
+
+
+@given(st.integers(1, 9), st.integers(1, 9))
+@settings(max_examples=40, deadline=None)
+def test_diagonals_cover_every_cell_once_in_row_order(height, width):
+    index, valid = G.diagonal_slots(height, width)
+    assert index.shape == (height + width - 1, min(height, width))
+    cells = index[valid]
+    assert sorted(cells.tolist()) == list(range(height * width))
+    steps = G.step_ids(height, width)
+    for s, (row, ok) in enumerate(zip(index, valid)):
+        assert (steps[row[ok]] == s).all()
+        rows = row[ok] // width
+        assert torch.all(rows[1:] > rows[:-1])  # top-right to bottom-left
+        assert (row[~ok] == height * width).all()
+
+
+def test_native_sequence_with_row_ends():
+    cells, is_cell = G.raster_sequence(2, 3, with_row_ends=True)
+    assert cells.tolist() == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0], [1, 1], [1, 2]]
+    assert is_cell.tolist() == [True, True, True, False, True, True, True]
