@@ -173,3 +173,45 @@ def adapt(backbone: Backbone, data, config, out_dir: str | Path, resume: bool = 
     from flashar.adapt.trainer import adapt as run_adaptation
 
     return run_adaptation(backbone, Run(data, config, Path(out_dir), on_step=on_step), resume=resume)
+
+
+def quality_inputs(backbone: Backbone, config, fid_weights=None, reference_dir=None, registry: Registry | None = None):
+    """(extractor, reference uint8 images) for compare, or (None, None) when no metric can run here."""
+    from flashar.compare.metrics import Extractor, inception_extractor, load_image_folder
+
+    if not config.metrics:
+        return None, None
+    registry = registry or get_registry()
+    extractor = None
+    if fid_weights is not None:
+        extractor = inception_extractor(fid_weights)
+    elif backbone.metric is not None and backbone.metric in registry.metrics:
+        spec = registry.metrics[backbone.metric]
+        from flashar.errors import require
+
+        require("torch_fidelity", "metrics")
+        extractor = Extractor(spec.register(), spec.label, {}, spec.classify)
+    height, width = backbone.grid(config.image_size)
+    size = (height * backbone.downsample, width * backbone.downsample)
+    reference = load_image_folder(reference_dir, size) if reference_dir is not None else backbone.reference_images()
+    if extractor is None or reference is None:
+        raise FlashARError("quality metrics need a feature extractor and real images for this backend; pass --fid-weights FILE "
+                           "and --reference-images DIR, or --no-metrics for speed only")
+    return extractor, reference
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise FlashARError(f"prompts file not found: {path}")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise FlashARError(f"{path} holds no prompts; write one prompt per line")
+    return prompts
+
+
+def compare(methods, sampling, config, extractor, reference, prompts=None, progress=None):
+    """Time and score methods on one backbone (see :mod:`flashar.compare`)."""
+    from flashar.compare import run_compare
+
+    return run_compare(methods, sampling, config, extractor, reference, prompts, progress)

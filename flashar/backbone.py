@@ -113,6 +113,12 @@ class Backbone(nn.Module, ABC):
     row_end_token: int | None = None
     native_cfg: Literal["logits", "log_softmax"] = "logits"
     sampling_defaults: dict[str, Any] = {}
+    default_adapter: Any = None  # a FlashAR adapter folder shipped with the backend, if any
+    metric: str | None = None  # id of a registered MetricSpec suited to this backend's images
+
+    def reference_images(self) -> Tensor | None:
+        """Real images (N, 3, h, w) uint8 to compare generated samples against, if the backend ships some."""
+        return None
 
     layers: nn.ModuleList
     norm: nn.Module

@@ -18,6 +18,7 @@ from flashar.cliutils import (
     check_foreign,
     console,
     echo_json,
+    backend_and_method_options,
     backend_options,
     field_options,
     nested_config,
@@ -27,7 +28,7 @@ from flashar.cliutils import (
     registry_of,
     user_errors,
 )
-from flashar.config import AdaptConfig, BranchConfig, RuntimeConfig, SamplingConfig, StageConfig
+from flashar.config import AdaptConfig, BranchConfig, CompareConfig, RuntimeConfig, SamplingConfig, StageConfig
 from flashar.io import load_json
 
 
@@ -174,6 +175,45 @@ def adapt(ctx: click.Context, **values) -> None:
     with _train_progress(total) as on_step:
         api.adapt(backbone, data, config, values["out"], resume=values["resume"], on_step=on_step)
     console().print(f"adapter written to {values['out']} (use: flashar generate --method flashar --adapter {values['out']})")
+
+
+@cli.command(cls=PluginCommand, plugin_params=backend_and_method_options)
+@click.option("--backend", "-b", default="digits", show_default=True, help="Backend id (see `flashar backends`).")
+@click.option("--methods", default="raster,flashar", show_default=True, help="Comma-separated method ids (see `flashar methods`).")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated sampling seeds; quality is averaged over them.")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="Text file, one prompt per line (text-conditional backends).")
+@click.option("--fid-weights", type=click.Path(path_type=Path), help="Inception weights (pt_inception-2015-12-05) for FID on non-digits backends.")
+@click.option("--reference-images", type=click.Path(path_type=Path), help="Folder of real images to compare samples against.")
+@click.option("--out", type=click.Path(path_type=Path), help="Folder for report.json, a sample grid per method and the speed/quality plot.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+@config_options(CompareConfig, SamplingConfig, RuntimeConfig, skip=("methods", "seeds"))
+@click.pass_context
+@user_errors
+def compare(ctx: click.Context, **values) -> None:
+    """Run several decoding methods on one backbone: speed, memory and sample quality side by side."""
+    from flashar import api
+    from flashar.compare.report import print_report, write_report
+
+    registry = registry_of(ctx)
+    names = [m.strip() for m in values["methods"].split(",") if m.strip()]
+    check_foreign(values, registry, values["backend"], names)
+    config = api.validated(CompareConfig, {**pick(CompareConfig, values), "methods": names,
+                                           "seeds": parse_classes(values["seeds"], "--seeds")}, "compare")
+    if values["out"]:
+        api.ensure_writable_dir(values["out"])
+    runtime = runtime_from(values)
+    backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
+    methods = {n: api.build_method(n, backbone, pick(registry.method(n).Options, values), compile=runtime.compile, registry=registry) for n in names}
+    sampling = {n: api.resolve_sampling(m.backbone, pick(SamplingConfig, values)) for n, m in methods.items()}
+    extractor, reference = api.quality_inputs(backbone, config, values["fid_weights"], values["reference_images"], registry)
+    prompts = api.read_prompts(values["prompts_file"]) if values["prompts_file"] else None
+    total = config.num_samples * len(config.seeds) * len(names) if extractor is not None and config.metrics else 0
+    with _progress(total, "scoring samples", values["as_json"] or not total) as advance:
+        report = api.compare(methods, sampling, config, extractor, reference, prompts, lambda method, n: advance(n))
+    paths = write_report(report, values["out"]) if values["out"] else []
+    if values["as_json"]:
+        return echo_json({**report.as_json(), "outputs": [str(p) for p in paths]})
+    print_report(report)
 
 
 class _train_progress:

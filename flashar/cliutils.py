@@ -137,13 +137,13 @@ def _pydantic_line(exc: ValidationError) -> str:
     return f"invalid value for {'.'.join(map(str, first['loc']))}: {first['msg']}"
 
 
-def parse_classes(text: str | None) -> list[int]:
+def parse_classes(text: str | None, hint: str = "--classes") -> list[int]:
     if not text:
         return []
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers like 207,360, got {text!r}", param_hint="--classes") from None
+        raise click.BadParameter(f"expected comma-separated integers like 207,360, got {text!r}", param_hint=hint) from None
 
 
 def echo_json(obj: Any) -> None:

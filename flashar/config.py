@@ -125,3 +125,16 @@ class AdapterMetadata(Config):
     step: int = Field(0, ge=0, description="Optimizer steps taken in total.")
     backbone_weights: Literal["none", "full", "lora"] = Field("none", description="What the adapter holds of the backbone.")
     lora_scaling: float | None = Field(None, description="alpha / rank of the stored LoRA factors.")
+
+
+class CompareConfig(Config):
+    """``flashar compare``: every method on the same backbone, conditions and seeds."""
+
+    methods: list[str] = Field(default_factory=lambda: ["raster", "flashar"], description="Method ids, in report order.")
+    num_samples: int = Field(1000, gt=0, description="Images per method and seed for the quality metrics (class-balanced for class-conditional backends).")
+    seeds: list[int] = Field(default_factory=lambda: [0], description="Sampling seeds; quality metrics are averaged over them.")
+    batch_size: int = Field(100, gt=0, description="Images per forward batch (also the timed batch).")
+    repeats: int = Field(5, gt=0, description="Timed runs per method after warm-up, interleaved across methods; medians are reported.")
+    warmup: int = Field(1, ge=0, description="Untimed warm-up runs per method (they include compilation).")
+    image_size: int | None = Field(None, gt=0, description="Image side in pixels; default: the backend's native size.")
+    metrics: bool = Field(True, description="Compute FID/KID/IS/precision/recall with torch-fidelity (needs flashar[metrics]).")

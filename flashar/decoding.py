@@ -29,6 +29,20 @@ class NoOptions(Config):
 class Generation:
     codes: Tensor  # (B, H, W) int64 on CPU
     num_forward_passes: int  # sequential backbone forward passes, prefill included
+    state_bytes: int = 0  # memory the method allocated for decoding (caches, buffers)
+
+
+def state_nbytes(state: Any) -> int:
+    """Bytes held by the tensors and caches of a method's state dataclass."""
+    total = 0
+    for value in vars(state).values():
+        if isinstance(value, Tensor):
+            total += value.numel() * value.element_size()
+        elif isinstance(value, KVCache):
+            total += 2 * value.k.numel() * value.k.element_size()
+        elif isinstance(value, Prefix):
+            total += value.embeds.numel() * value.embeds.element_size()
+    return total
 
 
 class Method(ABC):

@@ -25,6 +25,7 @@ from flashar.errors import MissingExtraError, PluginError, UnknownNameError
 ENTRY_POINT_GROUP = "flashar"
 BUILTIN_PLUGINS = (
     "flashar.backends.llamagen",
+    "flashar.backends.digits",
     "flashar.methods.raster",
     "flashar.methods.flashar",
 )
@@ -66,6 +67,8 @@ class MetricSpec:
     id: str
     description: str
     register: Callable[[], str]  # registers the extractor with torch-fidelity, returns its name
+    label: str = "FID"  # how reports name the FID computed on these features
+    classify: Callable[[Any], Any] | None = None  # uint8 images (N, 3, H, W) -> predicted class ids (N,)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from flashar.backbone import KVCache, Prefix
 from flashar.branch import CORNER, cell_kinds
 from flashar.config import Config, SamplingConfig
 from flashar.errors import FlashARError
-from flashar.decoding import Generation, Method, guided, key_mask, prefill
+from flashar.decoding import Generation, state_nbytes, Method, guided, key_mask, prefill
 from flashar.hookspecs import hookimpl
 from flashar.sampling import new_noise, sample
 
@@ -73,9 +73,10 @@ class FlashAR(Method):
         if adapter is None:
             from flashar.adapter import load_adapter
 
-            if options is None or options.adapter is None:
+            path = options.adapter if options is not None and options.adapter is not None else backbone.default_adapter
+            if path is None:
                 raise FlashARError("method 'flashar' needs an adapter; pass --adapter DIR (a folder written by `flashar adapt`)")
-            adapter = load_adapter(options.adapter, backbone)
+            adapter = load_adapter(path, backbone)
         super().__init__(adapter.backbone, options, compile=compile, compile_backend=compile_backend, adapter=adapter)
         self.head = adapter.head
 
@@ -175,7 +176,7 @@ class FlashAR(Method):
         st = self.setup(conditions, grid, sampling)
         self._run(st, generator)
         codes = st.tokens[:, :-1].reshape(len(conditions), *grid)
-        return Generation(codes.cpu(), num_forward_passes=len(st.steps))
+        return Generation(codes.cpu(), len(st.steps), state_nbytes(st))
 
     def teacher_logits(self, conditions, codes: Tensor, sampling: SamplingConfig) -> Tensor:
         """Run the cached decoder on given codes (B, H, W); return the fused logits (B', N, V) it computes."""

@@ -18,7 +18,7 @@ from torch import Tensor
 from flashar import grid as G
 from flashar.backbone import Backbone, KVCache, Prefix
 from flashar.config import SamplingConfig
-from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill
+from flashar.decoding import Generation, state_nbytes, Method, guided, image_key_valid, key_mask, prefill
 from flashar.hookspecs import hookimpl
 from flashar.sampling import new_noise, sample
 
@@ -97,7 +97,7 @@ class Raster(Method):
                 self._refill(state, generator)
                 self.step(state, state.steps[j])
         codes = state.tokens[:, state.is_cell] - self.backbone.code_offset
-        return Generation(codes.view(len(conditions), *grid).cpu(), num_forward_passes=len(state.steps))
+        return Generation(codes.view(len(conditions), *grid).cpu(), len(state.steps), state_nbytes(state))
 
     @staticmethod
     def _refill(state: RasterState, generator: torch.Generator) -> None:

@@ -70,10 +70,10 @@ def check_preset(cfg: GPTConfig, preset: str | None, path: str | Path) -> None:
 
 
 def build_gpt(cfg: GPTConfig, state: dict[str, torch.Tensor], path: str | Path, preset: str | None = None,
-              **components) -> LlamaGenBackbone:
+              backbone_cls: type[LlamaGenBackbone] = LlamaGenBackbone, **components) -> LlamaGenBackbone:
     """Build on ``meta``, check every key and shape, then load strictly by assignment."""
     with torch.device("meta"):
-        model = LlamaGenBackbone(cfg, preset=preset, **components)
+        model = backbone_cls(cfg, preset=preset, **components)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(expected, state, path)
     model.load_state_dict(state, strict=True, assign=True)

@@ -1,0 +1,168 @@
+"""Reproduce the digits default's shipped weights: raster GPT, FID-digits CNN, FlashAR adapters.
+
+    python benchmarks/train_digits.py --out flashar/backends/digits/weights
+
+1. The raster model, a tiny LlamaGen-architecture GPT (flashar's llamagen code), is trained on the train
+   split with next-token cross-entropy, 10% class dropout (null class for CFG) and random shifts, until
+   the validation NLL has not improved for ``--patience`` epochs; the best epoch is kept.
+2. The feature CNN behind FID-digits and class accuracy is trained on the same train split.
+3. The FlashAR adapters are produced from the raster weights by the real CLI: the train split is written
+   as a class-folder of PNGs and ``flashar adapt --backend digits`` runs on it, once with both stages
+   (``flashar/``) and once with stage 1 only (``flashar-stage1/``, for the ablation in the README).
+
+Everything is seeded; the JSON receipt (``train_digits.json``) records the curves and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from flashar.backends.digits.data import LEVELS, load_splits, shift
+from flashar.backends.digits.features import DigitsCNN
+from flashar.backends.digits.loader import RASTER_CONFIG, save_raster
+from flashar.backends.llamagen.backbone import LlamaGenBackbone
+from flashar.backends.llamagen.model import GPTConfig
+from flashar.adapt.trainer import dropout_prefix
+from flashar.teacher import raster_logits
+
+
+def nll(model: LlamaGenBackbone, codes: torch.Tensor, labels: torch.Tensor, batch: int = 100) -> float:
+    """Mean negative log-likelihood per token (nats) of held-out grids under the raster model."""
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(codes), batch):
+            logits = raster_logits(model, model.prefix(labels[i : i + batch].tolist(), cfg=False), codes[i : i + batch])
+            total += F.cross_entropy(logits.flatten(0, 1), codes[i : i + batch].flatten(), reduction="sum").item()
+    return total / codes.numel()
+
+
+def train_raster(args, splits, log) -> tuple[LlamaGenBackbone, dict]:
+    torch.manual_seed(args.seed)
+    cfg = GPTConfig(**RASTER_CONFIG)
+    model = LlamaGenBackbone(cfg)
+    for p in model.parameters():  # LlamaGen's init: N(0, 0.02) for weights, zero output head
+        if p.ndim > 1:
+            torch.nn.init.normal_(p, std=0.02)
+    torch.nn.init.zeros_(model.output.weight)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
+    codes, labels = splits.train
+    gen = torch.Generator().manual_seed(args.seed)
+    best, best_state, stale, curve = float("inf"), None, 0, []
+    for epoch in range(args.max_epochs):
+        model.train()
+        order = torch.randperm(len(codes), generator=gen)
+        began = time.perf_counter()
+        for i in range(0, len(order), args.batch_size):
+            idx = order[i : i + args.batch_size]
+            batch = shift(codes[idx], gen)
+            prefix = dropout_prefix(model.prefix(labels[idx].tolist(), cfg=True), torch.rand(len(idx), generator=gen) < 0.1)
+            loss = F.cross_entropy(raster_logits(model, prefix, batch).flatten(0, 1), batch.flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        model.eval()
+        val = nll(model, *splits.val)
+        curve.append({"epoch": epoch, "val_nll": val, "train_loss": loss.item(), "seconds": time.perf_counter() - began})
+        log(f"raster epoch {epoch}: val NLL {val:.4f} nats/token ({curve[-1]['seconds']:.0f}s)")
+        if val < best - 1e-4:
+            best, best_state, stale = val, {k: v.clone() for k, v in model.state_dict().items()}, 0
+        else:
+            stale += 1
+            if stale >= args.patience:
+                break
+    model.load_state_dict(best_state)
+    return model.eval(), {"curve": curve, "best_val_nll": best, "epochs": len(curve), "stopped_early": stale >= args.patience}
+
+
+def train_cnn(args, splits, log) -> tuple[DigitsCNN, dict]:
+    torch.manual_seed(args.seed)
+    net = DigitsCNN()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    codes, labels = splits.train
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    for epoch in range(args.cnn_epochs):
+        order = torch.randperm(len(codes), generator=gen)
+        for i in range(0, len(order), 64):
+            idx = order[i : i + 64]
+            logits = net.classify(DigitsCNN.from_codes(shift(codes[idx], gen, max_shift=1)))
+            loss = F.cross_entropy(logits, labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    net.eval()
+    with torch.no_grad():
+        acc = lambda split: (net.classify(DigitsCNN.from_codes(split[0])).argmax(-1) == split[1]).float().mean().item()
+        result = {"val_accuracy": acc(splits.val), "test_accuracy": acc(splits.test)}
+    log(f"feature CNN: val accuracy {result['val_accuracy']:.3f}, test accuracy {result['test_accuracy']:.3f}")
+    return net, result
+
+
+def write_png_folder(codes: torch.Tensor, labels: torch.Tensor, folder: Path) -> None:
+    for i, (grid, label) in enumerate(zip(codes, labels.tolist())):
+        (folder / str(label)).mkdir(parents=True, exist_ok=True)
+        gray = (grid.numpy() * 255 // (LEVELS - 1)).astype(np.uint8)
+        Image.fromarray(np.stack([gray] * 3, axis=-1)).save(folder / str(label) / f"{i:05d}.png")
+
+
+def run_adapt(weights: Path, data: Path, out: Path, extra: list[str], log) -> None:
+    cmd = [sys.executable, "-m", "flashar", "adapt", "--backend", "digits", "--checkpoint", str(weights / "raster.safetensors"),
+           "--data", str(data), "--out", str(out), "--cache-dir", str(data.parent / "cache"), *extra]
+    log("running: " + " ".join(cmd))
+    subprocess.run(cmd, check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("flashar/backends/digits/weights"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-epochs", type=int, default=300)
+    parser.add_argument("--patience", type=int, default=10)
+    parser.add_argument("--cnn-epochs", type=int, default=40)
+    parser.add_argument("--skip-raster", action="store_true", help="reuse the raster weights already in --out")
+    parser.add_argument("--skip-adapt", action="store_true", help="only train the raster model and the feature CNN")
+    parser.add_argument("--adapt-args", default="", help="extra flags for `flashar adapt`")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    log = lambda msg: print(msg, flush=True)
+    splits = load_splits()
+    args.out.mkdir(parents=True, exist_ok=True)
+    receipt = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    if not args.skip_raster:
+        model, receipt["raster"] = train_raster(args, splits, log)
+        save_raster(model, args.out)
+        cnn, receipt["feature_cnn"] = train_cnn(args, splits, log)
+        cnn.save(args.out / "features.safetensors")
+    if args.skip_adapt:
+        (args.out / "train_digits.json").write_text(json.dumps(receipt, indent=2) + "\n")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "train"
+        write_png_folder(*splits.train, data)
+        for name, extra in (("flashar", []), ("flashar-stage1", ["--stage2-mode", "none"])):
+            target = args.out / name
+            shutil.rmtree(target, ignore_errors=True)
+            run_adapt(args.out, data, Path(tmp) / name, extra + args.adapt_args.split(), log)
+            target.mkdir()
+            for file in ("config.json", "model.safetensors", "metrics.jsonl"):
+                shutil.copy(Path(tmp) / name / file, target / file)
+    (args.out / "train_digits.json").write_text(json.dumps(receipt, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

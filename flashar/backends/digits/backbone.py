@@ -1,0 +1,25 @@
+"""The digits backbone: LlamaGen's GPT (the same class and code) with the gray-level tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from flashar.backends.llamagen.backbone import LlamaGenBackbone
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+class DigitsBackbone(LlamaGenBackbone):
+    backend_id = "digits"
+    sampling_defaults = {"cfg_scale": 1.5, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
+    default_adapter = WEIGHTS_DIR / "flashar"
+    metric = "fid-digits"
+
+    def reference_images(self) -> torch.Tensor:
+        """The held-out test split as uint8 images (N, 3, 16, 16), for FID-digits."""
+        from flashar.backends.digits.data import load_splits
+
+        codes, _ = load_splits().test
+        return (self.decode(codes) * 255).round().to(torch.uint8)

@@ -1,0 +1,104 @@
+"""``flashar compare``: every decoding method on one backbone, side by side.
+
+Every method gets the same conditions (class-balanced, or the given prompts) and the same seeds.
+Speed comes from :mod:`flashar.compare.timing` (warm-up, interleaved repeats, medians); quality from
+:mod:`flashar.compare.metrics` (torch-fidelity), averaged over the seeds. The report holds one row per
+method and is rendered as a table, JSON, sample grids and a speed-vs-quality plot
+(:mod:`flashar.compare.report`).
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from flashar import __version__
+from flashar.backbone import Backbone
+from flashar.compare.metrics import Extractor, quality, to_uint8
+from flashar.compare.timing import time_methods
+from flashar.config import CompareConfig, SamplingConfig
+from flashar.decoding import Method
+from flashar.errors import FlashARError
+
+
+@dataclass
+class CompareReport:
+    backend: str
+    grid: tuple[int, int]
+    config: dict[str, Any]
+    environment: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)  # method -> uint8 images of the first seed
+    metric_label: str = "FID"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"flashar_version": __version__, "backend": self.backend, "grid": list(self.grid), "config": self.config,
+                "environment": self.environment, "fid_label": self.metric_label, "methods": self.rows}
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    env = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""),
+           "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def balanced_conditions(backbone: Backbone, count: int, prompts: Sequence[str] | None) -> list[Any]:
+    """``count`` conditions: the prompts cycled, or every class id in turn (class-balanced)."""
+    if prompts:
+        return [prompts[i % len(prompts)] for i in range(count)]
+    if backbone.condition_kind != "class" or not backbone.num_classes:
+        raise FlashARError("this backend is text-conditional; pass --prompts FILE with one prompt per line")
+    return [i % backbone.num_classes for i in range(count)]
+
+
+def run_compare(methods: dict[str, Method], sampling: dict[str, SamplingConfig], config: CompareConfig,
+                extractor: Extractor | None, reference: torch.Tensor | None, prompts: Sequence[str] | None = None,
+                progress: Callable[[str, int], None] | None = None) -> CompareReport:
+    """Time and score every method; ``reference`` (uint8) and ``extractor`` are needed for quality metrics."""
+    first = next(iter(methods.values())).backbone
+    grid = first.grid(config.image_size)
+    conditions = balanced_conditions(first, config.num_samples, prompts)
+    report = CompareReport(first.backend_id, grid, config.model_dump(), environment(first.device, first.dtype),
+                           metric_label=extractor.label if extractor else "FID")
+    timed = conditions[: config.batch_size]
+    timings = time_methods(methods, timed, grid, sampling, config.repeats, config.warmup, config.seeds[0])
+    baseline = timings["raster"].median if "raster" in timings else timings[next(iter(timings))].median
+    for name, method in methods.items():
+        t = timings[name]
+        row = {"method": name, "forward_passes": t.forward_passes, "batch": len(timed),
+               "latency_per_image_ms": 1000 * t.median / len(timed), "images_per_second": len(timed) / t.median,
+               "batch_seconds_median": t.median, "batch_seconds": t.seconds, "speedup_vs_raster": baseline / t.median,
+               "compile_seconds": t.compile_seconds, "decode_state_mb": t.state_bytes / 2**20,
+               "peak_memory_mb": None if t.peak_bytes is None else t.peak_bytes / 2**20}
+        if config.metrics and extractor is not None and reference is not None:
+            row.update(score(method, conditions, grid, sampling[name], config, extractor, reference, report, progress))
+        report.rows.append(row)
+    return report
+
+
+def score(method: Method, conditions: list[Any], grid: tuple[int, int], sampling: SamplingConfig, config: CompareConfig,
+          extractor: Extractor, reference: torch.Tensor, report: CompareReport, progress) -> dict[str, float]:
+    """Quality metrics of ``num_samples`` images per seed, averaged over the seeds (per-seed values kept)."""
+    from flashar.api import generate
+
+    per_seed = []
+    for seed in config.seeds:
+        result = generate(method, conditions, config.image_size, sampling, config.batch_size, seed,
+                          on_batch=(lambda n, m=method.id: progress(m, n)) if progress else None)
+        images = to_uint8(decode_all(method.backbone, result.codes, config.batch_size))
+        report.samples.setdefault(method.id, images[:100])
+        labels = conditions if method.backbone.condition_kind == "class" else None
+        per_seed.append(quality(images, reference, extractor, labels))
+    keys = per_seed[0].keys()
+    averaged = {k: statistics.fmean(s[k] for s in per_seed) for k in keys}
+    return {**averaged, "per_seed": per_seed}
+
+
+def decode_all(backbone: Backbone, codes: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([backbone.decode(codes[i : i + batch_size]) for i in range(0, len(codes), batch_size)])

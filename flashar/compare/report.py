@@ -1,0 +1,107 @@
+"""Rendering a compare report: a rich table, JSON, a PNG sample grid per method, a speed/quality plot."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from flashar.io import atomic_path, save_json, save_png
+
+COLUMNS = [  # (key, header, format)
+    ("method", "method", "{}"),
+    ("forward_passes", "passes", "{}"),
+    ("latency_per_image_ms", "ms / image", "{:.2f}"),
+    ("images_per_second", "images / s", "{:.1f}"),
+    ("speedup_vs_raster", "speedup", "{:.2f}x"),
+    ("compile_seconds", "compile s", "{:.1f}"),
+    ("peak_memory_mb", "peak MB", "{:.1f}"),
+    ("decode_state_mb", "state MB", "{:.2f}"),
+    ("fid", "{fid}", "{:.2f}"),
+    ("kid", "KID", "{:.4f}"),
+    ("inception_score", "IS", "{:.2f}"),
+    ("precision", "precision", "{:.3f}"),
+    ("recall", "recall", "{:.3f}"),
+    ("class_accuracy", "class acc", "{:.3f}"),
+]
+
+
+def table_rows(report) -> tuple[list[str], list[list[str]]]:
+    present = [c for c in COLUMNS if any(row.get(c[0]) is not None for row in report.rows)]
+    headers = [h.format(fid=report.metric_label) for _, h, _ in present]
+    rows = [[fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in present] for row in report.rows]
+    return headers, rows
+
+
+def print_report(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    headers, rows = table_rows(report)
+    env = report.environment
+    where = env.get("gpu") or f"{env['cpu']}, {env['threads']} threads"
+    table = Table(title=f"flashar compare: {report.backend}, {report.grid[0]}x{report.grid[1]} tokens, {where}, {env['dtype']}")
+    for header in headers:
+        table.add_column(header, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    Console(file=sys.stdout, width=200).print(table)
+
+
+def markdown_table(report) -> str:
+    headers, rows = table_rows(report)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def sample_grid(images: torch.Tensor, columns: int = 10, scale: int = 4) -> torch.Tensor:
+    """uint8 images (N, 3, h, w) -> one float image (3, H, W) in [0, 1], nearest-upscaled for small images."""
+    n, c, h, w = images.shape
+    rows = math.ceil(n / columns)
+    canvas = torch.ones(c, rows * (h + 1) + 1, columns * (w + 1) + 1) * 0.5
+    for i, image in enumerate(images.float() / 255):
+        r, col = divmod(i, columns)
+        canvas[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = image
+    if max(h, w) < 64:
+        canvas = torch.nn.functional.interpolate(canvas[None], scale_factor=scale, mode="nearest")[0]
+    return canvas
+
+
+def plot(report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report.rows if r.get("fid") is not None]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    for row in rows:
+        ax.scatter(row["images_per_second"], row["fid"], s=40)
+        ax.annotate(f"{row['method']} ({row['forward_passes']} passes)", (row["images_per_second"], row["fid"]),
+                    textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("images / second (log)")
+    ax.set_ylabel(f"{report.metric_label} (lower is better)")
+    ax.set_title(f"speed vs quality: {report.backend}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def write_report(report, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "report.json"]
+    save_json(report.as_json(), written[0])
+    for method, images in report.samples.items():
+        save_png(sample_grid(images), out_dir / f"samples_{method}.png")
+        written.append(out_dir / f"samples_{method}.png")
+    if any(r.get("fid") is not None for r in report.rows):
+        plot(report, out_dir / "speed_vs_quality.png")
+        written.append(out_dir / "speed_vs_quality.png")
+    return written
