@@ -25,6 +25,7 @@ from flashar.errors import MissingExtraError, PluginError, UnknownNameError
 ENTRY_POINT_GROUP = "flashar"
 BUILTIN_PLUGINS = (
     "flashar.backends.llamagen",
+    "flashar.backends.emu35",
     "flashar.methods.raster",
 )
 
