@@ -19,8 +19,8 @@ class Emu35Options(Config):
     model_path: Path = Field(..., description="Emu3.5(-Image) folder as published: config.json, model.safetensors.index.json and its bf16 shards (and the tokenizer files).")
     tokenizer_path: Path | None = Field(None, description="Folder with emu3.tiktoken and emu3_vision_tokens.txt; default: --model-path.")
     vq_path: Path | None = Field(None, description="Emu3.5-VisionTokenizer folder (config.json + model.safetensors, or config.yaml + model.ckpt); needed to write images and to tokenise data.")
-    device_map: Literal["auto"] | None = Field(None, description="'auto' splits the decoder layers evenly over every visible GPU (the embedding on the first, lm_head on the last).")
-    text_max_length: int | None = Field(128, ge=16, description="Cut the prompt so the text template is at most this many tokens (FlashAR's training length); unset for no limit.")
+    device_map: Literal["auto"] | None = Field(None, description="'auto' splits the decoder layers evenly over every visible GPU (the embedding on the first, lm_head on the last); --device is then ignored.")
+    text_max_length: int = Field(128, ge=0, description="Cut the prompt so the text template is at most this many tokens (FlashAR's training length); 0 = no limit.")
     prefix_padding: Literal["right", "left"] = Field("right", description="Pad shorter prompt rows on the right (the released FlashAR code: every grid starts at the padded length) or on the left (each row then computes exactly what Emu3.5's unbatched sampler computes).")
 
 
@@ -38,7 +38,7 @@ def load(options: Emu35Options, runtime: RuntimeConfig):
         vision = load_vision(options.vq_path)
         vision.model.to(placement.devices[-1])
     return load_language_model(options.model_path, getattr(torch, runtime.dtype), placement, text, vision,
-                               options.text_max_length, options.prefix_padding)
+                               options.text_max_length or None, options.prefix_padding)
 
 
 @hookimpl
