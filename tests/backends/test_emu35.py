@@ -373,3 +373,13 @@ def test_cli_generates_an_image(emu35_options, tmp_path, registry):
     assert summary["grid"] == [4, 4] and summary["forward_passes_per_batch"] == 4 * 4 + 3  # 16 cells + 3 EOL
     assert summary["sampling"]["cfg_scale"] == 5.0 and summary["sampling"]["top_k"] == 5120
     assert Image.open(out / "0000_a_red_car.png").size == (64, 64)
+
+
+def test_cli_names_a_missing_model_folder(tmp_path, registry):
+    from click.testing import CliRunner
+
+    from flashar.cli import cli
+
+    args = ["generate", "-b", "emu35", "--model-path", str(tmp_path / "nope"), "--prompt", "a red car"]
+    result = CliRunner().invoke(cli, args, obj=registry)
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "is not a folder" in result.output

@@ -11,17 +11,25 @@ from typing import Literal
 from pydantic import Field
 
 from flashar.config import Config, RuntimeConfig
+from flashar.errors import CheckpointError
 from flashar.hookspecs import hookimpl
 from flashar.plugins import BackendSpec
 
 
 class Emu35Options(Config):
-    model_path: Path = Field(..., description="Emu3.5(-Image) folder as published: config.json, model.safetensors.index.json and its bf16 shards (and the tokenizer files).")
-    tokenizer_path: Path | None = Field(None, description="Folder with emu3.tiktoken and emu3_vision_tokens.txt; default: --model-path.")
-    vq_path: Path | None = Field(None, description="Emu3.5-VisionTokenizer folder (config.json + model.safetensors, or config.yaml + model.ckpt); needed to write images and to tokenise data.")
-    device_map: Literal["auto"] | None = Field(None, description="'auto' splits the decoder layers evenly over every visible GPU (the embedding on the first, lm_head on the last); --device is then ignored.")
-    text_max_length: int = Field(128, ge=0, description="Cut the prompt so the text template is at most this many tokens (FlashAR's training length); 0 = no limit.")
-    prefix_padding: Literal["right", "left"] = Field("right", description="Pad shorter prompt rows on the right (the released FlashAR code: every grid starts at the padded length) or on the left (each row then computes exactly what Emu3.5's unbatched sampler computes).")
+    model_path: Path = Field(..., description="Emu3.5(-Image) folder as published: config.json, "
+                             "model.safetensors.index.json and its bf16 shards (and the tokenizer files).")
+    tokenizer_path: Path | None = Field(None, description="Folder with emu3.tiktoken and emu3_vision_tokens.txt; "
+                                        "default: --model-path.")
+    vq_path: Path | None = Field(None, description="Emu3.5-VisionTokenizer folder (config.json + model.safetensors, "
+                                 "or config.yaml + model.ckpt); needed to write images and to tokenise data.")
+    device_map: Literal["auto"] | None = Field(None, description="'auto' splits the decoder layers evenly over every "
+                                               "visible GPU (embedding on the first, lm_head on the last); --device is then ignored.")
+    text_max_length: int = Field(128, ge=0, description="Cut the prompt so the text template is at most this many "
+                                 "tokens (FlashAR's training length); 0 = no limit.")
+    prefix_padding: Literal["right", "left"] = Field("right", description="Pad shorter prompt rows on the right "
+                                                     "(the released FlashAR code) or on the left (every row then computes "
+                                                     "exactly what Emu3.5's unbatched sampler computes).")
 
 
 def load(options: Emu35Options, runtime: RuntimeConfig):
@@ -31,6 +39,8 @@ def load(options: Emu35Options, runtime: RuntimeConfig):
     from flashar.backends.emu35.placement import Placement
     from flashar.backends.emu35.text import Emu35TextTokenizer
 
+    if not options.model_path.is_dir():
+        raise CheckpointError(f"--model-path {options.model_path} is not a folder; pass the Emu3.5(-Image) download folder")
     placement = Placement.from_options(runtime.device, options.device_map)
     text = Emu35TextTokenizer(options.tokenizer_path or options.model_path)
     vision = None

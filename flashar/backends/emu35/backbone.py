@@ -133,7 +133,8 @@ class Emu35Backbone(Backbone):
 
     def _grid(self, grid: tuple[int, int] | None) -> tuple[int, int]:
         if grid is None:
-            raise FlashARError("Emu3.5's prefix and positions depend on the grid size; pass grid=(H, W), e.g. backbone.grid(512)")
+            raise FlashARError("Emu3.5's prefix and positions depend on the grid size; "
+                               "pass grid=(H, W), e.g. grid=backbone.grid(512)")
         height, width = grid
         if not (0 < height < 1000 and 0 < width < 1000):
             raise FlashARError(f"grid {height}x{width} is outside what Emu3.5's size text can say; use 1..999 tokens per side")
@@ -141,7 +142,8 @@ class Emu35Backbone(Backbone):
 
     def _text(self):
         if self.text is None:
-            raise FlashARError("no Emu3.5 text tokenizer is loaded; pass --model-path (or --tokenizer-path) with emu3.tiktoken and emu3_vision_tokens.txt")
+            raise FlashARError("no Emu3.5 text tokenizer is loaded; pass --model-path (or --tokenizer-path) "
+                               "with emu3.tiktoken and emu3_vision_tokens.txt")
         return self.text
 
     # --- positions and layers -------------------------------------------------------------------

@@ -41,7 +41,8 @@ def qwen3_config(raw: dict[str, Any], path: str | Path):
     if raw.get("model_type") != "Emu3" or "Emu3ForCausalLM" not in raw.get("architectures", []):
         raise CheckpointError(
             f"{path} is not an Emu3.5 language-model config (model_type {raw.get('model_type')!r}, architectures "
-            f"{raw.get('architectures')!r}; expected 'Emu3' / ['Emu3ForCausalLM']); pass the Emu3.5(-Image) folder as --model-path"
+            f"{raw.get('architectures')!r}; expected 'Emu3' / ['Emu3ForCausalLM']); "
+            f"pass the Emu3.5(-Image) folder as --model-path"
         )
     if raw.get("tie_word_embeddings"):
         raise CheckpointError(f"{path} ties the word embeddings; Emu3.5 publishes an untied lm_head")
@@ -66,14 +67,16 @@ def shard_map(folder: Path) -> dict[str, Path]:
             raise CheckpointError(f"{index} has no 'weight_map'; re-download the checkpoint index")
         files = {name: folder / name for name in set(weight_map.values())}
         if missing := sorted(name for name, path in files.items() if not path.is_file()):
-            raise CheckpointError(f"{index} lists shards that are not in {folder}: {', '.join(missing[:4])}; download every shard")
+            raise CheckpointError(f"{index} lists shards that are not in {folder}: {', '.join(missing[:4])}; "
+                                  "download every shard")
         return {key: files[name] for key, name in weight_map.items()}
     if (folder / SINGLE_FILE).is_file():
         from safetensors import safe_open
 
         with safe_open(str(folder / SINGLE_FILE), framework="pt") as f:
             return {key: folder / SINGLE_FILE for key in f.keys()}
-    raise CheckpointError(f"no {INDEX_FILE} or {SINGLE_FILE} in {folder}; pass the Emu3.5(-Image) folder as --model-path")
+    raise CheckpointError(f"no {INDEX_FILE} or {SINGLE_FILE} in {folder}; "
+                          "pass the Emu3.5(-Image) folder as --model-path")
 
 
 def shard_shapes(shards: dict[str, Path]) -> dict[str, torch.Tensor]:
@@ -86,7 +89,8 @@ def shard_shapes(shards: dict[str, Path]) -> dict[str, torch.Tensor]:
             present = set(f.keys())
             for key in (k for k, p in shards.items() if p == path):
                 if key not in present:
-                    raise CheckpointError(f"the index puts {key} in {path.name}, which does not hold it; the download is inconsistent")
+                    raise CheckpointError(f"the index puts {key} in {path.name}, which does not hold it; "
+                                          "re-download the checkpoint")
                 shapes[key] = torch.empty(f.get_slice(key).get_shape(), device="meta")
     return shapes
 
@@ -106,6 +110,7 @@ def load_shards(shards: dict[str, Path], dtype: torch.dtype, placement: Placemen
 def load_language_model(folder: str | Path, dtype: torch.dtype, placement: Placement, text: Emu35TextTokenizer,
                         vision: IBQTokenizer | None = None, text_max_length: int | None = 128,
                         prefix_padding: str = "right") -> Emu35Backbone:
+    """The backbone from a published Emu3.5 folder: config, strict key/shape check, shards on their devices."""
     folder = Path(folder)
     config = qwen3_config(load_json(folder / "config.json"), folder / "config.json")
     check_vocabulary(config, text, folder)
@@ -127,10 +132,12 @@ def check_vocabulary(config, text: Emu35TextTokenizer, folder: Path) -> None:
     if (ids.first_visual, ids.num_visual) != (Emu35Backbone.code_offset, Emu35Backbone.codebook_size):
         raise CheckpointError(
             f"the tokenizer files give visual ids from {ids.first_visual} for {ids.num_visual} codes, not Emu3.5's "
-            f"{Emu35Backbone.code_offset} for {Emu35Backbone.codebook_size}; use the published emu3.tiktoken and emu3_vision_tokens.txt"
+            f"{Emu35Backbone.code_offset} for {Emu35Backbone.codebook_size}; "
+            f"use the published emu3.tiktoken and emu3_vision_tokens.txt"
         )
     if config.vocab_size < ids.first_visual + ids.num_visual:
-        raise CheckpointError(f"{folder} has vocab_size {config.vocab_size}, too small for {ids.first_visual + ids.num_visual} token ids")
+        raise CheckpointError(f"{folder} has vocab_size {config.vocab_size}, too small for "
+                              f"{ids.first_visual + ids.num_visual} token ids")
 
 
 def load_vision(path: str | Path) -> IBQTokenizer:
@@ -144,7 +151,8 @@ def load_vision(path: str | Path) -> IBQTokenizer:
         cfg = ibq_config_from_yaml(folder / "config.yaml")
         weights = path if path.is_file() else folder / "model.ckpt"
     else:
-        raise CheckpointError(f"no config.json or config.yaml in {folder}; pass the Emu3.5-VisionTokenizer folder as --vq-path")
+        raise CheckpointError(f"no config.json or config.yaml in {folder}; "
+                              "pass the Emu3.5-VisionTokenizer folder as --vq-path")
     state = strip_prefixes(select_state_dict(load_weights(weights), weights, marker="quantize.embedding.weight"))
     with torch.device("meta"):
         model = IBQ(cfg)
@@ -158,7 +166,8 @@ IBQ_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution
 
 def ibq_config_from_json(raw: dict[str, Any], path: Path) -> IBQConfig:
     if raw.get("model_type") != "Emu3p5VisionVQ":
-        raise CheckpointError(f"{path} is not an Emu3.5 vision-tokenizer config (model_type {raw.get('model_type')!r}, expected 'Emu3p5VisionVQ')")
+        raise CheckpointError(f"{path} is not an Emu3.5 vision-tokenizer config "
+                              f"(model_type {raw.get('model_type')!r}, expected 'Emu3p5VisionVQ')")
     return _ibq_config({k: raw[k] for k in IBQ_FIELDS + ("codebook_size", "embed_dim") if k in raw}, raw.get("double_z"), path)
 
 
@@ -176,7 +185,8 @@ def ibq_config_from_yaml(path: Path) -> IBQConfig:
 
 def _ibq_config(values: dict[str, Any], double_z: Any, path: Path) -> IBQConfig:
     if double_z:
-        raise CheckpointError(f"{path} sets double_z, which IBQ does not use (quant_conv reads z_channels); the file is not an IBQ config")
+        raise CheckpointError(f"{path} sets double_z, which IBQ does not use (quant_conv reads z_channels); "
+                              "it is not an IBQ config")
     try:
         return IBQConfig(**values)
     except ValueError as exc:

@@ -33,7 +33,8 @@ class Placement:
             return cls([torch.device(device)])
         count = torch.cuda.device_count()
         if count == 0:
-            raise FlashARError("device_map 'auto' splits the layers over CUDA GPUs, but none is visible; drop --device-map or run on a GPU machine")
+            raise FlashARError("device_map 'auto' splits the layers over CUDA GPUs, but none is visible; "
+                               "drop --device-map or run on a GPU machine")
         return cls([torch.device("cuda", i) for i in range(count)])
 
     def plan(self, num_layers: int) -> None:

@@ -65,7 +65,8 @@ class Emu35TextTokenizer:
         folder = Path(folder)
         ranks = read_ranks(folder / VOCAB_FILE)
         if len(ranks) != FIRST_SPECIAL_ID:
-            raise CheckpointError(f"{folder / VOCAB_FILE} has {len(ranks)} BPE ranks, not {FIRST_SPECIAL_ID}; use the published emu3.tiktoken")
+            raise CheckpointError(f"{folder / VOCAB_FILE} has {len(ranks)} BPE ranks, not {FIRST_SPECIAL_ID}; "
+                                  "use the published emu3.tiktoken")
         num_visual = check_vision_tokens(folder / VISION_TOKENS_FILE)
         specials = {name: FIRST_SPECIAL_ID + i for i, name in enumerate(TEXT_SPECIALS + IMAGE_STRUCTURE)}
         self.encoding = tiktoken.Encoding("emu3", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
@@ -113,7 +114,8 @@ def read_ranks(path: Path) -> dict[bytes, int]:
     try:
         lines = path.read_bytes().splitlines()
     except FileNotFoundError:
-        raise CheckpointError(f"Emu3.5 tokenizer file not found: {path}; the model folder needs {VOCAB_FILE} and {VISION_TOKENS_FILE}") from None
+        raise CheckpointError(f"Emu3.5 tokenizer file not found: {path}; pass a folder with {VOCAB_FILE} and "
+                              f"{VISION_TOKENS_FILE} (--tokenizer-path)") from None
     ranks = {}
     for line in lines:
         if line.strip():
@@ -127,7 +129,8 @@ def check_vision_tokens(path: Path) -> int:
     try:
         names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     except FileNotFoundError:
-        raise CheckpointError(f"Emu3.5 tokenizer file not found: {path}; the model folder needs {VOCAB_FILE} and {VISION_TOKENS_FILE}") from None
+        raise CheckpointError(f"Emu3.5 tokenizer file not found: {path}; pass a folder with {VOCAB_FILE} and "
+                              f"{VISION_TOKENS_FILE} (--tokenizer-path)") from None
     visual = names[len(IMAGE_STRUCTURE) :]
     if tuple(names[: len(IMAGE_STRUCTURE)]) != IMAGE_STRUCTURE or not visual:
         raise CheckpointError(f"{path} does not start with {', '.join(IMAGE_STRUCTURE)} followed by visual tokens")
