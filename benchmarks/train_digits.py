@@ -44,7 +44,7 @@ def nll(model: LlamaGenBackbone, codes: torch.Tensor, labels: torch.Tensor, batc
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(codes), batch):
-            logits = raster_logits(model, model.prefix(labels[i : i + batch].tolist(), cfg=False), codes[i : i + batch])
+            logits = raster_logits(model, model.prefix(labels[i : i + batch].tolist(), cfg=False, grid=(16, 16)), codes[i : i + batch])
             total += F.cross_entropy(logits.flatten(0, 1), codes[i : i + batch].flatten(), reduction="sum").item()
     return total / codes.numel()
 
@@ -68,7 +68,7 @@ def train_raster(args, splits, log) -> tuple[LlamaGenBackbone, dict]:
         for i in range(0, len(order), args.batch_size):
             idx = order[i : i + args.batch_size]
             batch = shift(codes[idx], gen)
-            prefix = dropout_prefix(model.prefix(labels[idx].tolist(), cfg=True), torch.rand(len(idx), generator=gen) < 0.1)
+            prefix = dropout_prefix(model.prefix(labels[idx].tolist(), cfg=True, grid=(16, 16)), torch.rand(len(idx), generator=gen) < 0.1)
             loss = F.cross_entropy(raster_logits(model, prefix, batch).flatten(0, 1), batch.flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -3,11 +3,12 @@
 A backend subclasses :class:`Backbone` and supplies
 
 * geometry: ``grid(image_size) -> (H, W)``, the code range (``code_offset``, ``codebook_size``);
-* conditioning: ``prefix(conditions, cfg=...)`` -> :class:`Prefix` whose last valid position predicts
-  cell (0, 0); with CFG its rows are ``[cond; uncond]`` (flashar's order, whatever the model's own);
-* positions: ``cell_positions(cells, prefix_length)`` for any set of grid cells, so tokens can be fed in
-  any order and keep their raster geometry (2-D RoPE rows, 1-D position ids, ...). The tensor is opaque
-  to methods except that its first axis indexes tokens;
+* conditioning: ``prefix(conditions, cfg=..., grid=(H, W))`` -> :class:`Prefix` whose last valid position
+  predicts cell (0, 0); with CFG its rows are ``[cond; uncond]`` (flashar's order, whatever the model's
+  own). The grid is passed because some prefixes spell it out (Emu3.5's ``BOI "H*W" IMG``);
+* positions: ``cell_positions(cells, prefix_length, grid=(H, W))`` for any set of grid cells, so tokens
+  can be fed in any order and keep their raster geometry (2-D RoPE rows, 1-D position ids, which need
+  W, ...). The tensor is opaque to methods except that its first axis indexes tokens;
 * layers: ``embed``, ``layers``, ``norm``, ``output`` and ``layer_forward``, one block over a chunk of
   tokens with explicit positions, an explicit boolean mask and a static KV cache written at explicit
   slots; :meth:`Backbone.forward` runs them all and can return the hidden state entering layer ``tap``;
@@ -75,6 +76,10 @@ class KVCache:
 
     def layer(self, i: int) -> tuple[Tensor, Tensor]:
         return self.k[i], self.v[i]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
 
     def reset(self) -> None:
         self.k.zero_()
@@ -154,12 +159,14 @@ class Backbone(nn.Module, ABC):
 
     # --- what a backend implements --------------------------------------------------------------
     @abstractmethod
-    def prefix(self, conditions: Sequence[Any], *, cfg: bool) -> Prefix:
-        """Embed the conditions (class ids or prompts); with ``cfg`` append the unconditional rows."""
+    def prefix(self, conditions: Sequence[Any], *, cfg: bool, grid: tuple[int, int] | None = None) -> Prefix:
+        """Embed the conditions (class ids or prompts) for an (H, W) ``grid``; with ``cfg`` append the
+        unconditional rows. Backends whose prefix does not depend on the grid ignore it."""
 
     @abstractmethod
-    def cell_positions(self, cells: Tensor, prefix_length: int, native: bool = False) -> Tensor:
-        """Position encoding (T, ...) of grid cells ``cells`` (T, 2) = (row, col).
+    def cell_positions(self, cells: Tensor, prefix_length: int, native: bool = False,
+                       grid: tuple[int, int] | None = None) -> Tensor:
+        """Position encoding (T, ...) of grid cells ``cells`` (T, 2) = (row, col) of an (H, W) ``grid``.
 
         ``native=True`` asks for the model's own raster layout, where a column index equal to W denotes
         the ``row_end_token`` slot; otherwise cells sit at prefix_length + row * W + col.

@@ -39,7 +39,7 @@ def state_nbytes(state: Any) -> int:
         if isinstance(value, Tensor):
             total += value.numel() * value.element_size()
         elif isinstance(value, KVCache):
-            total += 2 * value.k.numel() * value.k.element_size()
+            total += value.nbytes
         elif isinstance(value, Prefix):
             total += value.embeds.numel() * value.embeds.element_size()
     return total

@@ -26,7 +26,7 @@ def grid_inputs(backbone: Backbone, prefix: Prefix, codes: Tensor) -> tuple[Tens
     if ids.shape[0] != prefix.batch_size:  # CFG prefixes carry twice the rows; both halves see the same grid
         ids = ids.repeat(prefix.batch_size // ids.shape[0], 1)
     cells = G.raster_cells(height, width).to(backbone.device)
-    cell_positions = backbone.cell_positions(cells, prefix.length)
+    cell_positions = backbone.cell_positions(cells, prefix.length, grid=(height, width))
     x = torch.cat([prefix.embeds, backbone.embed(ids)], dim=1)
     return x, torch.cat([prefix.positions, cell_positions]), cell_positions
 

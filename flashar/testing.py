@@ -45,12 +45,13 @@ def full_forward(backbone: Backbone, conditions, codes: torch.Tensor, image_mask
 
     codes (B, H, W); image_mask (N, N) over raster cells. Returns (hidden over the grid, tapped hidden).
     """
-    prefix = backbone.prefix(conditions, cfg=cfg)
-    height, width = codes.shape[1:]
+    grid = tuple(codes.shape[1:])
+    prefix = backbone.prefix(conditions, cfg=cfg, grid=grid)
     ids = backbone.code_ids(codes.flatten(1).to(backbone.device))
     ids = torch.cat([ids, ids]) if cfg else ids
     x = torch.cat([prefix.embeds, backbone.embed(ids)], dim=1)
-    positions = torch.cat([prefix.positions, backbone.cell_positions(G.raster_cells(height, width).to(backbone.device), prefix.length)])
+    cells = G.raster_cells(*grid).to(backbone.device)
+    positions = torch.cat([prefix.positions, backbone.cell_positions(cells, prefix.length, grid=grid)])
     mask = G.sequence_mask(prefix.valid, image_mask.to(backbone.device))
     h, h_tap = backbone(x, positions, mask, tap=tap)
     cut = prefix.length
@@ -64,8 +65,8 @@ def cached_forward(backbone: Backbone, conditions, codes: torch.Tensor, chunks: 
     A query at raster index i may see image keys j with key_step[j] <= key_step[i]. Returns the hidden
     states (B', N, D) gathered back into raster order.
     """
-    prefix = backbone.prefix(conditions, cfg=cfg)
-    height, width = codes.shape[1:]
+    height, width = grid = tuple(codes.shape[1:])
+    prefix = backbone.prefix(conditions, cfg=cfg, grid=grid)
     num_cells = height * width
     cache = backbone.new_cache(prefix.batch_size, prefix.length + num_cells)
     prefill(backbone, prefix, cache)
@@ -81,7 +82,7 @@ def cached_forward(backbone: Backbone, conditions, codes: torch.Tensor, chunks: 
     for chunk in chunks:
         chunk = chunk.to(backbone.device)
         mask = key_mask(key_valid, slot_step[None, :] <= key_step.to(backbone.device)[chunk][:, None])
-        h, _ = backbone(backbone.embed(ids[:, chunk]), backbone.cell_positions(cells[chunk], prefix.length), mask,
+        h, _ = backbone(backbone.embed(ids[:, chunk]), backbone.cell_positions(cells[chunk], prefix.length, grid=grid), mask,
                         cache, prefix.length + chunk)
         out[:, chunk] = h
     return out
@@ -91,9 +92,9 @@ def greedy_reference(backbone: Backbone, conditions, grid: tuple[int, int], cfg_
     """Greedy raster decoding by full recompute of the native sequence at every token (no cache)."""
     height, width = grid
     cfg = cfg_scale != 1.0
-    prefix = backbone.prefix(conditions, cfg=cfg)
+    prefix = backbone.prefix(conditions, cfg=cfg, grid=grid)
     cells, is_cell = G.raster_sequence(height, width, backbone.row_end_token is not None)
-    positions_all = backbone.cell_positions(cells.to(backbone.device), prefix.length, native=True)
+    positions_all = backbone.cell_positions(cells.to(backbone.device), prefix.length, native=True, grid=grid)
     tokens = torch.zeros(len(conditions), 0, dtype=torch.long, device=backbone.device)
     for j in range(len(cells)):
         ids = torch.cat([tokens, tokens]) if cfg else tokens
@@ -140,8 +141,8 @@ class BackboneConformance:
             backbone.grid(backbone.downsample * height + 1)
 
     def test_prefix_rows_are_cond_then_uncond(self, backbone):
-        cond = backbone.prefix(self.conditions, cfg=False)
-        both = backbone.prefix(self.conditions, cfg=True)
+        cond = backbone.prefix(self.conditions, cfg=False, grid=self.grid)
+        both = backbone.prefix(self.conditions, cfg=True, grid=self.grid)
         batch = len(self.conditions)
         assert both.batch_size == 2 * batch and cond.batch_size == batch
         assert torch.equal(both.embeds[:batch], cond.embeds)
@@ -154,9 +155,9 @@ class BackboneConformance:
     def test_positions_do_not_depend_on_order(self, backbone):
         cells = G.raster_cells(*self.grid).to(backbone.device)
         order = torch.randperm(len(cells), generator=torch.Generator().manual_seed(0)).to(backbone.device)
-        prefix_length = backbone.prefix(self.conditions, cfg=False).length
-        in_order = backbone.cell_positions(cells, prefix_length)
-        shuffled = backbone.cell_positions(cells[order], prefix_length)
+        prefix_length = backbone.prefix(self.conditions, cfg=False, grid=self.grid).length
+        in_order = backbone.cell_positions(cells, prefix_length, grid=self.grid)
+        shuffled = backbone.cell_positions(cells[order], prefix_length, grid=self.grid)
         assert torch.equal(shuffled, in_order[order])
         assert not torch.equal(in_order[0], in_order[1]), "different cells need different positions"
 
@@ -209,7 +210,7 @@ class BackboneConformance:
         assert all(p.data_ptr() != q.data_ptr() for p, q in zip(clones.parameters(), original.parameters()))
         x = torch.randn(2, 5, backbone.dim, dtype=backbone.dtype, device=backbone.device)
         cells = G.raster_cells(1, 5).to(backbone.device)
-        positions = backbone.cell_positions(cells, 0)
+        positions = backbone.cell_positions(cells, 0, grid=(1, 5))
         mask = G.causal_mask(5).to(backbone.device)[None, None].expand(2, 1, 5, 5)
         with torch.no_grad():
             torch.testing.assert_close(backbone.layer_forward(clones[0], x, positions, mask, None, None),

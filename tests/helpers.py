@@ -51,3 +51,96 @@ def cli_args(options: dict) -> list[str]:
     for key, value in options.items():
         args += [flags.get(key, "--" + key.replace("_", "-")), str(value)]
     return args
+
+
+# --- Emu3.5 ---------------------------------------------------------------------------------------
+
+EMU35_TOKENIZER = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "emu35-tokenizer"
+# Emu3.5's config.json fields, tiny sizes (reference/emu35_glm.md §12: real ids, decoupled head_dim, GQA).
+TINY_EMU35 = {
+    "architectures": ["Emu3ForCausalLM"], "model_type": "Emu3", "vocab_size": 282926, "hidden_size": 64,
+    "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "head_dim": 32, "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0, "rope_scaling": None, "attention_dropout": 0.0, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
+    "image_area": 1048576, "sliding_window": 4096, "max_window_layers": 28, "pad_token_id": 151643,
+    "bos_token_id": 151849, "eos_token_id": 151850, "img_token_id": 151851, "boi_token_id": 151852,
+    "eoi_token_id": 151853, "eol_token_id": 151846, "eof_token_id": 151847, "transformers_version": "4.48.2",
+}
+TINY_IBQ = {"ch": 32, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 1, "attn_resolutions": [4], "resolution": 64,
+            "z_channels": 32, "in_channels": 3, "out_ch": 3, "codebook_size": 131072, "embed_dim": 8}
+
+
+def emu35_tokenizer_files() -> list[Path]:
+    names = ("emu3.tiktoken", "emu3_vision_tokens.txt", "tokenizer_config.json")
+    files = [EMU35_TOKENIZER / n for n in names]
+    if not all(f.is_file() for f in files):
+        raise FileNotFoundError(f"the real Emu3.5 tokenizer files are expected in {EMU35_TOKENIZER.resolve()} (the shared/ folder beside the checkout)")
+    return files
+
+
+def random_emu35_state(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random bf16 weights for every key of an Emu3.5 config (norm weights near 1), as the trainers publish them."""
+    from flashar.backends.emu35.backbone import Emu35Backbone
+    from flashar.backends.emu35.loader import qwen3_config
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Emu35Backbone(qwen3_config(config, "config.json")).state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        value = torch.randn(shape, generator=generator)
+        state[key] = (1.0 + 0.1 * value if len(shape) == 1 else value * (0.5 if "embed" in key else 0.15)).to(torch.bfloat16)
+    return state
+
+
+def write_emu35(folder: Path, seed: int = 0, **overrides) -> dict:
+    """A tiny Emu3.5 in the published layout: config.json, two bf16 shards + index, the real tokenizer files,
+    and a tiny IBQ (config.json + model.safetensors) in ``folder/vq``; returns the backend options."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    config = {**TINY_EMU35, **overrides}
+    model_dir, vq_dir = folder / "emu35", folder / "vq"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    state = random_emu35_state(config, seed)
+    first = [k for k in state if k.startswith(("model.embed_tokens", "model.layers.0."))]
+    shards = {"model-00001-of-00002.safetensors": first,
+              "model-00002-of-00002.safetensors": [k for k in state if k not in first]}
+    for name, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(model_dir / name), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": sum(v.numel() * 2 for v in state.values())},
+             "weight_map": {k: name for name, keys in shards.items() for k in keys}}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    for path in emu35_tokenizer_files():
+        shutil.copy(path, model_dir / path.name)
+    write_ibq(vq_dir, seed + 100)
+    return {"model_path": model_dir, "vq_path": vq_dir}
+
+
+def random_ibq(seed: int = 0):
+    from flashar.backends.emu35.tokenizer import IBQ, IBQConfig
+
+    torch.manual_seed(seed)
+    return IBQ(IBQConfig(**TINY_IBQ)).eval()
+
+
+def write_ibq(folder: Path, seed: int = 0, layout: str = "safetensors") -> Path:
+    """A tiny IBQ as published: config.json + model.safetensors, or config.yaml + model.ckpt ({"state_dict": ...})."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = random_ibq(seed).state_dict()
+    if layout == "safetensors":
+        (folder / "config.json").write_text(json.dumps({"model_type": "Emu3p5VisionVQ", "architectures": ["Emu3p5VisionVQModel"],
+                                                        "double_z": False, "dropout": 0.0, **TINY_IBQ}))
+        save_file(state, str(folder / "model.safetensors"))
+    else:
+        dd = {k: v for k, v in TINY_IBQ.items() if k not in ("codebook_size", "embed_dim")}
+        yaml = {"ddconfig": {**dd, "double_z": False, "dropout": 0.0}, "n_embed": TINY_IBQ["codebook_size"],
+                "embed_dim": TINY_IBQ["embed_dim"], "beta": 0.25, "use_entropy_loss": False}
+        (folder / "config.yaml").write_text(json.dumps(yaml))  # JSON is valid YAML
+        torch.save({"state_dict": state}, folder / "model.ckpt")
+    return folder

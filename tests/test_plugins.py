@@ -34,6 +34,7 @@ def registry_with(*plugins):
 
 def test_builtins_register_through_the_same_hooks(registry):
     assert registry.owners[("backend", "llamagen")] == "flashar.backends.llamagen"
+    assert registry.owners[("backend", "emu35")] == "flashar.backends.emu35"
     assert registry.owners[("method", "raster")] == "flashar.methods.raster"
 
 

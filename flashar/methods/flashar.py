@@ -90,7 +90,7 @@ class FlashAR(Method):
         height, width = grid
         self.adapter.check_grid(grid)
         num_cells = height * width
-        prefix = bb.prefix(conditions, cfg=sampling.use_cfg)
+        prefix = bb.prefix(conditions, cfg=sampling.use_cfg, grid=grid)
         rows = prefix.batch_size
         cache = bb.new_cache(rows, prefix.length + num_cells + 1)
         diagonals, _ = G.diagonal_slots(height, width)
@@ -109,7 +109,7 @@ class FlashAR(Method):
         return FlashARState(
             prefix=prefix, sampling=sampling, cache=cache,
             branch_cache=branch_cache,
-            diagonals=diagonals.to(device), positions=bb.cell_positions(cells.to(device), prefix.length),
+            diagonals=diagonals.to(device), positions=bb.cell_positions(cells.to(device), prefix.length, grid=grid),
             slot_step=slot_step.to(device), branch_step=branch_step.to(device), key_valid=key_valid,
             left=torch.cat([left, scratch]).to(device), up=torch.cat([up, scratch]).to(device),
             kind=torch.cat([cell_kinds(height, width), torch.tensor([CORNER])]).to(device),

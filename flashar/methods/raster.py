@@ -50,7 +50,7 @@ class Raster(Method):
     def setup(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> RasterState:
         bb = self.backbone
         height, width = grid
-        prefix = bb.prefix(conditions, cfg=sampling.use_cfg)
+        prefix = bb.prefix(conditions, cfg=sampling.use_cfg, grid=grid)
         cells, is_cell = G.raster_sequence(height, width, bb.row_end_token is not None)
         num_entries, batch = len(cells), len(conditions)
         cache = bb.new_cache(prefix.batch_size, prefix.length + num_entries)
@@ -58,7 +58,7 @@ class Raster(Method):
         forced = torch.where(is_cell, -1, bb.row_end_token if bb.row_end_token is not None else -1)
         return RasterState(
             prefix=prefix, cache=cache, sampling=sampling,
-            positions=bb.cell_positions(cells.to(device), prefix.length, native=True),
+            positions=bb.cell_positions(cells.to(device), prefix.length, native=True, grid=grid),
             slots=prefix.length + torch.arange(num_entries, device=device),
             slot_index=torch.arange(cache.length, device=device),
             key_valid=image_key_valid(prefix, cache.length),

@@ -56,7 +56,7 @@ class LlamaGenBackbone(Backbone):
         return {"backend": self.backend_id, "preset": self.preset, **self.config.model_dump()}
 
     # --- conditioning ---------------------------------------------------------------------------
-    def prefix(self, conditions: Sequence[Any], *, cfg: bool) -> Prefix:
+    def prefix(self, conditions: Sequence[Any], *, cfg: bool, grid: tuple[int, int] | None = None) -> Prefix:
         if self.config.model_type == "c2i":
             embeds = self.cls_embedding(self._class_ids(conditions, cfg))  # (B, 1, D)
             valid = torch.ones(embeds.shape[:2], dtype=torch.bool, device=self.device)
@@ -93,7 +93,8 @@ class LlamaGenBackbone(Backbone):
         return self.cls_embedding(features.to(self.cls_embedding.cap_proj.fc1.weight.dtype)), mask
 
     # --- positions and layers -------------------------------------------------------------------
-    def cell_positions(self, cells: Tensor, prefix_length: int, native: bool = False) -> Tensor:
+    def cell_positions(self, cells: Tensor, prefix_length: int, native: bool = False,
+                       grid: tuple[int, int] | None = None) -> Tensor:
         return rope_table(cells.to(self.device), self.head_dim, self.config.rope_base)
 
     def embed(self, ids: Tensor) -> Tensor:
