@@ -1,0 +1,120 @@
+"""The digits default's quality bar, measured side by side in one process.
+
+    python benchmarks/digits_quality.py --out benchmarks/results/digits_quality.json
+
+For the shipped raster model and its FlashAR adapter (and, to show what each stage buys, the stage-1-only
+adapter and naive anti-diagonal decoding of the unadapted model: a fresh vertical branch cloned from the
+backbone, gates at 0.5), with the same class-balanced conditions and seeds:
+
+* held-out NLL (nats/token) on the test split, teacher forced in each method's own decoding order;
+* FID-digits, KID, IS, precision, recall and class accuracy of ``--samples`` images per seed, averaged
+  over ``--seeds``, against the test split; and the real-train vs real-test FID-digits floor;
+* speed: raster vs FlashAR timed interleaved in this process (medians).
+
+The checks of the issue are evaluated and stored with the numbers (``checks``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flashar import api
+from flashar.adapter import Adapter, load_adapter, new_metadata
+from flashar.backends.digits.data import load_splits
+from flashar.branch import FlashARHead
+from flashar.compare import environment
+from flashar.compare.metrics import Extractor, quality, to_uint8
+from flashar.compare.timing import time_methods
+from flashar.config import BranchConfig, SamplingConfig
+from flashar.methods.flashar import FlashAR
+from flashar.methods.raster import Raster
+from flashar.plugins import get_registry
+from flashar.teacher import flashar_logits, raster_logits
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "flashar" / "backends" / "digits" / "weights"
+
+
+def held_out_nll(backbone, codes, labels, head=None, batch: int = 100) -> float:
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(codes), batch):
+            prefix = backbone.prefix(labels[i : i + batch].tolist(), cfg=False, grid=tuple(codes.shape[1:]))
+            grids = codes[i : i + batch]
+            logits = raster_logits(backbone, prefix, grids) if head is None else flashar_logits(backbone, head, prefix, grids).fused
+            total += F.cross_entropy(logits.flatten(0, 1), grids.flatten(), reduction="sum").item()
+    return total / codes.numel()
+
+
+def variants(backbone):
+    """name -> (method, head or None) for raster, flashar, flashar after stage 1 only, naive diagonal."""
+    adapted = load_adapter(WEIGHTS / "flashar", backbone)
+    stage1 = load_adapter(WEIGHTS / "flashar-stage1", backbone)
+    torch.manual_seed(0)
+    naive_head = FlashARHead(backbone, BranchConfig(num_blocks=adapted.metadata.num_blocks)).eval()
+    naive = Adapter(new_metadata(backbone, naive_head, adapted.metadata.grid), naive_head, backbone)
+    return {
+        "raster": (Raster(backbone), None, backbone),
+        "flashar": (FlashAR(backbone, adapter=adapted), adapted.head, adapted.backbone),
+        "flashar (stage 1 only)": (FlashAR(backbone, adapter=stage1), stage1.head, stage1.backbone),
+        "naive diagonal (unadapted)": (FlashAR(backbone, adapter=naive), naive_head, backbone),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/digits_quality.json"))
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    backbone = api.load_backbone("digits", {})
+    splits = load_splits()
+    spec = get_registry().metrics["fid-digits"]
+    extractor = Extractor(spec.register(), spec.label, {}, spec.classify)
+    reference = to_uint8(backbone.decode(splits.test[0]))
+    conditions = [i % 10 for i in range(args.samples)]
+    sampling = api.resolve_sampling(backbone)
+    report = {"environment": environment(backbone.device, backbone.dtype), "sampling": sampling.model_dump(),
+              "samples_per_seed": args.samples, "seeds": seeds, "methods": {}}
+    train_images = to_uint8(backbone.decode(splits.train[0]))
+    report["real_train_vs_real_test"] = quality(train_images, reference, extractor, splits.train[1].tolist())
+    for name, (method, head, bb) in variants(backbone).items():
+        per_seed = []
+        for seed in seeds:
+            result = api.generate(method, conditions, None, sampling, args.batch_size, seed)
+            per_seed.append(quality(to_uint8(backbone.decode(result.codes)), reference, extractor, conditions))
+        averaged = {k: statistics.fmean(s[k] for s in per_seed) for k in per_seed[0]}
+        report["methods"][name] = {**averaged, "per_seed": per_seed, "forward_passes": result.num_forward_passes,
+                                   "held_out_nll": held_out_nll(bb, *splits.test, head=head)}
+        print(name, json.dumps({k: round(v, 4) for k, v in averaged.items()}), flush=True)
+    methods = {"raster": Raster(backbone), "flashar": FlashAR(backbone)}
+    timed = time_methods(methods, conditions[: args.batch_size], backbone.grid(), {m: sampling for m in methods},
+                         args.repeats, warmup=1)
+    report["timing"] = {m: {"median_seconds": t.median, "seconds": t.seconds, "forward_passes": t.forward_passes} for m, t in timed.items()}
+    report["speedup"] = timed["raster"].median / timed["flashar"].median
+    report["checks"] = checks(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["checks"], indent=2))
+
+
+def checks(report) -> dict[str, bool]:
+    raster, flashar = report["methods"]["raster"], report["methods"]["flashar"]
+    return {
+        "fid_within_10_percent": flashar["fid"] <= 1.10 * raster["fid"],
+        "class_accuracy_within_3_points": flashar["class_accuracy"] >= raster["class_accuracy"] - 0.03,
+        "nll_at_most_15_percent_above": flashar["held_out_nll"] <= 1.15 * raster["held_out_nll"],
+        "at_least_4x_faster": report["speedup"] >= 4.0,
+    }
+
+
+if __name__ == "__main__":
+    main()
