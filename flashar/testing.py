@@ -55,8 +55,10 @@ Example (the Janus plugin, ``plugins/flashar-janus/tests/test_janus.py``)::
             folder = write_tiny_janus(tmp_path / "janus")  # save_pretrained of a tiny random model
             return api.load_backbone("janus", {"model_path": folder}, registry=self.registry())
 
-        def save_backbone(self, backbone, folder):
-            return {"model_path": write_folder_from(backbone, folder)}
+        def save_backbone(self, backbone, folder):  # the backbone's weights back into a save_pretrained folder
+            return {"model_path": save_backbone_folder(backbone, folder)}
+
+(The real test writes the tiny folder once per session in a fixture, since writing takes seconds.)
 """
 
 from __future__ import annotations
