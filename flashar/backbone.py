@@ -12,6 +12,9 @@ A backend subclasses :class:`Backbone` and supplies
 * layers: ``embed``, ``layers``, ``norm``, ``output`` and ``layer_forward``, one block over a chunk of
   tokens with explicit positions, an explicit boolean mask and a static KV cache written at explicit
   slots; :meth:`Backbone.forward` runs them all and can return the hidden state entering layer ``tap``;
+* logits: :meth:`Backbone.logits` is the one place normed hidden states become code logits, with
+  ``output`` or a copy of it passed as ``head`` (FlashAR's vertical head). A backend whose head is more
+  than one linear map (Janus: an MLP before the final projection) overrides ``logits`` and ``dim``;
 * images: ``decode(codes)`` and ``encode(images)`` through the backend's tokenizer;
 * native layout: ``row_end_token`` (a token the model emits after every row but the last, e.g. Emu3.5's
   EOL) and ``native_cfg`` (the space the model's own CFG mixes in), which only the raster baseline honours.
@@ -207,7 +210,10 @@ class Backbone(nn.Module, ABC):
         return self.norm(x), h_tap
 
     def logits(self, h: Tensor, head: nn.Linear | None = None) -> Tensor:
-        """float32 logits over the codebook (..., V) from normed hidden states, with ``head`` or ``output``."""
+        """float32 logits over the codebook (..., V) from normed hidden states, with ``head`` or ``output``.
+
+        ``head`` is a copy of ``output`` (same type and shape); backends may override this method.
+        """
         weight = (head or self.output).weight[self.code_offset : self.code_offset + self.codebook_size]
         return F.linear(h, weight).float()
 

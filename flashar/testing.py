@@ -1,30 +1,71 @@
-"""A conformance suite for backends, to run with pytest.
+"""The backend conformance suite: the tests every backbone backend runs, in-tree or out-of-tree.
 
-A backend's test module subclasses :class:`BackboneConformance` and implements ``make_backbone``: build a
-tiny random model, write it in the backend's official checkpoint format, and load it back through the
-backend's real loader. The inherited tests then check the Backbone protocol the decoding methods rely on:
+Decoding methods (raster, FlashAR, the peers) and the FlashAR parts know a model only through the
+:class:`~flashar.backbone.Backbone` protocol. This module turns that protocol into pytest tests, so a
+backend that passes them works with every method without further glue.
 
-* geometry and the code range;
-* prefixes: rows ``[cond; uncond]``, a validity mask, the last valid position;
+How to use it
+-------------
+In your backend's test module (``tests/backends/test_<id>.py`` in-tree, ``plugins/flashar-<id>/tests/``
+out-of-tree), subclass :class:`BackboneConformance` and
+
+1. implement ``make_backbone(tmp_path)``: build a tiny random model (2-3 layers, a few dozen channels, a
+   codebook of tens of codes), write it **in the backend's official checkpoint format** into
+   ``tmp_path``, and load it back through the backend's real loader, e.g. with
+   ``flashar.api.load_backbone("<id>", options, registry=self.registry())``. The backbone needs its image
+   tokenizer (decode/encode) and whatever turns conditions into a prefix (a text tokenizer, ...);
+2. set ``conditions`` to a batch your backend accepts (class ids, or prompts of different lengths so that
+   prefix padding is exercised), ``grid`` to a token grid the model supports, and ``cfg_scale``;
+3. for an out-of-tree plugin, list its plugin module(s) in ``plugins`` so :meth:`registry` can find it
+   without relying on installed entry points;
+4. optionally implement ``save_backbone(backbone, folder)``: write a loaded backbone back in the official
+   format and return the load options; the round-trip test then loads it again and compares.
+
+Then run ``python -m pytest <your test file>``. Every check below runs on CPU in about a second:
+
+* geometry: ``grid`` follows the downsampling factor; widths (``dim``), the code range, the logits;
+  ``sampling_defaults`` are valid sampling settings;
+* prefixes: rows ``[cond; uncond]`` (flashar's CFG order, whatever the model's own), a bool validity
+  mask, a valid last position, a positions tensor with a leading token axis;
 * positions for any set of cells, in any order;
-* the cached forward over chunks in any order (raster or anti-diagonal) equals the full no-cache forward;
-* the layer tap (the hidden state entering layer b) and cloned layers;
-* raster decoding equals a greedy full-recompute reference of the native layout;
-* the raster step traces with ``fullgraph=True`` and compiles once per generation (``slow``: inductor);
-* decoding codes to images.
+* the cached forward over chunks in any order (raster, and anti-diagonals under the proximity mask)
+  equals the full no-cache forward;
+* the layer tap (the hidden state entering layer b), cloned layers, and ``logits(h, head)`` honouring a
+  copy of ``output`` (how the FlashAR vertical head reuses the backbone's head);
+* raster decoding equals a greedy full-recompute reference of the native layout, and its decode step
+  traces with ``fullgraph=True`` into one graph (``slow``: inductor);
+* ``decode`` gives images in [0, 1] and ``encode`` gives codes of the grid's shape;
+* save -> load round trip of the official format (when ``save_backbone`` is implemented).
 
-Example::
+A test that fails names the protocol rule it checks; fix the backend, not the test. Add backend-specific
+tests (parity with the official implementation, loader errors) beside the subclass.
 
-    class TestMyBackend(BackboneConformance):
-        conditions = [0, 1]
+Example (the Janus plugin, ``plugins/flashar-janus/tests/test_janus.py``)::
+
+    import flashar_janus
+    from flashar import api
+    from flashar.testing import BackboneConformance
+
+    class TestJanusConformance(BackboneConformance):
+        conditions = ["a red fox", "two cats on a sofa"]
+        grid = (3, 3)
+        plugins = [flashar_janus]
+
         def make_backbone(self, tmp_path):
-            write_my_checkpoint(tmp_path / "model.safetensors")
-            return flashar.api.load_backbone("mine", {"checkpoint": tmp_path / "model.safetensors"})
+            folder = write_tiny_janus(tmp_path / "janus")  # save_pretrained of a tiny random model
+            return api.load_backbone("janus", {"model_path": folder}, registry=self.registry())
+
+        def save_backbone(self, backbone, folder):  # the backbone's weights back into a save_pretrained folder
+            return {"model_path": save_backbone_folder(backbone, folder)}
+
+(The real test writes the tiny folder once per session in a fixture, since writing takes seconds.)
 """
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+from pathlib import Path
+from typing import Any, Mapping
 
 import pytest
 import torch
@@ -114,15 +155,39 @@ def greedy_reference(backbone: Backbone, conditions, grid: tuple[int, int], cfg_
     return (tokens[:, is_cell.to(backbone.device)] - backbone.code_offset).view(len(conditions), height, width).cpu()
 
 
+def raster_hidden(backbone: Backbone, codes: torch.Tensor) -> torch.Tensor:
+    """Image tokens alone (no prefix) through the causal no-cache forward -> final hidden (B, N, D)."""
+    num_cells = codes[0].numel()
+    x = backbone.embed(backbone.code_ids(codes.flatten(1).to(backbone.device)))
+    positions = backbone.cell_positions(G.raster_cells(*codes.shape[1:]).to(backbone.device), 0)
+    mask = G.causal_mask(num_cells).to(backbone.device)[None, None].expand(len(codes), 1, num_cells, num_cells)
+    return backbone(x, positions, mask)[0]
+
+
 class BackboneConformance:
-    """Inherit, set ``conditions`` and implement ``make_backbone(tmp_path)``."""
+    """Inherit, set ``conditions`` (and ``grid``, ``plugins``) and implement ``make_backbone(tmp_path)``."""
 
     conditions: list[Any] = [0, 1]
     grid: tuple[int, int] = (3, 4)
     cfg_scale: float = 3.0
+    plugins: list[Any] = []  # plugin modules/objects to register besides the built-ins (out-of-tree backends)
 
     def make_backbone(self, tmp_path) -> Backbone:
+        """A tiny random backbone, written in the official format and loaded through the real loader."""
         raise NotImplementedError
+
+    def save_backbone(self, backbone: Backbone, folder: Path) -> Mapping[str, Any] | None:
+        """Write ``backbone`` in the official format under ``folder``; return its load options (None: skip)."""
+        return None
+
+    def registry(self):
+        """A fresh registry: the built-ins plus ``plugins`` (installed entry points are not loaded)."""
+        from flashar.plugins import Registry, build_manager
+
+        pm, infos = build_manager(load_entry_points=False)
+        for i, plugin in enumerate(self.plugins):
+            pm.register(plugin, name=getattr(plugin, "__name__", f"conformance-plugin-{i}"))
+        return Registry.from_manager(pm, infos)
 
     @pytest.fixture
     def backbone(self, tmp_path) -> Backbone:
@@ -139,6 +204,19 @@ class BackboneConformance:
         assert backbone.grid((height * backbone.downsample, width * backbone.downsample)) == (height, width)
         with pytest.raises(Exception, match="multiple"):
             backbone.grid(backbone.downsample * height + 1)
+
+    def test_widths_code_range_and_sampling_defaults(self, backbone):
+        from flashar.api import resolve_sampling
+
+        assert backbone.backend_id and backbone.condition_kind in ("class", "text")
+        assert backbone.codebook_size > 0 and backbone.code_offset >= 0
+        codes = self.random_codes(backbone)
+        x = backbone.embed(backbone.code_ids(codes.flatten(1).to(backbone.device)))
+        assert x.shape == (len(self.conditions), codes[0].numel(), backbone.dim), "embed gives (B, T, dim)"
+        assert backbone.prefix(self.conditions, cfg=False).embeds.shape[-1] == backbone.dim
+        logits = backbone.logits(x)
+        assert logits.shape == (*x.shape[:2], backbone.codebook_size) and logits.dtype == torch.float32
+        resolve_sampling(backbone)  # the backend's recommended sampling values are valid settings
 
     def test_prefix_rows_are_cond_then_uncond(self, backbone):
         cond = backbone.prefix(self.conditions, cfg=False, grid=self.grid)
@@ -218,6 +296,16 @@ class BackboneConformance:
         with pytest.raises(Exception):
             backbone.clone_layers(backbone.num_layers, 1)
 
+    def test_logits_use_the_given_copy_of_the_output_head(self, backbone):
+        # FlashAR's vertical head is a copy of ``output`` passed as ``head``; it must replace ``output``
+        # wherever the backend turns hidden states into code logits.
+        h = torch.randn(2, 3, backbone.dim, dtype=backbone.dtype, device=backbone.device)
+        head = copy.deepcopy(backbone.output)
+        with torch.no_grad():
+            torch.testing.assert_close(backbone.logits(h, head), backbone.logits(h))
+            head.weight.add_(torch.randn_like(head.weight))
+            assert not torch.allclose(backbone.logits(h, head), backbone.logits(h))
+
     # --- decoding -------------------------------------------------------------------------------
     def test_raster_greedy_matches_full_recompute(self, backbone):
         from flashar.methods.raster import Raster
@@ -251,6 +339,32 @@ class BackboneConformance:
         got = Raster(backbone, compile=True).generate(self.conditions, self.grid, sampling, make_generator(0, backbone.device))
         eager = Raster(backbone).generate(self.conditions, self.grid, sampling, make_generator(0, backbone.device))
         assert torch.equal(got.codes, eager.codes)
+
+    def test_encode_gives_codes_of_the_grid(self, backbone):
+        height, width = self.grid
+        images = torch.rand(len(self.conditions), 3, height * backbone.downsample, width * backbone.downsample,
+                            generator=torch.Generator().manual_seed(2))
+        codes = backbone.encode(images)
+        assert codes.shape == (len(self.conditions), height, width) and codes.dtype == torch.long
+        assert codes.min() >= 0 and codes.max() < backbone.codebook_size
+
+    # --- the backend's own checkpoint format ----------------------------------------------------
+    def test_save_then_load_gives_the_same_backbone(self, backbone, tmp_path):
+        from flashar.api import load_backbone
+
+        options = self.save_backbone(backbone, tmp_path / "saved")
+        if options is None:
+            pytest.skip(f"{type(self).__name__} does not implement save_backbone")
+        loaded = load_backbone(backbone.backend_id, options, registry=self.registry()).eval()
+        ours, theirs = backbone.state_dict(), loaded.state_dict()
+        assert sorted(ours) == sorted(theirs)
+        for key, value in ours.items():
+            assert torch.equal(theirs[key].to(value.device, value.dtype), value), key
+        assert loaded.fingerprint() == backbone.fingerprint()
+        codes = self.random_codes(backbone)
+        with torch.no_grad():
+            torch.testing.assert_close(raster_hidden(loaded, codes), raster_hidden(backbone, codes))
+        assert torch.equal(loaded.decode(codes), backbone.decode(codes))
 
     def test_decode_gives_images(self, backbone):
         codes = self.random_codes(backbone)

@@ -19,12 +19,27 @@ from flashar.errors import CheckpointError, FlashARError
 from flashar.testing import BackboneConformance
 
 
+def save_llamagen(backbone, folder):
+    """A loaded LlamaGen backbone -> the official files (GPT .pt with a 'model' entry, VQ .pt) + JSON configs."""
+    folder.mkdir(parents=True)
+    torch.save({"model": backbone.state_dict()}, folder / "gpt.pt")
+    (folder / "gpt.json").write_text(backbone.config.model_dump_json())
+    vq = backbone.tokenizer.model
+    torch.save({"model": vq.state_dict()}, folder / "vq.pt")
+    (folder / "vq.json").write_text(vq.config.model_dump_json())
+    return {"checkpoint": folder / "gpt.pt", "config_file": folder / "gpt.json", "vq_checkpoint": folder / "vq.pt",
+            "vq_config": folder / "vq.json"}
+
+
 class TestLlamaGenClassConditional(BackboneConformance):
     conditions = [3, 7]
 
     def make_backbone(self, tmp_path):
         options = write_llamagen(tmp_path, seed=0)
         return api.load_backbone("llamagen", options)
+
+    def save_backbone(self, backbone, folder):
+        return save_llamagen(backbone, folder)
 
 
 class TestLlamaGenTextConditional(BackboneConformance):
@@ -36,6 +51,9 @@ class TestLlamaGenTextConditional(BackboneConformance):
         backbone = api.load_backbone("llamagen", options)
         backbone.text_encoder = FakeT5(32)
         return backbone
+
+    def save_backbone(self, backbone, folder):
+        return save_llamagen(backbone, folder)
 
 
 class FakeT5:
