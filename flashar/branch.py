@@ -61,7 +61,6 @@ class FlashARHead(nn.Module):
         self.vertical_block = backbone.clone_layers(self.branch_layer, cfg.num_blocks, meta=meta)
         self.vertical_norm = backbone.new_norm(meta=meta)
         self.vertical_head = copy_module(backbone.output, meta)
-        self.code_offset, self.codebook_size = backbone.code_offset, backbone.codebook_size
         factory = torch.device("meta") if meta else torch.device(backbone.device)
         with factory:
             self._make_gates(backbone, cfg)
@@ -91,9 +90,9 @@ class FlashARHead(nn.Module):
             x = backbone.layer_forward(block, x, positions, mask, None if cache is None else cache.layer(i), slots)
         return self.vertical_norm(x)
 
-    def vertical_logits(self, v: Tensor) -> Tensor:
-        weight = self.vertical_head.weight[self.code_offset : self.code_offset + self.codebook_size]
-        return F.linear(v, weight).float()
+    def vertical_logits(self, backbone: Backbone, v: Tensor) -> Tensor:
+        """Code logits of the vertical head, through the backend's own logits map (``Backbone.logits``)."""
+        return backbone.logits(v, self.vertical_head)
 
     # --- fusion -------------------------------------------------------------------------------------
     def gate(self, h_left: Tensor, v_up: Tensor, logits_h: Tensor, logits_v: Tensor, kind: Tensor) -> Tensor:
@@ -116,7 +115,7 @@ class FlashARHead(nn.Module):
         v_up: vertical hidden of the upper neighbour (the raw layer-b prefix state for the corner).
         """
         logits_h = backbone.logits(h_left)
-        logits_v = self.vertical_logits(v_up)
+        logits_v = self.vertical_logits(backbone, v_up)
         g = self.gate(h_left, v_up, logits_h, logits_v, kind)
         mixed = g * logits_h + (1 - g) * logits_v
         kind = kind[..., None]
@@ -130,7 +129,7 @@ class FlashARHead(nn.Module):
         with torch.no_grad():  # only the logit-pair gate reads the logits
             needs_logits = self.config.gate == "logits"
             logits_h = backbone.logits(h_left) if needs_logits else h_left[..., :1].float()
-            logits_v = self.vertical_logits(v_up) if needs_logits else logits_h
+            logits_v = self.vertical_logits(backbone, v_up) if needs_logits else logits_h
         g = self.gate(h_left, v_up, logits_h, logits_v, kind)[..., 0].clamp(1e-6, 1 - 1e-6)
         g = g[kind.expand_as(g) == INTERIOR]
         entropy = -(g * g.log() + (1 - g) * (1 - g).log()) / math.log(2.0)

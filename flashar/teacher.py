@@ -71,7 +71,7 @@ def flashar_logits(backbone: Backbone, head: FlashARHead, prefix: Prefix, codes:
     h_left = torch.cat([h_img, _at_last(h, prefix)[:, None]], dim=1)[:, left]
     v_up = torch.cat([v, _at_last(h_tap, prefix)[:, None]], dim=1)[:, up]
     fused, gate = head.fuse(backbone, h_left, v_up, kind)
-    return FlashAROutput(fused, head.vertical_logits(v), gate, h_left, v_up, kind)
+    return FlashAROutput(fused, head.vertical_logits(backbone, v), gate, h_left, v_up, kind)
 
 
 def cross_entropy(logits: Tensor, codes: Tensor) -> Tensor:

@@ -252,8 +252,46 @@ def test_plugins_lists_flashar_janus_with_its_version(monkeypatch):
 
 
 # --- FlashAR end to end ----------------------------------------------------------------------------
-# PLACE FOR THE FLASHAR END-TO-END TEST (added by the lead once the `flashar` method is on main).
-# It should: build a FlashARHead on a backbone loaded from `janus_folder`, check that anti-diagonal
-# decoding takes H + W - 1 = 5 passes on the 3 x 3 grid and that its cached logits equal the
-# teacher-forced ones; run a few adaptation steps on codes from `backbone.encode`; and drive
-# `flashar generate --backend janus --method flashar --adapter ...` through the CLI.
+
+def test_flashar_decoding_matches_teacher_forcing_in_five_passes(janus_folder, registry):
+    from flashar.adapter import Adapter, new_metadata
+    from flashar.branch import FlashARHead
+    from flashar.config import BranchConfig
+    from flashar.methods.flashar import FlashAR
+    from flashar.teacher import flashar_logits
+
+    backbone = load(janus_folder, registry)
+    head = FlashARHead(backbone, BranchConfig(num_blocks=1))
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if "gate" in name:
+                p.normal_(0, 0.3)
+    method = FlashAR(backbone, adapter=Adapter(new_metadata(backbone, head, (3, 3)), head, backbone))
+    codes = torch.randint(0, backbone.codebook_size, (2, 3, 3), generator=torch.Generator().manual_seed(0))
+    sampling = SamplingConfig(cfg_scale=3.0)
+    with torch.no_grad():
+        cached = method.teacher_logits(PROMPTS, codes, sampling)
+        teacher = flashar_logits(backbone, head, backbone.prefix(PROMPTS, cfg=True, grid=(3, 3)), codes).fused
+    torch.testing.assert_close(cached, teacher, atol=1e-4, rtol=1e-4)
+    result = method.generate(PROMPTS, (3, 3), sampling, make_generator(0, "cpu"))
+    assert result.num_forward_passes == 5 and result.codes.shape == (2, 3, 3)
+
+
+def test_adapt_then_generate_with_flashar_through_the_cli(janus_folder, registry, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    for i in range(4):
+        Image.fromarray((torch.rand(48, 48, 3) * 255).byte().numpy()).save(data / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": PROMPTS[i % 2]}))
+    (data / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    runner = CliRunner()
+    adapted = runner.invoke(cli, ["adapt", "-b", "janus", "--model-path", str(janus_folder), "--data", str(data),
+                                  "--image-size", "48", "--out", str(tmp_path / "adapter"), "--stage1-steps", "2",
+                                  "--stage2-steps", "1", "--batch-size", "2", "--cache-dir", str(tmp_path / "cache")], obj=registry)
+    assert adapted.exit_code == 0, adapted.output
+    result = runner.invoke(cli, ["generate", "-b", "janus", "--model-path", str(janus_folder), "--method", "flashar",
+                                 "--adapter", str(tmp_path / "adapter"), "--prompt", "a cat", "--image-size", "48",
+                                 "--json"], obj=registry)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["forward_passes_per_batch"] == 5

@@ -109,7 +109,7 @@ class JanusBackbone(Backbone):
         return grid
 
     # --- conditioning ---------------------------------------------------------------------------
-    def prefix(self, conditions: Sequence[Any], *, cfg: bool) -> Prefix:
+    def prefix(self, conditions: Sequence[Any], *, cfg: bool, grid: tuple[int, int] | None = None) -> Prefix:
         if self.prompts is None:
             raise FlashARError("this Janus backbone has no text tokenizer; load it from a folder with tokenizer files")
         ids, valid = self.prompts.batch(conditions, cfg)  # (B', P), rows [cond; uncond]
@@ -126,8 +126,9 @@ class JanusBackbone(Backbone):
         cos, sin = self.rotary_emb(probe, position_ids.to(self.device)[None])  # (1, T, hd) each
         return torch.stack([cos[0], sin[0]], dim=1)
 
-    def cell_positions(self, cells: Tensor, prefix_length: int, native: bool = False) -> Tensor:
-        width = self.native_grid[1]
+    def cell_positions(self, cells: Tensor, prefix_length: int, native: bool = False,
+                       grid: tuple[int, int] | None = None) -> Tensor:
+        width = (grid or self.native_grid)[1]
         cells = cells.to(self.device)
         return self.rope(prefix_length + cells[:, 0] * width + cells[:, 1])
 
