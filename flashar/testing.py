@@ -213,7 +213,7 @@ class BackboneConformance:
         codes = self.random_codes(backbone)
         x = backbone.embed(backbone.code_ids(codes.flatten(1).to(backbone.device)))
         assert x.shape == (len(self.conditions), codes[0].numel(), backbone.dim), "embed gives (B, T, dim)"
-        assert backbone.prefix(self.conditions, cfg=False).embeds.shape[-1] == backbone.dim
+        assert backbone.prefix(self.conditions, cfg=False, grid=self.grid).embeds.shape[-1] == backbone.dim
         logits = backbone.logits(x)
         assert logits.shape == (*x.shape[:2], backbone.codebook_size) and logits.dtype == torch.float32
         resolve_sampling(backbone)  # the backend's recommended sampling values are valid settings
