@@ -1,0 +1,238 @@
+"""Latency and roofline of every decoding method across grids, batches, dtypes and compile modes.
+
+    python benchmarks/latency.py                       # the CPU table quoted in the README
+    python benchmarks/latency.py --device cuda --dtypes bfloat16 --out benchmarks/results/latency_gpu.json
+
+LlamaGen-B / -L architectures with random weights (speed does not depend on the weights, except for the
+acceptance rates of speculative methods, which are reported), CFG on (batch rows doubled), one process:
+for each configuration the methods run interleaved (``flashar.compare.timing``), eager and compiled,
+after a warm-up that includes compilation. Medians.
+
+Roofline: the script measures this machine's read bandwidth and matmul throughput per dtype, then for each
+row computes an ideal time = sum over the method's forward passes of max(bytes read / bandwidth,
+FLOPs / matmul throughput), where bytes are the weights plus the KV cache read by the step and FLOPs are
+2 x matmul parameters x tokens fed (padded slots included) plus attention. ``vs roofline`` = measured /
+ideal. The JSON and a PNG plot go to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from flashar.adapter import Adapter, new_metadata
+from flashar.backends.llamagen.backbone import LlamaGenBackbone
+from flashar.backends.llamagen.model import PRESETS, GPTConfig
+from flashar.branch import FlashARHead
+from flashar.compare.timing import time_methods
+from flashar.config import BranchConfig, SamplingConfig
+from flashar.plugins import Registry, build_manager
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_bandwidth(device, mb: int = 512) -> float:
+    """Read bandwidth in bytes/s: summing a large fp32 buffer (median of 5)."""
+    x = torch.ones(mb * 2**20 // 4, device=device)
+    times = []
+    for _ in range(6):
+        sync(device)
+        t = time.perf_counter()
+        x.sum()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / sorted(times[1:])[2]
+
+
+def measure_matmul(device, dtype, n: int = 2048) -> float:
+    """Dense matmul throughput in FLOP/s (median of 5)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(6):
+        sync(device)
+        t = time.perf_counter()
+        a @ a
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / sorted(times[1:])[2]
+
+
+def random_backbone(preset: str, dtype, device) -> LlamaGenBackbone:
+    torch.manual_seed(0)
+    model = LlamaGenBackbone(GPTConfig(**PRESETS[preset]), preset=preset)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02) if p.ndim > 1 else torch.nn.init.ones_(p)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def flashar_adapter(backbone, grid) -> Adapter:
+    head = FlashARHead(backbone, BranchConfig(num_blocks=1))
+    return Adapter(new_metadata(backbone, head, grid), head, backbone)
+
+
+def build_methods(registry, names, backbone, grid, compile_modes):
+    methods = {}
+    adapter = flashar_adapter(backbone, grid) if "flashar" in names else None
+    for name, mode in itertools.product(names, compile_modes):
+        cls = registry.method(name)
+        kwargs = {"adapter": adapter} if name == "flashar" else {}
+        methods[f"{name}/{mode}"] = cls(backbone, compile=mode == "compiled", **kwargs)
+    return methods
+
+
+class PassCounter:
+    """Records, per forward pass, the bytes read and FLOPs of every layer and head call of one generation."""
+
+    def __init__(self, backbone):
+        self.backbone, self.passes = backbone, []
+
+    def __enter__(self):
+        bb = self.backbone
+        self._forward, self._layer, self._logits = bb.forward, bb.layer_forward, bb.logits
+
+        def forward(*args, **kwargs):
+            self.passes.append({"bytes": 0.0, "flops": 0.0})
+            return self._forward(*args, **kwargs)
+
+        def layer_forward(layer, x, positions, mask, kv, slots):
+            rows, tokens, dim = x.shape
+            keys = kv[0].shape[2] if kv is not None else tokens
+            params = sum(p.numel() for p in layer.parameters() if p.ndim > 1)
+            elt = x.element_size()
+            kv_dim = 2 * bb.num_kv_heads * bb.head_dim
+            step = self.passes[-1]
+            step["bytes"] += params * elt + (rows * keys * kv_dim * elt if kv is not None else 0)
+            step["flops"] += 2 * params * rows * tokens + 4 * rows * tokens * keys * dim
+            return self._layer(layer, x, positions, mask, kv, slots)
+
+        def logits(h, head=None):
+            weight = (head or bb.output).weight
+            rows = h.numel() // h.shape[-1]
+            if self.passes:
+                self.passes[-1]["bytes"] += bb.codebook_size * weight.shape[1] * h.element_size()
+                self.passes[-1]["flops"] += 2 * rows * bb.codebook_size * weight.shape[1]
+            return self._logits(h, head)
+
+        bb.forward, bb.layer_forward, bb.logits = forward, layer_forward, logits
+        return self
+
+    def __exit__(self, *exc):
+        for name in ("forward", "layer_forward", "logits"):
+            delattr(self.backbone, name)  # drop the instance overrides
+
+    def ideal_seconds(self, bandwidth: float, flops_per_second: float) -> float:
+        return sum(max(p["bytes"] / bandwidth, p["flops"] / flops_per_second) for p in self.passes)
+
+
+def roofline(method, conditions, grid, sampling, bandwidth, peak) -> tuple[float, int]:
+    from flashar.sampling import make_generator
+
+    with PassCounter(method.backbone) as counter:
+        method.generate(conditions, grid, sampling, make_generator(0, method.backbone.device))
+    return counter.ideal_seconds(bandwidth, peak), len(counter.passes)
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    torch.set_grad_enabled(False)
+    pm, infos = build_manager(load_entry_points=False)
+    registry = Registry.from_manager(pm, infos)
+    names = [m for m in args.methods.split(",") if m in registry.methods]
+    report = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+              "cpu": cpu_model(), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+              "bandwidth_gbs": measure_bandwidth(device) / 1e9, "matmul_gflops": {}, "rows": []}
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        peak = measure_matmul(device, dtype)
+        report["matmul_gflops"][dtype_name] = peak / 1e9
+        for preset in args.models.split(","):
+            backbone = random_backbone(preset, dtype, device)
+            for side, batch in itertools.product(map(int, args.grids.split(",")), map(int, args.batches.split(","))):
+                report["rows"] += run_config(args, registry, names, backbone, preset, dtype_name, (side, side), batch,
+                                             report["bandwidth_gbs"] * 1e9, peak)
+                RESULTS.mkdir(exist_ok=True)
+                Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def run_config(args, registry, names, backbone, preset, dtype_name, grid, batch, bandwidth, peak) -> list[dict]:
+    torch._dynamo.reset()
+    sampling = SamplingConfig(cfg_scale=4.0, top_k=2000, temperature=1.0)
+    conditions = [207 + i for i in range(batch)]
+    methods = build_methods(registry, names, backbone, grid, args.compile.split(","))
+    ideal = {n: roofline(m, conditions, grid, sampling, bandwidth, peak) for n, m in methods.items() if n.endswith("/eager")}
+    timings = time_methods(methods, conditions, grid, {n: sampling for n in methods}, args.repeats, args.warmup)
+    raster = timings.get("raster/compiled") or timings.get("raster/eager")
+    rows = []
+    for name, t in timings.items():
+        method = name.split("/")[0]
+        bound, passes = ideal[f"{method}/eager"]
+        rows.append({"model": preset, "dtype": dtype_name, "grid": f"{grid[0]}x{grid[1]}", "batch": batch, "method": name,
+                     "forward_passes": t.forward_passes, "median_s": t.median, "seconds": t.seconds,
+                     "compile_s": t.compile_seconds, "vs_raster": raster.median / t.median,
+                     "ideal_s": bound, "vs_roofline": t.median / bound})
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items() if k != "seconds"}), flush=True)
+    return rows
+
+
+def plot(report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    keys = sorted({(r["model"], r["dtype"], r["batch"], r["method"]) for r in report["rows"]})
+    for key in keys:
+        rows = [r for r in report["rows"] if (r["model"], r["dtype"], r["batch"], r["method"]) == key]
+        sides = [int(r["grid"].split("x")[0]) for r in rows]
+        ax.plot(sides, [r["median_s"] for r in rows], marker="o", label=" ".join(map(str, key)))
+    ax.set_yscale("log")
+    ax.set_xlabel("grid side (tokens)")
+    ax.set_ylabel("seconds per batch (median)")
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", default="GPT-B,GPT-L")
+    parser.add_argument("--grids", default="16,24,32")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--methods", default="raster,flashar,sjd,zipar,gsd")
+    parser.add_argument("--compile", default="eager,compiled")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--out", default=str(RESULTS / "latency_cpu.json"))
+    args = parser.parse_args()
+    report = run(args)
+    plot(report, Path(args.out).with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
