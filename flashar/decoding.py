@@ -100,9 +100,14 @@ def prefill(backbone: Backbone, prefix: Prefix, cache: KVCache, tap: int | None 
 
 
 def image_key_valid(prefix: Prefix, cache_length: int) -> Tensor:
-    """(B, S) bool: valid prefix slots and every slot after the prefix."""
-    valid = torch.ones(prefix.batch_size, cache_length, dtype=torch.bool, device=prefix.valid.device)
-    valid[:, : prefix.length] = prefix.valid
+    """(B, S) bool: valid prefix slots and every slot after the prefix.
+
+    When no prefix position is padded (class prefixes) it is (1, S): the masks built from it broadcast
+    over the batch, so attention reads one (1, 1, T, S) mask instead of B copies. (One host read, in setup.)
+    """
+    rows = 1 if bool(prefix.valid.all()) else prefix.batch_size
+    valid = torch.ones(rows, cache_length, dtype=torch.bool, device=prefix.valid.device)
+    valid[:, : prefix.length] = prefix.valid[:rows]
     return valid
 
 

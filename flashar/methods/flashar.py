@@ -28,7 +28,7 @@ from flashar.backbone import KVCache, Prefix
 from flashar.branch import CORNER, cell_kinds
 from flashar.config import Config, SamplingConfig
 from flashar.errors import FlashARError
-from flashar.decoding import Generation, state_nbytes, Method, guided, key_mask, prefill
+from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill, state_nbytes
 from flashar.hookspecs import hookimpl
 from flashar.sampling import new_noise, sample
 
@@ -50,7 +50,7 @@ class FlashARState:
     positions: Tensor  # (N + 1, ...) position encoding of every cell (+ scratch)
     slot_step: Tensor  # (S,) diagonal of the cell stored in each backbone slot; -1 prefix, NEVER scratch/unused
     branch_step: Tensor  # (S_v,) diagonal of the cell in each branch slot; NEVER for scratch/unused
-    key_valid: Tensor  # (B', S) valid prefix slots and all other slots
+    key_valid: Tensor  # (1 or B', S) valid prefix slots and all other slots
     left: Tensor  # (N + 1,) raster index of the left neighbour (N if none)
     up: Tensor  # (N + 1,) raster index of the upper neighbour (N if none)
     kind: Tensor  # (N + 1,) cell kind (interior, first row, first column, corner)
@@ -98,8 +98,7 @@ class FlashAR(Method):
         slot_step = torch.full((cache.length,), NEVER)
         slot_step[: prefix.length] = -1
         slot_step[prefix.length : prefix.length + num_cells + 1] = steps
-        key_valid = torch.ones(rows, cache.length, dtype=torch.bool, device=device)
-        key_valid[:, : prefix.length] = prefix.valid
+        key_valid = image_key_valid(prefix, cache.length)
         branch_cache = self.head.new_cache(bb, rows, num_cells + 1)
         branch_step = torch.full((branch_cache.length,), NEVER)
         branch_step[: num_cells + 1] = steps
@@ -130,7 +129,7 @@ class FlashAR(Method):
         positions = st.positions.index_select(0, cells)
         mask = key_mask(st.key_valid, (st.slot_step <= s)[None, :].expand(len(cells), -1))
         h, h_tap = bb(bb.embed(ids), positions, mask, st.cache, st.prefix.length + cells, tap=self.head.branch_layer)
-        branch_mask = (st.branch_step <= s)[None, None, None, :].expand(ids.shape[0], 1, len(cells), -1)
+        branch_mask = (st.branch_step <= s)[None, None, None, :].expand(1, 1, len(cells), -1)  # broadcast over rows
         v = self.head.vertical(bb, h_tap, positions, branch_mask, st.branch_cache, cells)
         st.hidden.index_copy_(1, cells, h)
         st.vertical.index_copy_(1, cells, v)

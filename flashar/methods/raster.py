@@ -18,7 +18,7 @@ from torch import Tensor
 from flashar import grid as G
 from flashar.backbone import Backbone, KVCache, Prefix
 from flashar.config import SamplingConfig
-from flashar.decoding import Generation, state_nbytes, Method, guided, image_key_valid, key_mask, prefill
+from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill, state_nbytes
 from flashar.hookspecs import hookimpl
 from flashar.sampling import new_noise, sample
 
