@@ -26,6 +26,7 @@ ENTRY_POINT_GROUP = "flashar"
 BUILTIN_PLUGINS = (
     "flashar.backends.llamagen",
     "flashar.methods.raster",
+    "flashar.methods.sjd",
 )
 
 
