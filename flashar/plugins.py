@@ -27,6 +27,7 @@ BUILTIN_PLUGINS = (
     "flashar.backends.llamagen",
     "flashar.methods.raster",
     "flashar.methods.sjd",
+    "flashar.methods.zipar",
 )
 
 
