@@ -28,6 +28,7 @@ BUILTIN_PLUGINS = (
     "flashar.methods.raster",
     "flashar.methods.sjd",
     "flashar.methods.zipar",
+    "flashar.methods.gsd",
 )
 
 

@@ -128,4 +128,4 @@ def test_cli_generates_with_zipar_and_lists_its_passes(tmp_path, registry):
     assert json.loads(result.output)["forward_passes_per_batch"] == formula(4, 4, 2)
     listing = {m["id"]: m for m in json.loads(CliRunner().invoke(cli, ["methods", "--json"], obj=registry).output)}
     assert listing["zipar"]["forward_passes_32x32"] == 304
-    assert listing["sjd"]["forward_passes_32x32"] is None
+    assert listing["sjd"]["forward_passes_32x32"] is None and listing["gsd"]["forward_passes_32x32"] is None
