@@ -30,7 +30,7 @@ from pydantic import Field
 from torch import Tensor
 
 from flashar import grid as G
-from flashar.backbone import Backbone, KVCache, Prefix
+from flashar.backbone import KVCache, Prefix
 from flashar.config import Config, SamplingConfig
 from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill
 from flashar.hookspecs import hookimpl

@@ -9,6 +9,8 @@ import torch
 from helpers import random_gpt
 
 from flashar import grid as G
+from flashar.compilation import CompileCounter
+from flashar.config import SamplingConfig
 from flashar.decoding import guided
 from flashar.sampling import make_generator, processed_probs
 
@@ -78,3 +80,15 @@ def chi_square(samples: torch.Tensor, expected: dict[tuple[int, ...], float], de
 def chi_square_bound(df: int, z: float = 3.719) -> float:
     """Upper 1e-4 quantile of chi-square(df) (Wilson-Hilferty; z is the normal 1e-4 quantile)."""
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def compile_and_compare(cls, options, sampling: SamplingConfig):
+    """Generate with the step compiled (``fullgraph``, counting backend, recompiles are errors) and eagerly,
+    from the same seed. Returns (compiled result, eager result, number of compiled frames)."""
+    backbone = random_gpt()
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = cls(backbone, options, compile=True, compile_backend=counter).generate([3, 7], (4, 5), sampling, make_generator(3, "cpu"))
+    eager = cls(backbone, options).generate([3, 7], (4, 5), sampling, make_generator(3, "cpu"))
+    return compiled, eager, counter.frames

@@ -8,10 +8,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 from helpers import cli_args, random_gpt, write_llamagen
-from method_helpers import chi_square, chi_square_bound, exact_joint, sample_codes, weakly_contextual
+from method_helpers import chi_square, chi_square_bound, compile_and_compare, exact_joint, sample_codes, weakly_contextual
 
 from flashar.cli import cli
-from flashar.compilation import CompileCounter
 from flashar.config import SamplingConfig
 from flashar.methods.gsd import GSD, grouped_mass
 from flashar.methods.sjd import SJD
@@ -63,14 +62,9 @@ def test_relaxed_groups_accept_more_and_are_lossy():
 
 
 def test_gsd_step_compiles_once():
-    backbone = random_gpt()
-    torch._dynamo.reset()
-    counter = CompileCounter()
-    sampling, options = SamplingConfig(cfg_scale=3.0, top_k=8), GSD.Options(draft_length=3, group_size=5)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        got = GSD(backbone, options, compile=True, compile_backend=counter).generate([3, 7], (4, 5), sampling, make_generator(3, "cpu"))
-    eager = GSD(backbone, options).generate([3, 7], (4, 5), sampling, make_generator(3, "cpu"))
-    assert counter.frames == 1
+    options = GSD.Options(draft_length=3, group_size=5)
+    got, eager, frames = compile_and_compare(GSD, options, SamplingConfig(cfg_scale=3.0, top_k=8))
+    assert frames == 1
     assert torch.equal(got.codes, eager.codes)
 
 

@@ -9,11 +9,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from helpers import cli_args, random_gpt, write_llamagen
-from method_helpers import chi_square, chi_square_bound, exact_joint, row_end_backbone, sample_codes, weakly_contextual
+from method_helpers import chi_square, chi_square_bound, compile_and_compare, exact_joint, row_end_backbone, sample_codes, weakly_contextual
 
 from flashar import speculative
 from flashar.cli import cli
-from flashar.compilation import CompileCounter
 from flashar.config import SamplingConfig
 from flashar.methods.raster import Raster
 from flashar.methods.sjd import SJD
@@ -122,15 +121,9 @@ def test_stale_and_unwritten_cache_slots_are_never_read():
 
 @pytest.mark.parametrize("coupling", ["none", "maximal"])
 def test_sjd_step_compiles_once(coupling):
-    backbone = random_gpt()
-    torch._dynamo.reset()
-    counter = CompileCounter()
-    sampling = SamplingConfig(cfg_scale=3.0, top_k=4, cfg_interval=4)
     options = SJD.Options(draft_length=3, coupling=coupling, draft_init="random")
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        got = SJD(backbone, options, compile=True, compile_backend=counter).generate([3, 7], (4, 5), sampling, make_generator(3, "cpu"))
-    eager = SJD(backbone, options).generate([3, 7], (4, 5), sampling, make_generator(3, "cpu"))
-    assert counter.frames == 1
+    got, eager, frames = compile_and_compare(SJD, options, SamplingConfig(cfg_scale=3.0, top_k=4, cfg_interval=4))
+    assert frames == 1
     assert torch.equal(got.codes, eager.codes) and got.num_forward_passes == eager.num_forward_passes
 
 

@@ -9,10 +9,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 from helpers import cli_args, random_gpt, write_llamagen
-from method_helpers import row_end_backbone
+from method_helpers import compile_and_compare, row_end_backbone
 
 from flashar.cli import cli
-from flashar.compilation import CompileCounter
 from flashar.config import SamplingConfig
 from flashar.methods.raster import Raster
 from flashar.methods.zipar import ZipAR, schedule
@@ -108,14 +107,9 @@ def test_official_mode_attends_to_unwritten_slots():
 
 @pytest.mark.parametrize("mask_unwritten", [True, False])
 def test_zipar_step_compiles_once(mask_unwritten):
-    backbone = random_gpt()
-    torch._dynamo.reset()
-    counter = CompileCounter()
-    sampling, options = SamplingConfig(cfg_scale=3.0, top_k=4, cfg_interval=4), ZipAR.Options(window=2, mask_unwritten=mask_unwritten)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        got = ZipAR(backbone, options, compile=True, compile_backend=counter).generate([3, 7], (4, 5), sampling, make_generator(3, "cpu"))
-    eager = ZipAR(backbone, options).generate([3, 7], (4, 5), sampling, make_generator(3, "cpu"))
-    assert counter.frames == 1
+    options = ZipAR.Options(window=2, mask_unwritten=mask_unwritten)
+    got, eager, frames = compile_and_compare(ZipAR, options, SamplingConfig(cfg_scale=3.0, top_k=4, cfg_interval=4))
+    assert frames == 1
     assert torch.equal(got.codes, eager.codes)
 
 
