@@ -34,6 +34,7 @@ from torch import Tensor
 
 from flashar import grid as G
 from flashar.backbone import Backbone, KVCache, Prefix
+from flashar.compilation import mark_static
 from flashar.config import SamplingConfig
 from flashar.decoding import Generation, guided, image_key_valid, key_mask, prefill
 from flashar.sampling import processed_probs
@@ -86,7 +87,7 @@ def setup(backbone: Backbone, conditions: Sequence[Any], grid: tuple[int, int], 
     last_cell = entry.clamp(max=num_entries - 1)
     row_end = -1 if backbone.row_end_token is None else backbone.row_end_token
     forced = torch.where(entry < num_entries, torch.where(is_cell[last_cell], -1, row_end), -1)
-    return SpeculativeState(
+    state = SpeculativeState(
         prefix=prefix, cache=cache, sampling=sampling, grid=grid, num_entries=num_entries, draft_init=draft_init, coupled=coupled,
         positions=backbone.cell_positions(cells[last_cell].to(device), prefix.length, native=True),
         slots=(prefix.length + entry).to(device),
@@ -103,6 +104,8 @@ def setup(backbone: Backbone, conditions: Sequence[Any], grid: tuple[int, int], 
         init_codes=torch.zeros(batch, length, dtype=torch.long, device=device),
         noise=torch.ones(batch, length + 1, vocab, device=device),  # ones: greedy draws are plain argmax
     )
+    mark_static(state.tokens, state.draft_probs, state.accepted, state.uniform, state.init_codes, state.noise)
+    return state
 
 
 def _row_starts(cells: Tensor, padded: int) -> Tensor:

@@ -24,6 +24,7 @@ from pydantic import Field
 from torch import Tensor
 
 from flashar import speculative
+from flashar.compilation import mark_static
 from flashar.config import Config, SamplingConfig
 from flashar.decoding import Generation, Method
 from flashar.hookspecs import hookimpl
@@ -72,6 +73,7 @@ class GSD(Method):
         codes = torch.arange(bb.codebook_size, device=bb.device)
         with torch.no_grad():
             state.extras["embeddings"] = bb.embed(bb.code_ids(codes)[None])[0]  # (V, D) image codes only
+        mark_static(state.extras["embeddings"])
         return state
 
     def _rule(self, state: speculative.SpeculativeState, logits: Tensor, probs: Tensor, draft_probs: Tensor,

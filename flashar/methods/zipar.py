@@ -31,6 +31,7 @@ from torch import Tensor
 
 from flashar import grid as G
 from flashar.backbone import KVCache, Prefix
+from flashar.compilation import mark_static
 from flashar.config import Config, SamplingConfig
 from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill
 from flashar.hookspecs import hookimpl
@@ -179,7 +180,7 @@ class ZipAR(Method):
             forced[:num_entries][~is_cell] = bb.row_end_token
         tokens = torch.where(forced >= 0, forced, bb.code_offset).expand(len(conditions), -1).clone()
         at_cells = torch.where(table["real"][..., None], cells[table["at"].clamp(max=num_entries - 1)], 0)
-        return ZipARState(
+        state = ZipARState(
             prefix=prefix, cache=cache, sampling=sampling, grid=grid, num_entries=num_entries,
             src=table["src"].to(device), dst=table["dst"].to(device), slots=table["slot"].to(device),
             query_raster=table["raster"].to(device),
@@ -190,6 +191,8 @@ class ZipAR(Method):
             forced=forced.to(device), tokens=tokens.to(device), steps=torch.arange(len(steps), device=device),
             noise=new_noise((len(conditions), width, bb.codebook_size), device),
         )
+        mark_static(state.tokens, state.noise)  # mutated by the step / refilled by the loop
+        return state
 
     def _step(self, state: ZipARState, k: Tensor) -> None:
         """Feed chunk k, sample every row's next token, write them into ``state.tokens`` (static shapes)."""
