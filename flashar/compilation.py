@@ -29,3 +29,12 @@ class CompileCounter:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         self.frames += 1
         return gm.forward
+
+
+def mark_static(*tensors: torch.Tensor) -> None:
+    """Mark decode-state buffers that a compiled step mutates in place, or that the loop refills between
+    steps, as static addresses: CUDA graphs then replay into them instead of copying or skipping the graph.
+    A no-op off CUDA."""
+    for tensor in tensors:
+        if tensor.device.type == "cuda":
+            torch._dynamo.mark_static_address(tensor)

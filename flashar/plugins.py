@@ -29,6 +29,9 @@ BUILTIN_PLUGINS = (
     "flashar.backends.emu35",
     "flashar.methods.raster",
     "flashar.methods.flashar",
+    "flashar.methods.sjd",
+    "flashar.methods.zipar",
+    "flashar.methods.gsd",
 )
 
 

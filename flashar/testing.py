@@ -159,7 +159,8 @@ def raster_hidden(backbone: Backbone, codes: torch.Tensor) -> torch.Tensor:
     """Image tokens alone (no prefix) through the causal no-cache forward -> final hidden (B, N, D)."""
     num_cells = codes[0].numel()
     x = backbone.embed(backbone.code_ids(codes.flatten(1).to(backbone.device)))
-    positions = backbone.cell_positions(G.raster_cells(*codes.shape[1:]).to(backbone.device), 0)
+    grid = tuple(codes.shape[1:])
+    positions = backbone.cell_positions(G.raster_cells(*grid).to(backbone.device), 0, grid=grid)
     mask = G.causal_mask(num_cells).to(backbone.device)[None, None].expand(len(codes), 1, num_cells, num_cells)
     return backbone(x, positions, mask)[0]
 

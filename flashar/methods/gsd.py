@@ -1,0 +1,96 @@
+"""Grouped speculative decoding (GSD): So et al., ICCV 2025, arXiv 2508.07747 (peer_methods.md §4.3).
+
+Training-free and lossy: speculative Jacobi decoding (the loop of ``flashar.speculative``, shared with SJD)
+with a relaxed verification rule, because many image tokens are interchangeable. For a draft x at a
+window position, its group C(x) is built from the target model's guided logits there: the ``group_size``
+tokens nearest to x in rank (x included; the released script takes ranks x-6 .. x+7, i.e. 14), minus
+those whose processed probability differs from p(x) by ``group_prob_margin`` (δ) or more, minus those
+whose squared L2 distance to x in the backbone's input-embedding table is ``group_embed_distance`` (d) or
+more. x is accepted with probability min(1, Σ_C p / Σ_C q); on rejection a token is drawn from the
+residual max(0, p - q), as in SJD. With ``group_size=1`` the group is {x} and GSD is exactly SJD. Only
+the G candidates' embeddings are compared (no V x V distance matrix), over image codes only.
+
+Forward passes: data-dependent, as SJD's (between 1 + ceil((M - 1) / (L + 1)) and M). For a one-hot
+draft q the grouped acceptance probability is at least SJD's token-wise one; the paper argues the
+acceptance rate never drops. One scalar, the committed count, is read back per iteration.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from flashar import speculative
+from flashar.compilation import mark_static
+from flashar.config import Config, SamplingConfig
+from flashar.decoding import Generation, Method
+from flashar.hookspecs import hookimpl
+
+
+class GSDOptions(Config):
+    """Grouped speculative decoding."""
+
+    draft_length: int = Field(16, ge=1, le=256, description="L: draft tokens verified per forward pass (the Jacobi window; official default 16).")
+    draft_init: Literal["repeat_horizon", "random"] = Field(
+        "repeat_horizon", description="How new draft tokens start: copy the token to their left in the row (SJD's LlamaGen default) or a uniform random code (the GSD script).")
+    group_size: int = Field(14, ge=1, description="G: candidates nearest to the draft in the target's logit ranking, the draft included (released script: 14; 1 = SJD).")
+    group_prob_margin: float = Field(0.15, gt=0, description="δ: drop candidates whose probability differs from the draft's by this much or more.")
+    group_embed_distance: float = Field(0.5, gt=0, description="d: drop candidates at this squared L2 distance or more from the draft in the input-embedding table (inf = off).")
+
+
+def grouped_mass(logits: Tensor, probs: Tensor, draft_probs: Tensor, codes: Tensor, embeddings: Tensor,
+                 group_size: int, prob_margin: float, embed_distance: float) -> tuple[Tensor, Tensor]:
+    """Σ_C p and Σ_C q over each draft's group C(x) (§4.3 step 1-2).
+
+    logits, probs, draft_probs (B, L, V): guided logits, processed p, draft q; codes (B, L); embeddings
+    (V, D) the input embeddings of the image codes. Returns two (B, L) tensors.
+    """
+    vocab = logits.shape[-1]
+    size = min(group_size, vocab)
+    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices  # (B, L, V) codes by rank
+    rank = (order == codes[..., None]).int().argmax(-1, keepdim=True)  # (B, L, 1)
+    first = (rank - (size - 1) // 2).clamp(0, vocab - size)  # a full window of G ranks even at the ends
+    members = order.gather(-1, first + torch.arange(size, device=codes.device))  # (B, L, G), x included
+    p_members, q_members = probs.gather(-1, members), draft_probs.gather(-1, members)
+    p_draft = probs.gather(-1, codes[..., None])  # (B, L, 1)
+    offsets = embeddings[members].float() - embeddings[codes].float()[..., None, :]  # (B, L, G, D)
+    keep = ((p_members - p_draft).abs() < prob_margin) & (offsets.pow(2).sum(-1) < embed_distance)
+    keep = keep | (members == codes[..., None])  # x is always in its own group
+    return (p_members * keep).sum(-1), (q_members * keep).sum(-1)
+
+
+class GSD(Method):
+    id = "gsd"
+    description = "Grouped speculative decoding (lossy, training-free): SJD that accepts a draft when its group of similar tokens is likely."
+    Options = GSDOptions
+
+    def setup(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> speculative.SpeculativeState:
+        bb, opts = self.backbone, self.options
+        state = speculative.setup(bb, conditions, grid, sampling, opts.draft_length, opts.draft_init, coupled=False)
+        codes = torch.arange(bb.codebook_size, device=bb.device)
+        with torch.no_grad():
+            state.extras["embeddings"] = bb.embed(bb.code_ids(codes)[None])[0]  # (V, D) image codes only
+        mark_static(state.extras["embeddings"])
+        return state
+
+    def _rule(self, state: speculative.SpeculativeState, logits: Tensor, probs: Tensor, draft_probs: Tensor,
+              codes: Tensor) -> tuple[Tensor, Tensor]:
+        opts = self.options
+        return grouped_mass(logits, probs, draft_probs, codes, state.extras["embeddings"], opts.group_size,
+                            opts.group_prob_margin, opts.group_embed_distance)
+
+    def _step(self, state: speculative.SpeculativeState) -> None:
+        """SJD's iteration with grouped verification (static shapes, no host sync)."""
+        speculative.step(self.backbone, state, self._rule)
+
+    def generate(self, conditions, grid, sampling, generator) -> Generation:
+        state = self.setup(conditions, grid, sampling)
+        return speculative.decode(self.backbone, self.step, state, generator)
+
+
+@hookimpl
+def flashar_register_methods(register):
+    register(GSD)

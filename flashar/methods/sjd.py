@@ -1,0 +1,62 @@
+"""Speculative Jacobi decoding (SJD): Teng et al., ICLR 2025, arXiv 2410.01699 (peer_methods.md §4.1-4.2).
+
+Training-free and lossless. After the prefix, a window of L draft tokens follows the committed raster
+prefix. Each forward pass feeds ``[last committed token, L drafts]`` under the causal mask, which gives the
+processed distribution p (after CFG, temperature, top-k/top-p) at every window position. Drafts are
+verified left to right with the speculative-sampling test: accept x with probability min(1, p(x)/q(x)),
+where q is the distribution x was drawn from. At the first rejection a token is drawn from the residual
+max(0, p - q). The unverified tail gets a Jacobi update: a fresh draw from its new p, or with
+``coupling=maximal`` (SCD / MC-SJD, arXiv 2510.24211) its old draft is kept with probability min(1, p/q).
+New window slots start as the token to their left (``repeat_horizon``, the official LlamaGen default) or
+as uniform codes. Under greedy sampling this is Jacobi decoding and gives raster's tokens exactly.
+
+Forward passes: data-dependent, between 1 + ceil((M - 1) / (L + 1)) and M for the M entries of the native
+sequence (H*W cells, plus forced row ends); the prefill counts as one. A batch advances by the smallest
+accepted count of its rows, as in the official code. The loop (``flashar.speculative``, shared with GSD)
+reads back one scalar per iteration, the committed count, to decide when to stop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+from pydantic import Field
+
+from flashar import speculative
+from flashar.config import Config, SamplingConfig
+from flashar.decoding import Generation, Method
+from flashar.hookspecs import hookimpl
+
+
+class SJDOptions(Config):
+    """Speculative Jacobi decoding."""
+
+    draft_length: int = Field(16, ge=1, le=256, description="L: draft tokens verified per forward pass (the Jacobi window; official default 16).")
+    draft_init: Literal["repeat_horizon", "random"] = Field(
+        "repeat_horizon", description="How new draft tokens start: copy the token to their left in the row (official LlamaGen default) or a uniform random code.")
+    coupling: Literal["none", "maximal"] = Field(
+        "none", description="Jacobi update of unverified drafts: a fresh draw (SJD) or the maximal coupling that keeps a draft with probability min(1, p/q) (SCD, arXiv 2510.24211).")
+
+
+class SJD(Method):
+    id = "sjd"
+    description = "Speculative Jacobi decoding (lossless, training-free): verifies a window of draft tokens per forward pass."
+    Options = SJDOptions
+
+    def setup(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> speculative.SpeculativeState:
+        opts = self.options
+        return speculative.setup(self.backbone, conditions, grid, sampling, opts.draft_length, opts.draft_init,
+                                 coupled=opts.coupling == "maximal")
+
+    def _step(self, state: speculative.SpeculativeState) -> None:
+        """Verify the window, commit, Jacobi-update the rest (static shapes, no host sync)."""
+        speculative.step(self.backbone, state, speculative.token_mass)
+
+    def generate(self, conditions, grid, sampling, generator) -> Generation:
+        state = self.setup(conditions, grid, sampling)
+        return speculative.decode(self.backbone, self.step, state, generator)
+
+
+@hookimpl
+def flashar_register_methods(register):
+    register(SJD)

@@ -1,0 +1,239 @@
+"""ZipAR: He et al., ICML 2025, arXiv 2412.04062 (peer_methods.md §4.5; code ThisisBillhe/ZipAR).
+
+Training-free spatially parallel decoding. Row 0 is decoded in raster order; row 1 starts once row 0 is
+complete, and every later row starts once the row above has ``window`` (w) tokens. From then on each
+forward pass feeds, for every active row, its newest token and samples that row's next token, so several
+rows advance together with no verification (lossy). A row's first token is predicted from the last
+entry of the row above: its real token once that row is complete, otherwise a provisional stand-in at
+that position (the newest token of the row above, or its forced row-end token, as in the official
+LlamaGen and Lumina-mGPT code). When that row completes, its last token is fed once more at its own slot,
+so the rows below attend to the real token.
+
+Cache slots are written at explicit indices and each query sees the slots at raster positions up to its
+own. With ``mask_unwritten`` (default) only slots that have already been written are visible and a
+provisional stand-in lives in a scratch slot that only its own query sees; without it the step
+reproduces the official code, which also attends to unwritten (zero) slots and leaves the stand-in in the
+real slot until the row above completes. The whole schedule is fixed by (H, W, w), so the step is
+static-shape, sync-free and compiled once; chunks are padded to the largest number of tokens per step.
+
+Forward passes: 2W + (H - 2)·w for H >= 2 rows of W cells (W when H = 1; w is capped at W, where it
+becomes raster order), the prefill included; rows with a forced row-end token count it as a column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Sequence
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from flashar import grid as G
+from flashar.backbone import KVCache, Prefix
+from flashar.compilation import mark_static
+from flashar.config import Config, SamplingConfig
+from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill
+from flashar.hookspecs import hookimpl
+from flashar.sampling import new_noise, sample
+
+
+class ZipAROptions(Config):
+    """ZipAR."""
+
+    window: int = Field(8, ge=1, description="w: a row starts once the row above has w tokens (official LlamaGen c2i script: 8); w >= W is raster order.")
+    mask_unwritten: bool = Field(
+        True, description="Hide cache slots not yet written and keep provisional row-start tokens out of the cache; "
+        "--no-mask-unwritten reproduces the official code, which attends to unwritten (zero) slots.")
+
+
+class Feed(NamedTuple):
+    """One token of a forward chunk."""
+
+    src: int  # entry whose token is fed
+    at: int  # entry whose position (and, unless provisional, cache slot) the token takes
+    dst: int  # entry predicted from its output, -1 for none
+    provisional: bool = False  # a stand-in for the last entry of an incomplete row
+
+
+def row_starts(row_lengths: Sequence[int], window: int) -> list[int]:
+    """The step at which each row predicts its first entry (step 0 is the prefill, which predicts (0, 0))."""
+    starts = [0]
+    for r in range(1, len(row_lengths)):
+        lead = row_lengths[0] if r == 1 else min(window, row_lengths[r - 1])  # row 1 waits for all of row 0
+        starts.append(starts[-1] + lead)
+    return starts
+
+
+def schedule(row_lengths: Sequence[int], is_cell: Sequence[bool], window: int) -> list[list[Feed]]:
+    """The chunk fed at each step 1..K: rows in flight, row starts and row finishers (module docstring)."""
+    firsts = [sum(row_lengths[:r]) for r in range(len(row_lengths))]
+    starts = row_starts(row_lengths, window)
+    steps = []
+    for k in range(1, starts[-1] + row_lengths[-1]):
+        chunk = []
+        for r, (first, length, begin) in enumerate(zip(firsts, row_lengths, starts)):
+            col = k - begin
+            if 0 < col < length:
+                chunk.append(Feed(first + col - 1, first + col - 1, first + col))
+            elif col == 0 and r > 0:
+                chunk.append(_bridge(k, firsts[r - 1], row_lengths[r - 1], starts[r - 1], first, is_cell))
+            elif col == length and r + 1 < len(starts) and starts[r + 1] < k:
+                last = first + length - 1  # the real last token, for the rows below
+                chunk.append(Feed(last, last, -1))
+        steps.append(chunk)
+    return steps
+
+
+def _bridge(k: int, above_first: int, above_length: int, above_start: int, dst: int, is_cell: Sequence[bool]) -> Feed:
+    """The token that predicts a row's first entry at step k: the row above's last entry, or a stand-in."""
+    last = above_first + above_length - 1
+    if above_start + above_length - 1 < k:
+        return Feed(last, last, dst)  # the row above is complete: this is raster's own input
+    newest = above_first + k - 1 - above_start  # the row above's newest token (predicted at step k - 1)
+    return Feed(last if not is_cell[last] else newest, last, dst, provisional=True)
+
+
+def num_passes(row_lengths: Sequence[int], window: int) -> int:
+    """Forward passes of the schedule, prefill included."""
+    return row_starts(row_lengths, window)[-1] + row_lengths[-1]
+
+
+def _tables(steps: list[list[Feed]], num_entries: int, width: int, prefix_length: int, mask_unwritten: bool) -> dict[str, Tensor]:
+    """(K, T) tensors of the schedule; padding feeds a scratch entry into a scratch slot that only it sees."""
+    shape = (len(steps), width)
+    scratch = num_entries + torch.arange(width).expand(shape)  # (K, T) one scratch entry per chunk position
+    table = {"src": scratch.clone(), "at": scratch.clone(), "dst": scratch.clone(), "slot": prefix_length + scratch,
+             "raster": torch.full(shape, -1), "real": torch.zeros(shape, dtype=torch.bool)}
+    for k, chunk in enumerate(steps):
+        for i, feed in enumerate(chunk):
+            table["src"][k, i], table["at"][k, i], table["raster"][k, i] = feed.src, feed.at, feed.at
+            table["real"][k, i] = True
+            if feed.dst >= 0:
+                table["dst"][k, i] = feed.dst
+            if not (feed.provisional and mask_unwritten):
+                table["slot"][k, i] = prefix_length + feed.at
+    return table
+
+
+def _slot_tables(table: dict[str, Tensor], cache_length: int, num_entries: int, width: int, prefix_length: int,
+                 mask_unwritten: bool) -> tuple[Tensor, Tensor]:
+    """Per slot: the raster index it holds (prefix -1, scratch past everything) and the step it appears."""
+    slot = torch.arange(cache_length)
+    grid_slot = (slot >= prefix_length) & (slot < prefix_length + num_entries)
+    raster = torch.where(grid_slot, slot - prefix_length, num_entries + width + cache_length)
+    raster[:prefix_length] = -1
+    never = len(table["src"]) + 1
+    written = torch.full((cache_length,), -1 if not mask_unwritten else never)
+    written[:prefix_length] = -1
+    if mask_unwritten:  # a slot becomes visible at the step its real token is fed (each is written once)
+        real_slot = table["real"] & (table["slot"] < prefix_length + num_entries)
+        steps = torch.arange(len(table["src"]))[:, None].expand_as(table["slot"])
+        written.scatter_reduce_(0, table["slot"][real_slot], steps[real_slot], reduce="amin")
+    return raster, written
+
+
+@dataclass
+class ZipARState:
+    prefix: Prefix
+    cache: KVCache
+    sampling: SamplingConfig
+    grid: tuple[int, int]
+    num_entries: int  # M, entries of the native sequence; entries [M, M + T) are scratch
+    src: Tensor  # (K, T) entry whose token each chunk position feeds
+    dst: Tensor  # (K, T) entry each chunk position predicts (a scratch entry when none)
+    slots: Tensor  # (K, T) cache slot each chunk position writes
+    query_raster: Tensor  # (K, T) raster index each chunk position sees up to (-1 for padding)
+    position_index: Tensor  # (K, T) rows of ``positions``
+    positions: Tensor  # (K*T, ...) position encoding of every chunk position
+    slot_raster: Tensor  # (S,) raster index held by each slot: -1 prefix, M + T + S scratch
+    slot_written: Tensor  # (S,) step from which a slot is visible (-1: always)
+    slot_index: Tensor  # (S,) arange
+    key_valid: Tensor  # (B', S)
+    forced: Tensor  # (M + T,) forced token id (row ends), -1 where sampled
+    tokens: Tensor  # (B, M + T) token ids
+    steps: Tensor  # (K,) arange, the step index fed to the compiled step
+    noise: Tensor  # (B, T, V) exponential noise, refilled every step
+
+
+class ZipAR(Method):
+    id = "zipar"
+    description = "ZipAR (lossy, training-free): rows start w tokens behind the row above and decode in parallel."
+    Options = ZipAROptions
+
+    @staticmethod
+    def num_forward_passes(height: int, width: int, window: int | None = None) -> int:
+        return num_passes([width] * height, ZipAROptions().window if window is None else window)
+
+    def setup(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> ZipARState:
+        bb, device = self.backbone, self.backbone.device
+        prefix = bb.prefix(conditions, cfg=sampling.use_cfg, grid=grid)
+        cells, is_cell = G.raster_sequence(*grid, bb.row_end_token is not None)
+        row_lengths = torch.bincount(cells[:, 0]).tolist()
+        steps = schedule(row_lengths, is_cell.tolist(), self.options.window)
+        num_entries, width = len(cells), max(len(chunk) for chunk in steps) if steps else 1
+        cache = bb.new_cache(prefix.batch_size, prefix.length + num_entries + width)
+        table = _tables(steps, num_entries, width, prefix.length, self.options.mask_unwritten)
+        slot_raster, slot_written = _slot_tables(table, cache.length, num_entries, width, prefix.length, self.options.mask_unwritten)
+        forced = torch.full((num_entries + width,), -1, dtype=torch.long)
+        if bb.row_end_token is not None:
+            forced[:num_entries][~is_cell] = bb.row_end_token
+        tokens = torch.where(forced >= 0, forced, bb.code_offset).expand(len(conditions), -1).clone()
+        at_cells = torch.where(table["real"][..., None], cells[table["at"].clamp(max=num_entries - 1)], 0)
+        state = ZipARState(
+            prefix=prefix, cache=cache, sampling=sampling, grid=grid, num_entries=num_entries,
+            src=table["src"].to(device), dst=table["dst"].to(device), slots=table["slot"].to(device),
+            query_raster=table["raster"].to(device),
+            position_index=torch.arange(len(steps) * width, device=device).view(len(steps), width),
+            positions=bb.cell_positions(at_cells.view(-1, 2).to(device), prefix.length, native=True, grid=grid),
+            slot_raster=slot_raster.to(device), slot_written=slot_written.to(device),
+            slot_index=torch.arange(cache.length, device=device), key_valid=image_key_valid(prefix, cache.length),
+            forced=forced.to(device), tokens=tokens.to(device), steps=torch.arange(len(steps), device=device),
+            noise=new_noise((len(conditions), width, bb.codebook_size), device),
+        )
+        mark_static(state.tokens, state.noise)  # mutated by the step / refilled by the loop
+        return state
+
+    def _step(self, state: ZipARState, k: Tensor) -> None:
+        """Feed chunk k, sample every row's next token, write them into ``state.tokens`` (static shapes)."""
+        bb, sampling = self.backbone, state.sampling
+        src, dst, slots, raster = state.src[k], state.dst[k], state.slots[k], state.query_raster[k]  # (T,) each
+        ids = state.tokens.index_select(1, src)  # (B, T)
+        if sampling.use_cfg:
+            ids = torch.cat([ids, ids])  # both CFG halves consume the same tokens
+        visible = (state.slot_raster[None, :] <= raster[:, None]) & (state.slot_written[None, :] <= k)
+        mask = key_mask(state.key_valid, visible | (state.slot_index[None, :] == slots[:, None]))  # (B', 1, T, S)
+        h, _ = bb(bb.embed(ids), state.positions.index_select(0, state.position_index[k]), mask, state.cache, slots)
+        use_cfg = ((dst <= sampling.cfg_interval + 1) | (sampling.cfg_interval < 0))[:, None]  # raster's entries
+        codes = sample(guided(bb.logits(h), sampling, bb.native_cfg, use_cfg), state.noise, sampling)  # (B, T)
+        forced = state.forced.index_select(0, dst)[None, :]
+        state.tokens.index_copy_(1, dst, torch.where(forced >= 0, forced, bb.code_ids(codes)))
+
+    def generate(self, conditions, grid, sampling, generator) -> Generation:
+        state = self.setup(conditions, grid, sampling)
+        return self.decode(state, generator)
+
+    def decode(self, state: ZipARState, generator: torch.Generator) -> Generation:
+        """Prefill (predicts entry 0), then the K scheduled steps; no host reads until the end."""
+        bb, sampling = self.backbone, state.sampling
+        with torch.no_grad():
+            h, _ = prefill(bb, state.prefix, state.cache)
+            self._refill(state, generator)
+            code = sample(guided(bb.logits(h), sampling, bb.native_cfg), state.noise[:, 0], sampling)
+            state.tokens[:, 0] = bb.code_ids(code)
+            for k in state.steps:
+                self._refill(state, generator)
+                self.step(state, k)
+        is_cell = state.forced[: state.num_entries] < 0
+        codes = state.tokens[:, : state.num_entries][:, is_cell] - bb.code_offset
+        return Generation(codes.view(-1, *state.grid).cpu(), num_forward_passes=1 + len(state.steps))
+
+    @staticmethod
+    def _refill(state: ZipARState, generator: torch.Generator) -> None:
+        if not state.sampling.is_greedy:
+            state.noise.exponential_(generator=generator)
+
+
+@hookimpl
+def flashar_register_methods(register):
+    register(ZipAR)

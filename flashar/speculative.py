@@ -1,0 +1,234 @@
+"""The speculative Jacobi loop shared by SJD and GSD (peer_methods.md §4.1-4.3), on the Backbone protocol.
+
+The native raster sequence has M entries (H*W cells, plus the row-end slots of backbones that have a
+``row_end_token``, which are forced and always accepted). Entries ``[0, n)`` are committed; a window of L
+draft tokens covers entries ``[n, n + L)``, each with the distribution q it was drawn from (one-hot for
+initialised drafts, the model's processed p for Jacobi-updated ones). One iteration (:func:`step`):
+
+1. feed ``[entry n-1, drafts n .. n+L-1]`` (T = L + 1 tokens) under the raster-causal mask, giving the
+   processed distribution p (CFG, temperature, top-k/top-p) for entries ``n .. n+L``;
+2. verify draft i with ``u_i * q_mass < p_mass`` (u ~ U[0, 1)); SJD's masses are p(x_i), q(x_i); GSD's
+   are summed over a group of tokens (a ``rule`` argument);
+3. a = accepted leading drafts, minimised over the batch as in the official code (rows share cache slots);
+   commit entries ``n .. n+a``: accepted drafts, then at position a the accepted draft or a draw from the
+   residual max(0, p - q) (plain p when a = L: the bonus token);
+4. the Jacobi update: every later position gets a fresh draw from its p (or, with the SCD maximal
+   coupling, keeps its draft with probability min(1, p/q) and otherwise draws from the residual), and
+   the a + 1 new window slots are initialised (``repeat_horizon``: the token to the left in the same row;
+   ``random``: a uniform code).
+
+Rows that accepted beyond the batch minimum redraw (or couple) those drafts rather than carry them over
+with a stale q, so every row stays exactly distributed as raster decoding.
+
+KV rollback needs no copying: entry j always lives in cache slot P + j, the window rewrites slots
+``P+n-1 .. P+n-1+L`` before attending, and the causal mask hides every later (stale) slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from flashar import grid as G
+from flashar.backbone import Backbone, KVCache, Prefix
+from flashar.compilation import mark_static
+from flashar.config import SamplingConfig
+from flashar.decoding import Generation, guided, image_key_valid, key_mask, prefill
+from flashar.sampling import processed_probs
+
+DRAFT_INITS = ("repeat_horizon", "random")
+
+
+@dataclass
+class SpeculativeState:
+    prefix: Prefix
+    cache: KVCache
+    sampling: SamplingConfig
+    grid: tuple[int, int]  # (H, W)
+    num_entries: int  # M, entries of the native sequence
+    draft_init: str  # "repeat_horizon" | "random"
+    coupled: bool  # SCD maximal coupling of the Jacobi update
+    positions: Tensor  # (M + 2L, ...) native positions; entries >= M repeat the last cell (never committed)
+    slots: Tensor  # (M + 2L,) cache slot of each entry, P + j
+    slot_index: Tensor  # (S,) arange over cache slots
+    key_valid: Tensor  # (B', S) valid prefix slots and every slot after the prefix
+    forced: Tensor  # (M + 2L,) forced token id (row ends), -1 where sampled
+    auto_accept: Tensor  # (M + 2L,) bool: forced entries and the padding past M always pass verification
+    row_start: Tensor  # (M + 2L,) first entry of each entry's row (padding: itself)
+    offsets: Tensor  # (T,) arange(L + 1), window positions
+    tokens: Tensor  # (B, M + 2L) token ids: committed entries, then the draft window
+    draft_probs: Tensor  # (B, L, V) q of the drafts in the window
+    accepted: Tensor  # 0-d int64: n, committed entries
+    uniform: Tensor  # (B, L) U[0, 1) for verification, refilled every iteration
+    init_codes: Tensor  # (B, L) uniform random codes for new drafts, refilled every iteration
+    noise: Tensor  # (B, T, V) exponential noise for the residual / Jacobi draws, refilled every iteration
+    extras: dict[str, Any] = field(default_factory=dict)  # tensors a verification rule needs (GSD: embeddings)
+    progress: list[int] = field(default_factory=list)  # n after each iteration (read back by the loop)
+
+    @property
+    def draft_length(self) -> int:
+        return self.draft_probs.shape[1]
+
+
+def setup(backbone: Backbone, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig,
+          draft_length: int, draft_init: str, coupled: bool) -> SpeculativeState:
+    """Allocate every buffer of a speculative generation (cache, window, randomness)."""
+    height, width = grid
+    prefix = backbone.prefix(conditions, cfg=sampling.use_cfg, grid=grid)
+    cells, is_cell = G.raster_sequence(height, width, backbone.row_end_token is not None)
+    num_entries, batch, length = len(cells), len(conditions), draft_length
+    padded = num_entries + 2 * length  # the window and the next one may run past the last entry
+    cache = backbone.new_cache(prefix.batch_size, prefix.length + num_entries + length)
+    device, vocab = backbone.device, backbone.codebook_size
+    entry = torch.arange(padded)
+    last_cell = entry.clamp(max=num_entries - 1)
+    row_end = -1 if backbone.row_end_token is None else backbone.row_end_token
+    forced = torch.where(entry < num_entries, torch.where(is_cell[last_cell], -1, row_end), -1)
+    state = SpeculativeState(
+        prefix=prefix, cache=cache, sampling=sampling, grid=grid, num_entries=num_entries, draft_init=draft_init, coupled=coupled,
+        positions=backbone.cell_positions(cells[last_cell].to(device), prefix.length, native=True, grid=grid),
+        slots=(prefix.length + entry).to(device),
+        slot_index=torch.arange(cache.length, device=device),
+        key_valid=image_key_valid(prefix, cache.length),
+        forced=forced.to(device),
+        auto_accept=((forced >= 0) | (entry >= num_entries)).to(device),
+        row_start=_row_starts(cells, padded).to(device),
+        offsets=torch.arange(length + 1, device=device),
+        tokens=torch.full((batch, padded), backbone.code_offset, dtype=torch.long, device=device),
+        draft_probs=torch.zeros(batch, length, vocab, device=device),
+        accepted=torch.zeros((), dtype=torch.long, device=device),
+        uniform=torch.zeros(batch, length, device=device),
+        init_codes=torch.zeros(batch, length, dtype=torch.long, device=device),
+        noise=torch.ones(batch, length + 1, vocab, device=device),  # ones: greedy draws are plain argmax
+    )
+    mark_static(state.tokens, state.draft_probs, state.accepted, state.uniform, state.init_codes, state.noise)
+    return state
+
+
+def _row_starts(cells: Tensor, padded: int) -> Tensor:
+    """(padded,) index of the first entry of every entry's row; padding past the sequence points to itself."""
+    starts = torch.arange(padded)
+    rows = cells[:, 0].contiguous()
+    first = torch.searchsorted(rows, rows)  # rows are sorted, so this is the first entry of the same row
+    starts[: len(cells)] = first
+    return starts
+
+
+def token_mass(state: SpeculativeState, logits: Tensor, probs: Tensor, draft_probs: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
+    """SJD's rule (§4.1 step 2): p(x_i) and q(x_i) for draft codes (B, L) -> two (B, L) tensors."""
+    return probs.gather(-1, codes[..., None])[..., 0], draft_probs.gather(-1, codes[..., None])[..., 0]
+
+
+def draw(probs: Tensor, noise: Tensor) -> Tensor:
+    """Exponential race over unnormalised probabilities (..., V) -> codes (...); argmax when noise is 1."""
+    return torch.argmax(probs / noise, dim=-1)
+
+
+def window_logits(backbone: Backbone, state: SpeculativeState, entries: Tensor) -> Tensor:
+    """Feed entries (T,) in one causal chunk -> guided logits (B, T, V) predicting entries + 1."""
+    ids = state.tokens.index_select(1, entries)  # (B, T)
+    if state.sampling.use_cfg:
+        ids = torch.cat([ids, ids])  # both CFG halves see the same drafts (C7)
+    slots = state.slots.index_select(0, entries)
+    mask = key_mask(state.key_valid, state.slot_index[None, :] <= slots[:, None])  # stale slots > query are hidden
+    h, _ = backbone(backbone.embed(ids), state.positions.index_select(0, entries), mask, state.cache, slots)
+    interval = state.sampling.cfg_interval
+    use_cfg = ((entries + 1 <= interval + 1) | (interval < 0))[:, None]  # (T, 1), raster's cfg_interval per entry
+    return guided(backbone.logits(h), state.sampling, backbone.native_cfg, use_cfg)
+
+
+def step(backbone: Backbone, state: SpeculativeState, rule: Callable) -> None:
+    """One speculative Jacobi iteration (module docstring, steps 1-4); static shapes, no host sync."""
+    vocab = backbone.codebook_size
+    entries = state.accepted - 1 + state.offsets  # (T,) last committed entry, then the L drafts
+    logits = window_logits(backbone, state, entries)  # (B, T, V)
+    probs = processed_probs(logits, state.sampling)  # (B, T, V) the target p of entries n .. n+L
+    drafts = (state.tokens.index_select(1, entries[1:]) - backbone.code_offset).clamp(0, vocab - 1)  # (B, L)
+    p_mass, q_mass = rule(state, logits[:, :-1], probs[:, :-1], state.draft_probs, drafts)
+    accept = (state.uniform * q_mass < p_mass) | state.auto_accept.index_select(0, entries[1:])  # (B, L)
+    num_accepted = accept.long().cumprod(1).sum(1).min()  # 0-d a, the batch minimum (official SJD)
+    codes = jacobi_update(state, probs, drafts, accept, num_accepted)  # (B, T) entries n .. n+L
+    first_new = state.accepted + state.draft_length + 1  # entries past the window need initial drafts
+    init = initial_drafts(state, first_new, codes[:, -1])  # (B, L) entries n+L+1 .. n+2L
+    _write(backbone, state, state.accepted + torch.arange(2 * state.draft_length + 1, device=codes.device),
+           torch.cat([codes, init], dim=1))
+    source = num_accepted + 1 + state.offsets[:-1]  # (L,) next window j <- this window position a+1+j
+    from_probs = (source <= state.draft_length)[None, :, None]
+    one_hot = torch.zeros_like(state.draft_probs).scatter_(-1, init[..., None], 1.0)
+    shifted_init = one_hot.index_select(1, (source - state.draft_length - 1).clamp(min=0))
+    state.draft_probs.copy_(torch.where(from_probs, probs.index_select(1, source.clamp(max=state.draft_length)), shifted_init))
+    state.accepted.add_(num_accepted + 1)
+
+
+def jacobi_update(state: SpeculativeState, probs: Tensor, drafts: Tensor, accept: Tensor, num_accepted: Tensor) -> Tensor:
+    """Codes (B, T) for window positions 0..L: committed up to a, then next iteration's drafts (§4.1-4.2)."""
+    batch = drafts.shape[0]
+    no_draft = torch.zeros_like(probs[:, :1])  # the bonus position L has no draft: residual = p
+    residual = (probs - torch.cat([state.draft_probs, no_draft], dim=1)).clamp_min(0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, probs)  # §4.1 pitfall: empty residual -> p
+    accept = torch.cat([accept, accept.new_zeros(batch, 1)], dim=1)  # (B, T)
+    drafts = torch.cat([drafts, drafts.new_zeros(batch, 1)], dim=1)
+    kept = torch.where(accept, drafts, draw(residual, state.noise))  # accept-or-residual: marginal p
+    if state.coupled:
+        return kept  # SCD: every later position keeps its draft with probability min(1, p/q)
+    fresh = draw(probs, state.noise)  # plain Jacobi update; position a uses `kept`, so one noise draw each
+    return torch.where(state.offsets[None, :] <= num_accepted, kept, fresh)
+
+
+def initial_drafts(state: SpeculativeState, first: Tensor, left: Tensor) -> Tensor:
+    """Codes (B, L) for new drafts at entries first .. first+L-1; ``left`` (B,) is the code at entry first-1.
+
+    ``repeat_horizon`` copies the nearest known token to the left in the same row (a row that starts inside
+    the block repeats the random code drawn for its first entry); ``random`` takes uniform codes (§4.1).
+    """
+    if state.draft_init == "random":
+        return state.init_codes
+    entries = first + state.offsets[:-1]  # (L,)
+    row_start = state.row_start.index_select(0, entries)
+    own_start = (row_start - first).clamp(min=0)  # block index of the row's first entry when it is inside
+    return torch.where((row_start < first)[None, :], left[:, None], state.init_codes.index_select(1, own_start))
+
+
+def _write(backbone: Backbone, state: SpeculativeState, entries: Tensor, codes: Tensor) -> None:
+    """Store codes (B, len) at entries (len,) as token ids, forced tokens respected."""
+    forced = state.forced.index_select(0, entries)[None, :]
+    state.tokens.index_copy_(1, entries, torch.where(forced >= 0, forced, backbone.code_ids(codes)))
+
+
+def start(backbone: Backbone, state: SpeculativeState, h: Tensor) -> None:
+    """Commit entry 0 from the prefill state h (B', D) and fill the first window with initial drafts."""
+    logits = guided(backbone.logits(h), state.sampling, backbone.native_cfg)  # (B, V)
+    first = draw(processed_probs(logits, state.sampling), state.noise[:, 0])  # (B,)
+    one = torch.ones((), dtype=torch.long, device=first.device)
+    init = initial_drafts(state, one, first)  # (B, L) entries 1 .. L
+    _write(backbone, state, torch.arange(state.draft_length + 1, device=first.device), torch.cat([first[:, None], init], 1))
+    state.draft_probs.zero_().scatter_(-1, init[..., None], 1.0)
+    state.accepted.fill_(1)
+
+
+def refill(state: SpeculativeState, generator: torch.Generator) -> None:
+    """Draw this iteration's randomness from the seeded generator, outside the compiled step."""
+    state.uniform.uniform_(generator=generator)
+    state.init_codes.random_(0, state.draft_probs.shape[-1], generator=generator)
+    if not state.sampling.is_greedy:
+        state.noise.exponential_(generator=generator)
+
+
+def decode(backbone: Backbone, step_fn: Callable, state: SpeculativeState, generator: torch.Generator) -> Generation:
+    """The plain loop: prefill, then ``step_fn(state)`` until every entry is committed."""
+    with torch.no_grad():
+        h, _ = prefill(backbone, state.prefix, state.cache)
+        refill(state, generator)
+        start(backbone, state, h)
+        committed = 1
+        while committed < state.num_entries:
+            refill(state, generator)
+            step_fn(state)
+            committed = int(state.accepted)  # the one host sync per iteration: the loop's stopping test
+            state.progress.append(committed)
+    is_cell = state.forced[: state.num_entries] < 0
+    codes = state.tokens[:, : state.num_entries][:, is_cell] - backbone.code_offset
+    return Generation(codes.view(-1, *state.grid).cpu(), num_forward_passes=1 + len(state.progress))
