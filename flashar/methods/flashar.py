@@ -26,6 +26,7 @@ from torch import Tensor
 from flashar import grid as G
 from flashar.backbone import KVCache, Prefix
 from flashar.branch import CORNER, cell_kinds
+from flashar.compilation import mark_static
 from flashar.config import Config, SamplingConfig
 from flashar.errors import FlashARError
 from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill, state_nbytes
@@ -35,6 +36,8 @@ from flashar.sampling import new_noise, sample
 
 class FlashAROptions(Config):
     adapter: Path | None = Field(None, description="Adapter folder written by `flashar adapt` (or a released FlashAR checkpoint the backend can read).")
+    buckets: int = Field(1, ge=1, description="Static diagonal sizes: 1 pads every diagonal to min(H, W) (one compiled graph); "
+                         "N pads each to the nearest of N sizes, cutting padded compute at the cost of N graphs.")
 
 
 NEVER = 1 << 30  # step id of scratch slots: never visible
@@ -46,7 +49,8 @@ class FlashARState:
     sampling: SamplingConfig
     cache: KVCache  # backbone, S >= P + N + 1 slots (the last image slot is scratch)
     branch_cache: KVCache  # vertical blocks, N + 1 slots
-    diagonals: Tensor  # (D, T) raster index of each slot of each diagonal, scratch N where padded
+    diagonals: dict[int, Tensor]  # size -> (D, size) raster index of each slot of each diagonal, scratch N where padded
+    sizes: list[int]  # the padded size used by step t (python ints, chosen in setup)
     positions: Tensor  # (N + 1, ...) position encoding of every cell (+ scratch)
     slot_step: Tensor  # (S,) diagonal of the cell stored in each backbone slot; -1 prefix, NEVER scratch/unused
     branch_step: Tensor  # (S_v,) diagonal of the cell in each branch slot; NEVER for scratch/unused
@@ -93,7 +97,8 @@ class FlashAR(Method):
         prefix = bb.prefix(conditions, cfg=sampling.use_cfg, grid=grid)
         rows = prefix.batch_size
         cache = bb.new_cache(rows, prefix.length + num_cells + 1)
-        diagonals, _ = G.diagonal_slots(height, width)
+        diagonals, valid = G.diagonal_slots(height, width)
+        tables, step_sizes = bucket_tables(diagonals.to(device), valid.sum(1).tolist(), self.options.buckets)
         steps = torch.cat([G.step_ids(height, width), torch.tensor([NEVER])])  # (N + 1,)
         slot_step = torch.full((cache.length,), NEVER)
         slot_step[: prefix.length] = -1
@@ -105,10 +110,10 @@ class FlashAR(Method):
         cells = torch.cat([G.raster_cells(height, width), torch.zeros(1, 2, dtype=torch.long)])
         left, up = G.neighbour_index(height, width)
         scratch = torch.tensor([num_cells])
-        return FlashARState(
+        state = FlashARState(
             prefix=prefix, sampling=sampling, cache=cache,
             branch_cache=branch_cache,
-            diagonals=diagonals.to(device), positions=bb.cell_positions(cells.to(device), prefix.length, grid=grid),
+            diagonals=tables, sizes=step_sizes, positions=bb.cell_positions(cells.to(device), prefix.length, grid=grid),
             slot_step=slot_step.to(device), branch_step=branch_step.to(device), key_valid=key_valid,
             left=torch.cat([left, scratch]).to(device), up=torch.cat([up, scratch]).to(device),
             kind=torch.cat([cell_kinds(height, width), torch.tensor([CORNER])]).to(device),
@@ -118,6 +123,8 @@ class FlashAR(Method):
             steps=torch.arange(G.num_diagonals(height, width), device=device),
             noise=new_noise((len(conditions), diagonals.shape[1], bb.codebook_size), device),
         )
+        mark_static(state.hidden, state.vertical, state.tokens, state.noise)  # mutated by the step / the loop
+        return state
 
     # --- the compiled step --------------------------------------------------------------------------
     def _append(self, st: FlashARState, cells: Tensor, s: Tensor) -> None:
@@ -149,9 +156,11 @@ class FlashAR(Method):
         codes = sample(guided(logits, st.sampling), st.noise[:, : cells.shape[0]], st.sampling)  # (B, T)
         st.tokens.index_copy_(1, cells, codes)
 
-    def _step(self, st: FlashARState, t: Tensor) -> None:
-        """Append diagonal t-1, predict diagonal t (t is a 0-d tensor; every shape is static)."""
-        previous, current = st.diagonals.index_select(0, torch.stack([t - 1, t])).unbind(0)  # (T,) each
+    def _step(self, st: FlashARState, t: Tensor, diagonals: Tensor) -> None:
+        """Append diagonal t-1, predict diagonal t (t is a 0-d tensor; every shape is static).
+
+        ``diagonals`` (D, T') is the padded diagonal table of the size this step uses."""
+        previous, current = diagonals.index_select(0, torch.stack([t - 1, t])).unbind(0)  # (T',) each
         self._append(st, previous, t - 1)
         self._predict(st, current, t)
 
@@ -169,7 +178,7 @@ class FlashAR(Method):
             self._prefill(st)
             for t in range(1, len(st.steps)):
                 self._refill(st, generator)
-                self.step(st, st.steps[t])
+                self.step(st, st.steps[t], st.diagonals[st.sizes[t]])
 
     def generate(self, conditions, grid, sampling, generator) -> Generation:
         st = self.setup(conditions, grid, sampling)
@@ -183,6 +192,7 @@ class FlashAR(Method):
         st.teacher = True
         st.tokens[:, :-1] = codes.flatten(1).to(st.tokens.device)
         st.logits = torch.zeros(st.prefix.batch_size, st.tokens.shape[1], self.backbone.codebook_size, device=st.tokens.device)
+        mark_static(st.logits)
         self._run(st, None)
         return st.logits[:, :-1]
 
@@ -190,6 +200,19 @@ class FlashAR(Method):
     def _refill(st: FlashARState, generator: torch.Generator | None) -> None:
         if generator is not None and not st.sampling.is_greedy:
             st.noise.exponential_(generator=generator)
+
+
+def bucket_tables(diagonals: Tensor, lengths: list[int], buckets: int) -> tuple[dict[int, Tensor], list[int]]:
+    """Padded diagonal tables per static size, and the size step t uses (it appends t-1 and predicts t).
+
+    Sizes are ceil(T * i / buckets) for i = 1..buckets with T = min(H, W); the valid cells of each
+    diagonal come first, so a table of size n is the first n columns of the full one.
+    """
+    full = diagonals.shape[1]
+    sizes = sorted({-(-full * i // buckets) for i in range(1, buckets + 1)})
+    need = [max(lengths[max(t - 1, 0)], lengths[t]) for t in range(len(lengths))]
+    chosen = [next(size for size in sizes if size >= n) for n in need]
+    return {size: diagonals[:, :size].contiguous() for size in set(chosen)}, chosen
 
 
 @hookimpl

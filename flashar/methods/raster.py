@@ -17,6 +17,7 @@ from torch import Tensor
 
 from flashar import grid as G
 from flashar.backbone import Backbone, KVCache, Prefix
+from flashar.compilation import mark_static
 from flashar.config import SamplingConfig
 from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill, state_nbytes
 from flashar.hookspecs import hookimpl
@@ -56,7 +57,7 @@ class Raster(Method):
         cache = bb.new_cache(prefix.batch_size, prefix.length + num_entries)
         device = bb.device
         forced = torch.where(is_cell, -1, bb.row_end_token if bb.row_end_token is not None else -1)
-        return RasterState(
+        state = RasterState(
             prefix=prefix, cache=cache, sampling=sampling,
             positions=bb.cell_positions(cells.to(device), prefix.length, native=True, grid=grid),
             slots=prefix.length + torch.arange(num_entries, device=device),
@@ -67,6 +68,8 @@ class Raster(Method):
             steps=torch.arange(num_entries, device=device),
             noise=new_noise((batch, bb.codebook_size), device),
         )
+        mark_static(state.tokens, state.noise)  # mutated by the step / refilled by the loop
+        return state
 
     def _draw(self, state: RasterState, logits: Tensor, j: Tensor) -> Tensor:
         """Guided, sampled code for sequence entry j (0-d), as a token id, forced tokens respected."""

@@ -118,3 +118,32 @@ def test_adapter_for_another_grid_is_refused():
     method = make_method(grid=(3, 4))
     with pytest.raises(Exception, match="trained for a 3x4 token grid"):
         method.generate([1], (4, 4), SamplingConfig(), make_generator(0, "cpu"))
+
+
+def test_bucketed_diagonals_decode_the_same_tokens_with_one_graph_per_size():
+    from flashar.methods.flashar import FlashAROptions
+
+    grid = (5, 6)
+    sampling = SamplingConfig(cfg_scale=2.0, top_k=8)
+    single = make_method(grid=grid).generate([1, 2], grid, sampling, make_generator(4, "cpu"))
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    method = make_method(grid=grid, compile=True, compile_backend=counter)
+    method.options = FlashAROptions(buckets=3)
+    bucketed = method.generate([1, 2], grid, sampling, make_generator(4, "cpu"))
+    method.generate([3, 4], grid, sampling, make_generator(5, "cpu"))
+    assert torch.equal(single.codes, bucketed.codes)
+    assert counter.frames == 3 and bucketed.num_forward_passes == 10
+
+
+def test_bucket_sizes_cover_every_step():
+    from flashar import grid as G
+    from flashar.methods.flashar import bucket_tables
+
+    index, valid = G.diagonal_slots(8, 8)
+    lengths = valid.sum(1).tolist()
+    tables, sizes = bucket_tables(index, lengths, 4)
+    assert sorted(tables) == [2, 4, 6, 8]
+    for t, size in enumerate(sizes):
+        assert size >= lengths[t] and (t == 0 or size >= lengths[t - 1])
+        assert torch.equal(tables[size][t][: lengths[t]], index[t][: lengths[t]])
