@@ -91,13 +91,24 @@ def flashar_adapter(backbone, grid) -> Adapter:
     return Adapter(new_metadata(backbone, head, grid), head, backbone)
 
 
-def build_methods(registry, names, backbone, grid, compile_modes):
+def parse_method(spec: str) -> tuple[str, dict]:
+    """'flashar:buckets=4' -> ('flashar', {'buckets': 4})."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(";")):
+        key, value = item.split("=")
+        options[key] = int(value) if value.isdigit() else value
+    return name, options
+
+
+def build_methods(registry, specs, backbone, grid, compile_modes):
     methods = {}
-    adapter = flashar_adapter(backbone, grid) if "flashar" in names else None
-    for name, mode in itertools.product(names, compile_modes):
+    adapter = flashar_adapter(backbone, grid)
+    for spec, mode in itertools.product(specs, compile_modes):
+        name, options = parse_method(spec)
         cls = registry.method(name)
         kwargs = {"adapter": adapter} if name == "flashar" else {}
-        methods[f"{name}/{mode}"] = cls(backbone, compile=mode == "compiled", **kwargs)
+        methods[f"{spec}/{mode}"] = cls(backbone, cls.Options(**options), compile=mode == "compiled", **kwargs)
     return methods
 
 
@@ -158,7 +169,7 @@ def run(args) -> dict:
     torch.set_grad_enabled(False)
     pm, infos = build_manager(load_entry_points=False)
     registry = Registry.from_manager(pm, infos)
-    names = [m for m in args.methods.split(",") if m in registry.methods]
+    names = [m for m in args.methods.split(",") if parse_method(m)[0] in registry.methods]
     report = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
               "cpu": cpu_model(), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
               "bandwidth_gbs": measure_bandwidth(device) / 1e9, "matmul_gflops": {}, "rows": []}
@@ -186,8 +197,8 @@ def run_config(args, registry, names, backbone, preset, dtype_name, grid, batch,
     raster = timings.get("raster/compiled") or timings.get("raster/eager")
     rows = []
     for name, t in timings.items():
-        method = name.split("/")[0]
-        bound, passes = ideal[f"{method}/eager"]
+        method = name.rsplit("/", 1)[0]
+        bound, passes = ideal[f"{method}/eager"] if f"{method}/eager" in ideal else (float("nan"), 0)
         rows.append({"model": preset, "dtype": dtype_name, "grid": f"{grid[0]}x{grid[1]}", "batch": batch, "method": name,
                      "forward_passes": t.forward_passes, "median_s": t.median, "seconds": t.seconds,
                      "compile_s": t.compile_seconds, "vs_raster": raster.median / t.median,
@@ -224,7 +235,8 @@ def main() -> None:
     parser.add_argument("--grids", default="16,24,32")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--methods", default="raster,flashar,sjd,zipar,gsd")
+    parser.add_argument("--methods", default="raster,flashar,flashar:buckets=4,sjd,zipar,gsd",
+                        help="method ids, with options as id:key=value;key=value")
     parser.add_argument("--compile", default="eager,compiled")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
