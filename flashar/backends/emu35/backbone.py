@@ -21,8 +21,9 @@ Protocol choices (spec §4-§6):
 * only the visual rows [151854, 151854 + 131072) of ``lm_head`` are ever multiplied (``Backbone.logits``);
 * native CFG mixes log-probabilities; the raster baseline forces EOL after every row but the last and
   stops when the grid is complete (the EOI the native model then emits is neither sampled nor fed);
-* FlashAR's uncond rows are the t2i template around an empty prompt (``unconditional="empty"``, the
-  released decoder's choice).
+* FlashAR: the uncond rows are the t2i template around an empty prompt (``unconditional="empty"``, the
+  released decoder's choice), K = 4 by default, and the released checkpoint loads through
+  :meth:`Emu35Backbone.read_adapter` (:mod:`.released`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Emu35Backbone(Backbone):
     row_end_token = 151846  # EOL, <|extra_200|>
     native_cfg = "log_softmax"
     sampling_defaults = {"cfg_scale": 5.0, "top_k": 5120, "top_p": 1.0, "temperature": 1.0}
+    default_branch = {"num_blocks": 4}  # the released FlashAR recipe: K = 4 vertical blocks, b = L - K (60 of 64)
 
     def __init__(self, config, text=None, vision=None, text_max_length: int | None = 128,
                  prefix_padding: Literal["right", "left"] = "right", placement: Placement | None = None):
@@ -151,6 +153,12 @@ class Emu35Backbone(Backbone):
             raise FlashARError("no Emu3.5 text tokenizer is loaded; pass --model-path (or --tokenizer-path) "
                                "with emu3.tiktoken and emu3_vision_tokens.txt")
         return self.text
+
+    def read_adapter(self, path, copy_backbone: bool):
+        """The released Emu3.5 FlashAR checkpoint (``lxazjk/Emu3.5-Image-FlashAR``), see :mod:`.released`."""
+        from flashar.backends.emu35.released import is_released, load_released
+
+        return load_released(path, self, copy_backbone) if is_released(path) else None
 
     # --- positions and layers -------------------------------------------------------------------
     def rope(self, position_ids: Tensor) -> Tensor:
