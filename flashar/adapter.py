@@ -7,7 +7,9 @@ and architecture, grid, branch layer b, K, gate, stage and step, and whether bac
 every backbone weight under ``backbone.*`` or LoRA factors under ``lora.*`` (merged on load).
 
 Loading validates the JSON first, refuses an adapter made for another backend, backbone or grid, builds
-the parts on ``meta`` and loads them strictly, naming any missing or unexpected key.
+the parts on ``meta`` and loads them strictly, naming any missing or unexpected key. Before reading this
+format, :func:`load_adapter` asks the backbone (``Backbone.read_adapter``) whether ``path`` is a FlashAR
+checkpoint in a layout its backend publishes (e.g. the released Emu3.5 FlashAR model) and returns that.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class Adapter:
     backbone: Backbone  # the adapted backbone (the base one when stage 2 left it unchanged)
 
     def check_grid(self, grid: tuple[int, int]) -> None:
-        if tuple(grid) != tuple(self.metadata.grid):
+        if self.metadata.grid is not None and tuple(grid) != tuple(self.metadata.grid):
             height, width = self.metadata.grid
             raise FlashARError(
                 f"this adapter was trained for a {height}x{width} token grid, not {grid[0]}x{grid[1]}; generate at "
@@ -96,8 +98,15 @@ def check_compatible(meta: AdapterMetadata, backbone: Backbone, path: Path) -> N
 
 
 def load_adapter(path: str | Path, backbone: Backbone, copy_backbone: bool = True) -> Adapter:
-    """Validate, then build the FlashAR parts on ``meta`` and load them (and any backbone weights) strictly."""
+    """Validate, then build the FlashAR parts on ``meta`` and load them (and any backbone weights) strictly.
+
+    Backbone weights the adapter carries go into a copy of ``backbone`` unless ``copy_backbone`` is False,
+    when they replace its own (no second copy of a large model).
+    """
     path = Path(path)
+    foreign = backbone.read_adapter(path, copy_backbone)
+    if foreign is not None:
+        return foreign
     meta = read_metadata(path)
     check_compatible(meta, backbone, path)
     state = load_weights(path / WEIGHTS)

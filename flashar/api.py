@@ -61,10 +61,23 @@ def _check_device(device: str) -> None:
 
 
 def build_method(name: str, backbone: Backbone, options: Mapping[str, Any] | Config | None = None, *,
-                 compile: bool = False, registry: Registry | None = None) -> Method:
-    """A registered decoding method bound to ``backbone`` (see ``flashar methods``)."""
+                 compile: bool = False, registry: Registry | None = None, own_backbone: bool = False) -> Method:
+    """A registered decoding method bound to ``backbone`` (see ``flashar methods``).
+
+    ``own_backbone=True`` when no other method uses ``backbone``: an adapter's backbone weights are then
+    loaded into it in place instead of into a copy (one large model in memory, not two).
+    """
     cls = (registry or get_registry()).method(name)
-    return cls(backbone, validated(cls.Options, options, f"method '{name}'"), compile=compile)
+    return cls(backbone, validated(cls.Options, options, f"method '{name}'"), compile=compile, own_backbone=own_backbone)
+
+
+def resolve_branch(backbone: Backbone, config, given: Mapping[str, Any] | None = None):
+    """``config`` (an AdaptConfig) with its branch from: library defaults < ``backbone.default_branch`` <
+    what the user set (``given``: BranchConfig fields from flags or a config file)."""
+    from flashar.config import BranchConfig
+
+    values = {**backbone.default_branch, **{k: v for k, v in (given or {}).items() if v is not None}}
+    return config.model_copy(update={"branch": validated(BranchConfig, values, "branch")})
 
 
 def resolve_sampling(backbone: Backbone, overrides: Mapping[str, Any] | None = None) -> SamplingConfig:

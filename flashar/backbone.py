@@ -3,9 +3,12 @@
 A backend subclasses :class:`Backbone` and supplies
 
 * geometry: ``grid(image_size) -> (H, W)``, the code range (``code_offset``, ``codebook_size``);
-* conditioning: ``prefix(conditions, cfg=..., grid=(H, W))`` -> :class:`Prefix` whose last valid position
-  predicts cell (0, 0); with CFG its rows are ``[cond; uncond]`` (flashar's order, whatever the model's
-  own). The grid is passed because some prefixes spell it out (Emu3.5's ``BOI "H*W" IMG``);
+* conditioning: ``prefix(conditions, cfg=..., grid=(H, W), unconditional=...)`` -> :class:`Prefix` whose last
+  valid position predicts cell (0, 0); with CFG its rows are ``[cond; uncond]`` (flashar's order, whatever
+  the model's own). The grid is passed because some prefixes spell it out (Emu3.5's ``BOI "H*W" IMG``).
+  ``unconditional`` picks the uncond rows: ``"native"`` is the model's own unconditional input (what its
+  raster sampler uses), ``"empty"`` the conditional template around an empty condition (what FlashAR
+  adapters are trained and decoded with); backends where the two coincide (a null class) ignore it;
 * positions: ``cell_positions(cells, prefix_length, grid=(H, W))`` for any set of grid cells, so tokens
   can be fed in any order and keep their raster geometry (2-D RoPE rows, 1-D position ids, which need
   W, ...). The tensor is opaque to methods except that its first axis indexes tokens;
@@ -17,7 +20,11 @@ A backend subclasses :class:`Backbone` and supplies
   than one linear map (Janus: an MLP before the final projection) overrides ``logits`` and ``dim``;
 * images: ``decode(codes)`` and ``encode(images)`` through the backend's tokenizer;
 * native layout: ``row_end_token`` (a token the model emits after every row but the last, e.g. Emu3.5's
-  EOL) and ``native_cfg`` (the space the model's own CFG mixes in), which only the raster baseline honours.
+  EOL) and ``native_cfg`` (the space the model's own CFG mixes in), which only the raster baseline honours;
+* FlashAR defaults and foreign checkpoints: ``default_branch`` (the vertical-branch settings `flashar adapt`
+  uses when the user sets none, e.g. K=4 for a 64-layer model) and ``read_adapter(path, copy_backbone)``,
+  which reads a FlashAR checkpoint published in a backend-specific layout (``load_adapter`` asks it before
+  reading flashar's own format).
 
 Shapes: B batch rows, T tokens in a chunk, S cache slots, D width, V codebook size.
 Masks are boolean, ``True`` = may attend, shape (B, 1, T, S) with a cache or (B, 1, T, T) without.
@@ -30,13 +37,17 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flashar.errors import FlashARError
+
+if TYPE_CHECKING:  # adapter.py imports this module
+    from flashar.adapter import Adapter
 
 
 @dataclass
@@ -122,6 +133,7 @@ class Backbone(nn.Module, ABC):
     native_cfg: Literal["logits", "log_softmax"] = "logits"
     sampling_defaults: dict[str, Any] = {}
     default_adapter: Any = None  # a FlashAR adapter folder shipped with the backend, if any
+    default_branch: dict[str, Any] = {}  # BranchConfig values `flashar adapt` uses unless the user sets them
     metric: str | None = None  # id of a registered MetricSpec suited to this backend's images
 
     def reference_images(self) -> Tensor | None:
@@ -162,9 +174,11 @@ class Backbone(nn.Module, ABC):
 
     # --- what a backend implements --------------------------------------------------------------
     @abstractmethod
-    def prefix(self, conditions: Sequence[Any], *, cfg: bool, grid: tuple[int, int] | None = None) -> Prefix:
+    def prefix(self, conditions: Sequence[Any], *, cfg: bool, grid: tuple[int, int] | None = None,
+               unconditional: Literal["native", "empty"] = "native") -> Prefix:
         """Embed the conditions (class ids or prompts) for an (H, W) ``grid``; with ``cfg`` append the
-        unconditional rows. Backends whose prefix does not depend on the grid ignore it."""
+        ``unconditional`` rows (see the module docstring). Backends whose prefix does not depend on the
+        grid ignore it."""
 
     @abstractmethod
     def cell_positions(self, cells: Tensor, prefix_length: int, native: bool = False,
@@ -195,6 +209,15 @@ class Backbone(nn.Module, ABC):
     @abstractmethod
     def architecture(self) -> dict[str, Any]:
         """JSON-able description of the architecture (sizes, vocabulary, preset name)."""
+
+    def read_adapter(self, path: Path, copy_backbone: bool) -> Adapter | None:
+        """A FlashAR checkpoint in a layout this backend publishes, or None when ``path`` is not one.
+
+        ``copy_backbone=False`` lets the backend load backbone weights the checkpoint carries into this
+        backbone in place. The default knows no foreign layout; :func:`flashar.adapter.load_adapter` then
+        reads flashar's own format.
+        """
+        return None
 
     # --- shared machinery -----------------------------------------------------------------------
     def forward(self, x: Tensor, positions: Tensor, mask: Tensor, cache: KVCache | None = None,

@@ -126,7 +126,8 @@ def generate(ctx: click.Context, **values) -> None:
     runtime = runtime_from(values)
     backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
     method_cls = registry.method(values["method"])
-    method = api.build_method(values["method"], backbone, pick(method_cls.Options, values), compile=runtime.compile, registry=registry)
+    method = api.build_method(values["method"], backbone, pick(method_cls.Options, values), compile=runtime.compile,
+                              registry=registry, own_backbone=True)  # the only method here: adapt the backbone in place
     sampling = api.resolve_sampling(backbone, pick(SamplingConfig, values))
     with _progress(len(conditions), f"{values['method']} decoding", values["as_json"]) as advance:
         result = api.generate(method, conditions, values["image_size"], sampling, values["batch_size"], runtime.seed, advance)
@@ -166,10 +167,15 @@ def adapt(ctx: click.Context, **values) -> None:
 
     registry = registry_of(ctx)
     check_foreign(values, registry, values["backend"], [])
-    config = api.validated(AdaptConfig, nested_config(AdaptConfig, values, load_json(values["config"]) if values["config"] else None), "adapt")
+    base = load_json(values["config"]) if values["config"] else {}
+    if not isinstance(base, dict):
+        raise click.BadParameter("must hold a JSON object of AdaptConfig fields", param_hint="--config")
+    config = api.validated(AdaptConfig, nested_config(AdaptConfig, values, base), "adapt")
     runtime = runtime_from(values)
     api.ensure_output(values["out"], resume=values["resume"])
     backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
+    file_branch = base.get("branch") if isinstance(base.get("branch"), dict) else {}
+    config = api.resolve_branch(backbone, config, {**file_branch, **pick(BranchConfig, values)})  # user > backend > library
     data = api.load_data(backbone, values["data_dir"], values["codes_dir"], values["image_size"], values["cache_dir"])
     total = sum(s.steps for s in (config.stage1, config.stage2) if s is config.stage1 or config.stage2_mode != "none")
     with _train_progress(total) as on_step:

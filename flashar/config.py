@@ -117,7 +117,8 @@ class AdapterMetadata(Config):
     backend: str = Field(..., description="Backend id of the base backbone.")
     backbone_fingerprint: str = Field(..., description="Fingerprint of the base backbone the adapter was trained from.")
     backbone_architecture: dict = Field(default_factory=dict)
-    grid: tuple[int, int] = Field(..., description="Token grid (H, W) the adapter was trained for.")
+    grid: tuple[int, int] | None = Field(..., description="Token grid (H, W) the adapter was trained for; None when the "
+                                         "checkpoint does not record one (any grid is then accepted).")
     branch: BranchConfig
     branch_layer: int = Field(..., ge=0, description="b, resolved.")
     num_blocks: int = Field(..., ge=1, description="K.")

@@ -54,10 +54,13 @@ class Method(ABC):
     requires_adapter: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone, options: Config | None = None, *, compile: bool = False,
-                 compile_backend: str | Callable = "inductor", adapter: Any = None):
+                 compile_backend: str | Callable = "inductor", adapter: Any = None, own_backbone: bool = False):
+        """``own_backbone``: the caller lends ``backbone`` to this method alone, so the method may change it
+        in place (e.g. load an adapter's backbone weights into it rather than into a copy)."""
         self.backbone = backbone
         self.options = options if options is not None else self.Options()
         self.adapter = adapter
+        self.own_backbone = own_backbone
         self.step = compile_step(self._step, backbone.device, compile_backend) if compile else self._step
 
     @abstractmethod

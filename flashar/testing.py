@@ -231,6 +231,14 @@ class BackboneConformance:
         assert both.valid[rows, both.last].all(), "the last position must be valid"
         assert both.positions.shape[0] == both.length
 
+    def test_empty_unconditional_rows_keep_the_conditional_rows(self, backbone):
+        cond = backbone.prefix(self.conditions, cfg=False, grid=self.grid)
+        both = backbone.prefix(self.conditions, cfg=True, grid=self.grid, unconditional="empty")
+        batch = len(self.conditions)
+        assert both.batch_size == 2 * batch
+        assert torch.equal(both.embeds[:batch][both.valid[:batch]], cond.embeds[cond.valid])  # any padding side
+        assert both.valid[torch.arange(2 * batch), both.last].all()
+
     def test_positions_do_not_depend_on_order(self, backbone):
         cells = G.raster_cells(*self.grid).to(backbone.device)
         order = torch.randperm(len(cells), generator=torch.Generator().manual_seed(0)).to(backbone.device)

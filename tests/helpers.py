@@ -94,26 +94,32 @@ def random_emu35_state(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
+def write_two_shards(folder: Path, state: dict[str, torch.Tensor], first: tuple[str, ...]) -> None:
+    """``state`` as Hugging Face writes it: two safetensors shards (keys starting with ``first`` in the
+    first) and ``model.safetensors.index.json``."""
+    from safetensors.torch import save_file
+
+    keys = [k for k in state if k.startswith(first)]
+    shards = {"model-00001-of-00002.safetensors": keys,
+              "model-00002-of-00002.safetensors": [k for k in state if k not in keys]}
+    for name, names in shards.items():
+        save_file({k: state[k] for k in names}, str(folder / name), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+             "weight_map": {k: name for name, names in shards.items() for k in names}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def write_emu35(folder: Path, seed: int = 0, **overrides) -> dict:
     """A tiny Emu3.5 in the published layout: config.json, two bf16 shards + index, the real tokenizer files,
     and a tiny IBQ (config.json + model.safetensors) in ``folder/vq``; returns the backend options."""
     import shutil
-
-    from safetensors.torch import save_file
 
     config = {**TINY_EMU35, **overrides}
     model_dir, vq_dir = folder / "emu35", folder / "vq"
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.json").write_text(json.dumps(config, indent=2))
     state = random_emu35_state(config, seed)
-    first = [k for k in state if k.startswith(("model.embed_tokens", "model.layers.0."))]
-    shards = {"model-00001-of-00002.safetensors": first,
-              "model-00002-of-00002.safetensors": [k for k in state if k not in first]}
-    for name, keys in shards.items():
-        save_file({k: state[k] for k in keys}, str(model_dir / name), metadata={"format": "pt"})
-    index = {"metadata": {"total_size": sum(v.numel() * 2 for v in state.values())},
-             "weight_map": {k: name for name, keys in shards.items() for k in keys}}
-    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_two_shards(model_dir, state, first=("model.embed_tokens", "model.layers.0."))
     for path in emu35_tokenizer_files():
         shutil.copy(path, model_dir / path.name)
     write_ibq(vq_dir, seed + 100)
@@ -143,4 +149,48 @@ def write_ibq(folder: Path, seed: int = 0, layout: str = "safetensors") -> Path:
                 "embed_dim": TINY_IBQ["embed_dim"], "beta": 0.25, "use_entropy_loss": False}
         (folder / "config.yaml").write_text(json.dumps(yaml))  # JSON is valid YAML
         torch.save({"state_dict": state}, folder / "model.ckpt")
+    return folder
+
+
+def write_emu35_flashar(folder: Path, model_path: Path, num_blocks: int, branch_layer: int, seed: int = 1,
+                        **config_overrides) -> Path:
+    """A FlashAR checkpoint of the tiny base at ``model_path`` in the released layout (lxazjk/Emu3.5-Image-FlashAR,
+    written by the reference trainer's ``_write_hf_checkpoint_dir``): the whole ``Emuflashar`` state dict under its
+    published names in two bf16 shards + index, ``config.json`` (``emu3_flashar``), ``checkpoint_meta.json``.
+
+    The backbone is the base plus noise (a fine-tuned copy), the vertical blocks copies of layers [b, b+K) plus
+    noise, and the gates are random (trained gates are not 0.5)."""
+    from safetensors.torch import load_file
+
+    base = {}
+    for shard in sorted(model_path.glob("model-*.safetensors")):
+        base.update(load_file(str(shard)))
+    config = json.loads((model_path / "config.json").read_text())
+    generator = torch.Generator().manual_seed(seed)
+    noisy = lambda t, scale=0.02: (t.float() + scale * torch.randn(t.shape, generator=generator)).to(torch.bfloat16)
+    state = {("backbone." + k[len("model."):]): noisy(v) for k, v in base.items() if k.startswith("model.")}
+    state["horizontal_head.weight"] = noisy(base["lm_head.weight"])
+    for j in range(num_blocks):
+        source = f"model.layers.{branch_layer + j}."
+        state.update({f"vertical_block.{j}.{k[len(source):]}": noisy(v) for k, v in base.items() if k.startswith(source)})
+    dim = config["hidden_size"]
+    width = max(64, dim // 8)
+    state["vertical_norm.weight"] = noisy(torch.ones(dim), 0.1)
+    state["vertical_head.weight"] = noisy(base["lm_head.weight"])
+    for name, shape, scale in (("hv_gate_mlp.0.weight", (width, 2 * dim), 0.1), ("hv_gate_mlp.2.weight", (1, width), 0.3),
+                               ("hv_gate_mlp.2.bias", (1,), 0.3), ("hv_gate_corner.weight", (1, dim), 0.3),
+                               ("hv_gate_corner.bias", (1,), 0.3)):
+        state[name] = noisy(torch.zeros(shape), scale)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_two_shards(folder, state, first=("backbone.embed_tokens", "backbone.layers.0."))
+    released = {"model_type": "emu3_flashar", "architectures": ["Emuflashar"], "format": "hf_safetensors",
+                "format_version": 1, "base_model_name_or_path": str(model_path), "tokenizer_name_or_path": "",
+                "vq_model_name_or_path": "", "torch_dtype": "bf16", "vocab_size": config["vocab_size"], "hidden_size": dim,
+                "visual_token_offset": config["eoi_token_id"] + 1, "use_vertical_block": True,
+                "vertical_layers": num_blocks, "vertical_start_layer": branch_layer, "backbone_config": config,
+                **config_overrides}
+    (folder / "config.json").write_text(json.dumps(released, indent=2))
+    (folder / "checkpoint_meta.json").write_text(json.dumps({"format": "hf_safetensors", "global_step": 74000,
+                                                             "epoch": None, "save_reason": "final"}))
+    (folder / "configuration.json").write_text(json.dumps({"framework": "pytorch", "task": "text-to-image"}))
     return folder

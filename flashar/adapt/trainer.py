@@ -83,7 +83,8 @@ class AdaptModel(nn.Module):
         self.backbone, self.head = backbone, head
 
     def forward(self, codes: Tensor, conditions: list, dropped: Tensor, cfg: StageConfig) -> tuple[Tensor, dict[str, float]]:
-        prefix = dropout_prefix(self.backbone.prefix(conditions, cfg=True, grid=tuple(codes.shape[1:])), dropped)
+        both = self.backbone.prefix(conditions, cfg=True, grid=tuple(codes.shape[1:]), unconditional="empty")
+        prefix = dropout_prefix(both, dropped)  # the uncond rows FlashAR decodes with (methods/flashar.py)
         out = flashar_logits(self.backbone, self.head, prefix, codes)
         ce = cross_entropy(out.fused, codes)
         loss, metrics = ce, {"ce": ce.item()}

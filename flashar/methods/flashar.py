@@ -73,15 +73,17 @@ class FlashAR(Method):
     Options = FlashAROptions
     requires_adapter = True
 
-    def __init__(self, backbone, options=None, *, compile=False, compile_backend="inductor", adapter=None):
+    def __init__(self, backbone, options=None, *, compile=False, compile_backend="inductor", adapter=None,
+                 own_backbone=False):
         if adapter is None:
             from flashar.adapter import load_adapter
 
             path = options.adapter if options is not None and options.adapter is not None else backbone.default_adapter
             if path is None:
                 raise FlashARError("method 'flashar' needs an adapter; pass --adapter DIR (a folder written by `flashar adapt`)")
-            adapter = load_adapter(path, backbone)
-        super().__init__(adapter.backbone, options, compile=compile, compile_backend=compile_backend, adapter=adapter)
+            adapter = load_adapter(path, backbone, copy_backbone=not own_backbone)
+        super().__init__(adapter.backbone, options, compile=compile, compile_backend=compile_backend, adapter=adapter,
+                         own_backbone=own_backbone)
         self.head = adapter.head
 
     @staticmethod
@@ -94,7 +96,8 @@ class FlashAR(Method):
         height, width = grid
         self.adapter.check_grid(grid)
         num_cells = height * width
-        prefix = bb.prefix(conditions, cfg=sampling.use_cfg, grid=grid)
+        # the uncond rows the FlashAR parts are trained with (the conditional template around an empty condition)
+        prefix = bb.prefix(conditions, cfg=sampling.use_cfg, grid=grid, unconditional="empty")
         rows = prefix.batch_size
         cache = bb.new_cache(rows, prefix.length + num_cells + 1)
         diagonals, valid = G.diagonal_slots(height, width)

@@ -35,12 +35,15 @@ class Emu35Options(Config):
 def load(options: Emu35Options, runtime: RuntimeConfig):
     import torch
 
-    from flashar.backends.emu35.loader import load_language_model, load_vision
+    from flashar.backends.emu35.loader import load_language_model, load_vision, qwen3_config
+    from flashar.io import load_json
     from flashar.backends.emu35.placement import Placement
     from flashar.backends.emu35.text import Emu35TextTokenizer
 
     if not options.model_path.is_dir():
         raise CheckpointError(f"--model-path {options.model_path} is not a folder; pass the Emu3.5(-Image) download folder")
+    config_file = options.model_path / "config.json"
+    qwen3_config(load_json(config_file), config_file)  # a wrong folder fails here, before the tokenizer is read
     placement = Placement.from_options(runtime.device, options.device_map)
     text = Emu35TextTokenizer(options.tokenizer_path or options.model_path)
     vision = None

@@ -20,7 +20,10 @@ Protocol choices (spec §4-§6):
   at the padded length P;
 * only the visual rows [151854, 151854 + 131072) of ``lm_head`` are ever multiplied (``Backbone.logits``);
 * native CFG mixes log-probabilities; the raster baseline forces EOL after every row but the last and
-  stops when the grid is complete (the EOI the native model then emits is neither sampled nor fed).
+  stops when the grid is complete (the EOI the native model then emits is neither sampled nor fed);
+* FlashAR: the uncond rows are the t2i template around an empty prompt (``unconditional="empty"``, the
+  released decoder's choice), K = 4 by default, and the released checkpoint loads through
+  :meth:`Emu35Backbone.read_adapter` (:mod:`.released`).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class Emu35Backbone(Backbone):
     row_end_token = 151846  # EOL, <|extra_200|>
     native_cfg = "log_softmax"
     sampling_defaults = {"cfg_scale": 5.0, "top_k": 5120, "top_p": 1.0, "temperature": 1.0}
+    default_branch = {"num_blocks": 4}  # the released FlashAR recipe: K = 4 vertical blocks, b = L - K (60 of 64)
 
     def __init__(self, config, text=None, vision=None, text_max_length: int | None = 128,
                  prefix_padding: Literal["right", "left"] = "right", placement: Placement | None = None):
@@ -114,14 +118,18 @@ class Emu35Backbone(Backbone):
                 "rope_parameters": dict(self.config.rope_parameters)}
 
     # --- conditioning (spec §4-§5) ------------------------------------------------------------------
-    def prefix(self, conditions: Sequence[Any], *, cfg: bool, grid: tuple[int, int] | None = None) -> Prefix:
-        """Rows ``[template(prompt) + BOI "H*W" IMG]`` for every prompt, then (``cfg``) the "no_text" rows."""
+    def prefix(self, conditions: Sequence[Any], *, cfg: bool, grid: tuple[int, int] | None = None,
+               unconditional: Literal["native", "empty"] = "native") -> Prefix:
+        """Rows ``[template(prompt) + BOI "H*W" IMG]`` for every prompt, then (``cfg``) the unconditional rows:
+        Emu3.5's "no_text" template (``native``, its own sampler) or the t2i template around an empty prompt
+        (``empty``, what the released FlashAR code decodes with, spec §5.1, emu35_glm.md §6)."""
         height, width = self._grid(grid)
         text = self._text()
         image = text.image_prefix(height, width)
         rows = [text.template(self._prompt(c), self.text_max_length) + image for c in conditions]
         if cfg:
-            rows += [text.template(None) + image] * len(conditions)
+            uncond = text.template(None if unconditional == "native" else "")
+            rows += [uncond + image] * len(conditions)
         ids, valid, last = pad_rows(rows, text.ids.pad, self.prefix_padding)  # (B, P), (B, P), (B,)
         positions = self.rope(torch.arange(ids.shape[1], device=self.device))
         return Prefix(self.embed(ids.to(self.device)), valid.to(self.device), positions, last.to(self.device))
@@ -145,6 +153,12 @@ class Emu35Backbone(Backbone):
             raise FlashARError("no Emu3.5 text tokenizer is loaded; pass --model-path (or --tokenizer-path) "
                                "with emu3.tiktoken and emu3_vision_tokens.txt")
         return self.text
+
+    def read_adapter(self, path, copy_backbone: bool):
+        """The released Emu3.5 FlashAR checkpoint (``lxazjk/Emu3.5-Image-FlashAR``), see :mod:`.released`."""
+        from flashar.backends.emu35.released import is_released, load_released
+
+        return load_released(path, self, copy_backbone) if is_released(path) else None
 
     # --- positions and layers -------------------------------------------------------------------
     def rope(self, position_ids: Tensor) -> Tensor:

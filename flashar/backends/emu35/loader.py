@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -38,6 +38,9 @@ def qwen3_config(raw: dict[str, Any], path: str | Path):
     """An Emu3.5 ``config.json`` dict -> the equivalent transformers ``Qwen3Config`` (biases off, untied head)."""
     from transformers import Qwen3Config
 
+    if raw.get("model_type") == "emu3_flashar":
+        raise CheckpointError(f"{path} belongs to a FlashAR checkpoint (model_type 'emu3_flashar'); pass its folder as "
+                              "--adapter with --method flashar, and the base Emu3.5-Image folder as --model-path")
     if raw.get("model_type") != "Emu3" or "Emu3ForCausalLM" not in raw.get("architectures", []):
         raise CheckpointError(
             f"{path} is not an Emu3.5 language-model config (model_type {raw.get('model_type')!r}, architectures "
@@ -58,7 +61,7 @@ def qwen3_config(raw: dict[str, Any], path: str | Path):
                        attention_dropout=0.0, use_sliding_window=False)
 
 
-def shard_map(folder: Path) -> dict[str, Path]:
+def shard_map(folder: Path, hint: str = "pass the Emu3.5(-Image) folder as --model-path") -> dict[str, Path]:
     """Every parameter name -> the shard file that holds it, from the index (or the single file)."""
     index = folder / INDEX_FILE
     if index.is_file():
@@ -75,8 +78,7 @@ def shard_map(folder: Path) -> dict[str, Path]:
 
         with safe_open(str(folder / SINGLE_FILE), framework="pt") as f:
             return {key: folder / SINGLE_FILE for key in f.keys()}
-    raise CheckpointError(f"no {INDEX_FILE} or {SINGLE_FILE} in {folder}; "
-                          "pass the Emu3.5(-Image) folder as --model-path")
+    raise CheckpointError(f"no {INDEX_FILE} or {SINGLE_FILE} in {folder}; {hint}")
 
 
 def shard_shapes(shards: dict[str, Path]) -> dict[str, torch.Tensor]:
@@ -95,16 +97,19 @@ def shard_shapes(shards: dict[str, Path]) -> dict[str, torch.Tensor]:
     return shapes
 
 
-def load_shards(shards: dict[str, Path], dtype: torch.dtype, placement: Placement) -> dict[str, torch.Tensor]:
-    """Read every tensor once (memory-mapped) and cast it on the device that will hold it."""
+def iter_shard_tensors(shards: dict[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every (key, CPU tensor) of the shards, read one tensor at a time from memory-mapped files."""
     from safetensors import safe_open
 
-    state = {}
     for path in sorted(set(shards.values())):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in (k for k, p in shards.items() if p == path):
-                state[key] = f.get_tensor(key).to(device=placement.device_of(key), dtype=dtype)
-    return state
+                yield key, f.get_tensor(key)
+
+
+def load_shards(shards: dict[str, Path], dtype: torch.dtype, placement: Placement) -> dict[str, torch.Tensor]:
+    """Read every tensor once (memory-mapped) and cast it on the device that will hold it."""
+    return {key: t.to(device=placement.device_of(key), dtype=dtype) for key, t in iter_shard_tensors(shards)}
 
 
 def load_language_model(folder: str | Path, dtype: torch.dtype, placement: Placement, text: Emu35TextTokenizer,

@@ -56,7 +56,9 @@ class LlamaGenBackbone(Backbone):
         return {"backend": self.backend_id, "preset": self.preset, **self.config.model_dump()}
 
     # --- conditioning ---------------------------------------------------------------------------
-    def prefix(self, conditions: Sequence[Any], *, cfg: bool, grid: tuple[int, int] | None = None) -> Prefix:
+    def prefix(self, conditions: Sequence[Any], *, cfg: bool, grid: tuple[int, int] | None = None,
+               unconditional: str = "native") -> Prefix:
+        """The null class (c2i) or the null caption (t2i) is the unconditional row either way."""
         if self.config.model_type == "c2i":
             embeds = self.cls_embedding(self._class_ids(conditions, cfg))  # (B, 1, D)
             valid = torch.ones(embeds.shape[:2], dtype=torch.bool, device=self.device)
