@@ -109,7 +109,8 @@ class JanusBackbone(Backbone):
         return grid
 
     # --- conditioning ---------------------------------------------------------------------------
-    def prefix(self, conditions: Sequence[Any], *, cfg: bool, grid: tuple[int, int] | None = None) -> Prefix:
+    def prefix(self, conditions: Sequence[Any], *, cfg: bool, grid: tuple[int, int] | None = None,
+               unconditional: str = "native") -> Prefix:
         if self.prompts is None:
             raise FlashARError("this Janus backbone has no text tokenizer; load it from a folder with tokenizer files")
         ids, valid = self.prompts.batch(conditions, cfg)  # (B', P), rows [cond; uncond]
