@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results/latency_gpu.json}"
-python benchmarks/latency.py --device cuda --dtypes bfloat16 --models GPT-B --grids 32,16 --batches 1 \
+"${PYTHON:-python}" benchmarks/latency.py --device cuda --dtypes bfloat16 --models GPT-B --grids 32,16 --batches 1 \
     --methods raster,flashar,flashar:buckets=4,zipar,sjd --compile eager,compiled --repeats 3 --out "$out"
