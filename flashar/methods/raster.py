@@ -76,7 +76,8 @@ class Raster(Method):
         sampling = state.sampling
         use_cfg = (j <= sampling.cfg_interval + 1) | (sampling.cfg_interval < 0)
         code = sample(guided(logits, sampling, self.backbone.native_cfg, use_cfg), state.noise, sampling)
-        return torch.where(state.forced[j] >= 0, state.forced[j], self.backbone.code_ids(code))
+        forced = state.forced.index_select(0, j.view(1))  # (1,); not forced[j], which torch may read as an int
+        return torch.where(forced >= 0, forced, self.backbone.code_ids(code))
 
     def _step(self, state: RasterState, j: Tensor) -> None:
         """Feed entry j-1, predict entry j, write it into ``state.tokens`` (all shapes static)."""

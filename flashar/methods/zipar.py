@@ -197,13 +197,14 @@ class ZipAR(Method):
     def _step(self, state: ZipARState, k: Tensor) -> None:
         """Feed chunk k, sample every row's next token, write them into ``state.tokens`` (static shapes)."""
         bb, sampling = self.backbone, state.sampling
-        src, dst, slots, raster = state.src[k], state.dst[k], state.slots[k], state.query_raster[k]  # (T,) each
+        row = k.view(1)  # index_select, not t[k]: a 0-d tensor index would become a data-dependent int
+        src, dst, slots, raster = (t.index_select(0, row)[0] for t in (state.src, state.dst, state.slots, state.query_raster))
         ids = state.tokens.index_select(1, src)  # (B, T)
         if sampling.use_cfg:
             ids = torch.cat([ids, ids])  # both CFG halves consume the same tokens
         visible = (state.slot_raster[None, :] <= raster[:, None]) & (state.slot_written[None, :] <= k)
         mask = key_mask(state.key_valid, visible | (state.slot_index[None, :] == slots[:, None]))  # (B', 1, T, S)
-        h, _ = bb(bb.embed(ids), state.positions.index_select(0, state.position_index[k]), mask, state.cache, slots)
+        h, _ = bb(bb.embed(ids), state.positions.index_select(0, state.position_index.index_select(0, row)[0]), mask, state.cache, slots)
         use_cfg = ((dst <= sampling.cfg_interval + 1) | (sampling.cfg_interval < 0))[:, None]  # raster's entries
         codes = sample(guided(bb.logits(h), sampling, bb.native_cfg, use_cfg), state.noise, sampling)  # (B, T)
         forced = state.forced.index_select(0, dst)[None, :]
