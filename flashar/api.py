@@ -24,7 +24,7 @@ from flashar.backbone import Backbone
 from flashar.config import Config, RuntimeConfig, SamplingConfig
 from flashar.decoding import Method
 from flashar.errors import FlashARError
-from flashar.io import atomic_path, ensure_writable_dir, save_png
+from flashar.io import atomic_path, check_writable_dir, ensure_writable_dir, save_png
 from flashar.plugins import Registry, get_registry
 from flashar.sampling import make_generator
 
@@ -143,12 +143,18 @@ def save_tokens(codes: torch.Tensor, path: str | Path) -> Path:
 
 
 def ensure_output(out_dir: str | Path, resume: bool = False) -> Path:
-    """Check an adaptation output folder before any work: writable, and not silently overwritten."""
+    """Check an adaptation output folder before any work: writable, and not silently overwritten.
+
+    Creates nothing: the trainer makes the folder when it starts writing.
+    """
+    from flashar.adapt.checkpoint import latest_checkpoint
+
     out_dir = Path(out_dir)
-    taken = out_dir.is_dir() and any((out_dir / name).exists() for name in ("checkpoints", "config.json", "model.safetensors"))
+    taken = out_dir.is_dir() and (latest_checkpoint(out_dir) is not None
+                                  or any((out_dir / name).exists() for name in ("config.json", "model.safetensors")))
     if taken and not resume:
         raise FlashARError(f"{out_dir} already holds an adapter or checkpoints; pass --resume to continue it or choose a new --out")
-    return ensure_writable_dir(out_dir)
+    return check_writable_dir(out_dir)
 
 
 def load_data(backbone: Backbone, data_dir: str | Path | None = None, codes_dir: str | Path | None = None,
@@ -167,12 +173,16 @@ def load_data(backbone: Backbone, data_dir: str | Path | None = None, codes_dir:
     return tokenize_folder(backbone, data_dir, image_size, Path(cache_dir) if cache_dir else None)
 
 
-def adapt(backbone: Backbone, data, config, out_dir: str | Path, resume: bool = False, on_step=None):
-    """Two-stage adaptation; writes ``config.json`` + ``model.safetensors`` into ``out_dir``."""
+def adapt(backbone: Backbone, data, config, out_dir: str | Path, resume: bool = False, on_step=None, place=None):
+    """Two-stage adaptation; writes ``config.json`` + ``model.safetensors`` into ``out_dir``.
+
+    Under torchrun every process calls this with the same arguments (``place`` from
+    :func:`flashar.adapt.distributed.session`); the main process writes.
+    """
     from flashar.adapt.trainer import Run
     from flashar.adapt.trainer import adapt as run_adaptation
 
-    return run_adaptation(backbone, Run(data, config, Path(out_dir), on_step=on_step), resume=resume)
+    return run_adaptation(backbone, Run(data, config, Path(out_dir), on_step=on_step, place=place), resume=resume)
 
 
 def quality_inputs(backbone: Backbone, config, fid_weights=None, reference_dir=None, registry: Registry | None = None):

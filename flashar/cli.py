@@ -29,6 +29,7 @@ from flashar.cliutils import (
     user_errors,
 )
 from flashar.config import AdaptConfig, BranchConfig, CompareConfig, RuntimeConfig, SamplingConfig, StageConfig
+from flashar.errors import FlashARError
 from flashar.io import load_json
 
 
@@ -161,20 +162,38 @@ def generate(ctx: click.Context, **values) -> None:
 @click.pass_context
 @user_errors
 def adapt(ctx: click.Context, **values) -> None:
-    """Two-stage FlashAR adaptation of a backbone on your images; writes an adapter folder."""
+    """Two-stage FlashAR adaptation of a backbone on your images; writes an adapter folder.
+
+    Under `torchrun --nproc-per-node N -m flashar adapt ...` it runs data-parallel (see docs/distributed.md).
+    """
     from flashar import api
+    from flashar.adapt.distributed import main_first, session
 
     registry = registry_of(ctx)
     check_foreign(values, registry, values["backend"], [])
-    config = api.validated(AdaptConfig, nested_config(AdaptConfig, values, load_json(values["config"]) if values["config"] else None), "adapt")
+    config = api.validated(AdaptConfig, nested_config(AdaptConfig, values, config_file(values["config"])), "adapt")
     runtime = runtime_from(values)
     api.ensure_output(values["out"], resume=values["resume"])
-    backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
-    data = api.load_data(backbone, values["data_dir"], values["codes_dir"], values["image_size"], values["cache_dir"])
-    total = sum(s.steps for s in (config.stage1, config.stage2) if s is config.stage1 or config.stage2_mode != "none")
-    with _train_progress(total) as on_step:
-        api.adapt(backbone, data, config, values["out"], resume=values["resume"], on_step=on_step)
-    console().print(f"adapter written to {values['out']} (use: flashar generate --method flashar --adapter {values['out']})")
+    with session(runtime.device) as (place, device):
+        runtime = runtime.model_copy(update={"device": device})  # cuda:LOCAL_RANK under torchrun
+        backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
+        with main_first(place):  # the main process tokenises and fills the cache, the others read it
+            data = api.load_data(backbone, values["data_dir"], values["codes_dir"], values["image_size"], values["cache_dir"])
+        total = sum(s.steps for s in (config.stage1, config.stage2) if s is config.stage1 or config.stage2_mode != "none")
+        with _train_progress(total, quiet=not place.is_main) as on_step:
+            api.adapt(backbone, data, config, values["out"], resume=values["resume"], on_step=on_step, place=place)
+    if place.is_main:
+        console().print(f"adapter written to {values['out']} (use: flashar generate --method flashar --adapter {values['out']})")
+
+
+def config_file(path: Path | None) -> dict | None:
+    """The JSON object of an adapt ``--config`` file (nested like AdaptConfig)."""
+    if path is None:
+        return None
+    data = load_json(path)
+    if not isinstance(data, dict):
+        raise FlashARError(f"--config {path} must hold a JSON object of AdaptConfig fields, got {type(data).__name__}")
+    return data
 
 
 @cli.command(cls=PluginCommand, plugin_params=backend_and_method_options)
@@ -200,7 +219,7 @@ def compare(ctx: click.Context, **values) -> None:
     config = api.validated(CompareConfig, {**pick(CompareConfig, values), "methods": names,
                                            "seeds": parse_classes(values["seeds"], "--seeds")}, "compare")
     if values["out"]:
-        api.ensure_writable_dir(values["out"])
+        api.check_writable_dir(values["out"])
     runtime = runtime_from(values)
     backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
     methods = {n: api.build_method(n, backbone, pick(registry.method(n).Options, values), compile=runtime.compile, registry=registry) for n in names}
@@ -217,12 +236,14 @@ def compare(ctx: click.Context, **values) -> None:
 
 
 class _train_progress:
-    """A rich progress bar with the loss and gate statistics of the last step."""
+    """A rich progress bar with the loss and gate statistics of the last step (none when ``quiet``)."""
 
-    def __init__(self, total: int):
-        self.total = total
+    def __init__(self, total: int, quiet: bool = False):
+        self.total, self.quiet = total, quiet
 
     def __enter__(self):
+        if self.quiet:
+            return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
@@ -233,7 +254,8 @@ class _train_progress:
         return lambda r: self.bar.update(task, completed=r["step"], stage=r["stage"], loss=r["loss"], gate=r["gate_mean"])
 
     def __exit__(self, *exc):
-        self.bar.stop()
+        if not self.quiet:
+            self.bar.stop()
 
 
 class _progress:

@@ -1,8 +1,8 @@
 """Safe reading and atomic writing of weights, JSON and images.
 
 Pickled checkpoints are read with ``torch.load(weights_only=True)`` only; flashar itself writes
-safetensors plus JSON. Every write goes to a temporary file in the target folder and is renamed into
-place, so an interrupted run never leaves a half-written file.
+safetensors plus JSON. Every write goes to a temporary file in the target folder, is flushed to disk and
+renamed into place, so an interrupted run (even a SIGKILL) never leaves a half-written file.
 """
 
 from __future__ import annotations
@@ -116,6 +116,23 @@ def ensure_writable_dir(path: str | Path) -> Path:
     return path
 
 
+def check_writable_dir(path: str | Path, option: str = "--out") -> Path:
+    """Check that ``path`` is, or can be made, a writable folder, without creating it (so a command that
+    fails later leaves nothing behind)."""
+    path = Path(path)
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FlashARError(f"cannot write to {path}: {existing} is a file, not a folder; choose another {option}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise FlashARError(f"cannot write to {path}: {exc.strerror or exc}; choose a writable {option}") from None
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
@@ -125,10 +142,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        _fsync(tmp)  # the data reaches the disk before the rename makes it visible
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
