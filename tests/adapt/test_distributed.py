@@ -19,23 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import cli_args, random_gpt, write_llamagen
+from helpers import cli_args, random_gpt, stripes, write_class_folder, write_llamagen
 
-from flashar.adapt.data import TokenData
-from flashar.adapt.distributed import session, shard_rows, Distributed
+from flashar.adapt.distributed import Distributed, session, shard_rows
 from flashar.adapt.trainer import Run, adapt
 from flashar.config import AdaptConfig, StageConfig
 from flashar.io import load_weights
 
 RTOL, ATOL = 1e-5, 1e-6
-
-
-def stripes(n=24, grid=(4, 4)):
-    gen = torch.Generator().manual_seed(0)
-    conditions = [i % 4 for i in range(n)]
-    codes = torch.stack([(torch.arange(grid[1]) * (c + 1) + torch.randint(0, 2, (grid[0], 1), generator=gen)) % 64
-                         for c in conditions])
-    return TokenData(codes.long(), conditions)
 
 
 def config(**kw):
@@ -85,21 +76,10 @@ def reference(tmp_path_factory) -> Path:
     return out
 
 
-def write_class_folder(folder: Path, size: int = 8, per_class: int = 4) -> None:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for label in range(3):
-        (folder / str(label)).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(folder / str(label) / f"{i}.png")
-
-
 def adapt_args(tmp_path: Path, out: str) -> list[str]:
     options = write_llamagen(tmp_path / "model")
     if not (tmp_path / "images").exists():
-        write_class_folder(tmp_path / "images")
+        write_class_folder(tmp_path / "images", per_class=4)
     args = ["adapt", "-b", "llamagen", *cli_args(options), "--data", tmp_path / "images", "--image-size", 8,
             "--stage1-steps", 2, "--stage2-steps", 2, "--batch-size", 4, "--grad-accum", 2, "--checkpoint-every", 2,
             "--cache-dir", tmp_path / "cache", "--out", tmp_path / out]
