@@ -91,12 +91,14 @@ def read_metadata(path: str | Path) -> AdapterMetadata:
         return AdapterMetadata(**load_json(path / CONFIG))
     except (ValidationError, TypeError) as exc:
         first = exc.errors()[0] if isinstance(exc, ValidationError) else {"loc": ("?",), "msg": str(exc)}
-        raise CheckpointError(f"{path / CONFIG} is not valid adapter metadata ({'.'.join(map(str, first['loc']))}: {first['msg']})") from None
+        raise CheckpointError(f"{path / CONFIG} is not valid adapter metadata ({'.'.join(map(str, first['loc']))}: "
+                              f"{first['msg']}); regenerate the adapter with `flashar adapt`") from None
 
 
 def check_compatible(meta: AdapterMetadata, backbone: Backbone, path: Path) -> None:
     if meta.backend != backbone.backend_id:
-        raise CheckpointError(f"adapter {path} was made for backend '{meta.backend}', not '{backbone.backend_id}'")
+        raise CheckpointError(f"adapter {path} was made for backend '{meta.backend}', not '{backbone.backend_id}'; "
+                              f"use it with --backend {meta.backend} or adapt this backbone")
     if meta.backbone_fingerprint != backbone.fingerprint():
         raise CheckpointError(
             f"adapter {path} was made for another backbone (fingerprint {meta.backbone_fingerprint}, this one is "

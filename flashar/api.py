@@ -37,8 +37,11 @@ def validated(model: type[Config], values: Mapping[str, Any] | Config | None, wh
         return model(**dict(values or {}))
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or what
-        raise FlashARError(f"invalid {what} option '{where}': {first['msg']} (got {first.get('input')!r})") from None
+        message = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # a check across fields: its message names them
+            raise FlashARError(f"invalid {what} options: {message}") from None
+        where = ".".join(str(p) for p in first["loc"])
+        raise FlashARError(f"invalid {what} option '{where}': {message} (got {first.get('input')!r})") from None
 
 
 def load_backbone(backend: str, options: Mapping[str, Any] | Config, runtime: RuntimeConfig | None = None,
@@ -86,8 +89,9 @@ def generate(method: Method, conditions: Sequence[Any], image_size: int | tuple[
              on_batch: Callable[[int], None] | None = None) -> GenerateResult:
     """Generate one token grid per condition, ``batch_size`` at a time, from one seeded generator."""
     backbone = method.backbone
-    if not conditions:
-        raise FlashARError("nothing to generate: pass at least one class id (--classes) or prompt (--prompt)")
+    check_conditions(backbone, conditions)
+    if batch_size < 1:
+        raise FlashARError(f"batch size must be at least 1, got {batch_size}")
     grid = backbone.grid(image_size)
     sampling = sampling or resolve_sampling(backbone)
     generator = make_generator(seed, backbone.device)
@@ -103,6 +107,18 @@ def generate(method: Method, conditions: Sequence[Any], image_size: int | tuple[
         if on_batch:
             on_batch(len(batch))
     return GenerateResult(torch.cat(codes), passes, sum(times), times)
+
+
+def check_conditions(backbone: Backbone, conditions: Sequence[Any]) -> None:
+    """Class ids for a class-conditional backbone, prompts for a text-conditional one, at least one."""
+    if not conditions:
+        raise FlashARError("nothing to generate: pass at least one class id (--classes) or prompt (--prompt)")
+    if backbone.condition_kind == "class" and any(isinstance(c, str) for c in conditions):
+        raise FlashARError(f"backend '{backbone.backend_id}' is class-conditional and takes class ids, not prompts; "
+                           f"pass --classes, e.g. --classes 207,360")
+    if backbone.condition_kind == "text" and not all(isinstance(c, str) for c in conditions):
+        raise FlashARError(f"backend '{backbone.backend_id}' is text-conditional and takes prompts, not class ids; "
+                           f"pass --prompt TEXT (repeat it for several images)")
 
 
 def _synchronize(device: torch.device) -> None:
@@ -121,21 +137,28 @@ def image_names(conditions: Sequence[Any]) -> list[str]:
 def save_images(backbone: Backbone, codes: torch.Tensor, out_dir: str | Path, conditions: Sequence[Any],
                 batch_size: int = 8) -> list[Path]:
     """Decode codes (N, H, W) to pixels and write one PNG per image."""
-    out_dir = ensure_writable_dir(out_dir)
     paths = []
     for start in range(0, len(codes), batch_size):
         images = backbone.decode(codes[start : start + batch_size])
+        out_dir = ensure_writable_dir(out_dir)  # after the first decode: a missing tokenizer leaves no folder
         for image, name in zip(images, image_names(conditions)[start : start + batch_size]):
             save_png(image, out_dir / name)
             paths.append(out_dir / name)
     return paths
 
 
-def save_tokens(codes: torch.Tensor, path: str | Path) -> Path:
-    """Token grids as int64 .npy of shape (N, H, W)."""
+def check_tokens_path(path: str | Path) -> Path:
+    """Check a ``--save-tokens`` target before any work: a .npy file in a writable folder."""
     path = Path(path)
     if path.suffix != ".npy":
-        raise FlashARError(f"--save-tokens must name a .npy file, got {path}")
+        raise FlashARError(f"--save-tokens must name a .npy file, got {path}; e.g. --save-tokens tokens.npy")
+    check_writable_dir(path.parent, "--save-tokens path")
+    return path
+
+
+def save_tokens(codes: torch.Tensor, path: str | Path) -> Path:
+    """Token grids as int64 .npy of shape (N, H, W)."""
+    path = check_tokens_path(path)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, codes.to(torch.int64).numpy())

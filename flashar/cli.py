@@ -71,8 +71,19 @@ def with_config_file(values: dict) -> dict:
         return values
     data = load_json(path)
     if not isinstance(data, dict):
-        click.get_current_context().fail(f"--config {path} must hold a JSON object of option names")
-    return {**{k.replace("-", "_"): v for k, v in data.items()}, **{k: v for k, v in values.items() if v is not None}}
+        raise FlashARError(f"--config {path} must hold a JSON object of option names, got {type(data).__name__}")
+    given = {k.replace("-", "_"): v for k, v in data.items()}
+    if unknown := sorted(set(given) - set(values)):
+        raise FlashARError(f"--config {path} has unknown option '{unknown[0]}'; use the names of this command's options "
+                           f"(see --help), e.g. cfg_scale for --cfg-scale")
+    return {**given, **{k: v for k, v in values.items() if v is not None}}
+
+
+def parse_conditions(classes: str | None, prompts: tuple[str, ...]) -> list:
+    """Class ids from ``--classes`` or the ``--prompt`` texts (never both)."""
+    if classes and prompts:
+        raise FlashARError("pass either --classes (class-conditional backends) or --prompt (text-conditional ones), not both")
+    return parse_classes(classes) or list(prompts)
 
 
 def config_stage_options(fn):
@@ -105,7 +116,7 @@ def config_options(*models, skip: tuple[str, ...] = ()):
 @click.option("--classes", help="Comma-separated class ids, one image each (class-conditional backends).")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt, one image each; repeat for several (text-conditional backends).")
 @click.option("--image-size", type=int, help="Image side in pixels; default: the backend's native size.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Images decoded together.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images decoded together.")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for one PNG per image.")
 @click.option("--save-tokens", type=click.Path(path_type=Path), help="Also save the token grids as int64 .npy, shape [N, H, W].")
 @click.option("--config", type=click.Path(path_type=Path), help="JSON file of option values; flags override it.")
@@ -116,14 +127,15 @@ def config_options(*models, skip: tuple[str, ...] = ()):
 def generate(ctx: click.Context, **values) -> None:
     """Generate images with raster or accelerated decoding."""
     from flashar import api
-    from flashar.io import ensure_writable_dir
 
     values = with_config_file(values)
     registry = registry_of(ctx)
     check_foreign(values, registry, values["backend"], [values["method"]])
-    conditions = parse_classes(values["classes"]) or list(values["prompts"])
+    conditions = parse_conditions(values["classes"], values["prompts"])
     if values["out"]:
-        ensure_writable_dir(values["out"])  # fail before any work is done
+        api.check_writable_dir(values["out"])  # fail before any work is done, and create nothing yet
+    if values["save_tokens"]:
+        api.check_tokens_path(values["save_tokens"])
     runtime = runtime_from(values)
     backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
     method_cls = registry.method(values["method"])

@@ -28,7 +28,7 @@ def load_weights(path: str | Path) -> dict[str, Any]:
     """Read a ``.pt``/``.pth``/``.bin`` pickle (weights only) or a ``.safetensors`` file to a dict on CPU."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
+        raise CheckpointError(f"checkpoint file not found: {path}; check the path")
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
     try:
@@ -36,13 +36,27 @@ def load_weights(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"refusing to load {path}: it holds Python objects that need code execution to unpickle "
-            f"({str(exc).splitlines()[0][:120]}); flashar only loads plain tensor checkpoints"
+            f"({_unpickling_reason(str(exc))}); flashar only loads plain tensor checkpoints, re-export it as a state dict"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(
-            f"could not read {path} as a PyTorch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+            f"could not read {path} as a PyTorch checkpoint ({type(exc).__name__}: {_first_sentence(str(exc))}); "
             f"the file may be truncated or corrupt, re-download it"
         ) from None
+
+
+def _first_sentence(text: str, limit: int = 100) -> str:
+    """The first sentence of a library's message, at most ``limit`` characters (cut at a word)."""
+    line = (text.strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def _unpickling_reason(text: str) -> str:
+    """torch's weights-only refusal names the offending global deep inside a long message."""
+    for line in text.splitlines():
+        if "Unsupported global" in line or "Unsupported operand" in line:
+            return _first_sentence(line.split("error:", 1)[-1])
+    return _first_sentence(text)
 
 
 def _is_zip(path: Path) -> bool:

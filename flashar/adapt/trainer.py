@@ -173,13 +173,13 @@ def adapt(backbone: Backbone, run: Run, resume: bool = False) -> Adapter | None:
     stay sharded across processes; read the written folder back with :func:`flashar.adapter.load_adapter`).
     """
     config, place = run.config, run.place or current()
-    out = ensure_writable_dir(run.out_dir)
     check_run(backbone, run, place)
     torch.manual_seed(config.seed)
     model = AdaptModel(backbone, FlashARHead(backbone, config.branch)).train()
     metadata = new_metadata(backbone, model.head, run.data.grid)  # the base fingerprint, before stage 2
     prepare_lora(model, config)
     position, opt_state = _start(model, run, resume)
+    out = ensure_writable_dir(run.out_dir)  # created only now that nothing above can fail on bad input
     if place.is_main:
         remove_staging(out)
         truncate_metrics(out / METRICS, position.step)
