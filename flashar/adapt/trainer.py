@@ -48,9 +48,8 @@ from flashar.adapt.distributed import (
     sync_context,
     wrap_ddp,
 )
-from flashar.adapt.model import (  # noqa: F401  (dropout_prefix is imported from here by scripts)
+from flashar.adapt.model import (
     AdaptModel,
-    dropout_prefix,
     load_trainable_state,
     prepare_lora,
     stage_parameters,

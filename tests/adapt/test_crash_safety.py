@@ -4,7 +4,6 @@ never picked up."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

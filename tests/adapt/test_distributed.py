@@ -133,3 +133,28 @@ def test_a_checkpoint_resumes_with_another_process_count(tmp_path, reference, fi
 def test_each_process_takes_a_contiguous_share_of_every_micro_batch():
     shares = [shard_rows(6, Distributed(rank=r, world_size=3, active=True)) for r in range(3)]
     assert shares == [slice(0, 2), slice(2, 4), slice(4, 6)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_on_cuda_matches_one_process(tmp_path, registry, strategy):
+    """nccl, one process per GPU (up to 2), ``cuda:LOCAL_RANK``: the adapter of a plain one-GPU run (fp32, so
+    only reduction order differs)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from click.testing import CliRunner
+
+    from flashar.cli import cli
+
+    gpus = min(2, torch.cuda.device_count())
+    cuda = ["--device", "cuda", "--precision", "fp32"]
+    single = CliRunner().invoke(cli, adapt_args(tmp_path, "one") + cuda, obj=registry)
+    assert single.exit_code == 0, single.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus), "-m", "flashar",
+               *adapt_args(tmp_path, "many"), *cuda, "--strategy", strategy]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    wa, wb = load_weights(tmp_path / "one" / "model.safetensors"), load_weights(tmp_path / "many" / "model.safetensors")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
