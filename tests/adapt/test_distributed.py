@@ -111,8 +111,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path, registry, strategy):
                                                                      "model.safetensors"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("first, then", [("ddp", "one"), ("one", "fsdp"), ("fsdp", "one")])
+@pytest.mark.parametrize("first, then", [("ddp", "one"), pytest.param("one", "fsdp", marks=pytest.mark.slow),
+                                         pytest.param("fsdp", "one", marks=pytest.mark.slow)])
 def test_a_checkpoint_resumes_with_another_process_count(tmp_path, reference, first, then):
     """Stopped in stage 2 after step 5 (checkpoint at step 4: moments of the backbone and the head), resumed
     with the other process count: the adapter matches the uninterrupted one-process run."""
