@@ -21,6 +21,7 @@ import torch
 import torch.multiprocessing as mp
 from helpers import cli_args, random_gpt, stripes, write_class_folder, write_llamagen
 
+from flashar import api
 from flashar.adapt.distributed import Distributed, session, shard_rows
 from flashar.adapt.trainer import Run, adapt
 from flashar.config import AdaptConfig, StageConfig
@@ -128,6 +129,41 @@ def test_a_checkpoint_resumes_with_another_process_count(tmp_path, reference, fi
         two_processes(out, then, resume=True)
     assert_same_adapter(reference, out)
     assert steps_logged(out) == [1, 2, 3, 4, 5, 6]
+
+
+def _emu35_worker(rank: int, world: int, port: int, options: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    with session("cpu") as (place, _):
+        adapt(api.load_backbone("emu35", options), Run(prompt_data(), emu35_config(grad_accum=1), Path(out), place=place))
+
+
+def prompt_data():
+    from flashar.adapt.data import TokenData
+
+    codes = torch.randint(0, 131072, (8, 3, 3), generator=torch.Generator().manual_seed(0))
+    return TokenData(codes, ["a red cat", "a dog", "a blue sky at night", "x"] * 2)
+
+
+def emu35_config(grad_accum: int) -> AdaptConfig:
+    return AdaptConfig(stage1=StageConfig(steps=2, lr=1e-4), stage2=StageConfig(steps=2, lr=5e-5), batch_size=4,
+                       grad_accum=grad_accum, checkpoint_every=2, strategy="fsdp", precision="fp32")
+
+
+@pytest.mark.slow
+def test_fsdp_shards_emu35_by_its_own_units(tmp_path):
+    """Emu3.5 runs a block's projections itself (``fsdp_units``). Its prompts are right-padded to the longest
+    row of a micro-batch, so two processes match one process that accumulates the same two micro-batches."""
+    from helpers import write_emu35
+
+    try:
+        options = write_emu35(tmp_path / "model")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    adapt(api.load_backbone("emu35", options), Run(prompt_data(), emu35_config(grad_accum=2), tmp_path / "one"))
+    mp.spawn(_emu35_worker, args=(2, free_port(), options, str(tmp_path / "two")), nprocs=2, join=True)
+    assert_same_adapter(tmp_path / "one", tmp_path / "two")
 
 
 def test_each_process_takes_a_contiguous_share_of_every_micro_batch():
