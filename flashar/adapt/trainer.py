@@ -60,7 +60,7 @@ from flashar.adapter import Adapter, AdapterMetadata, new_metadata, save_adapter
 from flashar.backbone import Backbone
 from flashar.branch import FlashARHead
 from flashar.config import AdaptConfig, StageConfig
-from flashar.errors import DataError, FlashARError, require
+from flashar.errors import CheckpointError, DataError, FlashARError, require
 from flashar.io import ensure_writable_dir
 from flashar.lora import lora_state
 
@@ -120,12 +120,14 @@ class Run:
 
 @dataclass
 class Position:
-    """Where training stands: the stage, steps taken in it and in total, and the data sampler."""
+    """Where training stands (what a checkpoint records): the stage, steps taken in it and in total, the
+    data sampler, and the fingerprint of the base backbone training started from."""
 
     stage: int
     in_stage: int
     step: int
     sampler: Sampler
+    base: str
 
 
 def _autocast(device: torch.device, precision: str):
@@ -177,7 +179,7 @@ def adapt(backbone: Backbone, run: Run, resume: bool = False) -> Adapter | None:
     model = AdaptModel(backbone, FlashARHead(backbone, config.branch)).train()
     metadata = new_metadata(backbone, model.head, run.data.grid)  # the base fingerprint, before stage 2
     prepare_lora(model, config)
-    position, opt_state = _start(model, run, resume)
+    position, opt_state = _start(model, run, resume, metadata.backbone_fingerprint)
     out = ensure_writable_dir(run.out_dir)  # created only now that nothing above can fail on bad input
     if place.is_main:
         remove_staging(out)
@@ -196,20 +198,27 @@ def adapt(backbone: Backbone, run: Run, resume: bool = False) -> Adapter | None:
     return _finish(model, run, place, metadata, position, sharded)
 
 
-def _start(model: AdaptModel, run: Run, resume: bool) -> tuple[Position, dict | None]:
+def _start(model: AdaptModel, run: Run, resume: bool, base: str) -> tuple[Position, dict | None]:
     """A fresh position, or the newest checkpoint's (its weights loaded into the still unsharded modules)."""
     config = run.config
     if not resume:
-        return Position(1, 0, 0, Sampler(len(run.data), config.seed)), None
+        return Position(1, 0, 0, Sampler(len(run.data), config.seed), base), None
     checkpoint = latest_checkpoint(run.out_dir)
     if checkpoint is None:
         raise FlashARError(f"--resume was given but {run.out_dir / 'checkpoints'} holds no checkpoint; run without --resume")
     weights, opt_tensors, state = load_checkpoint(checkpoint)
     if not _same_config(state.get("config"), config):
         raise FlashARError(f"{checkpoint} was written with a different adaptation config; resume with the same options or use a new --out")
-    load_trainable_state(model, weights)
+    if state.get("backbone_fingerprint", base) != base:
+        raise CheckpointError(f"{checkpoint} was written while adapting another backbone (fingerprint {state['backbone_fingerprint']}, "
+                              f"this one is {base}); resume with the checkpoint it started from or use a new --out")
+    try:
+        load_trainable_state(model, weights)
+    except (RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"{checkpoint} does not fit this model ({str(exc).strip().splitlines()[0][:160]}); "
+                              f"resume with the same backbone and options or use a new --out") from None
     sampler = Sampler(len(run.data), config.seed, **state["sampler"])
-    return Position(state["stage"], state["in_stage"], state["step"], sampler), optimizer_state(opt_tensors, state)
+    return Position(state["stage"], state["in_stage"], state["step"], sampler, base), optimizer_state(opt_tensors, state)
 
 
 def _same_config(saved: dict | None, config: AdaptConfig) -> bool:
@@ -253,7 +262,7 @@ def _checkpoint(model: AdaptModel, optimizer: torch.optim.Optimizer, run: Run, p
     if keep:
         save_checkpoint(run.out_dir, position.step, weights, moments, {
             "stage": position.stage, "in_stage": position.in_stage, "step": position.step,
-            "sampler": position.sampler.state(), "world_size": place.world_size,
+            "sampler": position.sampler.state(), "world_size": place.world_size, "backbone_fingerprint": position.base,
             "config": json.loads(run.config.model_dump_json())})
     barrier(place)
 

@@ -83,6 +83,12 @@ def test_adapter_from_another_backbone_is_refused(tmp_path):
         load_adapter(tmp_path, random_gpt(seed=3))
 
 
+def test_resuming_with_another_backbone_is_refused(tmp_path):
+    adapt(random_gpt(), Run(stripes(), config(), tmp_path, stop_after=2))
+    with pytest.raises(FlashARError, match="while adapting another backbone"):
+        adapt(random_gpt(seed=3), Run(stripes(), config(), tmp_path), resume=True)
+
+
 def test_schedule_warms_up_holds_and_decays():
     cfg = StageConfig(steps=10, lr=1.0, warmup_steps=2, flat_steps=3, min_lr_factor=0.1)
     factors = [lr_factor(i, cfg) for i in range(10)]
