@@ -135,9 +135,6 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-
 def train_step(wrapped: nn.Module, optimizer: torch.optim.Optimizer, sampler: Sampler, run: Run, cfg: StageConfig,
                place: Distributed = SINGLE) -> dict[str, float]:
     """One optimizer step over the global batch (``batch_size`` samples in ``grad_accum`` micro-batches);
@@ -309,7 +306,7 @@ def check_run(backbone: Backbone, run: Run, place: Distributed = SINGLE) -> None
 
 def _check_data(backbone: Backbone, data: TokenData) -> None:
     if len(data) == 0:
-        raise DataError("the adaptation data holds no images")
+        raise DataError("the adaptation data holds no images; check --data (or --codes)")
     height, width = data.grid
     if height < 2 or width < 2:
         raise DataError(f"FlashAR needs a grid of at least 2x2 tokens, got {height}x{width}; use a larger --image-size")
