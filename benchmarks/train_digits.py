@@ -35,7 +35,7 @@ from flashar.backends.digits.features import DigitsCNN
 from flashar.backends.digits.loader import RASTER_CONFIG, save_raster
 from flashar.backends.llamagen.backbone import LlamaGenBackbone
 from flashar.backends.llamagen.model import GPTConfig
-from flashar.adapt.trainer import dropout_prefix
+from flashar.adapt.model import dropout_prefix
 from flashar.teacher import raster_logits
 
 

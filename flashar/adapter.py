@@ -50,22 +50,31 @@ class Adapter:
                         lora_state: dict[str, torch.Tensor] | None = None,
                         backbone_state: dict[str, torch.Tensor] | None = None) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``path`` (atomically, each)."""
-        path = ensure_writable_dir(path)
         mode = backbone_weights or self.metadata.backbone_weights
-        tensors = {k: v for k, v in self.head.state_dict().items()}
-        if mode == "full":
-            state = backbone_state if backbone_state is not None else self.backbone.state_dict()
-            tensors.update({f"backbone.{k}": v for k, v in state.items()})
-        elif mode == "lora":
-            tensors.update({f"lora.{k}": v for k, v in (lora_state or {}).items()})
+        if mode == "full" and backbone_state is None:
+            backbone_state = self.backbone.state_dict()
         metadata = self.metadata.model_copy(update={"backbone_weights": mode})
-        save_safetensors(tensors, path / WEIGHTS, metadata={"format": "flashar-adapter"})
-        save_json(metadata.model_dump(mode="json"), path / CONFIG)
-        return path
+        return save_adapter(path, metadata, self.head.state_dict(), backbone_state, lora_state or {})
 
     @classmethod
     def from_pretrained(cls, path: str | Path, backbone: Backbone, copy_backbone: bool = True) -> Adapter:
         return load_adapter(path, backbone, copy_backbone)
+
+
+def save_adapter(path: str | Path, metadata: AdapterMetadata, head_state: dict[str, torch.Tensor],
+                 backbone_state: dict[str, torch.Tensor] | None = None, lora_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write an adapter folder from state dicts: the FlashAR parts, plus backbone weights or LoRA factors
+    as ``metadata.backbone_weights`` says. The weights go first and ``config.json`` last, so a folder whose
+    ``config.json`` is missing was interrupted and is refused on load."""
+    path = ensure_writable_dir(path)
+    tensors = dict(head_state)
+    if metadata.backbone_weights == "full":
+        tensors.update({f"backbone.{k}": v for k, v in (backbone_state or {}).items()})
+    elif metadata.backbone_weights == "lora":
+        tensors.update({f"lora.{k}": v for k, v in (lora_state or {}).items()})
+    save_safetensors(tensors, path / WEIGHTS, metadata={"format": "flashar-adapter"})
+    save_json(metadata.model_dump(mode="json"), path / CONFIG)
+    return path
 
 
 def new_metadata(backbone: Backbone, head: FlashARHead, grid: tuple[int, int], stage: int = 0, step: int = 0) -> AdapterMetadata:
@@ -84,12 +93,14 @@ def read_metadata(path: str | Path) -> AdapterMetadata:
         return AdapterMetadata(**load_json(path / CONFIG))
     except (ValidationError, TypeError) as exc:
         first = exc.errors()[0] if isinstance(exc, ValidationError) else {"loc": ("?",), "msg": str(exc)}
-        raise CheckpointError(f"{path / CONFIG} is not valid adapter metadata ({'.'.join(map(str, first['loc']))}: {first['msg']})") from None
+        raise CheckpointError(f"{path / CONFIG} is not valid adapter metadata ({'.'.join(map(str, first['loc']))}: "
+                              f"{first['msg']}); regenerate the adapter with `flashar adapt`") from None
 
 
 def check_compatible(meta: AdapterMetadata, backbone: Backbone, path: Path) -> None:
     if meta.backend != backbone.backend_id:
-        raise CheckpointError(f"adapter {path} was made for backend '{meta.backend}', not '{backbone.backend_id}'")
+        raise CheckpointError(f"adapter {path} was made for backend '{meta.backend}', not '{backbone.backend_id}'; "
+                              f"use it with --backend {meta.backend} or adapt this backbone")
     if meta.backbone_fingerprint != backbone.fingerprint():
         raise CheckpointError(
             f"adapter {path} was made for another backbone (fingerprint {meta.backbone_fingerprint}, this one is "

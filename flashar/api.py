@@ -24,7 +24,7 @@ from flashar.backbone import Backbone
 from flashar.config import Config, RuntimeConfig, SamplingConfig
 from flashar.decoding import Method
 from flashar.errors import FlashARError
-from flashar.io import atomic_path, ensure_writable_dir, save_png
+from flashar.io import atomic_path, check_writable_dir, ensure_writable_dir, save_png
 from flashar.plugins import Registry, get_registry
 from flashar.sampling import make_generator
 
@@ -37,8 +37,11 @@ def validated(model: type[Config], values: Mapping[str, Any] | Config | None, wh
         return model(**dict(values or {}))
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or what
-        raise FlashARError(f"invalid {what} option '{where}': {first['msg']} (got {first.get('input')!r})") from None
+        message = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # a check across fields: its message names them
+            raise FlashARError(f"invalid {what} options: {message}") from None
+        where = ".".join(str(p) for p in first["loc"])
+        raise FlashARError(f"invalid {what} option '{where}': {message} (got {first.get('input')!r})") from None
 
 
 def load_backbone(backend: str, options: Mapping[str, Any] | Config, runtime: RuntimeConfig | None = None,
@@ -99,8 +102,9 @@ def generate(method: Method, conditions: Sequence[Any], image_size: int | tuple[
              on_batch: Callable[[int], None] | None = None) -> GenerateResult:
     """Generate one token grid per condition, ``batch_size`` at a time, from one seeded generator."""
     backbone = method.backbone
-    if not conditions:
-        raise FlashARError("nothing to generate: pass at least one class id (--classes) or prompt (--prompt)")
+    check_conditions(backbone, conditions)
+    if batch_size < 1:
+        raise FlashARError(f"batch size must be at least 1, got {batch_size}")
     grid = backbone.grid(image_size)
     sampling = sampling or resolve_sampling(backbone)
     generator = make_generator(seed, backbone.device)
@@ -116,6 +120,18 @@ def generate(method: Method, conditions: Sequence[Any], image_size: int | tuple[
         if on_batch:
             on_batch(len(batch))
     return GenerateResult(torch.cat(codes), passes, sum(times), times)
+
+
+def check_conditions(backbone: Backbone, conditions: Sequence[Any]) -> None:
+    """Class ids for a class-conditional backbone, prompts for a text-conditional one, at least one."""
+    if not conditions:
+        raise FlashARError("nothing to generate: pass at least one class id (--classes) or prompt (--prompt)")
+    if backbone.condition_kind == "class" and any(isinstance(c, str) for c in conditions):
+        raise FlashARError(f"backend '{backbone.backend_id}' is class-conditional and takes class ids, not prompts; "
+                           f"pass --classes, e.g. --classes 207,360")
+    if backbone.condition_kind == "text" and not all(isinstance(c, str) for c in conditions):
+        raise FlashARError(f"backend '{backbone.backend_id}' is text-conditional and takes prompts, not class ids; "
+                           f"pass --prompt TEXT (repeat it for several images)")
 
 
 def _synchronize(device: torch.device) -> None:
@@ -134,21 +150,28 @@ def image_names(conditions: Sequence[Any]) -> list[str]:
 def save_images(backbone: Backbone, codes: torch.Tensor, out_dir: str | Path, conditions: Sequence[Any],
                 batch_size: int = 8) -> list[Path]:
     """Decode codes (N, H, W) to pixels and write one PNG per image."""
-    out_dir = ensure_writable_dir(out_dir)
     paths = []
     for start in range(0, len(codes), batch_size):
         images = backbone.decode(codes[start : start + batch_size])
+        out_dir = ensure_writable_dir(out_dir)  # after the first decode: a missing tokenizer leaves no folder
         for image, name in zip(images, image_names(conditions)[start : start + batch_size]):
             save_png(image, out_dir / name)
             paths.append(out_dir / name)
     return paths
 
 
-def save_tokens(codes: torch.Tensor, path: str | Path) -> Path:
-    """Token grids as int64 .npy of shape (N, H, W)."""
+def check_tokens_path(path: str | Path) -> Path:
+    """Check a ``--save-tokens`` target before any work: a .npy file in a writable folder."""
     path = Path(path)
     if path.suffix != ".npy":
-        raise FlashARError(f"--save-tokens must name a .npy file, got {path}")
+        raise FlashARError(f"--save-tokens must name a .npy file, got {path}; e.g. --save-tokens tokens.npy")
+    check_writable_dir(path.parent, "--save-tokens path")
+    return path
+
+
+def save_tokens(codes: torch.Tensor, path: str | Path) -> Path:
+    """Token grids as int64 .npy of shape (N, H, W)."""
+    path = check_tokens_path(path)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, codes.to(torch.int64).numpy())
@@ -156,12 +179,18 @@ def save_tokens(codes: torch.Tensor, path: str | Path) -> Path:
 
 
 def ensure_output(out_dir: str | Path, resume: bool = False) -> Path:
-    """Check an adaptation output folder before any work: writable, and not silently overwritten."""
+    """Check an adaptation output folder before any work: writable, and not silently overwritten.
+
+    Creates nothing: the trainer makes the folder when it starts writing.
+    """
+    from flashar.adapt.checkpoint import latest_checkpoint
+
     out_dir = Path(out_dir)
-    taken = out_dir.is_dir() and any((out_dir / name).exists() for name in ("checkpoints", "config.json", "model.safetensors"))
+    taken = out_dir.is_dir() and (latest_checkpoint(out_dir) is not None
+                                  or any((out_dir / name).exists() for name in ("config.json", "model.safetensors")))
     if taken and not resume:
         raise FlashARError(f"{out_dir} already holds an adapter or checkpoints; pass --resume to continue it or choose a new --out")
-    return ensure_writable_dir(out_dir)
+    return check_writable_dir(out_dir)
 
 
 def load_data(backbone: Backbone, data_dir: str | Path | None = None, codes_dir: str | Path | None = None,
@@ -180,12 +209,16 @@ def load_data(backbone: Backbone, data_dir: str | Path | None = None, codes_dir:
     return tokenize_folder(backbone, data_dir, image_size, Path(cache_dir) if cache_dir else None)
 
 
-def adapt(backbone: Backbone, data, config, out_dir: str | Path, resume: bool = False, on_step=None):
-    """Two-stage adaptation; writes ``config.json`` + ``model.safetensors`` into ``out_dir``."""
+def adapt(backbone: Backbone, data, config, out_dir: str | Path, resume: bool = False, on_step=None, place=None):
+    """Two-stage adaptation; writes ``config.json`` + ``model.safetensors`` into ``out_dir``.
+
+    Under torchrun every process calls this with the same arguments (``place`` from
+    :func:`flashar.adapt.distributed.session`); the main process writes.
+    """
     from flashar.adapt.trainer import Run
     from flashar.adapt.trainer import adapt as run_adaptation
 
-    return run_adaptation(backbone, Run(data, config, Path(out_dir), on_step=on_step), resume=resume)
+    return run_adaptation(backbone, Run(data, config, Path(out_dir), on_step=on_step, place=place), resume=resume)
 
 
 def quality_inputs(backbone: Backbone, config, fid_weights=None, reference_dir=None, registry: Registry | None = None):

@@ -270,6 +270,15 @@ class Backbone(nn.Module, ABC):
             )
         return nn.ModuleList(copy_module(self.layers[i], meta) for i in range(start, start + count))
 
+    def fsdp_units(self, blocks: nn.ModuleList) -> list[nn.Module]:
+        """The modules FSDP2 shards one by one among ``blocks`` (``layers``, or the FlashAR clones of them).
+
+        FSDP gathers a unit's weights in its forward hooks, so each unit must be entered through its
+        ``__call__`` while the model runs. The default is the blocks themselves, for backends whose
+        ``layer_forward`` calls the block; a backend that runs a block's sub-modules itself names those.
+        """
+        return list(blocks)
+
     def new_norm(self, meta: bool = False) -> nn.Module:
         """A fresh final-norm-like module with unit weights (the vertical branch's norm)."""
         norm = copy_module(self.norm, meta)

@@ -29,6 +29,7 @@ from flashar.cliutils import (
     user_errors,
 )
 from flashar.config import AdaptConfig, BranchConfig, CompareConfig, RuntimeConfig, SamplingConfig, StageConfig
+from flashar.errors import FlashARError
 from flashar.io import load_json
 
 
@@ -70,8 +71,19 @@ def with_config_file(values: dict) -> dict:
         return values
     data = load_json(path)
     if not isinstance(data, dict):
-        click.get_current_context().fail(f"--config {path} must hold a JSON object of option names")
-    return {**{k.replace("-", "_"): v for k, v in data.items()}, **{k: v for k, v in values.items() if v is not None}}
+        raise FlashARError(f"--config {path} must hold a JSON object of option names, got {type(data).__name__}")
+    given = {k.replace("-", "_"): v for k, v in data.items()}
+    if unknown := sorted(set(given) - set(values)):
+        raise FlashARError(f"--config {path} has unknown option '{unknown[0]}'; use the names of this command's options "
+                           f"(see --help), e.g. cfg_scale for --cfg-scale")
+    return {**given, **{k: v for k, v in values.items() if v is not None}}
+
+
+def parse_conditions(classes: str | None, prompts: tuple[str, ...]) -> list:
+    """Class ids from ``--classes`` or the ``--prompt`` texts (never both)."""
+    if classes and prompts:
+        raise FlashARError("pass either --classes (class-conditional backends) or --prompt (text-conditional ones), not both")
+    return parse_classes(classes) or list(prompts)
 
 
 def config_stage_options(fn):
@@ -104,7 +116,7 @@ def config_options(*models, skip: tuple[str, ...] = ()):
 @click.option("--classes", help="Comma-separated class ids, one image each (class-conditional backends).")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt, one image each; repeat for several (text-conditional backends).")
 @click.option("--image-size", type=int, help="Image side in pixels; default: the backend's native size.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Images decoded together.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images decoded together.")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for one PNG per image.")
 @click.option("--save-tokens", type=click.Path(path_type=Path), help="Also save the token grids as int64 .npy, shape [N, H, W].")
 @click.option("--config", type=click.Path(path_type=Path), help="JSON file of option values; flags override it.")
@@ -115,20 +127,22 @@ def config_options(*models, skip: tuple[str, ...] = ()):
 def generate(ctx: click.Context, **values) -> None:
     """Generate images with raster or accelerated decoding."""
     from flashar import api
-    from flashar.io import ensure_writable_dir
 
     values = with_config_file(values)
     registry = registry_of(ctx)
     check_foreign(values, registry, values["backend"], [values["method"]])
-    conditions = parse_classes(values["classes"]) or list(values["prompts"])
+    conditions = parse_conditions(values["classes"], values["prompts"])
     if values["out"]:
-        ensure_writable_dir(values["out"])  # fail before any work is done
+        api.check_writable_dir(values["out"])  # fail before any work is done, and create nothing yet
+    if values["save_tokens"]:
+        api.check_tokens_path(values["save_tokens"])
     runtime = runtime_from(values)
     backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
     method_cls = registry.method(values["method"])
     method = api.build_method(values["method"], backbone, pick(method_cls.Options, values), compile=runtime.compile,
                               registry=registry, own_backbone=True)  # the only method here: adapt the backbone in place
     sampling = api.resolve_sampling(backbone, pick(SamplingConfig, values))
+    api.check_conditions(backbone, conditions)  # before the progress bar starts
     with _progress(len(conditions), f"{values['method']} decoding", values["as_json"]) as advance:
         result = api.generate(method, conditions, values["image_size"], sampling, values["batch_size"], runtime.seed, advance)
     paths = api.save_images(method.backbone, result.codes, values["out"], conditions) if values["out"] else []
@@ -162,25 +176,41 @@ def generate(ctx: click.Context, **values) -> None:
 @click.pass_context
 @user_errors
 def adapt(ctx: click.Context, **values) -> None:
-    """Two-stage FlashAR adaptation of a backbone on your images; writes an adapter folder."""
+    """Two-stage FlashAR adaptation of a backbone on your images; writes an adapter folder.
+
+    Under `torchrun --nproc-per-node N -m flashar adapt ...` it runs data-parallel (see docs/distributed.md).
+    """
     from flashar import api
+    from flashar.adapt.distributed import main_first, session
 
     registry = registry_of(ctx)
     check_foreign(values, registry, values["backend"], [])
-    base = load_json(values["config"]) if values["config"] else {}
-    if not isinstance(base, dict):
-        raise click.BadParameter("must hold a JSON object of AdaptConfig fields", param_hint="--config")
+    base = config_file(values["config"])
     config = api.validated(AdaptConfig, nested_config(AdaptConfig, values, base), "adapt")
     runtime = runtime_from(values)
     api.ensure_output(values["out"], resume=values["resume"])
-    backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
-    file_branch = base.get("branch") if isinstance(base.get("branch"), dict) else {}
-    config = api.resolve_branch(backbone, config, {**file_branch, **pick(BranchConfig, values)})  # user > backend > library
-    data = api.load_data(backbone, values["data_dir"], values["codes_dir"], values["image_size"], values["cache_dir"])
-    total = sum(s.steps for s in (config.stage1, config.stage2) if s is config.stage1 or config.stage2_mode != "none")
-    with _train_progress(total) as on_step:
-        api.adapt(backbone, data, config, values["out"], resume=values["resume"], on_step=on_step)
-    console().print(f"adapter written to {values['out']} (use: flashar generate --method flashar --adapter {values['out']})")
+    with session(runtime.device) as (place, device):
+        runtime = runtime.model_copy(update={"device": device})  # cuda:LOCAL_RANK under torchrun
+        backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
+        file_branch = (base or {}).get("branch") if isinstance((base or {}).get("branch"), dict) else {}
+        config = api.resolve_branch(backbone, config, {**file_branch, **pick(BranchConfig, values)})  # user > backend > library
+        with main_first(place):  # the main process tokenises and fills the cache, the others read it
+            data = api.load_data(backbone, values["data_dir"], values["codes_dir"], values["image_size"], values["cache_dir"])
+        total = sum(s.steps for s in (config.stage1, config.stage2) if s is config.stage1 or config.stage2_mode != "none")
+        with _train_progress(total, quiet=not place.is_main) as on_step:
+            api.adapt(backbone, data, config, values["out"], resume=values["resume"], on_step=on_step, place=place)
+    if place.is_main:
+        console().print(f"adapter written to {values['out']} (use: flashar generate --method flashar --adapter {values['out']})")
+
+
+def config_file(path: Path | None) -> dict | None:
+    """The JSON object of an adapt ``--config`` file (nested like AdaptConfig)."""
+    if path is None:
+        return None
+    data = load_json(path)
+    if not isinstance(data, dict):
+        raise FlashARError(f"--config {path} must hold a JSON object of AdaptConfig fields, got {type(data).__name__}")
+    return data
 
 
 @cli.command(cls=PluginCommand, plugin_params=backend_and_method_options)
@@ -206,7 +236,7 @@ def compare(ctx: click.Context, **values) -> None:
     config = api.validated(CompareConfig, {**pick(CompareConfig, values), "methods": names,
                                            "seeds": parse_classes(values["seeds"], "--seeds")}, "compare")
     if values["out"]:
-        api.ensure_writable_dir(values["out"])
+        api.check_writable_dir(values["out"])
     runtime = runtime_from(values)
     backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
     methods = {n: api.build_method(n, backbone, pick(registry.method(n).Options, values), compile=runtime.compile, registry=registry) for n in names}
@@ -223,12 +253,14 @@ def compare(ctx: click.Context, **values) -> None:
 
 
 class _train_progress:
-    """A rich progress bar with the loss and gate statistics of the last step."""
+    """A rich progress bar with the loss and gate statistics of the last step (none when ``quiet``)."""
 
-    def __init__(self, total: int):
-        self.total = total
+    def __init__(self, total: int, quiet: bool = False):
+        self.total, self.quiet = total, quiet
 
     def __enter__(self):
+        if self.quiet:
+            return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
@@ -239,7 +271,8 @@ class _train_progress:
         return lambda r: self.bar.update(task, completed=r["step"], stage=r["stage"], loss=r["loss"], gate=r["gate_mean"])
 
     def __exit__(self, *exc):
-        self.bar.stop()
+        if not self.quiet:
+            self.bar.stop()
 
 
 class _progress:

@@ -108,11 +108,13 @@ def check_foreign(values: dict[str, Any], registry: Registry, backend: str, meth
     for spec in registry.backends.values():
         for name in set(spec.options.model_fields) - own:
             if values.get(name) is not None:
-                raise FlashARError(f"--{name.replace('_', '-')} is an option of backend '{spec.id}', not of '{backend}'")
+                raise FlashARError(f"--{name.replace('_', '-')} is an option of backend '{spec.id}', not of '{backend}'; "
+                                   f"drop it or use --backend {spec.id}")
     for cls in registry.methods.values():
         for name in set(cls.Options.model_fields) - own:
             if values.get(name) is not None:
-                raise FlashARError(f"--{name.replace('_', '-')} is an option of method '{cls.id}', which is not selected")
+                raise FlashARError(f"--{name.replace('_', '-')} is an option of method '{cls.id}', which is not selected; "
+                                   f"add --method {cls.id} or drop --{name.replace('_', '-')}")
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -182,7 +184,10 @@ def nested_config(model: type[BaseModel], values: dict[str, Any], base: dict[str
                      and k[len(name) + 1 :] in sub.model_fields}
             if name == "branch":
                 given = pick(sub, values)
-            start = {**getattr(defaults, name).model_dump(), **merged.get(name, {})}
+            from_file = merged.get(name, {})
+            if not isinstance(from_file, dict):
+                raise FlashARError(f"'{name}' in the --config file must be a JSON object of {sub.__name__} fields, got {from_file!r}")
+            start = {**getattr(defaults, name).model_dump(), **from_file}
             merged[name] = {**start, **given}
         elif values.get(name) is not None:
             merged[name] = values[name]

@@ -101,6 +101,9 @@ class AdaptConfig(Config):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     checkpoint_every: int = Field(200, gt=0, description="Write a resumable checkpoint every N optimizer steps.")
     seed: int = Field(0, description="Seed for data order and initialisation.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Under torchrun: replicate the model in every process (ddp) or shard weights, gradients and "
+        "optimizer state across them with FSDP2 (fsdp, for backbones that do not fit one GPU). Ignored in one process.")
 
     @model_validator(mode="after")
     def _check_batch(self):

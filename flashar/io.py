@@ -1,8 +1,8 @@
 """Safe reading and atomic writing of weights, JSON and images.
 
 Pickled checkpoints are read with ``torch.load(weights_only=True)`` only; flashar itself writes
-safetensors plus JSON. Every write goes to a temporary file in the target folder and is renamed into
-place, so an interrupted run never leaves a half-written file.
+safetensors plus JSON. Every write goes to a temporary file in the target folder, is flushed to disk and
+renamed into place, so an interrupted run (even a SIGKILL) never leaves a half-written file.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def load_weights(path: str | Path) -> dict[str, Any]:
     """Read a ``.pt``/``.pth``/``.bin`` pickle (weights only) or a ``.safetensors`` file to a dict on CPU."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
+        raise CheckpointError(f"checkpoint file not found: {path}; check the path")
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
     try:
@@ -36,13 +36,27 @@ def load_weights(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"refusing to load {path}: it holds Python objects that need code execution to unpickle "
-            f"({str(exc).splitlines()[0][:120]}); flashar only loads plain tensor checkpoints"
+            f"({_unpickling_reason(str(exc))}); flashar only loads plain tensor checkpoints, re-export it as a state dict"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(
-            f"could not read {path} as a PyTorch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+            f"could not read {path} as a PyTorch checkpoint ({type(exc).__name__}: {_first_sentence(str(exc))}); "
             f"the file may be truncated or corrupt, re-download it"
         ) from None
+
+
+def _first_sentence(text: str, limit: int = 100) -> str:
+    """The first sentence of a library's message, at most ``limit`` characters (cut at a word)."""
+    line = (text.strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def _unpickling_reason(text: str) -> str:
+    """torch's weights-only refusal names the offending global deep inside a long message."""
+    for line in text.splitlines():
+        if "Unsupported global" in line or "Unsupported operand" in line:
+            return _first_sentence(line.split("error:", 1)[-1])
+    return _first_sentence(text)
 
 
 def _is_zip(path: Path) -> bool:
@@ -116,6 +130,23 @@ def ensure_writable_dir(path: str | Path) -> Path:
     return path
 
 
+def check_writable_dir(path: str | Path, option: str = "--out") -> Path:
+    """Check that ``path`` is, or can be made, a writable folder, without creating it (so a command that
+    fails later leaves nothing behind)."""
+    path = Path(path)
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FlashARError(f"cannot write to {path}: {existing} is a file, not a folder; choose another {option}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise FlashARError(f"cannot write to {path}: {exc.strerror or exc}; choose a writable {option}") from None
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
@@ -125,10 +156,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        _fsync(tmp)  # the data reaches the disk before the rename makes it visible
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:

@@ -45,6 +45,31 @@ def write_llamagen(folder: Path, seed: int = 0, layout: str = "model", **overrid
             "vq_config": folder / "vq.json"}
 
 
+def stripes(n: int = 24, grid: tuple[int, int] = (4, 4)):
+    """Learnable token data: class c draws a grid whose rows repeat a class-specific pattern."""
+    from flashar.adapt.data import TokenData
+
+    gen = torch.Generator().manual_seed(0)
+    conditions = [i % 4 for i in range(n)]
+    codes = torch.stack([(torch.arange(grid[1]) * (c + 1) + torch.randint(0, 2, (grid[0], 1), generator=gen)) % 64
+                         for c in conditions])
+    return TokenData(codes.long(), conditions)
+
+
+def write_class_folder(folder: Path, size: int = 8, per_class: int = 6, num_classes: int = 3) -> Path:
+    """Random RGB images in one subfolder per class (0, 1, 2, ...)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in range(num_classes):
+        (folder / str(label)).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / str(label) / f"{i}.png")
+    return folder
+
+
 def cli_args(options: dict) -> list[str]:
     flags = {"config_file": "--model-config"}
     args = []

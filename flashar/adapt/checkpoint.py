@@ -2,13 +2,18 @@
 
 ``<out>/checkpoints/step-00000200/`` holds ``weights.safetensors`` (the trainable state: FlashAR parts,
 plus backbone weights or LoRA factors in stage 2), ``optimizer.safetensors`` + ``state.json`` (the AdamW
-moments, the param groups, the stage, step, data-sampler position and RNG state). Each file is written
-atomically and the folder is renamed into place last, so a crash never leaves a half checkpoint that
-``--resume`` would pick up.
+moments, the param groups, the stage, step and data-sampler position). The files are written into a
+``.staging-*`` folder that is renamed into place last, so a crash never leaves a half checkpoint that
+``--resume`` would pick up; stale staging folders are removed when a run starts. Everything is global
+state (full weights and moments, the sampler of the global batch), so any process count can resume it.
+
+``metrics.jsonl`` is cut back to the checkpoint's step when a run (re)starts, so after a kill and
+``--resume`` it holds every step exactly once.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -18,7 +23,7 @@ from typing import Any
 import torch
 
 from flashar.errors import CheckpointError
-from flashar.io import load_json, load_weights, save_json, save_safetensors
+from flashar.io import atomic_path, load_json, load_weights, save_json, save_safetensors
 
 KEEP = 2
 
@@ -42,15 +47,16 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(out_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+def save_checkpoint(out_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict,
                     state: dict[str, Any]) -> Path:
+    """Write ``checkpoints/step-<step>/`` from full (gathered) weights and ``optimizer.state_dict()``-style state."""
     root = out_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
     try:
         save_safetensors(weights, staging / "weights.safetensors")
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
         save_safetensors(opt_tensors, staging / "optimizer.safetensors")
         save_json({**state, "optimizer": opt_meta}, staging / "state.json")
         if final.exists():
@@ -62,6 +68,29 @@ def save_checkpoint(out_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     for old in sorted(root.glob("step-*"))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_staging(out_dir: Path) -> None:
+    """Delete staging folders a killed run left behind (they are never read)."""
+    for stale in (out_dir / "checkpoints").glob(".staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps <= ``step`` (the ones the checkpoint covers); drop later steps and a line
+    cut short by a kill, so a resumed run appends every later step exactly once."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # half-written by a killed run
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(kept))
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -77,5 +106,6 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
     return load_weights(needed[0]), load_weights(needed[1]), load_json(needed[2])
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+def optimizer_state(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> dict:
+    """The full ``optimizer.state_dict()`` stored in a checkpoint."""
+    return _unflatten_optimizer(tensors, state["optimizer"])

@@ -94,8 +94,10 @@ def list_caption_folder(folder: Path) -> list[tuple[Path, str]]:
 
 def list_images(folder: str | Path, condition_kind: str) -> list[tuple[Path, Any]]:
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"--data {folder} is a file, not a folder; pass a folder of class subfolders (or images + metadata.jsonl)")
     if not folder.is_dir():
-        raise DataError(f"data folder not found: {folder}")
+        raise DataError(f"data folder not found: {folder}; check the --data path")
     if condition_kind == "text":
         if not (folder / "metadata.jsonl").is_file():
             raise DataError(f"{folder} needs a metadata.jsonl with one {{\"file_name\": ..., \"text\": ...}} line per image for a text-conditional backend")

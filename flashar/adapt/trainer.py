@@ -1,15 +1,15 @@
 """The two-stage FlashAR adaptation loop (reference/flashar_method.md §7).
 
-Stage 1 trains the vertical branch, vertical head and gates with the backbone frozen (it keeps running
-under the proximity mask); losses: fused CE + w_v * vertical CE + w_kd * KL to the frozen raster model
-(T = 2) + w_gc * gate entropy. Stage 2 trains everything jointly (the backbone fully, or LoRA factors
-through peft) with the backbone at ``lr * backbone_lr_factor``; distillation is off. Each stage has its
-own AdamW (fresh moments) and its own warm-up / flat / cosine schedule.
+Stage 1 trains the FlashAR parts on the frozen backbone, stage 2 trains jointly (see
+:mod:`flashar.adapt.model`). Each stage has its own AdamW (fresh moments) and its own warm-up / flat /
+cosine schedule.
 
 The loop is deterministic on CPU: batches come from a seeded sampler whose position is checkpointed, so
 ``resume=True`` continues from the newest checkpoint and ends with the same adapter as an uninterrupted
-run. Metrics go to ``metrics.jsonl``; the adapter (``config.json`` + ``model.safetensors``) is written
-into the output folder at the end.
+run, even after a SIGKILL (checkpoints and the adapter are written atomically; ``metrics.jsonl`` is cut
+back to the checkpoint's step). Under torchrun the same loop runs data-parallel (DDP or FSDP2, see
+:mod:`flashar.adapt.distributed`): every process computes its share of each global batch and only the
+main process writes metrics, checkpoints and the adapter (``config.json`` + ``model.safetensors``).
 """
 
 from __future__ import annotations
@@ -24,16 +24,47 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from flashar.adapt.checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
+from flashar.adapt.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    optimizer_state,
+    remove_staging,
+    save_checkpoint,
+    truncate_metrics,
+)
 from flashar.adapt.data import TokenData
-from flashar.adapter import Adapter, new_metadata
-from flashar.backbone import Backbone, Prefix
+from flashar.adapt.distributed import (
+    SINGLE,
+    Distributed,
+    barrier,
+    current,
+    full_norm,
+    full_optimizer_state,
+    full_tensors,
+    mean_over_processes,
+    shard_fsdp,
+    shard_optimizer_state,
+    shard_rows,
+    sync_context,
+    wrap_ddp,
+)
+from flashar.adapt.model import (
+    AdaptModel,
+    load_trainable_state,
+    prepare_lora,
+    stage_parameters,
+    trainable_state,
+    uses_lora,
+)
+from flashar.adapter import Adapter, AdapterMetadata, new_metadata, save_adapter
+from flashar.backbone import Backbone
 from flashar.branch import FlashARHead
 from flashar.config import AdaptConfig, StageConfig
-from flashar.errors import FlashARError
+from flashar.errors import CheckpointError, DataError, FlashARError, require
 from flashar.io import ensure_writable_dir
-from flashar.lora import inject_lora, lora_state
-from flashar.teacher import cross_entropy, distillation_kl, flashar_logits, raster_logits, vertical_cross_entropy
+from flashar.lora import lora_state
+
+METRICS = "metrics.jsonl"
 
 
 class Sampler:
@@ -75,43 +106,6 @@ def lr_factor(step: int, cfg: StageConfig) -> float:
     return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class AdaptModel(nn.Module):
-    """Backbone + FlashAR parts; ``forward`` returns the stage's loss and metrics for one micro-batch."""
-
-    def __init__(self, backbone: Backbone, head: FlashARHead):
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def forward(self, codes: Tensor, conditions: list, dropped: Tensor, cfg: StageConfig) -> tuple[Tensor, dict[str, float]]:
-        both = self.backbone.prefix(conditions, cfg=True, grid=tuple(codes.shape[1:]), unconditional="empty")
-        prefix = dropout_prefix(both, dropped)  # the uncond rows FlashAR decodes with (methods/flashar.py)
-        out = flashar_logits(self.backbone, self.head, prefix, codes)
-        ce = cross_entropy(out.fused, codes)
-        loss, metrics = ce, {"ce": ce.item()}
-        if cfg.aux_vertical_weight and codes.shape[1] > 1:
-            aux = vertical_cross_entropy(out.vertical, codes)
-            loss, metrics["aux_vertical"] = loss + cfg.aux_vertical_weight * aux, aux.item()
-        if cfg.distill_weight:
-            with torch.no_grad():  # the frozen raster model under its own causal mask is the teacher
-                teacher = raster_logits(self.backbone, prefix, codes)
-            kd = distillation_kl(teacher, out.vertical, codes.shape[2], cfg.distill_temperature)
-            loss, metrics["distill"] = loss + cfg.distill_weight * kd, kd.item()
-        if cfg.gate_entropy_weight:
-            gc = self.head.gate_entropy_loss(self.backbone, out.h_left, out.v_up, out.kind)
-            loss, metrics["gate_entropy"] = loss + cfg.gate_entropy_weight * gc, gc.item()
-        interior = out.gate[:, out.kind == 0]
-        metrics["gate_mean"] = interior.mean().item() if interior.numel() else 0.5
-        metrics["gate_std"] = interior.float().std().item() if interior.numel() > 1 else 0.0
-        return loss, metrics
-
-
-def dropout_prefix(both: Prefix, dropped: Tensor) -> Prefix:
-    """Rows [cond; uncond] -> one row per sample: the unconditional one where ``dropped`` (CFG training)."""
-    batch = both.batch_size // 2
-    pick = torch.arange(batch, device=both.embeds.device) + batch * dropped.to(both.embeds.device).long()
-    return Prefix(both.embeds[pick], both.valid[pick], both.positions, both.last[pick])
-
-
 @dataclass
 class Run:
     """What the loop needs besides the model: data, config, where to write, how to report."""
@@ -119,36 +113,21 @@ class Run:
     data: TokenData
     config: AdaptConfig
     out_dir: Path
-    on_step: Callable[[dict[str, Any]], None] | None = None
+    on_step: Callable[[dict[str, Any]], None] | None = None  # called on the main process after every step
     stop_after: int | None = None  # stop (as if killed) after this many optimizer steps: for tests
+    place: Distributed | None = None  # this process's rank and world size; None: from the process group, if any
 
 
-def stage_parameters(model: AdaptModel, stage: int, config: AdaptConfig) -> list[dict]:
-    """AdamW param groups for a stage; sets requires_grad so the frozen parts get no gradients."""
-    model.backbone.requires_grad_(False)
-    model.head.requires_grad_(True)
-    cfg = config.stage1 if stage == 1 else config.stage2
-    groups = [{"params": list(model.head.parameters()), "lr": cfg.lr, "name": "flashar"}]
-    if stage == 2 and config.stage2_mode == "full":
-        model.backbone.requires_grad_(True)
-        groups.append({"params": list(model.backbone.parameters()), "lr": cfg.lr * cfg.backbone_lr_factor, "name": "backbone"})
-    elif stage == 2 and config.stage2_mode == "lora":
-        params = [p for n, p in model.backbone.named_parameters() if "lora_" in n]
-        for p in params:
-            p.requires_grad_(True)
-        groups.append({"params": params, "lr": cfg.lr * cfg.backbone_lr_factor, "name": "lora"})
-    for group in groups:
-        group["initial_lr"] = group["lr"]
-    return groups
+@dataclass
+class Position:
+    """Where training stands (what a checkpoint records): the stage, steps taken in it and in total, the
+    data sampler, and the fingerprint of the base backbone training started from."""
 
-
-def trainable_state(model: AdaptModel, stage: int, config: AdaptConfig) -> dict[str, Tensor]:
-    state = {f"head.{k}": v for k, v in model.head.state_dict().items()}
-    if stage == 2 and config.stage2_mode == "full":
-        state.update({f"backbone.{k}": v for k, v in model.backbone.state_dict().items()})
-    elif stage == 2 and config.stage2_mode == "lora":
-        state.update({f"lora.{k}": v for k, v in lora_state(model.backbone).items()})
-    return state
+    stage: int
+    in_stage: int
+    step: int
+    sampler: Sampler
+    base: str
 
 
 def _autocast(device: torch.device, precision: str):
@@ -156,119 +135,188 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def train_step(model: AdaptModel, optimizer: torch.optim.Optimizer, sampler: Sampler, run: Run, cfg: StageConfig) -> dict[str, float]:
-    """One optimizer step over ``batch_size`` samples in ``grad_accum`` micro-batches."""
-    config, data, device = run.config, run.data, model.backbone.device
-    index, dropped = sampler.next(config.batch_size, config.condition_dropout)
+def train_step(wrapped: nn.Module, optimizer: torch.optim.Optimizer, sampler: Sampler, run: Run, cfg: StageConfig,
+               place: Distributed = SINGLE) -> dict[str, float]:
+    """One optimizer step over the global batch (``batch_size`` samples in ``grad_accum`` micro-batches);
+    this process computes its contiguous share of every micro-batch and the wrapper averages gradients."""
+    config, data = run.config, run.data
+    device = getattr(wrapped, "module", wrapped).backbone.device
+    index, dropped = sampler.next(config.batch_size, config.condition_dropout)  # (batch_size,), same everywhere
     micro = config.batch_size // config.grad_accum
+    mine = shard_rows(micro, place)
     totals: dict[str, float] = {}
     for i in range(config.grad_accum):
-        part = index[i * micro : (i + 1) * micro]
+        rows = slice(i * micro + mine.start, i * micro + mine.stop)  # (micro / world_size,) of micro-batch i
+        part = index[rows]
         codes = data.codes[part].to(device)
         conditions = [data.conditions[j] for j in part.tolist()]
-        with _autocast(device, config.precision):
-            loss, metrics = model(codes, conditions, dropped[i * micro : (i + 1) * micro], cfg)
-        (loss / config.grad_accum).backward()
+        with sync_context(wrapped, sync=i == config.grad_accum - 1):
+            with _autocast(device, config.precision):
+                loss, metrics = wrapped(codes, conditions, dropped[rows], cfg)
+            (loss / config.grad_accum).backward()
         for key, value in {"loss": loss.item(), **metrics}.items():
             totals[key] = totals.get(key, 0.0) + value / config.grad_accum
+    totals = mean_over_processes(totals, place, device)  # gate_std: the mean of per-process values
     params = [p for group in optimizer.param_groups for p in group["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {**totals, "grad_norm": float(norm)}
-
-
-def _restore(model: AdaptModel, checkpoint: Path, config: AdaptConfig) -> tuple[dict, dict, dict]:
-    weights, opt_tensors, state = load_checkpoint(checkpoint)
-    if state.get("config") != json.loads(config.model_dump_json()):
-        raise FlashARError(f"{checkpoint} was written with a different adaptation config; resume with the same options or use a new --out")
-    if state["stage"] == 2 and config.stage2_mode == "lora":
-        inject_lora(model.backbone, config.lora_rank, config.lora_alpha)
-    model.head.load_state_dict({k[5:]: v for k, v in weights.items() if k.startswith("head.")})
-    backbone = {k[9:]: v for k, v in weights.items() if k.startswith("backbone.")}
-    if backbone:
-        model.backbone.load_state_dict(backbone)
-    lora = {k[5:]: v for k, v in weights.items() if k.startswith("lora.")}
-    if lora:
-        from flashar.lora import load_lora_state
-
-        load_lora_state(model.backbone, lora)
-    return weights, opt_tensors, state
+    return {**totals, "grad_norm": full_norm(norm)}
 
 
 def adapt(backbone: Backbone, run: Run, resume: bool = False) -> Adapter | None:
-    """Adapt ``backbone`` (trained in place in stage 2) and write the adapter into ``run.out_dir``."""
-    config, out = run.config, ensure_writable_dir(run.out_dir)
-    check_run(backbone, run)
-    fingerprint = backbone.fingerprint()  # of the base weights, before stage 2 changes them
+    """Adapt ``backbone`` (trained in place in stage 2) and write the adapter into ``run.out_dir``.
+
+    Returns the adapter, or None when ``run.stop_after`` stopped the run, and under FSDP (whose modules
+    stay sharded across processes; read the written folder back with :func:`flashar.adapter.load_adapter`).
+    """
+    config, place = run.config, run.place or current()
+    check_run(backbone, run, place)
     torch.manual_seed(config.seed)
     model = AdaptModel(backbone, FlashARHead(backbone, config.branch)).train()
-    sampler, stage, in_stage, step = Sampler(len(run.data), config.seed), 1, 0, 0
-    checkpoint = latest_checkpoint(out) if resume else None
-    if resume and checkpoint is None:
-        raise FlashARError(f"--resume was given but {out / 'checkpoints'} holds no checkpoint; run without --resume")
-    opt_tensors = state = None
-    if checkpoint is not None:
-        _, opt_tensors, state = _restore(model, checkpoint, config)
-        stage, in_stage, step = state["stage"], state["in_stage"], state["step"]
-        sampler = Sampler(len(run.data), config.seed, **state["sampler"])
-    for current in (1, 2):
-        cfg = config.stage1 if current == 1 else config.stage2
-        if current < stage or cfg.steps == 0 or (current == 2 and config.stage2_mode == "none"):
+    metadata = new_metadata(backbone, model.head, run.data.grid)  # the base fingerprint, before stage 2
+    prepare_lora(model, config)
+    position, opt_state = _start(model, run, resume, metadata.backbone_fingerprint)
+    out = ensure_writable_dir(run.out_dir)  # created only now that nothing above can fail on bad input
+    if place.is_main:
+        remove_staging(out)
+        truncate_metrics(out / METRICS, position.step)
+    sharded = config.strategy == "fsdp" and place.active
+    if sharded:
+        shard_fsdp(model, backbone.fsdp_units(backbone.layers) + backbone.fsdp_units(model.head.vertical_block))
+    for stage in (1, 2):
+        cfg = config.stage1 if stage == 1 else config.stage2
+        if stage < position.stage or cfg.steps == 0 or (stage == 2 and config.stage2_mode == "none"):
             continue
-        if current == 2 and config.stage2_mode == "lora" and not any("lora_" in n for n, _ in backbone.named_parameters()):
-            inject_lora(backbone, config.lora_rank, config.lora_alpha)
-        optimizer = torch.optim.AdamW(stage_parameters(model, current, config), weight_decay=config.weight_decay)
-        if state is not None and state["stage"] == current and in_stage < cfg.steps:
-            restore_optimizer(optimizer, opt_tensors, state)
-        in_stage = in_stage if current == stage else 0
-        while in_stage < cfg.steps:
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lr_factor(in_stage, cfg)
-            began = time.perf_counter()
-            metrics = train_step(model, optimizer, sampler, run, cfg)
-            in_stage, step = in_stage + 1, step + 1
-            record = {"step": step, "stage": current, "lr": optimizer.param_groups[0]["lr"], **metrics,
-                      "seconds": round(time.perf_counter() - began, 4)}
-            _log(out, record, run.on_step)
-            if step % config.checkpoint_every == 0 or in_stage == cfg.steps:
-                save_checkpoint(out, step, trainable_state(model, current, config), optimizer, {
-                    "stage": current, "in_stage": in_stage, "step": step, "sampler": sampler.state(),
-                    "config": json.loads(config.model_dump_json())})
-            if run.stop_after is not None and step >= run.stop_after:
-                return None
-        stage = current
-    return _finish(model, run, fingerprint, stage, step)
+        if stage != position.stage:  # a new stage: first step, fresh moments
+            position.stage, position.in_stage, opt_state = stage, 0, None
+        if not _train_stage(model, run, place, position, opt_state):
+            return None
+    return _finish(model, run, place, metadata, position, sharded)
 
 
-def _log(out: Path, record: dict[str, Any], on_step: Callable | None) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-    if on_step:
-        on_step(record)
-
-
-def _finish(model: AdaptModel, run: Run, fingerprint: str, stage: int, step: int) -> Adapter:
+def _start(model: AdaptModel, run: Run, resume: bool, base: str) -> tuple[Position, dict | None]:
+    """A fresh position, or the newest checkpoint's (its weights loaded into the still unsharded modules)."""
     config = run.config
+    if not resume:
+        return Position(1, 0, 0, Sampler(len(run.data), config.seed), base), None
+    checkpoint = latest_checkpoint(run.out_dir)
+    if checkpoint is None:
+        raise FlashARError(f"--resume was given but {run.out_dir / 'checkpoints'} holds no checkpoint; run without --resume")
+    weights, opt_tensors, state = load_checkpoint(checkpoint)
+    if not _same_config(state.get("config"), config):
+        raise FlashARError(f"{checkpoint} was written with a different adaptation config; resume with the same options or use a new --out")
+    if state.get("backbone_fingerprint", base) != base:
+        raise CheckpointError(f"{checkpoint} was written while adapting another backbone (fingerprint {state['backbone_fingerprint']}, "
+                              f"this one is {base}); resume with the checkpoint it started from or use a new --out")
+    try:
+        load_trainable_state(model, weights)
+    except (RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"{checkpoint} does not fit this model ({str(exc).strip().splitlines()[0][:160]}); "
+                              f"resume with the same backbone and options or use a new --out") from None
+    sampler = Sampler(len(run.data), config.seed, **state["sampler"])
+    return Position(state["stage"], state["in_stage"], state["step"], sampler, base), optimizer_state(opt_tensors, state)
+
+
+def _same_config(saved: dict | None, config: AdaptConfig) -> bool:
+    """Whether a checkpoint's config is this one; the strategy may change (the state is global)."""
+    def strip(values):
+        return {k: v for k, v in (values or {}).items() if k != "strategy"}
+
+    return strip(saved) == strip(json.loads(config.model_dump_json()))
+
+
+def _train_stage(model: AdaptModel, run: Run, place: Distributed, position: Position, opt_state: dict | None) -> bool:
+    """Train ``position.stage`` to its last step; False when ``run.stop_after`` stopped the run."""
+    config, stage = run.config, position.stage
+    cfg = config.stage1 if stage == 1 else config.stage2
+    optimizer = torch.optim.AdamW(stage_parameters(model, stage, config), weight_decay=config.weight_decay)
+    if opt_state is not None:
+        optimizer.load_state_dict(shard_optimizer_state(optimizer, opt_state))
+    # DDP is rebuilt per stage: it registers the parameters that require grad when it is built
+    wrapped = wrap_ddp(model, place, model.backbone.device) if config.strategy == "ddp" and place.active else model
+    while position.in_stage < cfg.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_factor(position.in_stage, cfg)
+        began = time.perf_counter()
+        metrics = train_step(wrapped, optimizer, position.sampler, run, cfg, place)
+        position.in_stage, position.step = position.in_stage + 1, position.step + 1
+        if place.is_main:
+            _log(run, {"step": position.step, "stage": stage, "lr": optimizer.param_groups[0]["lr"], **metrics,
+                       "seconds": round(time.perf_counter() - began, 4)})
+        if position.step % config.checkpoint_every == 0 or position.in_stage == cfg.steps:
+            _checkpoint(model, optimizer, run, place, position)
+        if run.stop_after is not None and position.step >= run.stop_after:
+            return False
+    return True
+
+
+def _checkpoint(model: AdaptModel, optimizer: torch.optim.Optimizer, run: Run, place: Distributed, position: Position) -> None:
+    """Gather the full state (collectives under FSDP), write it from the main process, then wait for it."""
+    keep = place.is_main
+    weights = full_tensors(trainable_state(model, position.stage, run.config), keep)
+    moments = full_optimizer_state(optimizer, keep)
+    if keep:
+        save_checkpoint(run.out_dir, position.step, weights, moments, {
+            "stage": position.stage, "in_stage": position.in_stage, "step": position.step,
+            "sampler": position.sampler.state(), "world_size": place.world_size, "backbone_fingerprint": position.base,
+            "config": json.loads(run.config.model_dump_json())})
+    barrier(place)
+
+
+def _log(run: Run, record: dict[str, Any]) -> None:
+    with open(run.out_dir / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if run.on_step:
+        run.on_step(record)
+
+
+def _finish(model: AdaptModel, run: Run, place: Distributed, metadata: AdapterMetadata, position: Position,
+            sharded: bool) -> Adapter | None:
+    """Write the adapter from the main process (after gathering FSDP shards); return it unless sharded."""
+    config, keep = run.config, place.is_main
+    mode = "none" if position.stage < 2 or config.stage2_mode == "none" or config.stage2.steps == 0 else config.stage2_mode
+    meta = metadata.model_copy(update={"stage": position.stage, "step": position.step, "backbone_weights": mode,
+                                       "lora_scaling": config.lora_alpha / config.lora_rank if mode == "lora" else None})
+    head = full_tensors(model.head.state_dict(), keep)
+    backbone = full_tensors(model.backbone.state_dict(), keep) if mode == "full" else None
+    lora = full_tensors(lora_state(model.backbone), keep) if mode == "lora" else None
+    if keep:
+        save_adapter(run.out_dir, meta, head, backbone, lora)
+    barrier(place)
+    if sharded:
+        return None
     model.eval().requires_grad_(False)
-    mode = "none" if stage < 2 or config.stage2_mode == "none" or config.stage2.steps == 0 else config.stage2_mode
-    meta = new_metadata(model.backbone, model.head, run.data.grid, stage=stage, step=step).model_copy(update={
-        "backbone_fingerprint": fingerprint, "backbone_weights": mode,
-        "lora_scaling": config.lora_alpha / config.lora_rank if mode == "lora" else None})
-    adapter = Adapter(meta, model.head, model.backbone)
-    adapter.save_pretrained(run.out_dir, lora_state=lora_state(model.backbone) if mode == "lora" else None)
-    return adapter
+    return Adapter(meta, model.head, model.backbone)
 
 
-def check_run(backbone: Backbone, run: Run) -> None:
+def check_run(backbone: Backbone, run: Run, place: Distributed = SINGLE) -> None:
     """Fail before any work on data or options that cannot train."""
-    config, data = run.config, run.data
-    if len(data) == 0:
-        raise FlashARError("the adaptation data holds no images")
+    config = run.config
     if config.stage2.distill_weight:
         raise FlashARError("distillation needs the frozen raster model and is only available in stage 1; set stage2.distill_weight to 0")
-    if backbone.condition_kind == "class" and any(not isinstance(c, int) for c in data.conditions):
-        raise FlashARError("this class-conditional backbone needs class-id labels (a folder of class subfolders)")
+    shares = config.grad_accum * place.world_size
+    if config.batch_size % shares:
+        raise FlashARError(f"batch_size {config.batch_size} does not split into {config.grad_accum} micro-batch(es) on each of "
+                           f"{place.world_size} process(es); use a multiple of {shares}")
+    if uses_lora(config):
+        require("peft", "lora")
+    _check_data(backbone, run.data)
+
+
+def _check_data(backbone: Backbone, data: TokenData) -> None:
+    if len(data) == 0:
+        raise DataError("the adaptation data holds no images; check --data (or --codes)")
     height, width = data.grid
     if height < 2 or width < 2:
-        raise FlashARError(f"FlashAR needs a grid of at least 2x2 tokens, got {height}x{width}")
+        raise DataError(f"FlashAR needs a grid of at least 2x2 tokens, got {height}x{width}; use a larger --image-size")
+    low, high = int(data.codes.min()), int(data.codes.max())
+    if low < 0 or high >= backbone.codebook_size:
+        raise DataError(f"the adaptation data holds token code {low if low < 0 else high}, outside this model's codebook "
+                        f"[0, {backbone.codebook_size}); extract the codes with the tokenizer this model was trained with")
+    if backbone.condition_kind == "class":
+        bad = [c for c in data.conditions if isinstance(c, bool) or not isinstance(c, int)
+               or (backbone.num_classes is not None and not 0 <= c < backbone.num_classes)]
+        if bad:
+            raise DataError(f"this class-conditional backbone needs class ids in [0, {backbone.num_classes}) as labels, "
+                            f"got {bad[0]!r}; use a folder of class subfolders (or codes with matching labels)")

@@ -8,10 +8,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import cli_args, random_gpt, write_llamagen
-from PIL import Image
+from helpers import cli_args, random_gpt, stripes, write_class_folder, write_llamagen
 
-from flashar.adapt.data import TokenData
 from flashar.adapt.trainer import Run, adapt, lr_factor
 from flashar.adapter import load_adapter
 from flashar.cli import cli
@@ -20,15 +18,6 @@ from flashar.errors import FlashARError
 from flashar.io import load_weights
 from flashar.methods.flashar import FlashAR
 from flashar.sampling import make_generator
-
-
-def stripes(n=24, grid=(4, 4)):
-    """Learnable data: class c draws a grid whose rows repeat a class-specific pattern."""
-    gen = torch.Generator().manual_seed(0)
-    conditions = [i % 4 for i in range(n)]
-    codes = torch.stack([(torch.arange(grid[1]) * (c + 1) + torch.randint(0, 2, (grid[0], 1), generator=gen)) % 64
-                         for c in conditions])
-    return TokenData(codes.long(), conditions)
 
 
 def config(steps1=3, steps2=3, **kw):
@@ -94,20 +83,17 @@ def test_adapter_from_another_backbone_is_refused(tmp_path):
         load_adapter(tmp_path, random_gpt(seed=3))
 
 
+def test_resuming_with_another_backbone_is_refused(tmp_path):
+    adapt(random_gpt(), Run(stripes(), config(), tmp_path, stop_after=2))
+    with pytest.raises(FlashARError, match="while adapting another backbone"):
+        adapt(random_gpt(seed=3), Run(stripes(), config(), tmp_path), resume=True)
+
+
 def test_schedule_warms_up_holds_and_decays():
     cfg = StageConfig(steps=10, lr=1.0, warmup_steps=2, flat_steps=3, min_lr_factor=0.1)
     factors = [lr_factor(i, cfg) for i in range(10)]
     assert factors[:2] == [0.5, 1.0] and factors[2:5] == [1.0, 1.0, 1.0]
     assert all(a >= b for a, b in zip(factors[5:], factors[6:])) and factors[-1] > 0.1
-
-
-def write_class_folder(folder, size=8, per_class=6):
-    rng = np.random.default_rng(0)
-    for label in range(3):
-        (folder / str(label)).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = (rng.random((size, size, 3)) * 255).astype(np.uint8)
-            Image.fromarray(pixels).save(folder / str(label) / f"{i}.png")
 
 
 def test_adapt_then_generate_from_an_image_folder(tmp_path, registry):

@@ -185,6 +185,12 @@ class Emu35Backbone(Backbone):
         x, positions, mask = x.to(device), positions.to(device), mask.to(device)
         return self._layer(layer, x, positions, mask, kv, None if slots is None else slots.to(device)).to(home)
 
+    def fsdp_units(self, blocks: nn.ModuleList) -> list[nn.Module]:
+        """``_layer`` calls the projections and the MLP of a block, not the block: shard those (the norms
+        are small and stay with the root)."""
+        return [m for block in blocks for m in (block.self_attn.q_proj, block.self_attn.k_proj,
+                                                block.self_attn.v_proj, block.self_attn.o_proj, block.mlp)]
+
     def _layer(self, layer, x: Tensor, positions: Tensor, mask: Tensor, kv, slots) -> Tensor:
         attn = layer.self_attn
         batch, length, _ = x.shape

@@ -41,6 +41,13 @@ def load(options: LlamaGenOptions, runtime: RuntimeConfig):
 
         text = T5TextEncoder(options.t5_path, runtime.device)
     model = load_gpt(options.checkpoint, options.gpt_model, options.config_file, tokenizer=vq, text_encoder=text)
+    if vq is not None and vq.codebook_size != model.codebook_size:
+        from flashar.errors import CheckpointError
+
+        raise CheckpointError(
+            f"the VQ tokenizer {options.vq_checkpoint} has {vq.codebook_size} codes but the GPT's vocabulary has "
+            f"{model.codebook_size}; pass the --vq-checkpoint (and --vq-model/--vq-config) the GPT was trained with"
+        )
     return model.to(device=runtime.device, dtype=dtype)
 
 

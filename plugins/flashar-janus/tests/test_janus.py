@@ -234,7 +234,7 @@ def test_cli_generates_pngs_with_the_janus_backend(janus_folder, registry, tmp_p
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--classes", "3"], "needs non-empty prompts"),
+    (["--classes", "3"], "takes prompts, not class ids"),
     (["--prompt", "a cat", "--image-size", "32"], "native size 48 px"),
 ])
 def test_cli_bad_input_is_one_line(janus_folder, registry, args, message):

@@ -1,0 +1,113 @@
+"""What adaptation trains: the backbone plus its FlashAR parts, the loss of one micro-batch, and which
+parameters each stage updates (reference/flashar_method.md §7).
+
+Stage 1 trains the vertical branch, vertical head and gates with the backbone frozen; losses: fused CE
++ w_v * vertical CE + w_kd * KL to the frozen raster model (T = 2) + w_gc * gate entropy. Stage 2 trains
+everything jointly (the backbone fully, or LoRA factors through peft) with the backbone at
+``lr * backbone_lr_factor``. Every loss is a mean over equal-sized samples, so the mean of per-process
+shard losses is the loss of the whole batch (what data-parallel training relies on).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flashar.backbone import Backbone, Prefix
+from flashar.branch import FlashARHead
+from flashar.config import AdaptConfig, StageConfig
+from flashar.lora import inject_lora, lora_state
+from flashar.teacher import cross_entropy, distillation_kl, flashar_logits, raster_logits, vertical_cross_entropy
+
+
+class AdaptModel(nn.Module):
+    """Backbone + FlashAR parts; ``forward`` returns the stage's loss and metrics for one micro-batch."""
+
+    def __init__(self, backbone: Backbone, head: FlashARHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, codes: Tensor, conditions: list, dropped: Tensor, cfg: StageConfig) -> tuple[Tensor, dict[str, float]]:
+        both = self.backbone.prefix(conditions, cfg=True, grid=tuple(codes.shape[1:]), unconditional="empty")
+        prefix = dropout_prefix(both, dropped)  # the uncond rows FlashAR decodes with (methods/flashar.py)
+        out = flashar_logits(self.backbone, self.head, prefix, codes)
+        ce = cross_entropy(out.fused, codes)
+        loss, metrics = ce, {"ce": ce.item()}
+        if cfg.aux_vertical_weight and codes.shape[1] > 1:
+            aux = vertical_cross_entropy(out.vertical, codes)
+            loss, metrics["aux_vertical"] = loss + cfg.aux_vertical_weight * aux, aux.item()
+        if cfg.distill_weight:
+            with torch.no_grad():  # the frozen raster model under its own causal mask is the teacher
+                teacher = raster_logits(self.backbone, prefix, codes)
+            kd = distillation_kl(teacher, out.vertical, codes.shape[2], cfg.distill_temperature)
+            loss, metrics["distill"] = loss + cfg.distill_weight * kd, kd.item()
+        if cfg.gate_entropy_weight:
+            gc = self.head.gate_entropy_loss(self.backbone, out.h_left, out.v_up, out.kind)
+            loss, metrics["gate_entropy"] = loss + cfg.gate_entropy_weight * gc, gc.item()
+        interior = out.gate[:, out.kind == 0]
+        metrics["gate_mean"] = interior.mean().item() if interior.numel() else 0.5
+        metrics["gate_std"] = interior.float().std().item() if interior.numel() > 1 else 0.0
+        return loss, metrics
+
+
+def dropout_prefix(both: Prefix, dropped: Tensor) -> Prefix:
+    """Rows [cond; uncond] -> one row per sample: the unconditional one where ``dropped`` (CFG training)."""
+    batch = both.batch_size // 2
+    pick = torch.arange(batch, device=both.embeds.device) + batch * dropped.to(both.embeds.device).long()
+    return Prefix(both.embeds[pick], both.valid[pick], both.positions, both.last[pick])
+
+
+def uses_lora(config: AdaptConfig) -> bool:
+    return config.stage2_mode == "lora" and config.stage2.steps > 0
+
+
+def prepare_lora(model: AdaptModel, config: AdaptConfig) -> None:
+    """Inject the stage-2 LoRA layers before training starts (frozen until stage 2; B = 0, so stage 1 sees
+    the base model unchanged). Injecting up front lets FSDP shard them with their blocks; a seed of their
+    own makes their initial values the same however many processes run."""
+    if uses_lora(config) and not any("lora_" in n for n, _ in model.backbone.named_parameters()):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed + 1)
+            inject_lora(model.backbone, config.lora_rank, config.lora_alpha)
+
+
+def stage_parameters(model: AdaptModel, stage: int, config: AdaptConfig) -> list[dict]:
+    """AdamW param groups for a stage; sets requires_grad so the frozen parts get no gradients."""
+    model.backbone.requires_grad_(False)
+    model.head.requires_grad_(True)
+    cfg = config.stage1 if stage == 1 else config.stage2
+    groups = [{"params": list(model.head.parameters()), "lr": cfg.lr, "name": "flashar"}]
+    if stage == 2 and config.stage2_mode == "full":
+        model.backbone.requires_grad_(True)
+        groups.append({"params": list(model.backbone.parameters()), "lr": cfg.lr * cfg.backbone_lr_factor, "name": "backbone"})
+    elif stage == 2 and config.stage2_mode == "lora":
+        params = [p for n, p in model.backbone.named_parameters() if "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+        groups.append({"params": params, "lr": cfg.lr * cfg.backbone_lr_factor, "name": "lora"})
+    for group in groups:
+        group["initial_lr"] = group["lr"]
+    return groups
+
+
+def trainable_state(model: AdaptModel, stage: int, config: AdaptConfig) -> dict[str, Tensor]:
+    """The weights a checkpoint of ``stage`` holds (FSDP shards stay DTensors; the caller gathers them)."""
+    state = {f"head.{k}": v for k, v in model.head.state_dict().items()}
+    if stage == 2 and config.stage2_mode == "full":
+        state.update({f"backbone.{k}": v for k, v in model.backbone.state_dict().items()})
+    elif stage == 2 and config.stage2_mode == "lora":
+        state.update({f"lora.{k}": v for k, v in lora_state(model.backbone).items()})
+    return state
+
+
+def load_trainable_state(model: AdaptModel, weights: dict[str, Tensor]) -> None:
+    """The inverse of :func:`trainable_state`, into the unsharded modules."""
+    from flashar.lora import load_lora_state
+
+    model.head.load_state_dict({k[5:]: v for k, v in weights.items() if k.startswith("head.")})
+    backbone = {k[9:]: v for k, v in weights.items() if k.startswith("backbone.")}
+    if backbone:
+        model.backbone.load_state_dict(backbone)
+    lora = {k[5:]: v for k, v in weights.items() if k.startswith("lora.")}
+    if lora:
+        load_lora_state(model.backbone, lora)

@@ -1,0 +1,94 @@
+"""Crash safety: a run killed with SIGKILL and rerun with --resume ends with the adapter of an uninterrupted
+run, bit for bit, and logs every step once; leftovers of a kill (staging folders, a cut metrics line) are
+never picked up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import cli_args, random_gpt, stripes, write_class_folder, write_llamagen
+from test_distributed import config, steps_logged
+
+from flashar.adapt.trainer import Run, adapt
+from flashar.api import ensure_output
+from flashar.errors import FlashARError
+from flashar.io import load_weights
+
+
+def adapt_process(tmp_path: Path, out: str, resume: bool = False) -> subprocess.Popen:
+    options = write_llamagen(tmp_path / "model")
+    args = ["adapt", "-b", "llamagen", *cli_args(options), "--data", tmp_path / "images", "--image-size", 8,
+            "--stage1-steps", 30, "--stage2-steps", 30, "--batch-size", 4, "--checkpoint-every", 4,
+            "--cache-dir", tmp_path / "cache", "--out", tmp_path / out] + (["--resume"] if resume else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in every run: the same float sums
+    return subprocess.Popen([sys.executable, "-m", "flashar", *map(str, args)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"the run ended before {path} appeared: {process.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
+        time.sleep(0.005)
+
+
+def assert_bitwise_same(a: Path, b: Path) -> None:
+    wa, wb = load_weights(a / "model.safetensors"), load_weights(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tmp_path):
+    write_class_folder(tmp_path / "images")
+    full = adapt_process(tmp_path, "full")
+    assert full.wait(timeout=300) == 0, full.stderr.read()[-2000:]  # also fills the token cache
+    killed = adapt_process(tmp_path, "cut")
+    wait_for(tmp_path / "cut" / "checkpoints" / "step-00000008", killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    assert not (tmp_path / "cut" / "config.json").exists(), "the run finished before the kill; make it longer"
+    again = adapt_process(tmp_path, "cut")
+    assert again.wait(timeout=300) != 0 and "pass --resume" in again.stderr.read()
+    resumed = adapt_process(tmp_path, "cut", resume=True)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
+    assert_bitwise_same(tmp_path / "full", tmp_path / "cut")
+    assert steps_logged(tmp_path / "cut") == list(range(1, 61))
+    assert not list((tmp_path / "cut" / "checkpoints").glob(".staging-*"))
+
+
+def test_leftovers_of_a_kill_are_never_picked_up(tmp_path):
+    """A half-written checkpoint (staging folder), a metrics line cut mid-write and steps logged after the
+    last checkpoint: --resume ignores the first, drops the others, and ends where an uninterrupted run ends."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    adapt(random_gpt(), Run(stripes(), config(), full))
+    adapt(random_gpt(), Run(stripes(), config(), cut, stop_after=5))  # checkpoint at step 4, step 5 logged
+    staging = cut / "checkpoints" / ".staging-x"
+    staging.mkdir()
+    (staging / "weights.safetensors").write_bytes(b"\x00" * 10)
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # killed mid-write
+    ensure_output(cut, resume=True)
+    adapt(random_gpt(), Run(stripes(), config(), cut), resume=True)
+    assert_bitwise_same(full, cut)
+    assert steps_logged(cut) == [1, 2, 3, 4, 5, 6]
+    assert not staging.exists()
+
+
+def test_a_folder_with_only_a_staging_checkpoint_is_a_fresh_start(tmp_path):
+    """Killed while writing its first checkpoint: nothing to resume, so a plain rerun may use the folder."""
+    (tmp_path / "checkpoints" / ".staging-x").mkdir(parents=True)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    ensure_output(tmp_path)
+    with pytest.raises(FlashARError, match="holds no checkpoint"):
+        adapt(random_gpt(), Run(stripes(), config(), tmp_path), resume=True)
+    adapt(random_gpt(), Run(stripes(), config(), tmp_path))
+    assert steps_logged(tmp_path) == [1, 2, 3, 4, 5, 6]
