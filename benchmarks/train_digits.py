@@ -6,9 +6,10 @@
    split with next-token cross-entropy, 10% class dropout (null class for CFG) and random shifts, until
    the validation NLL has not improved for ``--patience`` epochs; the best epoch is kept.
 2. The feature CNN behind FID-digits and class accuracy is trained on the same train split.
-3. The FlashAR adapters are produced from the raster weights by the real CLI: the train split is written
-   as a class-folder of PNGs and ``flashar adapt --backend digits`` runs on it, once with both stages
-   (``flashar/``) and once with stage 1 only (``flashar-stage1/``, for the ablation in the README).
+3. The FlashAR adapters are produced from the raster weights by the real CLI: the train split (plus
+   ``--adapt-augment`` randomly shifted copies) is written as a class-folder of PNGs and
+   ``flashar adapt --backend digits`` runs on it, once with both stages (``flashar/``) and once with
+   stage 1 only (``flashar-stage1/``, for the ablation in the README).
 
 Everything is seeded; the JSON receipt (``train_digits.json``) records the curves and the machine.
 """
@@ -136,6 +137,7 @@ def main() -> None:
     parser.add_argument("--cnn-epochs", type=int, default=40)
     parser.add_argument("--skip-raster", action="store_true", help="reuse the raster weights already in --out")
     parser.add_argument("--skip-adapt", action="store_true", help="only train the raster model and the feature CNN")
+    parser.add_argument("--adapt-augment", type=int, default=3, help="shifted copies of each training image for adaptation")
     parser.add_argument("--adapt-args", default="", help="extra flags for `flashar adapt`")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -153,7 +155,10 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "train"
-        write_png_folder(*splits.train, data)
+        gen = torch.Generator().manual_seed(args.seed + 2)
+        codes, labels = splits.train  # plus shifted copies: adaptation sees the augmentation the raster model saw
+        augmented = torch.cat([codes] + [shift(codes, gen) for _ in range(args.adapt_augment)])
+        write_png_folder(augmented, labels.repeat(args.adapt_augment + 1), data)
         for name, extra in (("flashar", []), ("flashar-stage1", ["--stage2-mode", "none"])):
             target = args.out / name
             shutil.rmtree(target, ignore_errors=True)
