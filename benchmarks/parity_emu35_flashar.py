@@ -162,7 +162,7 @@ def flashar_compare(repo: Path, work: Path, name: str) -> dict:
         prefix = backbone.prefix([prompt], cfg=cfg != 1.0, grid=grid, unconditional="empty")
         with torch.no_grad():
             fused = flashar_logits(method.backbone, method.head, prefix, ref["codes"][None]).fused  # [cond; uncond]
-            pixels = backbone.vision.model.decode_codes(ref["codes"][None])
+            pixels = backbone.tokenizer.model.decode_codes(ref["codes"][None])
         ours = fused if cfg == 1.0 else fused.flip(0)  # the reference's rows are [uncond; cond]
         max_diff = max(max_diff, (ours - ref["logits"]).abs().max().item())
         max_pixel_diff = max(max_pixel_diff, (pixels - ref["pixels"]).abs().max().item())

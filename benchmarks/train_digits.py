@@ -3,8 +3,9 @@
     python benchmarks/train_digits.py --out flashar/backends/digits/weights
 
 1. The raster model, a tiny LlamaGen-architecture GPT (flashar's llamagen code), is trained on the train
-   split with next-token cross-entropy, 10% class dropout (null class for CFG) and random shifts, until
-   the validation NLL has not improved for ``--patience`` epochs; the best epoch is kept.
+   split with next-token cross-entropy, LlamaGen's dropouts and 10% class dropout (null class for CFG)
+   and random shifts; the learning rate drops when the validation NLL plateaus, and training stops when
+   it has not improved for ``--patience`` epochs; the best epoch is kept.
 2. The feature CNN behind FID-digits and class accuracy is trained on the same train split.
 3. The FlashAR adapters are produced from the raster weights by the real CLI: the train split (plus
    ``--adapt-augment`` randomly shifted copies) is written as a class-folder of PNGs and
@@ -50,6 +51,17 @@ def nll(model: LlamaGenBackbone, codes: torch.Tensor, labels: torch.Tensor, batc
     return total / codes.numel()
 
 
+def add_dropout(model: LlamaGenBackbone, p: float) -> None:
+    """LlamaGen's training dropouts (token, residual, FFN; all 0.1 officially) as forward hooks, so the
+    library's inference model stays dropout-free; active only in train mode."""
+    def hook(module, inputs, output):
+        return F.dropout(output, p, training=module.training)
+
+    for module in [model.tok_embeddings, model.cls_embedding] + [m for layer in model.layers
+                                                                  for m in (layer.attention.wo, layer.feed_forward.w2)]:
+        module.register_forward_hook(hook)
+
+
 def train_raster(args, splits, log) -> tuple[LlamaGenBackbone, dict]:
     torch.manual_seed(args.seed)
     cfg = GPTConfig(**RASTER_CONFIG)
@@ -58,7 +70,9 @@ def train_raster(args, splits, log) -> tuple[LlamaGenBackbone, dict]:
         if p.ndim > 1:
             torch.nn.init.normal_(p, std=0.02)
     torch.nn.init.zeros_(model.output.weight)
+    add_dropout(model, args.dropout)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.3, patience=args.patience // 3)
     codes, labels = splits.train
     gen = torch.Generator().manual_seed(args.seed)
     best, best_state, stale, curve = float("inf"), None, 0, []
@@ -77,7 +91,9 @@ def train_raster(args, splits, log) -> tuple[LlamaGenBackbone, dict]:
             opt.step()
         model.eval()
         val = nll(model, *splits.val)
-        curve.append({"epoch": epoch, "val_nll": val, "train_loss": loss.item(), "seconds": time.perf_counter() - began})
+        plateau.step(val)
+        curve.append({"epoch": epoch, "val_nll": val, "train_loss": loss.item(), "lr": opt.param_groups[0]["lr"],
+                      "seconds": time.perf_counter() - began})
         log(f"raster epoch {epoch}: val NLL {val:.4f} nats/token ({curve[-1]['seconds']:.0f}s)")
         if val < best - 1e-4:
             best, best_state, stale = val, {k: v.clone() for k, v in model.state_dict().items()}, 0
@@ -133,7 +149,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-epochs", type=int, default=300)
-    parser.add_argument("--patience", type=int, default=10)
+    parser.add_argument("--patience", type=int, default=15, help="epochs without a better validation NLL before stopping (the LR drops 0.3x after a third of it)")
+    parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--cnn-epochs", type=int, default=40)
     parser.add_argument("--skip-raster", action="store_true", help="reuse the raster weights already in --out")
     parser.add_argument("--skip-adapt", action="store_true", help="only train the raster model and the feature CNN")

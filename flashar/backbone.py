@@ -133,6 +133,8 @@ class Backbone(nn.Module, ABC):
     native_cfg: Literal["logits", "log_softmax"] = "logits"
     sampling_defaults: dict[str, Any] = {}
     default_adapter: Any = None  # a FlashAR adapter folder shipped with the backend, if any
+    tokenizer: Any = None  # codes <-> pixels (an object with decode/encode; never part of the state dict)
+    tokenizer_hint: str = "load the backbone together with its image tokenizer"
     default_branch: dict[str, Any] = {}  # BranchConfig values `flashar adapt` uses unless the user sets them
     metric: str | None = None  # id of a registered MetricSpec suited to this backend's images
 
@@ -198,13 +200,18 @@ class Backbone(nn.Module, ABC):
                       kv: tuple[Tensor, Tensor] | None, slots: Tensor | None) -> Tensor:
         """Run one block (of ``layers``, or a clone of one) on x (B, T, D); write its K/V at ``slots``."""
 
-    @abstractmethod
     def decode(self, codes: Tensor) -> Tensor:
-        """Codes (B, H, W) in [0, V) -> images (B, 3, h, w) in [0, 1]."""
+        """Codes (B, H, W) in [0, V) -> images (B, 3, h, w) in [0, 1], through ``tokenizer``."""
+        return self._image_tokenizer().decode(codes)
 
-    @abstractmethod
     def encode(self, images: Tensor) -> Tensor:
-        """Images (B, 3, h, w) in [0, 1] -> codes (B, H, W)."""
+        """Images (B, 3, h, w) in [0, 1] -> codes (B, H, W), through ``tokenizer``."""
+        return self._image_tokenizer().encode(images)
+
+    def _image_tokenizer(self):
+        if self.tokenizer is None:
+            raise FlashARError(f"no image tokenizer is loaded; {self.tokenizer_hint}")
+        return self.tokenizer
 
     @abstractmethod
     def architecture(self) -> dict[str, Any]:

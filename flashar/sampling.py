@@ -65,8 +65,16 @@ def sample(logits: Tensor, noise: Tensor | None, sampling: SamplingConfig) -> Te
 
 
 def new_noise(shape: tuple[int, ...], device: torch.device | str) -> Tensor:
-    """A buffer for exponential noise; refill it each step with ``buf.exponential_(generator=g)``."""
+    """A buffer for exponential noise; refill it before each step with :func:`refill_noise`."""
     return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def refill_noise(noise: Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> None:
+    """Draw fresh Exp(1) noise into ``noise`` from ``generator`` (nothing to draw when greedy or teacher forcing).
+
+    The one random draw of a decode step, done by the plain loop outside the compiled step."""
+    if generator is not None and not sampling.is_greedy:
+        noise.exponential_(generator=generator)
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:

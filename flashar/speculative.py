@@ -37,7 +37,7 @@ from flashar.backbone import Backbone, KVCache, Prefix
 from flashar.compilation import mark_static
 from flashar.config import SamplingConfig
 from flashar.decoding import Generation, guided, image_key_valid, key_mask, prefill
-from flashar.sampling import processed_probs
+from flashar.sampling import processed_probs, refill_noise
 
 DRAFT_INITS = ("repeat_horizon", "random")
 
@@ -213,8 +213,7 @@ def refill(state: SpeculativeState, generator: torch.Generator) -> None:
     """Draw this iteration's randomness from the seeded generator, outside the compiled step."""
     state.uniform.uniform_(generator=generator)
     state.init_codes.random_(0, state.draft_probs.shape[-1], generator=generator)
-    if not state.sampling.is_greedy:
-        state.noise.exponential_(generator=generator)
+    refill_noise(state.noise, state.sampling, generator)
 
 
 def decode(backbone: Backbone, step_fn: Callable, state: SpeculativeState, generator: torch.Generator) -> Generation:

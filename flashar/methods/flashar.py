@@ -31,7 +31,7 @@ from flashar.config import Config, SamplingConfig
 from flashar.errors import FlashARError
 from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill, state_nbytes
 from flashar.hookspecs import hookimpl
-from flashar.sampling import new_noise, sample
+from flashar.sampling import new_noise, refill_noise, sample
 
 
 class FlashAROptions(Config):
@@ -177,10 +177,10 @@ class FlashAR(Method):
 
     def _run(self, st: FlashARState, generator: torch.Generator | None) -> None:
         with torch.no_grad():
-            self._refill(st, generator)
+            refill_noise(st.noise, st.sampling, generator)
             self._prefill(st)
             for t in range(1, len(st.steps)):
-                self._refill(st, generator)
+                refill_noise(st.noise, st.sampling, generator)
                 self.step(st, st.steps[t], st.diagonals[st.sizes[t]])
 
     def generate(self, conditions, grid, sampling, generator) -> Generation:
@@ -198,11 +198,6 @@ class FlashAR(Method):
         mark_static(st.logits)
         self._run(st, None)
         return st.logits[:, :-1]
-
-    @staticmethod
-    def _refill(st: FlashARState, generator: torch.Generator | None) -> None:
-        if generator is not None and not st.sampling.is_greedy:
-            st.noise.exponential_(generator=generator)
 
 
 def bucket_tables(diagonals: Tensor, lengths: list[int], buckets: int) -> tuple[dict[int, Tensor], list[int]]:

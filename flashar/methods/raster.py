@@ -21,7 +21,7 @@ from flashar.compilation import mark_static
 from flashar.config import SamplingConfig
 from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill, state_nbytes
 from flashar.hookspecs import hookimpl
-from flashar.sampling import new_noise, sample
+from flashar.sampling import new_noise, refill_noise, sample
 
 
 @dataclass
@@ -95,18 +95,13 @@ class Raster(Method):
         state = self.setup(conditions, grid, sampling)
         with torch.no_grad():
             h, _ = prefill(self.backbone, state.prefix, state.cache)
-            self._refill(state, generator)
+            refill_noise(state.noise, state.sampling, generator)
             state.tokens[:, 0] = self._draw(state, self.backbone.logits(h), state.steps[0])
             for j in range(1, len(state.steps)):
-                self._refill(state, generator)
+                refill_noise(state.noise, state.sampling, generator)
                 self.step(state, state.steps[j])
         codes = state.tokens[:, state.is_cell] - self.backbone.code_offset
         return Generation(codes.view(len(conditions), *grid).cpu(), len(state.steps), state_nbytes(state))
-
-    @staticmethod
-    def _refill(state: RasterState, generator: torch.Generator) -> None:
-        if not state.sampling.is_greedy:
-            state.noise.exponential_(generator=generator)
 
 
 @hookimpl

@@ -35,7 +35,7 @@ from flashar.compilation import mark_static
 from flashar.config import Config, SamplingConfig
 from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill
 from flashar.hookspecs import hookimpl
-from flashar.sampling import new_noise, sample
+from flashar.sampling import new_noise, refill_noise, sample
 
 
 class ZipAROptions(Config):
@@ -219,20 +219,15 @@ class ZipAR(Method):
         bb, sampling = self.backbone, state.sampling
         with torch.no_grad():
             h, _ = prefill(bb, state.prefix, state.cache)
-            self._refill(state, generator)
+            refill_noise(state.noise, state.sampling, generator)
             code = sample(guided(bb.logits(h), sampling, bb.native_cfg), state.noise[:, 0], sampling)
             state.tokens[:, 0] = bb.code_ids(code)
             for k in state.steps:
-                self._refill(state, generator)
+                refill_noise(state.noise, state.sampling, generator)
                 self.step(state, k)
         is_cell = state.forced[: state.num_entries] < 0
         codes = state.tokens[:, : state.num_entries][:, is_cell] - bb.code_offset
         return Generation(codes.view(-1, *state.grid).cpu(), num_forward_passes=1 + len(state.steps))
-
-    @staticmethod
-    def _refill(state: ZipARState, generator: torch.Generator) -> None:
-        if not state.sampling.is_greedy:
-            state.noise.exponential_(generator=generator)
 
 
 @hookimpl

@@ -317,7 +317,7 @@ def test_ibq_encode_decode_shapes_and_raster_order(emu35_options):
     assert codes.shape == (2, 4, 6) and codes.dtype == torch.long
     decoded = backbone.decode(codes)
     assert decoded.shape == (2, 3, 64, 96) and decoded.min() >= 0 and decoded.max() <= 1
-    ibq, seen = backbone.vision.model, {}
+    ibq, seen = backbone.tokenizer.model, {}
     ibq.post_quant_conv.register_forward_hook(lambda m, inputs, out: seen.update(z=inputs[0]))
     ibq.decode_codes(codes)
     assert torch.equal(seen["z"][1, :, 2, 5], ibq.quantize.embedding.weight[codes[1, 2, 5]])  # code (b, r, c) -> latent (r, c)

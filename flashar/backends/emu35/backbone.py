@@ -45,6 +45,7 @@ ALIASES = {"layers": ("model", "layers"), "norm": ("model", "norm"), "output": (
 
 
 class Emu35Backbone(Backbone):
+    tokenizer_hint = "pass --vq-path (the Emu3.5-VisionTokenizer folder)"
     backend_id = "emu35"
     condition_kind = "text"
     code_offset = 151854
@@ -64,7 +65,7 @@ class Emu35Backbone(Backbone):
         self.config = config
         self.model = Qwen3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.text, self.vision, self.text_max_length = text, vision, text_max_length
+        self.text, self.tokenizer, self.text_max_length = text, vision, text_max_length
         self.prefix_padding, self.placement = prefix_padding, placement
 
     def reset_rotary(self) -> None:
@@ -209,16 +210,6 @@ class Emu35Backbone(Backbone):
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
     # --- images ---------------------------------------------------------------------------------
-    def decode(self, codes: Tensor) -> Tensor:
-        return self._vision().decode(codes)
-
-    def encode(self, images: Tensor) -> Tensor:
-        return self._vision().encode(images)
-
-    def _vision(self):
-        if self.vision is None:
-            raise FlashARError("no IBQ vision tokenizer is loaded; pass --vq-path (the Emu3.5-VisionTokenizer folder)")
-        return self.vision
 
 
 def pad_rows(rows: list[list[int]], pad_id: int, side: str) -> tuple[Tensor, Tensor, Tensor]:

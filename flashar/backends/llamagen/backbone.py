@@ -27,6 +27,7 @@ from flashar.errors import FlashARError
 class LlamaGenBackbone(Backbone):
     backend_id = "llamagen"
     sampling_defaults = {"cfg_scale": 4.0, "top_k": 2000, "top_p": 1.0, "temperature": 1.0}
+    tokenizer_hint = "pass --vq-checkpoint (e.g. vq_ds16_c2i.pt)"
 
     def __init__(self, cfg: GPTConfig, preset: str | None = None, tokenizer=None, text_encoder=None):
         super().__init__()
@@ -104,15 +105,3 @@ class LlamaGenBackbone(Backbone):
 
     def layer_forward(self, layer, x, positions, mask, kv, slots):
         return layer(x, positions, mask, kv, slots)
-
-    # --- images ---------------------------------------------------------------------------------
-    def decode(self, codes: Tensor) -> Tensor:
-        return self._tokenizer().decode(codes)
-
-    def encode(self, images: Tensor) -> Tensor:
-        return self._tokenizer().encode(images)
-
-    def _tokenizer(self):
-        if self.tokenizer is None:
-            raise FlashARError("no VQ tokenizer is loaded; pass --vq-checkpoint (e.g. vq_ds16_c2i.pt)")
-        return self.tokenizer

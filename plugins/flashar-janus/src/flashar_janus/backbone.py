@@ -39,6 +39,7 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class JanusBackbone(Backbone):
+    tokenizer_hint = "load the whole save_pretrained folder, which holds its VQ model"
     backend_id = "janus"
     condition_kind = "text"
     code_offset = 0
@@ -159,18 +160,6 @@ class JanusBackbone(Backbone):
         head = head or self.output
         features = self.generation_head.activation_fn(self.generation_head.proj_out(h))
         return F.linear(features, head.weight, head.bias).float()
-
-    # --- images ---------------------------------------------------------------------------------
-    def decode(self, codes: Tensor) -> Tensor:
-        return self._tokenizer().decode(codes)
-
-    def encode(self, images: Tensor) -> Tensor:
-        return self._tokenizer().encode(images)
-
-    def _tokenizer(self):
-        if self.tokenizer is None:
-            raise FlashARError("this Janus backbone was loaded without its VQ model; load the whole save_pretrained folder")
-        return self.tokenizer
 
 
 def _jsonable(value: Any) -> Any:
