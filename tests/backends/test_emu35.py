@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from helpers import EMU35_TOKENIZER, TINY_EMU35, TINY_IBQ, random_ibq, write_emu35, write_ibq
+from helpers import EMU35_TOKENIZER, TINY_EMU35, TINY_IBQ, emu35_tokenizer_files, random_ibq, write_emu35, write_ibq, write_two_shards
 
 from flashar import api
 from flashar import grid as G
@@ -48,7 +48,21 @@ class TestEmu35(BackboneConformance):
 
     @pytest.fixture
     def backbone(self, emu35_options):
+        self.options = emu35_options
         return load(emu35_options)
+
+    def save_backbone(self, backbone, folder):
+        """The published layout again: the original config.json and tokenizer files, the weights as shards."""
+        import shutil
+
+        source = self.options["model_path"]
+        model_dir = folder / "emu35"
+        model_dir.mkdir(parents=True)
+        for name in ("config.json", *(p.name for p in emu35_tokenizer_files())):
+            shutil.copy(source / name, model_dir / name)
+        state = {k: v.contiguous() for k, v in backbone.state_dict().items()}
+        write_two_shards(model_dir, state, first=("model.embed_tokens", "model.layers.0."))
+        return {"model_path": model_dir, "vq_path": self.options["vq_path"]}
 
 
 # --- the published architecture -------------------------------------------------------------------
