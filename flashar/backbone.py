@@ -71,33 +71,36 @@ class Prefix:
 class KVCache:
     """Static key/value buffers, one (B, H_kv, S, hd) pair per layer, written by index at explicit slots.
 
-    Shapes never change, so a decode step that writes here compiles once. On CUDA the buffers are marked
-    as static addresses so a CUDA graph can replay writes into them.
+    Shapes never change, so a decode step that writes here compiles once. Each layer has buffers of its
+    own (not views of one stacked tensor): a compiled step then writes a slot in place instead of copying
+    the layer's whole cache. ``device`` may list one device per layer (a model split over GPUs). On CUDA
+    the buffers are marked as static addresses so a CUDA graph can replay writes into them.
     """
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, length: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        shape = (num_layers, batch, num_kv_heads, length, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, H_kv, S, hd)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        if self.k.device.type == "cuda":
-            torch._dynamo.mark_static_address(self.k)
-            torch._dynamo.mark_static_address(self.v)
+                 dtype: torch.dtype, device: torch.device | str | Sequence[torch.device]):
+        devices = list(device) if isinstance(device, (list, tuple)) else [device] * num_layers
+        shape = (batch, num_kv_heads, length, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]  # L x (B, H_kv, S, hd)
+        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        for buffer in self.k + self.v:
+            if buffer.device.type == "cuda":
+                torch._dynamo.mark_static_address(buffer)
 
     @property
     def length(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def layer(self, i: int) -> tuple[Tensor, Tensor]:
         return self.k[i], self.v[i]
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def reset(self) -> None:
-        self.k.zero_()
-        self.v.zero_()
+        for buffer in self.k + self.v:
+            buffer.zero_()
 
 
 def write_kv(kv: tuple[Tensor, Tensor], slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -113,8 +113,8 @@ def test_stale_and_unwritten_cache_slots_are_never_read():
     method = SJD(backbone, SJD.Options(draft_length=5))
     clean = method.generate([3, 7], (3, 5), sampling, make_generator(4, "cpu"))
     state = method.setup([3, 7], (3, 5), sampling)
-    state.cache.k.normal_(0, 100.0)  # rejected drafts and unwritten slots hold garbage, not zeros
-    state.cache.v.normal_(0, 100.0)
+    for buffer in state.cache.k + state.cache.v:  # rejected drafts and unwritten slots hold garbage, not zeros
+        buffer.normal_(0, 100.0)
     dirty = speculative.decode(backbone, method.step, state, make_generator(4, "cpu"))
     assert torch.equal(dirty.codes, clean.codes)
 

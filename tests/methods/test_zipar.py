@@ -84,8 +84,8 @@ def test_row_end_tokens_are_forced(mask_unwritten):
 
 def dirty_run(method, conditions, grid, sampling, seed):
     state = method.setup(conditions, grid, sampling)
-    state.cache.k.normal_(0, 100.0)  # unwritten slots hold garbage instead of zeros
-    state.cache.v.normal_(0, 100.0)
+    for buffer in state.cache.k + state.cache.v:  # unwritten slots hold garbage instead of zeros
+        buffer.normal_(0, 100.0)
     return method.decode(state, make_generator(seed, "cpu"))
 
 

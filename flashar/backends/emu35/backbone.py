@@ -37,7 +37,7 @@ from transformers import Qwen3Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding, apply_rotary_pos_emb
 
 from flashar.backbone import Backbone, KVCache, Prefix, write_kv
-from flashar.backends.emu35.placement import Placement, SplitKVCache
+from flashar.backends.emu35.placement import Placement
 from flashar.errors import FlashARError
 
 # Where a protocol name lives in the published module tree.
@@ -78,7 +78,7 @@ class Emu35Backbone(Backbone):
         if self.placement is None or not self.placement.is_split:
             return super().new_cache(batch, length, num_layers)
         devices = self.placement.layer_devices[-(num_layers or self.num_layers) :]
-        return SplitKVCache(devices, batch, self.num_kv_heads, (length + 7) // 8 * 8, self.head_dim, self.dtype)
+        return KVCache(len(devices), batch, self.num_kv_heads, (length + 7) // 8 * 8, self.head_dim, self.dtype, devices)
 
     # --- protocol names as views of the published modules ----------------------------------------
     @property

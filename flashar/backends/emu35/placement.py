@@ -14,7 +14,6 @@ import re
 
 import torch
 
-from flashar.backbone import KVCache
 from flashar.errors import FlashARError
 
 LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
@@ -51,27 +50,3 @@ class Placement:
     def is_split(self) -> bool:
         return len(set(self.devices)) > 1
 
-
-class SplitKVCache(KVCache):
-    """A :class:`KVCache` whose layer i lives on ``devices[i]`` (one (B, H_kv, S, hd) pair per layer)."""
-
-    def __init__(self, devices: list[torch.device], batch: int, num_kv_heads: int, length: int, head_dim: int,
-                 dtype: torch.dtype):
-        shape = (batch, num_kv_heads, length, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
-        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
-
-    @property
-    def length(self) -> int:
-        return self.k[0].shape[2]
-
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[i], self.v[i]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    def reset(self) -> None:
-        for buffer in self.k + self.v:
-            buffer.zero_()
