@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -30,21 +29,12 @@ from flashar.adapter import Adapter, new_metadata
 from flashar.backends.llamagen.backbone import LlamaGenBackbone
 from flashar.backends.llamagen.model import PRESETS, GPTConfig
 from flashar.branch import FlashARHead
+from flashar.compare import cpu_model
 from flashar.compare.timing import time_methods
 from flashar.config import BranchConfig, SamplingConfig
 from flashar.plugins import Registry, build_manager
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def sync(device):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -218,12 +217,14 @@ def main() -> None:
     repo = args.reference_repo.resolve()
     if args.side == "reference":
         return reference_main(repo, args.work)
+    from flashar.compare import cpu_model  # this side only: the reference side runs without flashar
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         subprocess.run([args.reference_python, __file__, "--side", "reference", "--reference-repo", str(repo),
                         "--work", str(work)], check=True)
         reference = json.loads((work / "reference.json").read_text())
-        report = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        report = {"torch": torch.__version__, "machine": cpu_model(),
                   "threads": torch.get_num_threads(), "dtype": "float32", "reference": "lxazjk/Emu3.5-FlashAR "
                   "tools/generate_geneval_flashar.py load_model + Emuflashar.generate (greedy)",
                   "models": {name: flashar_compare(repo, work, name) for name in reference}}

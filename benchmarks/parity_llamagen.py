@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from flashar.compare import cpu_model
 from flashar.backends.llamagen.loader import load_gpt, load_vq
 from flashar.config import SamplingConfig
 from flashar.methods.raster import Raster
@@ -110,7 +110,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory() as tmp:
         report = {
-            "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "machine": cpu_model(),
             "threads": torch.get_num_threads(), "dtype": "float32",
             "c2i": compare_c2i(gpt, generate, Path(tmp)),
             "t2i": compare_t2i(gpt, generate, Path(tmp)),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import platform
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -19,7 +20,7 @@ import torch
 from flashar import __version__
 from flashar.backbone import Backbone
 from flashar.compare.metrics import Extractor, quality, to_uint8
-from flashar.compare.timing import time_methods
+from flashar.compare.timing import Timing, time_methods
 from flashar.config import CompareConfig, SamplingConfig
 from flashar.decoding import Method
 from flashar.errors import FlashARError
@@ -40,9 +41,20 @@ class CompareReport:
                 "environment": self.environment, "fid_label": self.metric_label, "methods": self.rows}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     env = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""),
-           "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+           "cpu": cpu_model(), "python": platform.python_version()}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
@@ -66,20 +78,28 @@ def run_compare(methods: dict[str, Method], sampling: dict[str, SamplingConfig],
     conditions = balanced_conditions(first, config.num_samples, prompts)
     report = CompareReport(first.backend_id, grid, config.model_dump(), environment(first.device, first.dtype),
                            metric_label=extractor.label if extractor else "FID")
-    timed = conditions[: config.batch_size]
-    timings = time_methods(methods, timed, grid, sampling, config.repeats, config.warmup, config.seeds[0])
-    baseline = timings["raster"].median if "raster" in timings else timings[next(iter(timings))].median
+    latency = time_methods(methods, conditions[: config.latency_batch_size], grid, sampling, config.repeats, config.warmup, config.seeds[0])
+    throughput = latency if config.latency_batch_size == config.batch_size else \
+        time_methods(methods, conditions[: config.batch_size], grid, sampling, config.repeats, config.warmup, config.seeds[0])
     for name, method in methods.items():
-        t = timings[name]
-        row = {"method": name, "forward_passes": t.forward_passes, "batch": len(timed),
-               "latency_per_image_ms": 1000 * t.median / len(timed), "images_per_second": len(timed) / t.median,
-               "batch_seconds_median": t.median, "batch_seconds": t.seconds, "speedup_vs_raster": baseline / t.median,
-               "compile_seconds": t.compile_seconds, "decode_state_mb": t.state_bytes / 2**20,
-               "peak_memory_mb": None if t.peak_bytes is None else t.peak_bytes / 2**20}
+        row = {"method": name, "forward_passes": latency[name].forward_passes,
+               **speed_columns(latency, name, "latency"), **speed_columns(throughput, name, "throughput"),
+               "latency_per_image_ms": 1000 * latency[name].median / config.latency_batch_size,
+               "images_per_second": config.batch_size / throughput[name].median,
+               "compile_seconds": latency[name].compile_seconds, "decode_state_mb": throughput[name].state_bytes / 2**20,
+               "peak_memory_mb": None if throughput[name].peak_bytes is None else throughput[name].peak_bytes / 2**20}
         if config.metrics and extractor is not None and reference is not None:
             row.update(score(method, conditions, grid, sampling[name], config, extractor, reference, report, progress))
         report.rows.append(row)
     return report
+
+
+def speed_columns(timings: dict[str, Timing], name: str, kind: str) -> dict[str, Any]:
+    """Batch size, median and all timed seconds of one method, and its speedup over raster (or the first method)."""
+    baseline = timings["raster"] if "raster" in timings else next(iter(timings.values()))
+    t = timings[name]
+    return {f"{kind}_batch": t.batch, f"{kind}_seconds_median": t.median, f"{kind}_seconds": t.seconds,
+            f"{kind}_speedup_vs_raster": baseline.median / t.median}
 
 
 def score(method: Method, conditions: list[Any], grid: tuple[int, int], sampling: SamplingConfig, config: CompareConfig,

@@ -13,9 +13,10 @@ from flashar.io import atomic_path, save_json, save_png
 COLUMNS = [  # (key, header, format)
     ("method", "method", "{}"),
     ("forward_passes", "passes", "{}"),
-    ("latency_per_image_ms", "ms / image", "{:.2f}"),
-    ("images_per_second", "images / s", "{:.1f}"),
-    ("speedup_vs_raster", "speedup", "{:.2f}x"),
+    ("latency_per_image_ms", "ms / image (batch {latency_batch})", "{:.2f}"),
+    ("latency_speedup_vs_raster", "speedup", "{:.2f}x"),
+    ("images_per_second", "images / s (batch {throughput_batch})", "{:.1f}"),
+    ("throughput_speedup_vs_raster", "speedup", "{:.2f}x"),
     ("compile_seconds", "compile s", "{:.1f}"),
     ("peak_memory_mb", "peak MB", "{:.1f}"),
     ("decode_state_mb", "state MB", "{:.2f}"),
@@ -30,7 +31,9 @@ COLUMNS = [  # (key, header, format)
 
 def table_rows(report) -> tuple[list[str], list[list[str]]]:
     present = [c for c in COLUMNS if any(row.get(c[0]) is not None for row in report.rows)]
-    headers = [h.format(fid=report.metric_label) for _, h, _ in present]
+    first = report.rows[0] if report.rows else {}
+    labels = {"fid": report.metric_label, "latency_batch": first.get("latency_batch"), "throughput_batch": first.get("throughput_batch")}
+    headers = [h.format(**labels) for _, h, _ in present]
     rows = [[fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in present] for row in report.rows]
     return headers, rows
 

@@ -22,7 +22,8 @@ from flashar.sampling import make_generator
 
 @dataclass
 class Timing:
-    seconds: list[float] = field(default_factory=list)  # per timed batch
+    batch: int = 0  # images per timed run
+    seconds: list[float] = field(default_factory=list)  # per timed run
     warmup_seconds: list[float] = field(default_factory=list)
     forward_passes: int = 0
     state_bytes: int = 0
@@ -60,7 +61,7 @@ def timed_run(method: Method, conditions: Sequence[Any], grid: tuple[int, int], 
 def time_methods(methods: dict[str, Method], conditions: Sequence[Any], grid: tuple[int, int],
                  sampling: dict[str, SamplingConfig], repeats: int, warmup: int, seed: int = 0) -> dict[str, Timing]:
     """Warm up each method, then time ``repeats`` interleaved rounds; returns per-method timings."""
-    timings = {name: Timing() for name in methods}
+    timings = {name: Timing(batch=len(conditions)) for name in methods}
     for name, method in methods.items():
         for _ in range(warmup):
             result, elapsed, _ = timed_run(method, conditions, grid, sampling[name], seed)

@@ -109,8 +109,12 @@ def test_compare_on_the_default_writes_table_json_grids_and_plot(tmp_path, regis
     rows = {row["method"]: row for row in report["methods"]}
     assert rows["raster"]["forward_passes"] == 256 and rows["flashar"]["forward_passes"] == 31
     for row in rows.values():
-        for key in ("fid", "kid", "precision", "recall", "class_accuracy", "latency_per_image_ms", "images_per_second"):
+        for key in ("fid", "kid", "precision", "recall", "class_accuracy", "latency_per_image_ms", "images_per_second",
+                    "latency_speedup_vs_raster", "throughput_speedup_vs_raster"):
             assert row[key] is not None
+        assert (row["latency_batch"], row["throughput_batch"]) == (1, 20)  # one image's wait; the quality batch's rate
+        assert row["images_per_second"] == pytest.approx(20 / row["throughput_seconds_median"])
+    assert rows["raster"]["latency_speedup_vs_raster"] == 1.0
     assert report["fid_label"] == "FID-digits"
     names = sorted(p.name for p in out.iterdir())
     assert names == ["report.json", "samples_flashar.png", "samples_raster.png", "speed_vs_quality.png"]
