@@ -39,14 +39,10 @@ def diagonal_slots(height: int, width: int) -> tuple[Tensor, Tensor]:
     cells are ordered by increasing row (top-right to bottom-left); padded slots hold index H*W (one past
     the grid, a scratch cell) and valid False.
     """
-    num_slots = min(height, width)
-    index = torch.full((num_diagonals(height, width), num_slots), height * width, dtype=torch.long)
-    valid = torch.zeros_like(index, dtype=torch.bool)
-    for s in range(num_diagonals(height, width)):
-        rows = torch.arange(max(0, s - width + 1), min(height, s + 1))
-        index[s, : len(rows)] = rows * width + (s - rows)
-        valid[s, : len(rows)] = True
-    return index, valid
+    s = torch.arange(num_diagonals(height, width))[:, None]
+    rows = (s - width + 1).clamp(min=0) + torch.arange(min(height, width))[None, :]  # from the top row of diagonal s
+    valid = rows <= s.clamp(max=height - 1)
+    return torch.where(valid, rows * width + (s - rows), height * width), valid
 
 
 def proximity_mask(height: int, width: int) -> Tensor:
