@@ -53,10 +53,13 @@ def print_report(report) -> None:
     Console(file=sys.stdout, width=200).print(table)
 
 
-def markdown_table(report) -> str:
-    headers, rows = table_rows(report)
+def markdown(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def markdown_table(report) -> str:
+    return markdown(*table_rows(report))
 
 
 def sample_grid(images: torch.Tensor, columns: int = 10, scale: int = 4) -> torch.Tensor:

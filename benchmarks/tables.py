@@ -1,0 +1,57 @@
+"""Markdown tables of the benchmark receipts in ``benchmarks/results/``, as quoted in the README.
+
+    python benchmarks/tables.py digits benchmarks/results/digits_quality.json
+    python benchmarks/tables.py latency benchmarks/results/latency_cpu.json
+
+Nothing here measures: it only formats what ``digits_quality.py`` and ``latency.py`` wrote, with the
+machine each receipt names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from flashar.compare.report import markdown
+
+
+def digits(report: dict) -> str:
+    env, floor = report["environment"], report["real_train_vs_real_test"]
+    rows = [[name, str(m["forward_passes"]), f"{m['fid']:.1f}", f"{m['kid']:.0f}", f"{m['inception_score']:.2f}",
+             f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['class_accuracy']:.3f}", f"{m['held_out_nll']:.4f}"]
+            for name, m in report["methods"].items()]
+    rows.append(["real train split (floor)", "-", f"{floor['fid']:.1f}", f"{floor['kid']:.0f}", f"{floor['inception_score']:.2f}",
+                 f"{floor['precision']:.3f}", f"{floor['recall']:.3f}", f"{floor['class_accuracy']:.3f}", "-"])
+    table = markdown(["method", "passes", "FID-digits", "KID", "IS", "precision", "recall", "class acc", "held-out NLL"], rows)
+    timing = report["timing"]
+    speed = "; ".join(f"{kind} (batch {t['batch']}): raster {t['raster']['median_seconds']:.3f} s, "
+                      f"flashar {t['flashar']['median_seconds']:.3f} s, {t['speedup']:.2f}x" for kind, t in timing.items())
+    checks = ", ".join(f"{name} {'yes' if ok else 'NO'}" for name, ok in report["checks"].items())
+    return (f"{table}\n\n{report['samples_per_seed']} class-balanced samples per seed, seeds {report['seeds']}, "
+            f"sampling {report['sampling']}; {env['cpu']}, {env['threads']} threads, torch {env['torch']}.\n"
+            f"Speed, medians: {speed}.\nChecks: {checks}.")
+
+
+def latency(report: dict) -> str:
+    rows = [[r["model"], r["dtype"], r["grid"], str(r["batch"]), r["method"], str(r["forward_passes"]), f"{r['median_s']:.3f}",
+             f"{r['vs_raster']:.2f}x", f"{r['ideal_s']:.3f}", f"{r['vs_roofline']:.2f}", f"{r['compile_s']:.1f}"]
+            for r in report["rows"]]
+    table = markdown(["model", "dtype", "grid", "batch", "method / mode", "passes", "median s", "vs compiled raster",
+                      "ideal s", "measured / ideal", "compile s"], rows)
+    where = report.get("gpu") or f"{report['cpu']}, {report['threads']} threads"
+    peaks = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in report["matmul_gflops"].items())
+    return f"{table}\n\n{where}, torch {report['torch']}; measured read bandwidth {report['bandwidth_gbs']:.1f} GB/s, matmul {peaks}."
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=["digits", "latency"])
+    parser.add_argument("receipt", type=Path)
+    args = parser.parse_args()
+    report = json.loads(args.receipt.read_text())
+    print(digits(report) if args.kind == "digits" else latency(report))
+
+
+if __name__ == "__main__":
+    main()
