@@ -61,6 +61,7 @@ class Method(ABC):
         self.options = options if options is not None else self.Options()
         self.adapter = adapter
         self.own_backbone = own_backbone
+        self.compiled = compile
         self.step = compile_step(self._step, backbone.device, compile_backend) if compile else self._step
 
     @abstractmethod

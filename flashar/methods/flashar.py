@@ -8,7 +8,8 @@ run on the layer-b hidden states) and samples the whole next diagonal, every cel
 An H x W grid costs 1 prefill + (H + W - 2) steps = H + W - 1 forward passes.
 
 Static shapes: every diagonal is padded to T = min(H, W) slots; padded slots read and write a scratch
-cell (index H*W) and a scratch cache slot that no query ever sees, so one compiled step serves all steps.
+cell (index H*W) and a scratch cache slot that no query ever sees, so one compiled step serves all steps
+(``buckets`` trades padded compute for graphs; an eager step takes every diagonal at its own length).
 The backbone cache stores cells at slot P + raster index, the branch cache at slot raster index; a query
 on diagonal s sees keys of diagonals <= s.
 """
@@ -36,8 +37,9 @@ from flashar.sampling import new_noise, refill_noise, sample
 
 class FlashAROptions(Config):
     adapter: Path | None = Field(None, description="Adapter folder written by `flashar adapt` (or a released FlashAR checkpoint the backend can read).")
-    buckets: int = Field(1, ge=1, description="Static diagonal sizes: 1 pads every diagonal to min(H, W) (one compiled graph); "
-                         "N pads each to the nearest of N sizes, cutting padded compute at the cost of N graphs.")
+    buckets: int | None = Field(None, ge=1, description="Static diagonal sizes: 1 pads every diagonal to min(H, W) (one compiled graph); "
+                                "N pads each to the nearest of N sizes, cutting padded compute at the cost of N graphs. "
+                                "Default: 1 when the step is compiled; every diagonal at its own length when it runs eagerly.")
 
 
 NEVER = 1 << 30  # step id of scratch slots: never visible
@@ -101,7 +103,8 @@ class FlashAR(Method):
         rows = prefix.batch_size
         cache = bb.new_cache(rows, prefix.length + num_cells + 1)
         diagonals, valid = G.diagonal_slots(height, width)
-        tables, step_sizes = bucket_tables(diagonals.to(device), valid.sum(1).tolist(), self.options.buckets)
+        buckets = self.options.buckets or (1 if self.compiled else min(height, width))  # eager: padding buys nothing
+        tables, step_sizes = bucket_tables(diagonals.to(device), valid.sum(1).tolist(), buckets)
         steps = torch.cat([G.step_ids(height, width), torch.tensor([NEVER])])  # (N + 1,)
         slot_step = torch.full((cache.length,), NEVER)
         slot_step[: prefix.length] = -1

@@ -39,16 +39,23 @@ def test_cached_decoder_logits_equal_teacher_forced_logits(gate, grid):
     torch.testing.assert_close(cached, teacher, atol=2e-4, rtol=1e-4)
 
 
-def test_generation_uses_h_plus_w_minus_1_passes_and_samples_each_cell_once():
+@pytest.mark.parametrize("buckets", [1, None])
+def test_generation_uses_h_plus_w_minus_1_passes_and_samples_each_cell_once(buckets):
+    from flashar.methods.flashar import FlashAROptions
+
     grid = (3, 5)
     method = make_method(grid=grid)
+    method.options = FlashAROptions(buckets=buckets)
     calls, written = [], []
     method.backbone.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[1]))
     store = method._store
     method._store = lambda st, cells, logits: (written.append(cells.clone()), store(st, cells, logits))
     result = method.generate([1, 2, 3], grid, SamplingConfig(cfg_scale=1.5), make_generator(0, "cpu"))
     assert result.num_forward_passes == len(calls) == grid[0] + grid[1] - 1
-    assert calls[1:] == [min(grid)] * (len(calls) - 1)  # every step feeds one padded diagonal
+    if buckets == 1:
+        assert calls[1:] == [min(grid)] * (len(calls) - 1)  # every step feeds one padded diagonal
+    else:  # eager default: step t feeds diagonal t-1 and predicts diagonal t, no padding beyond the longer one
+        assert calls[1:] == [2, 3, 3, 3, 3, 2]
     cells = torch.cat(written)
     cells = cells[cells < grid[0] * grid[1]]
     assert sorted(cells.tolist()) == list(range(grid[0] * grid[1]))
