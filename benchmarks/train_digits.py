@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from flashar.compare import cpu_model
 from flashar.backends.digits.data import LEVELS, load_splits, shift
 from flashar.backends.digits.features import DigitsCNN
 from flashar.backends.digits.loader import RASTER_CONFIG, save_raster
@@ -49,6 +49,12 @@ def nll(model: LlamaGenBackbone, codes: torch.Tensor, labels: torch.Tensor, batc
             logits = raster_logits(model, model.prefix(labels[i : i + batch].tolist(), cfg=False, grid=(16, 16)), codes[i : i + batch])
             total += F.cross_entropy(logits.flatten(0, 1), codes[i : i + batch].flatten(), reduction="sum").item()
     return total / codes.numel()
+
+
+# Adaptation recipe for the tiny model (the library defaults are Emu3.5's, for a 34B backbone).
+ADAPT_ARGS = ("--stage1-steps 300 --stage1-lr 1e-3 --stage1-warmup-steps 20 --stage1-flat-steps 150 "
+              "--stage1-distill-weight 0.2 --stage2-steps 300 --stage2-lr 5e-4 --stage2-backbone-lr-factor 0.5 "
+              "--stage2-warmup-steps 20 --stage2-flat-steps 100 --batch-size 32 --checkpoint-every 100")
 
 
 def add_dropout(model: LlamaGenBackbone, p: float) -> None:
@@ -155,20 +161,23 @@ def main() -> None:
     parser.add_argument("--skip-raster", action="store_true", help="reuse the raster weights already in --out")
     parser.add_argument("--skip-adapt", action="store_true", help="only train the raster model and the feature CNN")
     parser.add_argument("--adapt-augment", type=int, default=3, help="shifted copies of each training image for adaptation")
-    parser.add_argument("--adapt-args", default="", help="extra flags for `flashar adapt`")
+    parser.add_argument("--adapt-args", default=ADAPT_ARGS, help="flags for `flashar adapt` [default: %(default)s]")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     log = lambda msg: print(msg, flush=True)
     splits = load_splits()
     args.out.mkdir(parents=True, exist_ok=True)
-    receipt = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    receipt_path = args.out / "train_digits.json"
+    receipt = json.loads(receipt_path.read_text()) if args.skip_raster and receipt_path.is_file() else {}
+    receipt.update({"torch": torch.__version__, "machine": cpu_model(),
+                    "threads": torch.get_num_threads(), "adapt_args": args.adapt_args, "adapt_augment": args.adapt_augment})
     if not args.skip_raster:
         model, receipt["raster"] = train_raster(args, splits, log)
         save_raster(model, args.out)
         cnn, receipt["feature_cnn"] = train_cnn(args, splits, log)
         cnn.save(args.out / "features.safetensors")
     if args.skip_adapt:
-        (args.out / "train_digits.json").write_text(json.dumps(receipt, indent=2) + "\n")
+        receipt_path.write_text(json.dumps(receipt, indent=2) + "\n")
         return
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "train"
@@ -183,7 +192,7 @@ def main() -> None:
             target.mkdir()
             for file in ("config.json", "model.safetensors", "metrics.jsonl"):
                 shutil.copy(Path(tmp) / name / file, target / file)
-    (args.out / "train_digits.json").write_text(json.dumps(receipt, indent=2) + "\n")
+    receipt_path.write_text(json.dumps(receipt, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 class DigitsBackbone(LlamaGenBackbone):
     backend_id = "digits"
-    sampling_defaults = {"cfg_scale": 1.5, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
+    sampling_defaults = {"cfg_scale": 2.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0}  # the best FID-digits of raster samples among CFG 1, 1.5, 2
     default_adapter = WEIGHTS_DIR / "flashar"
     metric = "fid-digits"
 
