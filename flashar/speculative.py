@@ -36,7 +36,7 @@ from flashar import grid as G
 from flashar.backbone import Backbone, KVCache, Prefix
 from flashar.compilation import mark_static
 from flashar.config import SamplingConfig
-from flashar.decoding import Generation, guided, image_key_valid, key_mask, prefill
+from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill
 from flashar.sampling import processed_probs, refill_noise
 
 DRAFT_INITS = ("repeat_horizon", "random")
@@ -231,3 +231,19 @@ def decode(backbone: Backbone, step_fn: Callable, state: SpeculativeState, gener
     is_cell = state.forced[: state.num_entries] < 0
     codes = state.tokens[:, : state.num_entries][:, is_cell] - backbone.code_offset
     return Generation(codes.view(-1, *state.grid).cpu(), num_forward_passes=1 + len(state.progress))
+
+
+class SpeculativeMethod(Method):
+    """A method on this loop: a subclass gives ``setup`` and its verification rule ``_rule`` (see :func:`step`)."""
+
+    def _rule(self, state: SpeculativeState, logits: Tensor, probs: Tensor, draft_probs: Tensor,
+              codes: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _step(self, state: SpeculativeState) -> None:
+        """Verify the window with ``_rule``, commit, Jacobi-update the rest (static shapes, no host sync)."""
+        step(self.backbone, state, self._rule)
+
+    def generate(self, conditions, grid, sampling, generator) -> Generation:
+        state = self.setup(conditions, grid, sampling)
+        return decode(self.backbone, self.step, state, generator)

@@ -26,7 +26,6 @@ from torch import Tensor
 from flashar import speculative
 from flashar.compilation import mark_static
 from flashar.config import Config, SamplingConfig
-from flashar.decoding import Generation, Method
 from flashar.hookspecs import hookimpl
 
 
@@ -62,7 +61,7 @@ def grouped_mass(logits: Tensor, probs: Tensor, draft_probs: Tensor, codes: Tens
     return (p_members * keep).sum(-1), (q_members * keep).sum(-1)
 
 
-class GSD(Method):
+class GSD(speculative.SpeculativeMethod):
     id = "gsd"
     description = "Grouped speculative decoding (lossy, training-free): SJD that accepts a draft when its group of similar tokens is likely."
     Options = GSDOptions
@@ -81,14 +80,6 @@ class GSD(Method):
         opts = self.options
         return grouped_mass(logits, probs, draft_probs, codes, state.extras["embeddings"], opts.group_size,
                             opts.group_prob_margin, opts.group_embed_distance)
-
-    def _step(self, state: speculative.SpeculativeState) -> None:
-        """SJD's iteration with grouped verification (static shapes, no host sync)."""
-        speculative.step(self.backbone, state, self._rule)
-
-    def generate(self, conditions, grid, sampling, generator) -> Generation:
-        state = self.setup(conditions, grid, sampling)
-        return speculative.decode(self.backbone, self.step, state, generator)
 
 
 @hookimpl

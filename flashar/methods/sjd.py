@@ -24,7 +24,6 @@ from pydantic import Field
 
 from flashar import speculative
 from flashar.config import Config, SamplingConfig
-from flashar.decoding import Generation, Method
 from flashar.hookspecs import hookimpl
 
 
@@ -38,7 +37,7 @@ class SJDOptions(Config):
         "none", description="Jacobi update of unverified drafts: a fresh draw (SJD) or the maximal coupling that keeps a draft with probability min(1, p/q) (SCD, arXiv 2510.24211).")
 
 
-class SJD(Method):
+class SJD(speculative.SpeculativeMethod):
     id = "sjd"
     description = "Speculative Jacobi decoding (lossless, training-free): verifies a window of draft tokens per forward pass."
     Options = SJDOptions
@@ -48,13 +47,7 @@ class SJD(Method):
         return speculative.setup(self.backbone, conditions, grid, sampling, opts.draft_length, opts.draft_init,
                                  coupled=opts.coupling == "maximal")
 
-    def _step(self, state: speculative.SpeculativeState) -> None:
-        """Verify the window, commit, Jacobi-update the rest (static shapes, no host sync)."""
-        speculative.step(self.backbone, state, speculative.token_mass)
-
-    def generate(self, conditions, grid, sampling, generator) -> Generation:
-        state = self.setup(conditions, grid, sampling)
-        return speculative.decode(self.backbone, self.step, state, generator)
+    _rule = staticmethod(speculative.token_mass)
 
 
 @hookimpl
