@@ -39,6 +39,8 @@ class FlashARGroup(click.Group):
     def _plugin_commands(self, ctx: click.Context) -> None:
         registry = registry_of(ctx)
         if getattr(self, "_loaded_for", None) is not registry:
+            self._own = getattr(self, "_own", None) or dict(self.commands)  # the built-in commands
+            self.commands = dict(self._own)  # a new registry: drop what the last one's plugins added
             self._loaded_for = registry
             registry.pm.hook.flashar_register_commands(cli=self)
 

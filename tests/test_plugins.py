@@ -143,3 +143,5 @@ def test_plugin_commands_join_the_cli():
 
     result = CliRunner().invoke(cli, ["hello-toy"], obj=registry_with(Plugin()))
     assert result.exit_code == 0 and "hi from a plugin" in result.output
+    without = CliRunner().invoke(cli, ["--help"], obj=registry_with())  # another registry: the command is gone
+    assert without.exit_code == 0 and "hello-toy" not in without.output
