@@ -2,7 +2,8 @@
 
 Decode steps are compiled with ``fullgraph=True, dynamic=False``: a graph break or a recompile is a bug.
 On CUDA the mode is ``reduce-overhead`` (CUDA graphs). Tests pass ``backend="eager"`` to check tracing
-without inductor.
+without inductor. A method whose per-step work varies in size (FlashAR's diagonals) may mark that one
+dimension dynamic off CUDA (:func:`mark_dynamic_length`): still one graph, without padded compute.
 """
 
 from __future__ import annotations
@@ -41,3 +42,13 @@ def mark_static(*tensors: torch.Tensor) -> None:
     for tensor in tensors:
         if tensor.device.type == "cuda":
             torch._dynamo.mark_static_address(tensor)
+
+
+def mark_dynamic_length(tensors, dim: int, longest: int) -> None:
+    """Let ``dim`` of these tensors take any size in [2, longest] within one compiled graph, off CUDA.
+
+    CUDA graphs need static shapes, so there (and for sizes below 2, which dynamo specialises) the caller
+    pads instead. Tensors are index tables a step receives; everything sized from them follows."""
+    for tensor in tensors:
+        if tensor.device.type != "cuda" and 2 <= tensor.shape[dim] <= longest and longest > 2:
+            torch._dynamo.mark_dynamic(tensor, dim, min=2, max=longest)

@@ -7,9 +7,11 @@ then each step appends the diagonal just sampled (one backbone forward over its 
 run on the layer-b hidden states) and samples the whole next diagonal, every cell independently.
 An H x W grid costs 1 prefill + (H + W - 2) steps = H + W - 1 forward passes.
 
-Static shapes: every diagonal is padded to T = min(H, W) slots; padded slots read and write a scratch
-cell (index H*W) and a scratch cache slot that no query ever sees, so one compiled step serves all steps
-(``buckets`` trades padded compute for graphs; an eager step takes every diagonal at its own length).
+Shapes: a step takes diagonal t at its own length, eager or compiled on CPU (where that length is the
+one dynamic dimension of the one graph). CUDA graphs need static shapes, so there every diagonal is
+padded to T = min(H, W) slots; padded slots read and write a scratch cell (index H*W) and a scratch cache
+slot that no query ever sees, so one compiled step serves all steps (``buckets`` trades padded compute
+for graphs).
 The backbone cache stores cells at slot P + raster index, the branch cache at slot raster index; a query
 on diagonal s sees keys of diagonals <= s.
 """
@@ -27,7 +29,7 @@ from torch import Tensor
 from flashar import grid as G
 from flashar.backbone import KVCache, Prefix
 from flashar.branch import CORNER, cell_kinds
-from flashar.compilation import mark_static
+from flashar.compilation import mark_dynamic_length, mark_static
 from flashar.config import Config, SamplingConfig
 from flashar.errors import FlashARError
 from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill, state_nbytes
@@ -39,7 +41,8 @@ class FlashAROptions(Config):
     adapter: Path | None = Field(None, description="Adapter folder written by `flashar adapt` (or a released FlashAR checkpoint the backend can read).")
     buckets: int | None = Field(None, ge=1, description="Static diagonal sizes: 1 pads every diagonal to min(H, W) (one compiled graph); "
                                 "N pads each to the nearest of N sizes, cutting padded compute at the cost of N graphs. "
-                                "Default: 1 when the step is compiled; every diagonal at its own length when it runs eagerly.")
+                                "Default: every diagonal at its own length (eager, or compiled on CPU with the length as the one dynamic "
+                                "dimension); 1 when compiled for CUDA graphs, which need static shapes.")
 
 
 NEVER = 1 << 30  # step id of scratch slots: never visible
@@ -53,6 +56,7 @@ class FlashARState:
     branch_cache: KVCache  # vertical blocks, N + 1 slots
     diagonals: dict[int, Tensor]  # size -> (D, size) raster index of each slot of each diagonal, scratch N where padded
     sizes: list[int]  # the padded size used by step t (python ints, chosen in setup)
+    counts: list[int]  # the number of cells of diagonal t (the noise a step needs)
     positions: Tensor  # (N + 1, ...) position encoding of every cell (+ scratch)
     slot_step: Tensor  # (S,) diagonal of the cell stored in each backbone slot; -1 prefix, NEVER scratch/unused
     branch_step: Tensor  # (S_v,) diagonal of the cell in each branch slot; NEVER for scratch/unused
@@ -64,7 +68,7 @@ class FlashARState:
     vertical: Tensor  # (B', N + 1, D) vertical-branch output of every appended cell
     tokens: Tensor  # (B, N + 1) sampled codes (index N is scratch)
     steps: Tensor  # (D,) arange
-    noise: Tensor  # (B, T, V) exponential noise
+    noise: Tensor  # (T, B, V) exponential noise (slot first: a diagonal's slice is contiguous, whatever its length)
     teacher: bool = False  # teacher forcing: keep given tokens and record logits
     logits: Tensor | None = None  # (B', N + 1, V) fused logits per cell, in teacher forcing
 
@@ -103,8 +107,12 @@ class FlashAR(Method):
         rows = prefix.batch_size
         cache = bb.new_cache(rows, prefix.length + num_cells + 1)
         diagonals, valid = G.diagonal_slots(height, width)
-        buckets = self.options.buckets or (1 if self.compiled else min(height, width))  # eager: padding buys nothing
-        tables, step_sizes = bucket_tables(diagonals.to(device), valid.sum(1).tolist(), buckets)
+        static = self.compiled and device.type == "cuda"  # CUDA graphs: pad; elsewhere padding buys nothing
+        buckets = self.options.buckets or (1 if static else min(height, width))
+        counts = valid.sum(1).tolist()
+        tables, step_sizes = bucket_tables(diagonals.to(device), counts, buckets)
+        if self.compiled and self.options.buckets is None:
+            mark_dynamic_length(tables.values(), 1, min(height, width))
         steps = torch.cat([G.step_ids(height, width), torch.tensor([NEVER])])  # (N + 1,)
         slot_step = torch.full((cache.length,), NEVER)
         slot_step[: prefix.length] = -1
@@ -119,7 +127,7 @@ class FlashAR(Method):
         state = FlashARState(
             prefix=prefix, sampling=sampling, cache=cache,
             branch_cache=branch_cache,
-            diagonals=tables, sizes=step_sizes, positions=bb.cell_positions(cells.to(device), prefix.length, grid=grid),
+            diagonals=tables, sizes=step_sizes, counts=counts, positions=bb.cell_positions(cells.to(device), prefix.length, grid=grid),
             slot_step=slot_step.to(device), branch_step=branch_step.to(device), key_valid=key_valid,
             left=torch.cat([left, scratch]).to(device), up=torch.cat([up, scratch]).to(device),
             kind=torch.cat([cell_kinds(height, width), torch.tensor([CORNER])]).to(device),
@@ -127,7 +135,7 @@ class FlashAR(Method):
             vertical=torch.zeros(rows, num_cells + 1, bb.dim, dtype=bb.dtype, device=device),
             tokens=torch.zeros(len(conditions), num_cells + 1, dtype=torch.long, device=device),
             steps=torch.arange(G.num_diagonals(height, width), device=device),
-            noise=new_noise((len(conditions), diagonals.shape[1], bb.codebook_size), device),
+            noise=new_noise((diagonals.shape[1], len(conditions), bb.codebook_size), device),
         )
         mark_static(state.hidden, state.vertical, state.tokens, state.noise)  # mutated by the step / the loop
         return state
@@ -159,7 +167,7 @@ class FlashAR(Method):
         if st.teacher:
             st.logits.index_copy_(1, cells, logits)
             return
-        codes = sample(guided(logits, st.sampling), st.noise[:, : cells.shape[0]], st.sampling)  # (B, T)
+        codes = sample(guided(logits, st.sampling), st.noise[: cells.shape[0]].transpose(0, 1), st.sampling)  # (B, T)
         st.tokens.index_copy_(1, cells, codes)
 
     def _step(self, st: FlashARState, t: Tensor, diagonals: Tensor) -> None:
@@ -180,10 +188,10 @@ class FlashAR(Method):
 
     def _run(self, st: FlashARState, generator: torch.Generator | None) -> None:
         with torch.no_grad():
-            refill_noise(st.noise, st.sampling, generator)
+            refill_noise(st.noise[:1], st.sampling, generator)
             self._prefill(st)
             for t in range(1, len(st.steps)):
-                refill_noise(st.noise, st.sampling, generator)
+                refill_noise(st.noise[: st.counts[t]], st.sampling, generator)  # padded cells are scratch
                 self.step(st, st.steps[t], st.diagonals[st.sizes[t]])
 
     def generate(self, conditions, grid, sampling, generator) -> Generation:
