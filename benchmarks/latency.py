@@ -191,7 +191,7 @@ def run_config(args, registry, names, backbone, preset, dtype_name, grid, batch,
         bound, passes = ideal[f"{method}/eager"] if f"{method}/eager" in ideal else (float("nan"), 0)
         rows.append({"model": preset, "dtype": dtype_name, "grid": f"{grid[0]}x{grid[1]}", "batch": batch, "method": name,
                      "forward_passes": t.forward_passes, "median_s": t.median, "seconds": t.seconds,
-                     "compile_s": t.compile_seconds, "vs_raster": raster.median / t.median,
+                     "compile_s": t.compile_seconds, "graphs": t.graphs, "recompiles": t.recompiles, "vs_raster": raster.median / t.median,
                      "ideal_s": bound, "vs_roofline": t.median / bound})
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items() if k != "seconds"}), flush=True)
     return rows

@@ -35,10 +35,11 @@ def digits(report: dict) -> str:
 
 def latency(report: dict) -> str:
     rows = [[r["model"], r["dtype"], r["grid"], str(r["batch"]), r["method"], str(r["forward_passes"]), f"{r['median_s']:.3f}",
-             f"{r['vs_raster']:.2f}x", f"{r['ideal_s']:.3f}", f"{r['vs_roofline']:.2f}", f"{r['compile_s']:.1f}"]
+             f"{r['vs_raster']:.2f}x", f"{r['ideal_s']:.3f}", f"{r['vs_roofline']:.2f}", f"{r['compile_s']:.1f}",
+             f"{r['graphs']}" + (f" (+{r['recompiles']})" if r.get("recompiles") else "") if "graphs" in r else "-"]
             for r in report["rows"]]
     table = markdown(["model", "dtype", "grid", "batch", "method / mode", "passes", "median s", "vs compiled raster",
-                      "ideal s", "measured / ideal", "compile s"], rows)
+                      "ideal s", "measured / ideal", "compile s", "graphs"], rows)
     where = report.get("gpu") or f"{report['cpu']}, {report['threads']} threads"
     peaks = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in report["matmul_gflops"].items())
     return f"{table}\n\n{where}, torch {report['torch']}; measured read bandwidth {report['bandwidth_gbs']:.1f} GB/s, matmul {peaks}."

@@ -28,6 +28,8 @@ class Timing:
     forward_passes: int = 0
     state_bytes: int = 0
     peak_bytes: int | None = None  # CUDA only
+    graphs: int = 0  # graphs torch.compile built while warming up (a compiled step: 1 per static shape)
+    recompiles: int = 0  # graphs built during the timed runs (should be 0: a step compiles once)
 
     @property
     def median(self) -> float:
@@ -58,20 +60,29 @@ def timed_run(method: Method, conditions: Sequence[Any], grid: tuple[int, int], 
     return result, elapsed, peak
 
 
+def _graphs() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 def time_methods(methods: dict[str, Method], conditions: Sequence[Any], grid: tuple[int, int],
                  sampling: dict[str, SamplingConfig], repeats: int, warmup: int, seed: int = 0) -> dict[str, Timing]:
     """Warm up each method, then time ``repeats`` interleaved rounds; returns per-method timings."""
     timings = {name: Timing(batch=len(conditions)) for name in methods}
     for name, method in methods.items():
         for _ in range(warmup):
+            before = _graphs()
             result, elapsed, _ = timed_run(method, conditions, grid, sampling[name], seed)
             timings[name].warmup_seconds.append(elapsed)
+            timings[name].graphs += _graphs() - before
     names = list(methods)
     for round_index in range(repeats):
         order = names[round_index % len(names):] + names[: round_index % len(names)]
         for name in order:
+            before = _graphs()
             result, elapsed, peak = timed_run(methods[name], conditions, grid, sampling[name], seed)
             t = timings[name]
+            t.recompiles += _graphs() - before
             t.seconds.append(elapsed)
             t.forward_passes, t.state_bytes = result.num_forward_passes, result.state_bytes
             t.peak_bytes = peak if peak is None or t.peak_bytes is None else max(peak, t.peak_bytes)
