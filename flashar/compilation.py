@@ -8,6 +8,8 @@ dimension dynamic off CUDA (:func:`mark_dynamic_length`): still one graph, witho
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Callable
 
 import torch
@@ -20,8 +22,22 @@ def compile_step(fn: Callable, device: torch.device | str, backend: str | Callab
     # object dynamo caches on (e.g. flashar with --buckets 16 beside flashar in a comparison). That a
     # generation compiles once is checked by counting compilations, not by this limit.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
-    return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode, backend=backend)
+    if backend != "inductor":
+        return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
+    if device.type == "cuda":
+        return torch.compile(fn, fullgraph=True, dynamic=False, mode="reduce-overhead")
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    if os.environ.get("FLASHAR_FREEZE_WEIGHTS", "1") == "0":
+        return compiled
+
+    @functools.wraps(fn)
+    def frozen(*args, **kwargs):
+        # Dynamo reads this flag while tracing (with grad off, which every decode loop has), so it must be
+        # set around the call, not passed as a backend option. Weights become constants of the graph.
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    return frozen
 
 
 class CompileCounter:
@@ -44,11 +60,13 @@ def mark_static(*tensors: torch.Tensor) -> None:
             torch._dynamo.mark_static_address(tensor)
 
 
-def mark_dynamic_length(tensors, dim: int, longest: int) -> None:
-    """Let ``dim`` of these tensors take any size in [2, longest] within one compiled graph, off CUDA.
+def mark_dynamic_length(tensors, dim: int, longest: int, shortest: int = 2) -> None:
+    """Let ``dim`` of these tensors take any size in [shortest, longest] within one compiled graph, off CUDA.
 
     CUDA graphs need static shapes, so there (and for sizes below 2, which dynamo specialises) the caller
-    pads instead. Tensors are index tables a step receives; everything sized from them follows."""
+    pads instead. Tensors are index tables a step receives; everything sized from them follows (a size
+    derived from them must not reach 1 either: ``shortest`` says how far the caller keeps it away)."""
+    shortest = max(shortest, 2)
     for tensor in tensors:
-        if tensor.device.type != "cuda" and 2 <= tensor.shape[dim] <= longest and longest > 2:
-            torch._dynamo.mark_dynamic(tensor, dim, min=2, max=longest)
+        if tensor.device.type != "cuda" and shortest <= tensor.shape[dim] <= longest and longest > shortest:
+            torch._dynamo.mark_dynamic(tensor, dim, min=shortest, max=longest)
