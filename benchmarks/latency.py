@@ -119,7 +119,7 @@ class PassCounter:
 
         def layer_forward(layer, x, positions, mask, kv, slots):
             rows, tokens, dim = x.shape
-            keys = kv[0].shape[2] if kv is not None else tokens
+            keys = mask.shape[-1]  # the cache slots attention reads
             params = sum(p.numel() for p in layer.parameters() if p.ndim > 1)
             elt = x.element_size()
             kv_dim = 2 * bb.num_kv_heads * bb.head_dim

@@ -103,12 +103,16 @@ class KVCache:
             buffer.zero_()
 
 
-def write_kv(kv: tuple[Tensor, Tensor], slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Write k, v (B, H_kv, T, hd) at ``slots`` (T,) and return the whole cache (B, H_kv, S, hd)."""
+def write_kv(kv: tuple[Tensor, Tensor], slots: Tensor, k: Tensor, v: Tensor, length: int | None = None) -> tuple[Tensor, Tensor]:
+    """Write k, v (B, H_kv, T, hd) at ``slots`` (T,); return the first ``length`` cache slots (B, H_kv, S', hd).
+
+    Backends pass ``length = mask.shape[-1]``: a method that knows its queries see only a prefix of the
+    cache hands over a mask that long, and attention then reads no slot beyond it (None: the whole cache).
+    """
     k_cache, v_cache = kv
     k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
     v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
-    return k_cache, v_cache
+    return k_cache[:, :, :length], v_cache[:, :, :length]
 
 
 def copy_module(module: nn.Module, meta: bool = False) -> nn.Module:
@@ -201,7 +205,10 @@ class Backbone(nn.Module, ABC):
     @abstractmethod
     def layer_forward(self, layer: nn.Module, x: Tensor, positions: Tensor, mask: Tensor,
                       kv: tuple[Tensor, Tensor] | None, slots: Tensor | None) -> Tensor:
-        """Run one block (of ``layers``, or a clone of one) on x (B, T, D); write its K/V at ``slots``."""
+        """Run one block (of ``layers``, or a clone of one) on x (B, T, D); write its K/V at ``slots``.
+
+        ``mask`` (B, 1, T, S') covers the first S' slots of the cache: attention reads only those
+        (``write_kv(kv, slots, k, v, mask.shape[-1])``)."""
 
     def decode(self, codes: Tensor) -> Tensor:
         """Codes (B, H, W) in [0, V) -> images (B, 3, h, w) in [0, 1], through ``tokenizer``."""

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from flashar.backbone import Backbone, KVCache, Prefix
-from flashar.compilation import compile_step
+from flashar.compilation import compile_step, mark_dynamic_length
 from flashar.config import Config, SamplingConfig
 from flashar.sampling import cfg_mix
 
@@ -62,7 +62,23 @@ class Method(ABC):
         self.adapter = adapter
         self.own_backbone = own_backbone
         self.compiled = compile
+        self.static_shapes = compile and backbone.device.type == "cuda"  # CUDA graphs replay fixed shapes
         self.step = compile_step(self._step, backbone.device, compile_backend) if compile else self._step
+
+    def key_window(self, table: Tensor, length: int, bounds: tuple[int, int]) -> Tensor:
+        """The first ``length`` entries of a per-slot table (S,): the cache slots a step's queries may see.
+
+        A mask built over the window makes attention read only those slots (``write_kv``). With static
+        shapes (CUDA graphs) the step gets the whole table and masks the rest; compiled elsewhere the window
+        length is a dynamic dimension of the one graph, over ``bounds`` (the shortest and the longest window
+        of a generation). No window may span all S slots (the last entry is never fed; FlashAR's last slot is
+        scratch): it would be contiguous where shorter ones are not, and the compiler would specialise on it."""
+        if self.static_shapes:
+            return table
+        window = table[:length]
+        if self.compiled:
+            mark_dynamic_length([window], 0, bounds[1], bounds[0])
+        return window
 
     @abstractmethod
     def _step(self, *args, **kwargs):
@@ -96,7 +112,7 @@ def prefill(backbone: Backbone, prefix: Prefix, cache: KVCache, tap: int | None 
     key_ok[:, :length] = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     key_valid = torch.ones(prefix.batch_size, cache.length, dtype=torch.bool, device=device)
     key_valid[:, :length] = prefix.valid
-    mask = key_mask(key_valid, key_ok)
+    mask = key_mask(key_valid, key_ok)[..., :length]  # attention reads the prefix slots only
     mask[:, 0, slots, slots] = True  # a padded position attends to itself, so no row is empty
     h, h_tap = backbone(prefix.embeds, prefix.positions, mask, cache, slots, tap=tap)
     rows = torch.arange(prefix.batch_size, device=device)

@@ -100,11 +100,13 @@ def full_forward(backbone: Backbone, conditions, codes: torch.Tensor, image_mask
 
 
 def cached_forward(backbone: Backbone, conditions, codes: torch.Tensor, chunks: list[torch.Tensor],
-                   key_step: torch.Tensor, cfg: bool = True) -> torch.Tensor:
+                   key_step: torch.Tensor, cfg: bool = True, windowed: bool = False) -> torch.Tensor:
     """Prefill, then feed the grid in ``chunks`` (lists of raster indices) into a static cache.
 
     A query at raster index i may see image keys j with key_step[j] <= key_step[i]. Returns the hidden
-    states (B', N, D) gathered back into raster order.
+    states (B', N, D) gathered back into raster order. ``windowed`` (chunks in raster order): each mask
+    stops after the chunk's last slot, and every image slot holds NaN until it is written, so a backbone
+    that reads past the mask's length returns NaN.
     """
     height, width = grid = tuple(codes.shape[1:])
     prefix = backbone.prefix(conditions, cfg=cfg, grid=grid)
@@ -120,9 +122,14 @@ def cached_forward(backbone: Backbone, conditions, codes: torch.Tensor, chunks: 
     key_valid[:, : prefix.length] = prefix.valid
     key_valid[:, prefix.length + num_cells :] = False
     out = torch.zeros(prefix.batch_size, num_cells, backbone.dim, dtype=backbone.dtype, device=backbone.device)
+    if windowed:
+        for buffer in cache.k + cache.v:
+            buffer[:, :, prefix.length :] = float("nan")
     for chunk in chunks:
         chunk = chunk.to(backbone.device)
         mask = key_mask(key_valid, slot_step[None, :] <= key_step.to(backbone.device)[chunk][:, None])
+        if windowed:
+            mask = mask[..., : prefix.length + int(chunk.max()) + 1]
         h, _ = backbone(backbone.embed(ids[:, chunk]), backbone.cell_positions(cells[chunk], prefix.length, grid=grid), mask,
                         cache, prefix.length + chunk)
         out[:, chunk] = h
@@ -264,6 +271,16 @@ class BackboneConformance:
                 chunks.append(chunk.flip(0))  # any order inside a chunk
                 start += size
             got = cached_forward(backbone, self.conditions, codes, chunks, torch.arange(num_cells))
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=ATOL)
+
+    def test_attention_reads_only_the_slots_the_mask_spans(self, backbone):
+        """Methods hand over a mask as long as the cache prefix their queries may see (``write_kv``)."""
+        codes = self.random_codes(backbone)
+        num_cells = codes[0].numel()
+        chunks = list(torch.arange(num_cells).split(3))
+        with torch.no_grad():
+            ref, _ = full_forward(backbone, self.conditions, codes, G.causal_mask(num_cells))
+            got = cached_forward(backbone, self.conditions, codes, chunks, torch.arange(num_cells), windowed=True)
         torch.testing.assert_close(got, ref, atol=ATOL, rtol=ATOL)
 
     def test_diagonal_chunks_in_cache_match_proximity_forward(self, backbone):

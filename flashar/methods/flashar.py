@@ -7,13 +7,15 @@ then each step appends the diagonal just sampled (one backbone forward over its 
 run on the layer-b hidden states) and samples the whole next diagonal, every cell independently.
 An H x W grid costs 1 prefill + (H + W - 2) steps = H + W - 1 forward passes.
 
-Shapes: a step takes diagonal t at its own length, eager or compiled on CPU (where that length is the
-one dynamic dimension of the one graph). CUDA graphs need static shapes, so there every diagonal is
-padded to T = min(H, W) slots; padded slots read and write a scratch cell (index H*W) and a scratch cache
-slot that no query ever sees, so one compiled step serves all steps (``buckets`` trades padded compute
-for graphs).
-The backbone cache stores cells at slot P + raster index, the branch cache at slot raster index; a query
-on diagonal s sees keys of diagonals <= s.
+Both caches store cells diagonal by diagonal (the backbone at slot P + rank, the branch at slot rank,
+rank = a cell's place in diagonal order), so the keys a query on diagonal s sees, those of diagonals
+<= s, are a prefix of the cache.
+
+Shapes: a step takes diagonal t at its own length and attends to that prefix only, eager or compiled
+on CPU (where the two lengths are the dynamic dimensions of the one graph). CUDA graphs need static
+shapes, so there every diagonal is padded to T = min(H, W) slots and attention masks the whole cache;
+padded slots read and write a scratch cell (index H*W) and a scratch cache slot that no query ever sees,
+so one compiled step serves all steps (``buckets`` trades padded compute for graphs).
 """
 
 from __future__ import annotations
@@ -57,9 +59,12 @@ class FlashARState:
     diagonals: dict[int, Tensor]  # size -> (D, size) raster index of each slot of each diagonal, scratch N where padded
     sizes: list[int]  # the padded size used by step t (python ints, chosen in setup)
     counts: list[int]  # the number of cells of diagonal t (the noise a step needs)
+    key_lengths: list[int]  # backbone slots step t reads: P + the cells of diagonals <= t - 1 (2 at least, so
+    # that no window has one slot, a size torch.compile would specialise on; the mask hides the extra one)
+    rank: Tensor  # (N + 1,) place of each cell in diagonal order (its branch slot; backbone slot P + rank)
     positions: Tensor  # (N + 1, ...) position encoding of every cell (+ scratch)
-    slot_step: Tensor  # (S,) diagonal of the cell stored in each backbone slot; -1 prefix, NEVER scratch/unused
-    branch_step: Tensor  # (S_v,) diagonal of the cell in each branch slot; NEVER for scratch/unused
+    slot_step: Tensor  # (S,) diagonal of the cell stored in each backbone slot (ascending); -1 prefix, NEVER scratch
+    branch_step: Tensor  # (S_v,) diagonal of the cell in each branch slot; NEVER for scratch
     key_valid: Tensor  # (1 or B', S) valid prefix slots and all other slots
     left: Tensor  # (N + 1,) raster index of the left neighbour (N if none)
     up: Tensor  # (N + 1,) raster index of the upper neighbour (N if none)
@@ -107,13 +112,15 @@ class FlashAR(Method):
         rows = prefix.batch_size
         cache = bb.new_cache(rows, prefix.length + num_cells + 1)
         diagonals, valid = G.diagonal_slots(height, width)
-        static = self.compiled and device.type == "cuda"  # CUDA graphs: pad; elsewhere padding buys nothing
-        buckets = self.options.buckets or (1 if static else min(height, width))
+        buckets = self.options.buckets or (1 if self.static_shapes else min(height, width))
         counts = valid.sum(1).tolist()
+        order = torch.cat([diagonals[valid], torch.tensor([num_cells])])  # raster index by slot, scratch last
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(num_cells + 1)
         tables, step_sizes = bucket_tables(diagonals.to(device), counts, buckets)
         if self.compiled and self.options.buckets is None:
             mark_dynamic_length(tables.values(), 1, min(height, width))
-        steps = torch.cat([G.step_ids(height, width), torch.tensor([NEVER])])  # (N + 1,)
+        steps = torch.cat([G.step_ids(height, width), torch.tensor([NEVER])])[order]  # (N + 1,) by slot
         slot_step = torch.full((cache.length,), NEVER)
         slot_step[: prefix.length] = -1
         slot_step[prefix.length : prefix.length + num_cells + 1] = steps
@@ -121,13 +128,15 @@ class FlashAR(Method):
         branch_cache = self.head.new_cache(bb, rows, num_cells + 1)
         branch_step = torch.full((branch_cache.length,), NEVER)
         branch_step[: num_cells + 1] = steps
+        seen = torch.tensor(counts).cumsum(0).tolist()  # cells on diagonals <= s
         cells = torch.cat([G.raster_cells(height, width), torch.zeros(1, 2, dtype=torch.long)])
         left, up = G.neighbour_index(height, width)
         scratch = torch.tensor([num_cells])
         state = FlashARState(
             prefix=prefix, sampling=sampling, cache=cache,
             branch_cache=branch_cache,
-            diagonals=tables, sizes=step_sizes, counts=counts, positions=bb.cell_positions(cells.to(device), prefix.length, grid=grid),
+            diagonals=tables, sizes=step_sizes, counts=counts, rank=rank.to(device),
+            key_lengths=[prefix.length + max(seen[max(t - 1, 0)], 2) for t in range(len(counts))], positions=bb.cell_positions(cells.to(device), prefix.length, grid=grid),
             slot_step=slot_step.to(device), branch_step=branch_step.to(device), key_valid=key_valid,
             left=torch.cat([left, scratch]).to(device), up=torch.cat([up, scratch]).to(device),
             kind=torch.cat([cell_kinds(height, width), torch.tensor([CORNER])]).to(device),
@@ -141,17 +150,22 @@ class FlashAR(Method):
         return state
 
     # --- the compiled step --------------------------------------------------------------------------
-    def _append(self, st: FlashARState, cells: Tensor, s: Tensor) -> None:
-        """One backbone forward over the cells (T,) of diagonal s, then the branch; store h and v."""
+    def _append(self, st: FlashARState, cells: Tensor, s: Tensor, keys: Tensor) -> None:
+        """One backbone forward over the cells (T,) of diagonal s, then the branch; store h and v.
+
+        ``keys`` (S',) is the window of ``slot_step`` attention reads, P + the cells of diagonals <= s at least."""
         bb = self.backbone
         ids = bb.code_ids(st.tokens.index_select(1, cells))  # (B, T)
         if st.sampling.use_cfg:
             ids = torch.cat([ids, ids])  # both CFG halves see the same tokens
         positions = st.positions.index_select(0, cells)
-        mask = key_mask(st.key_valid, (st.slot_step <= s)[None, :].expand(len(cells), -1))
-        h, h_tap = bb(bb.embed(ids), positions, mask, st.cache, st.prefix.length + cells, tap=self.head.branch_layer)
-        branch_mask = (st.branch_step <= s)[None, None, None, :].expand(1, 1, len(cells), -1)  # broadcast over rows
-        v = self.head.vertical(bb, h_tap, positions, branch_mask, st.branch_cache, cells)
+        slots = st.rank.index_select(0, cells)
+        length = keys.shape[0]
+        mask = key_mask(st.key_valid[:, :length], (keys <= s)[None, :].expand(len(cells), -1))
+        h, h_tap = bb(bb.embed(ids), positions, mask, st.cache, st.prefix.length + slots, tap=self.head.branch_layer)
+        branch_keys = st.branch_step[: length - st.prefix.length]
+        branch_mask = (branch_keys <= s)[None, None, None, :].expand(1, 1, len(cells), -1)  # broadcast over rows
+        v = self.head.vertical(bb, h_tap, positions, branch_mask, st.branch_cache, slots)
         st.hidden.index_copy_(1, cells, h)
         st.vertical.index_copy_(1, cells, v)
 
@@ -170,12 +184,13 @@ class FlashAR(Method):
         codes = sample(guided(logits, st.sampling), st.noise[: cells.shape[0]].transpose(0, 1), st.sampling)  # (B, T)
         st.tokens.index_copy_(1, cells, codes)
 
-    def _step(self, st: FlashARState, t: Tensor, diagonals: Tensor) -> None:
-        """Append diagonal t-1, predict diagonal t (t is a 0-d tensor; every shape is static).
+    def _step(self, st: FlashARState, t: Tensor, diagonals: Tensor, keys: Tensor) -> None:
+        """Append diagonal t-1, predict diagonal t (t is a 0-d tensor).
 
-        ``diagonals`` (D, T') is the padded diagonal table of the size this step uses."""
+        ``diagonals`` (D, T') is the diagonal table of the size this step uses, ``keys`` the window of
+        ``slot_step`` its attention reads."""
         previous, current = diagonals.index_select(0, torch.stack([t - 1, t])).unbind(0)  # (T',) each
-        self._append(st, previous, t - 1)
+        self._append(st, previous, t - 1, keys)
         self._predict(st, current, t)
 
     # --- the loop -----------------------------------------------------------------------------------
@@ -190,9 +205,11 @@ class FlashAR(Method):
         with torch.no_grad():
             refill_noise(st.noise[:1], st.sampling, generator)
             self._prefill(st)
+            bounds = (st.key_lengths[1], st.key_lengths[-1])
             for t in range(1, len(st.steps)):
                 refill_noise(st.noise[: st.counts[t]], st.sampling, generator)  # padded cells are scratch
-                self.step(st, st.steps[t], st.diagonals[st.sizes[t]])
+                keys = self.key_window(st.slot_step, st.key_lengths[t], bounds)
+                self.step(st, st.steps[t], st.diagonals[st.sizes[t]], keys)
 
     def generate(self, conditions, grid, sampling, generator) -> Generation:
         st = self.setup(conditions, grid, sampling)

@@ -4,7 +4,9 @@ The model's own next-token loop (LlamaGen ``generate``, Emu3.5 native layout): p
 one token per forward pass in raster order on a static KV cache, so an H x W grid costs H * W passes
 (plus one per row-end token on backbones whose native layout has them, e.g. Emu3.5's EOL, which are
 forced rather than sampled). CFG runs both halves in one batch, mixed in the backbone's native space.
-The step always feeds exactly one token, so one compiled graph serves the whole generation.
+The step always feeds exactly one token and its attention reads only the slots written so far (their
+count is the one dynamic dimension of the compiled graph off CUDA; CUDA graphs mask the whole cache), so one
+compiled graph serves the whole generation.
 """
 
 from __future__ import annotations
@@ -79,14 +81,17 @@ class Raster(Method):
         forced = state.forced.index_select(0, j.view(1))  # (1,); not forced[j], which torch may read as an int
         return torch.where(forced >= 0, forced, self.backbone.code_ids(code))
 
-    def _step(self, state: RasterState, j: Tensor) -> None:
-        """Feed entry j-1, predict entry j, write it into ``state.tokens`` (all shapes static)."""
+    def _step(self, state: RasterState, j: Tensor, keys: Tensor) -> None:
+        """Feed entry j-1, predict entry j, write it into ``state.tokens``.
+
+        ``keys`` (S',) are the cache slots attention reads: ``key_window`` of the slot indices, at least the
+        P + j slots written so far."""
         prev = (j - 1).view(1)
         ids = state.tokens.index_select(1, prev)  # (B, 1)
         if state.sampling.use_cfg:
             ids = torch.cat([ids, ids])  # both CFG halves consume the same token
         slot = state.slots.index_select(0, prev)
-        mask = key_mask(state.key_valid, state.slot_index[None, :] <= slot[:, None])
+        mask = key_mask(state.key_valid[:, : keys.shape[0]], keys[None, :] <= slot[:, None])
         h, _ = self.backbone(self.backbone.embed(ids), state.positions.index_select(0, prev), mask, state.cache, slot)
         token = self._draw(state, self.backbone.logits(h[:, 0]), j)
         state.tokens.index_copy_(1, j.view(1), token[:, None])
@@ -97,9 +102,10 @@ class Raster(Method):
             h, _ = prefill(self.backbone, state.prefix, state.cache)
             refill_noise(state.noise, state.sampling, generator)
             state.tokens[:, 0] = self._draw(state, self.backbone.logits(h), state.steps[0])
+            bounds = (state.prefix.length + 1, state.prefix.length + len(state.steps) - 1)
             for j in range(1, len(state.steps)):
                 refill_noise(state.noise, state.sampling, generator)
-                self.step(state, state.steps[j])
+                self.step(state, state.steps[j], self.key_window(state.slot_index, state.prefix.length + j, bounds))
         codes = state.tokens[:, state.is_cell] - self.backbone.code_offset
         return Generation(codes.view(len(conditions), *grid).cpu(), len(state.steps), state_nbytes(state))
 

@@ -113,6 +113,25 @@ def test_step_compiles_once_per_generation_without_graph_breaks():
     assert torch.equal(got.codes, eager.codes) and again.codes.shape == got.codes.shape
 
 
+def test_steps_attend_to_the_diagonals_appended_so_far():
+    """Cells are cached diagonal by diagonal, so a step's keys are the prefix plus the cells of diagonals
+    <= the one it appends (2 at least), and the branch's the same without the prefix."""
+    method = make_method(grid=(3, 4))
+    spans = {"backbone": [], "branch": []}
+    layer_forward = method.backbone.layer_forward
+
+    def record(layer, x, positions, mask, kv, slots):
+        spans["branch" if layer is method.head.vertical_block[0] else "backbone"].append(mask.shape[-1])
+        return layer_forward(layer, x, positions, mask, kv, slots)
+
+    method.backbone.layer_forward = record
+    method.generate([1], (3, 4), SamplingConfig(cfg_scale=2.0), make_generator(0, "cpu"))
+    layers = method.backbone.num_layers
+    seen = [2, 3, 6, 9, 11]  # cells of diagonals <= t - 1 for t = 1..5 (diagonal sizes 1, 2, 3, 3, 2, 1), 2 at least
+    assert spans["backbone"][::layers] == [1] + [1 + n for n in seen]  # the prefill reads the prefix only
+    assert spans["branch"] == seen
+
+
 @pytest.mark.slow
 def test_step_compiles_with_inductor():
     torch._dynamo.reset()

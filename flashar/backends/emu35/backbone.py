@@ -202,7 +202,7 @@ class Emu35Backbone(Backbone):
         v = attn.v_proj(h).view(heads).transpose(1, 2)
         q, k = apply_rope(q, k, positions.to(x.dtype))
         if kv is not None:
-            k, v = write_kv(kv, slots, k, v)  # (B, H_kv, S, hd)
+            k, v = write_kv(kv, slots, k, v, mask.shape[-1])  # (B, H_kv, S', hd)
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)  # (B, H, T, hd)

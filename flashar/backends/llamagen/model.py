@@ -117,7 +117,7 @@ class Attention(nn.Module):
         k = apply_rope(k.view(batch, seq, self.n_kv_head, self.head_dim), rope).transpose(1, 2)
         v = v.view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
         if kv is not None:
-            k, v = write_kv(kv, slots, k, v)  # (B, H_kv, S, hd)
+            k, v = write_kv(kv, slots, k, v, mask.shape[-1])  # (B, H_kv, S', hd)
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)

@@ -147,7 +147,7 @@ class JanusBackbone(Backbone):
         k = rotate(attn.k_proj(h).view(batch, seq, -1, self.head_dim).transpose(1, 2), cos, sin)  # (B, H_kv, T, hd)
         v = attn.v_proj(h).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         if kv is not None:
-            k, v = write_kv(kv, slots, k, v)  # rotated keys, (B, H_kv, S, hd)
+            k, v = write_kv(kv, slots, k, v, mask.shape[-1])  # rotated keys, (B, H_kv, S', hd)
         groups = q.shape[1] // k.shape[1]
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
