@@ -8,7 +8,9 @@ acceptance rates of speculative methods, which are reported), CFG on (batch rows
 for each configuration the methods run interleaved (``flashar.compare.timing``), eager and compiled,
 after a warm-up that includes compilation. Medians.
 
-Roofline: the script measures this machine's read bandwidth and matmul throughput per dtype, then for each
+Roofline: the script measures this machine's read bandwidth and matmul throughput per dtype (the best of
+several probes, repeated before every configuration: on a shared machine a single probe can catch a slow
+moment and make every bound too loose; the final bounds use the highest figures seen), then for each
 row computes an ideal time = sum over the method's forward passes of max(bytes read / bandwidth,
 FLOPs / matmul throughput), where bytes are the weights plus the KV cache read by the step and FLOPs are
 2 x matmul parameters x tokens fed by the eager run (padded slots included where it pads, as with
@@ -44,7 +46,7 @@ def sync(device):
 
 
 def measure_bandwidth(device, mb: int = 512) -> float:
-    """Read bandwidth in bytes/s: summing a large fp32 buffer (median of 5)."""
+    """Peak read bandwidth in bytes/s: summing a large fp32 buffer (the fastest of 5)."""
     x = torch.ones(mb * 2**20 // 4, device=device)
     times = []
     for _ in range(6):
@@ -53,11 +55,11 @@ def measure_bandwidth(device, mb: int = 512) -> float:
         x.sum()
         sync(device)
         times.append(time.perf_counter() - t)
-    return x.numel() * 4 / sorted(times[1:])[2]
+    return x.numel() * 4 / min(times[1:])
 
 
 def measure_matmul(device, dtype, n: int = 2048) -> float:
-    """Dense matmul throughput in FLOP/s (median of 5)."""
+    """Peak dense matmul throughput in FLOP/s (the fastest of 5)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     times = []
     for _ in range(6):
@@ -66,7 +68,7 @@ def measure_matmul(device, dtype, n: int = 2048) -> float:
         a @ a
         sync(device)
         times.append(time.perf_counter() - t)
-    return 2 * n**3 / sorted(times[1:])[2]
+    return 2 * n**3 / min(times[1:])
 
 
 def random_backbone(preset: str, dtype, device) -> LlamaGenBackbone:
@@ -147,12 +149,35 @@ class PassCounter:
         return sum(max(p["bytes"] / bandwidth, p["flops"] / flops_per_second) for p in self.passes)
 
 
-def roofline(method, conditions, grid, sampling, bandwidth, peak) -> tuple[float, int]:
+def count_passes(method, conditions, grid, sampling) -> PassCounter:
     from flashar.sampling import make_generator
 
     with PassCounter(method.backbone) as counter:
         method.generate(conditions, grid, sampling, make_generator(0, method.backbone.device))
-    return counter.ideal_seconds(bandwidth, peak), len(counter.passes)
+    return counter
+
+
+class Peaks:
+    """The highest read bandwidth and matmul throughput (per dtype) probed so far in this run."""
+
+    def __init__(self, device):
+        self.device, self.bandwidth, self.matmul = device, 0.0, {}
+
+    def probe(self, dtype_name: str) -> None:
+        self.bandwidth = max(self.bandwidth, measure_bandwidth(self.device))
+        self.matmul[dtype_name] = max(self.matmul.get(dtype_name, 0.0), measure_matmul(self.device, getattr(torch, dtype_name)))
+
+    def bound(self, counter: PassCounter | None, dtype_name: str) -> float:
+        return float("nan") if counter is None else counter.ideal_seconds(self.bandwidth, self.matmul[dtype_name])
+
+
+def apply_bounds(report: dict, rows: list[tuple[dict, PassCounter | None]], peaks: Peaks) -> None:
+    """(Re)compute every row's ideal time from the highest peaks seen so far."""
+    report["bandwidth_gbs"] = peaks.bandwidth / 1e9
+    report["matmul_gflops"] = {k: v / 1e9 for k, v in peaks.matmul.items()}
+    for row, counter in rows:
+        row["ideal_s"] = peaks.bound(counter, row["dtype"])
+        row["vs_roofline"] = row["median_s"] / row["ideal_s"]
 
 
 def run(args) -> dict:
@@ -163,40 +188,42 @@ def run(args) -> dict:
     names = [m for m in args.methods.split(",") if parse_method(m)[0] in registry.methods]
     report = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
               "cpu": cpu_model(), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-              "bandwidth_gbs": measure_bandwidth(device) / 1e9, "matmul_gflops": {}, "rows": []}
+              "bandwidth_gbs": 0.0, "matmul_gflops": {}, "rows": []}
+    peaks, rows = Peaks(device), []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        peak = measure_matmul(device, dtype)
-        report["matmul_gflops"][dtype_name] = peak / 1e9
         for preset in args.models.split(","):
             backbone = random_backbone(preset, dtype, device)
             for side, batch in itertools.product(map(int, args.grids.split(",")), map(int, args.batches.split(","))):
-                report["rows"] += run_config(args, registry, names, backbone, preset, dtype_name, (side, side), batch,
-                                             report["bandwidth_gbs"] * 1e9, peak)
+                peaks.probe(dtype_name)
+                rows += run_config(args, registry, names, backbone, preset, dtype_name, (side, side), batch, peaks)
+                report["rows"] = [row for row, _ in rows]
+                apply_bounds(report, rows, peaks)
                 RESULTS.mkdir(exist_ok=True)
                 Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
-def run_config(args, registry, names, backbone, preset, dtype_name, grid, batch, bandwidth, peak) -> list[dict]:
+def run_config(args, registry, names, backbone, preset, dtype_name, grid, batch, peaks: Peaks) -> list[tuple[dict, PassCounter | None]]:
     torch._dynamo.reset()
     sampling = SamplingConfig(cfg_scale=4.0, top_k=2000, temperature=1.0)
     conditions = [207 + i for i in range(batch)]
     methods = build_methods(registry, names, backbone, grid, args.compile.split(","))
     # the bound counts the passes of an eager run (a compiled step cannot be instrumented); same passes either way
     eager = {n: m for n, m in methods.items() if n.endswith("/eager")} or build_methods(registry, names, backbone, grid, ["eager"])
-    ideal = {n: roofline(m, conditions, grid, sampling, bandwidth, peak) for n, m in eager.items()}
+    passes = {n: count_passes(m, conditions, grid, sampling) for n, m in eager.items()}
     timings = time_methods(methods, conditions, grid, {n: sampling for n in methods}, args.repeats, args.warmup)
     raster = timings.get("raster/compiled") or timings.get("raster/eager")
     rows = []
     for name, t in timings.items():
-        method = name.rsplit("/", 1)[0]
-        bound, passes = ideal[f"{method}/eager"] if f"{method}/eager" in ideal else (float("nan"), 0)
-        rows.append({"model": preset, "dtype": dtype_name, "grid": f"{grid[0]}x{grid[1]}", "batch": batch, "method": name,
-                     "forward_passes": t.forward_passes, "median_s": t.median, "seconds": t.seconds,
-                     "compile_s": t.compile_seconds, "graphs": t.graphs, "recompiles": t.recompiles, "vs_raster": raster.median / t.median,
-                     "ideal_s": bound, "vs_roofline": t.median / bound})
-        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items() if k != "seconds"}), flush=True)
+        counter = passes.get(f"{name.rsplit('/', 1)[0]}/eager")
+        row = {"model": preset, "dtype": dtype_name, "grid": f"{grid[0]}x{grid[1]}", "batch": batch, "method": name,
+               "forward_passes": t.forward_passes, "median_s": t.median, "seconds": t.seconds,
+               "compile_s": t.compile_seconds, "graphs": t.graphs, "recompiles": t.recompiles, "vs_raster": raster.median / t.median}
+        bound = peaks.bound(counter, dtype_name)  # provisional: the final bounds use the run's highest peaks
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "seconds"}
+                         | {"ideal_s": round(bound, 3), "vs_roofline": round(t.median / bound, 3)}), flush=True)
+        rows.append((row, counter))
     return rows
 
 

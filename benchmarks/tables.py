@@ -2,6 +2,7 @@
 
     python benchmarks/tables.py digits benchmarks/results/digits_quality.json
     python benchmarks/tables.py latency benchmarks/results/latency_cpu.json
+    python benchmarks/tables.py targets benchmarks/results/latency_cpu.json   # the CPU targets, checked
 
 Nothing here measures: it only formats what ``digits_quality.py`` and ``latency.py`` wrote, with the
 machine each receipt names.
@@ -42,16 +43,40 @@ def latency(report: dict) -> str:
                       "ideal s", "measured / ideal", "compile s", "graphs"], rows)
     where = report.get("gpu") or f"{report['cpu']}, {report['threads']} threads"
     peaks = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in report["matmul_gflops"].items())
-    return f"{table}\n\n{where}, torch {report['torch']}; measured read bandwidth {report['bandwidth_gbs']:.1f} GB/s, matmul {peaks}."
+    return f"{table}\n\n{where}, torch {report['torch']}; peak read bandwidth {report['bandwidth_gbs']:.1f} GB/s, matmul {peaks} (best probes)."
+
+
+def targets(report: dict) -> str:
+    """The latency issue's CPU targets, checked against one receipt."""
+    by_config: dict[tuple, dict[str, dict]] = {}
+    for r in report["rows"]:
+        by_config.setdefault((r["model"], r["dtype"], r["grid"], r["batch"]), {})[r["method"]] = r
+    lines = []
+    for (model, dtype, grid, batch), rows in by_config.items():
+        where = f"{model} {dtype} {grid} batch {batch}"
+        if "flashar/compiled" in rows and "raster/compiled" in rows:
+            ratio = rows["raster/compiled"]["median_s"] / rows["flashar/compiled"]["median_s"]
+            target = f" (target {10 if dtype == 'bfloat16' else 6}x)" if (model, grid, batch) == ("GPT-B", "32x32", 1) else ""
+            lines.append(f"{where}: flashar vs compiled raster {ratio:.2f}x{target}")
+        if "flashar/compiled" in rows and "flashar/eager" in rows:
+            ratio = rows["flashar/eager"]["median_s"] / rows["flashar/compiled"]["median_s"]
+            lines.append(f"{where}: flashar compiled vs eager {ratio:.2f}x (target 1.2x)")
+    for method in dict.fromkeys(r["method"] for r in report["rows"]):
+        closeness = [r["vs_roofline"] for r in report["rows"] if r["method"] == method]
+        lines.append(f"{method}: measured / ideal {min(closeness):.2f}-{max(closeness):.2f} (target <= 2)")
+    compiled = [r for r in report["rows"] if r["method"].endswith("/compiled")]
+    once = all(r["graphs"] <= 1 and r["recompiles"] == 0 for r in compiled)
+    lines.append(f"compiled steps: at most one graph per generation and no recompiles: {'yes' if once else 'NO'}")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["digits", "latency"])
+    parser.add_argument("kind", choices=["digits", "latency", "targets"])
     parser.add_argument("receipt", type=Path)
     args = parser.parse_args()
     report = json.loads(args.receipt.read_text())
-    print(digits(report) if args.kind == "digits" else latency(report))
+    print({"digits": digits, "latency": latency, "targets": targets}[args.kind](report))
 
 
 if __name__ == "__main__":
