@@ -129,14 +129,15 @@ class FlashAR(Method):
         branch_step = torch.full((branch_cache.length,), NEVER)
         branch_step[: num_cells + 1] = steps
         seen = torch.tensor(counts).cumsum(0).tolist()  # cells on diagonals <= s
+        key_lengths = [prefix.length + max(seen[max(t - 1, 0)], 2) for t in range(len(counts))]
         cells = torch.cat([G.raster_cells(height, width), torch.zeros(1, 2, dtype=torch.long)])
         left, up = G.neighbour_index(height, width)
         scratch = torch.tensor([num_cells])
         state = FlashARState(
             prefix=prefix, sampling=sampling, cache=cache,
             branch_cache=branch_cache,
-            diagonals=tables, sizes=step_sizes, counts=counts, rank=rank.to(device),
-            key_lengths=[prefix.length + max(seen[max(t - 1, 0)], 2) for t in range(len(counts))], positions=bb.cell_positions(cells.to(device), prefix.length, grid=grid),
+            diagonals=tables, sizes=step_sizes, counts=counts, key_lengths=key_lengths, rank=rank.to(device),
+            positions=bb.cell_positions(cells.to(device), prefix.length, grid=grid),
             slot_step=slot_step.to(device), branch_step=branch_step.to(device), key_valid=key_valid,
             left=torch.cat([left, scratch]).to(device), up=torch.cat([up, scratch]).to(device),
             kind=torch.cat([cell_kinds(height, width), torch.tensor([CORNER])]).to(device),

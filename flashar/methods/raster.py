@@ -105,7 +105,8 @@ class Raster(Method):
             bounds = (state.prefix.length + 1, state.prefix.length + len(state.steps) - 1)
             for j in range(1, len(state.steps)):
                 refill_noise(state.noise, state.sampling, generator)
-                self.step(state, state.steps[j], self.key_window(state.slot_index, state.prefix.length + j, bounds))
+                keys = self.key_window(state.slot_index, state.prefix.length + j, bounds)
+                self.step(state, state.steps[j], keys)
         codes = state.tokens[:, state.is_cell] - self.backbone.code_offset
         return Generation(codes.view(len(conditions), *grid).cpu(), len(state.steps), state_nbytes(state))
 
