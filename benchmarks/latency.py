@@ -5,8 +5,9 @@
 
 LlamaGen-B / -L architectures with random weights (speed does not depend on the weights, except for the
 acceptance rates of speculative methods, which are reported), CFG on (batch rows doubled), one process:
-for each configuration the methods run interleaved (``flashar.compare.timing``), eager and compiled,
-after a warm-up that includes compilation. Medians.
+for each configuration the methods run interleaved (``flashar.compare.timing``), eager, compiled and
+compiled with max-autotune, after a warm-up that includes compilation. Medians; ``vs_raster`` compares
+with raster in the same mode.
 
 Roofline: the script measures this machine's read bandwidth and matmul throughput per dtype (the best of
 several probes, repeated before every configuration: on a shared machine a single probe can catch a slow
@@ -94,6 +95,9 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return name, options
 
 
+COMPILE = {"eager": False, "compiled": True, "max-autotune": "max-autotune"}  # --compile names -> Method(compile=...)
+
+
 def build_methods(registry, specs, backbone, grid, compile_modes):
     methods = {}
     adapter = flashar_adapter(backbone, grid)
@@ -101,7 +105,7 @@ def build_methods(registry, specs, backbone, grid, compile_modes):
         name, options = parse_method(spec)
         cls = registry.method(name)
         kwargs = {"adapter": adapter} if name == "flashar" else {}
-        methods[f"{spec}/{mode}"] = cls(backbone, cls.Options(**options), compile=mode == "compiled", **kwargs)
+        methods[f"{spec}/{mode}"] = cls(backbone, cls.Options(**options), compile=COMPILE[mode], **kwargs)
     return methods
 
 
@@ -213,13 +217,15 @@ def run_config(args, registry, names, backbone, preset, dtype_name, grid, batch,
     eager = {n: m for n, m in methods.items() if n.endswith("/eager")} or build_methods(registry, names, backbone, grid, ["eager"])
     passes = {n: count_passes(m, conditions, grid, sampling) for n, m in eager.items()}
     timings = time_methods(methods, conditions, grid, {n: sampling for n in methods}, args.repeats, args.warmup)
-    raster = timings.get("raster/compiled") or timings.get("raster/eager")
     rows = []
     for name, t in timings.items():
-        counter = passes.get(f"{name.rsplit('/', 1)[0]}/eager")
+        spec, mode = name.rsplit("/", 1)
+        counter = passes.get(f"{spec}/eager")
+        raster = timings.get(f"raster/{mode}")  # the baseline in the same compile mode
         row = {"model": preset, "dtype": dtype_name, "grid": f"{grid[0]}x{grid[1]}", "batch": batch, "method": name,
                "forward_passes": t.forward_passes, "median_s": t.median, "seconds": t.seconds,
-               "compile_s": t.compile_seconds, "graphs": t.graphs, "recompiles": t.recompiles, "vs_raster": raster.median / t.median}
+               "compile_s": t.compile_seconds, "graphs": t.graphs, "recompiles": t.recompiles,
+               "vs_raster": raster.median / t.median if raster else float("nan")}
         bound = peaks.bound(counter, dtype_name)  # provisional: the final bounds use the run's highest peaks
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "seconds"}
                          | {"ideal_s": round(bound, 3), "vs_roofline": round(t.median / bound, 3)}), flush=True)
@@ -257,7 +263,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--methods", default="raster,flashar,flashar:buckets=4,sjd,zipar,gsd",
                         help="method ids, with options as id:key=value;key=value")
-    parser.add_argument("--compile", default="eager,compiled")
+    parser.add_argument("--compile", default="eager,compiled,max-autotune", help=f"compile modes, of {', '.join(COMPILE)}")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", default=str(RESULTS / "latency_cpu.json"))

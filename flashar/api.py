@@ -64,7 +64,7 @@ def _check_device(device: str) -> None:
 
 
 def build_method(name: str, backbone: Backbone, options: Mapping[str, Any] | Config | None = None, *,
-                 compile: bool = False, registry: Registry | None = None, own_backbone: bool = False) -> Method:
+                 compile: bool | str = False, registry: Registry | None = None, own_backbone: bool = False) -> Method:
     """A registered decoding method bound to ``backbone`` (see ``flashar methods``).
 
     ``own_backbone=True`` when no other method uses ``backbone``: an adapter's backbone weights are then

@@ -141,7 +141,7 @@ def generate(ctx: click.Context, **values) -> None:
     runtime = runtime_from(values)
     backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
     method_cls = registry.method(values["method"])
-    method = api.build_method(values["method"], backbone, pick(method_cls.Options, values), compile=runtime.compile,
+    method = api.build_method(values["method"], backbone, pick(method_cls.Options, values), compile=runtime.compile_as,
                               registry=registry, own_backbone=True)  # the only method here: adapt the backbone in place
     sampling = api.resolve_sampling(backbone, pick(SamplingConfig, values))
     api.check_conditions(backbone, conditions)  # before the progress bar starts
@@ -241,7 +241,7 @@ def compare(ctx: click.Context, **values) -> None:
         api.check_writable_dir(values["out"])
     runtime = runtime_from(values)
     backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
-    methods = {n: api.build_method(n, backbone, pick(registry.method(n).Options, values), compile=runtime.compile, registry=registry) for n in names}
+    methods = {n: api.build_method(n, backbone, pick(registry.method(n).Options, values), compile=runtime.compile_as, registry=registry) for n in names}
     sampling = {n: api.resolve_sampling(m.backbone, pick(SamplingConfig, values)) for n, m in methods.items()}
     extractor, reference = api.quality_inputs(backbone, config, values["fid_weights"], values["reference_images"], registry)
     prompts = api.read_prompts(values["prompts_file"]) if values["prompts_file"] else None

@@ -2,7 +2,9 @@
 
 Decode steps are compiled with ``fullgraph=True, dynamic=False``: a graph break or a recompile is a bug.
 On CUDA the mode is ``reduce-overhead`` (CUDA graphs). Tests pass ``backend="eager"`` to check tracing
-without inductor. A method whose per-step work varies in size (FlashAR's diagonals) may mark that one
+without inductor. ``mode="max-autotune"`` also autotunes every matmul shape at the first compile: on CPU
+against inductor's C++ GEMM templates (AMX / AVX-512 micro-kernels on the frozen weights), on CUDA
+against Triton templates (still with CUDA graphs). A method whose per-step work varies in size (FlashAR's diagonals) may mark that one
 dimension dynamic off CUDA (:func:`mark_dynamic_length`): still one graph, without padded compute.
 """
 
@@ -10,34 +12,58 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable
+import types
+from typing import Callable, Literal
 
 import torch
 
 
-def compile_step(fn: Callable, device: torch.device | str, backend: str | Callable = "inductor") -> Callable:
+CompileMode = Literal["default", "max-autotune"]
+COMPILE_MODES: tuple[str, ...] = CompileMode.__args__
+
+
+def compile_step(fn: Callable, device: torch.device | str, backend: str | Callable = "inductor",
+                 mode: CompileMode = "default") -> Callable:
     """Compile a decode step once; CUDA graphs on GPU."""
-    device = torch.device(device)
-    # One graph per static shape per method instance, and every instance of a method class shares the code
-    # object dynamo caches on (e.g. flashar with --buckets 16 beside flashar in a comparison). That a
-    # generation compiles once is checked by counting compilations, not by this limit.
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
+    device, fn = torch.device(device), own_code(fn)
+    # One graph per static shape (e.g. flashar --buckets N builds N). That a generation compiles once is
+    # checked by counting compilations, not by this limit.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     if backend != "inductor":
         return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
     if device.type == "cuda":
-        return torch.compile(fn, fullgraph=True, dynamic=False, mode="reduce-overhead")
+        return torch.compile(fn, fullgraph=True, dynamic=False, mode="max-autotune" if mode == "max-autotune" else "reduce-overhead")
     compiled = torch.compile(fn, fullgraph=True, dynamic=False)
-    if os.environ.get("FLASHAR_FREEZE_WEIGHTS", "1") == "0":
+    # Dynamo reads `freezing` while tracing (with grad off, which every decode loop has), so the flags are
+    # set around each call, not passed as backend options. Frozen weights become constants of the graph,
+    # which the C++ GEMM templates of max-autotune prepack.
+    flags = {} if os.environ.get("FLASHAR_FREEZE_WEIGHTS", "1") == "0" else {"freezing": True}
+    if mode == "max-autotune":
+        flags |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                  "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # not on stderr
+    if not flags:
         return compiled
 
     @functools.wraps(fn)
-    def frozen(*args, **kwargs):
-        # Dynamo reads this flag while tracing (with grad off, which every decode loop has), so it must be
-        # set around the call, not passed as a backend option. Weights become constants of the graph.
-        with torch._inductor.config.patch(freezing=True):
+    def configured(*args, **kwargs):
+        with torch._inductor.config.patch(**flags):
             return compiled(*args, **kwargs)
 
-    return frozen
+    return configured
+
+
+def own_code(fn: Callable) -> Callable:
+    """``fn`` (a function or bound method) over a copy of its code object.
+
+    Dynamo caches graphs on the code object, so without this every instance of a method class would share
+    one cache: a second instance (another compile mode, other options) would silently run the graph the
+    first one built whenever its guards pass, and report no compilation of its own."""
+    func = getattr(fn, "__func__", fn)
+    copy = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__, func.__closure__)
+    copy.__kwdefaults__, copy.__qualname__ = func.__kwdefaults__, func.__qualname__
+    return types.MethodType(copy, fn.__self__) if hasattr(fn, "__func__") else copy
 
 
 class CompileCounter:

@@ -39,7 +39,22 @@ class RuntimeConfig(Config):
     device: str = Field("cpu", description="Torch device, e.g. cpu, cuda, cuda:1.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Compute dtype of the backbone.")
     compile: bool = Field(False, description="Compile the decode step with torch.compile(fullgraph=True) (CUDA graphs on GPU).")
+    compile_mode: Literal["default", "max-autotune"] = Field(
+        "default", description="With --compile: max-autotune also benchmarks every matmul shape of the step at the first compile "
+        "(on CPU inductor's C++ GEMM templates on the frozen weights vs oneDNN; on CUDA Triton templates) and keeps the fastest: "
+        "a longer first compile (cached), faster steps.")
     seed: int = Field(0, description="Seed of the torch.Generator that drives sampling.")
+
+    @model_validator(mode="after")
+    def _check_compile_mode(self):
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"compile_mode {self.compile_mode} applies to compiled steps; add --compile")
+        return self
+
+    @property
+    def compile_as(self) -> bool | str:
+        """What methods take as ``compile``: False, or the compile mode."""
+        return self.compile and self.compile_mode
 
 
 class GenerateConfig(Config):

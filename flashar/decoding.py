@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from flashar.backbone import Backbone, KVCache, Prefix
-from flashar.compilation import compile_step, mark_dynamic_length
+from flashar.compilation import CompileMode, compile_step, mark_dynamic_length
 from flashar.config import Config, SamplingConfig
 from flashar.sampling import cfg_mix
 
@@ -53,17 +53,19 @@ class Method(ABC):
     Options: ClassVar[type[Config]] = NoOptions
     requires_adapter: ClassVar[bool] = False
 
-    def __init__(self, backbone: Backbone, options: Config | None = None, *, compile: bool = False,
+    def __init__(self, backbone: Backbone, options: Config | None = None, *, compile: bool | CompileMode = False,
                  compile_backend: str | Callable = "inductor", adapter: Any = None, own_backbone: bool = False):
-        """``own_backbone``: the caller lends ``backbone`` to this method alone, so the method may change it
+        """``compile``: True (or "default") compiles the step, "max-autotune" also autotunes its matmuls.
+        ``own_backbone``: the caller lends ``backbone`` to this method alone, so the method may change it
         in place (e.g. load an adapter's backbone weights into it rather than into a copy)."""
         self.backbone = backbone
         self.options = options if options is not None else self.Options()
         self.adapter = adapter
         self.own_backbone = own_backbone
-        self.compiled = compile
-        self.static_shapes = compile and backbone.device.type == "cuda"  # CUDA graphs replay fixed shapes
-        self.step = compile_step(self._step, backbone.device, compile_backend) if compile else self._step
+        self.compiled = bool(compile)
+        self.static_shapes = self.compiled and backbone.device.type == "cuda"  # CUDA graphs replay fixed shapes
+        mode = "default" if compile is True else compile
+        self.step = compile_step(self._step, backbone.device, compile_backend, mode) if compile else self._step
 
     def key_window(self, table: Tensor, length: int, bounds: tuple[int, int]) -> Tensor:
         """The first ``length`` entries of a per-slot table (S,): the cache slots a step's queries may see.

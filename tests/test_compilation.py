@@ -1,10 +1,16 @@
-"""How flashar compiles decode steps: inductor on CPU runs with weight freezing, switchable off."""
+"""How flashar compiles decode steps: inductor on CPU runs with weight freezing (switchable off), max-autotune
+tunes matmuls, and every method instance compiles its own step."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from helpers import random_gpt
 
-from flashar.compilation import compile_step
+from flashar.compilation import CompileCounter, compile_step
+from flashar.config import RuntimeConfig, SamplingConfig
+from flashar.errors import FlashARError
+from flashar.sampling import make_generator
 
 
 def _flags_seen(monkeypatch, device="cpu", backend="inductor"):
@@ -25,3 +31,41 @@ def test_freezing_can_be_switched_off_and_stays_off_for_other_backends(monkeypat
     assert _flags_seen(monkeypatch) == [False]
     monkeypatch.delenv("FLASHAR_FREEZE_WEIGHTS")
     assert _flags_seen(monkeypatch, backend="eager") == [False]
+
+
+def test_max_autotune_tunes_matmuls_quietly_on_cpu(monkeypatch):
+    monkeypatch.delenv("FLASHAR_FREEZE_WEIGHTS", raising=False)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    config = torch._inductor.config
+    seen = []
+    step = compile_step(lambda: seen.append((config.freezing, config.max_autotune, config.max_autotune_gemm_backends,
+                                             config.autotune_num_choices_displayed)), "cpu", mode="max-autotune")
+    step()
+    assert seen == [(True, True, "CPP,ATEN", 0)]
+    assert not config.max_autotune
+
+
+def test_unknown_compile_mode_is_refused():
+    with pytest.raises(ValueError, match="unknown compile mode 'fast'"):
+        compile_step(lambda: None, "cpu", mode="fast")
+
+
+def test_every_method_instance_compiles_its_own_step():
+    """Dynamo caches on code objects: without a copy per instance, a second instance would run the first's graph."""
+    from flashar.methods.raster import Raster
+
+    torch._dynamo.reset()
+    backbone = random_gpt()
+    counter = CompileCounter()
+    for _ in range(2):
+        Raster(backbone, compile=True, compile_backend=counter).generate([1], (2, 3), SamplingConfig(), make_generator(0, "cpu"))
+    assert counter.frames == 2
+
+
+def test_compile_mode_needs_compile():
+    from flashar.api import validated
+
+    assert RuntimeConfig(compile=True, compile_mode="max-autotune").compile_as == "max-autotune"
+    assert RuntimeConfig().compile_as is False
+    with pytest.raises(FlashARError, match="add --compile"):
+        validated(RuntimeConfig, {"compile_mode": "max-autotune"}, "runtime")

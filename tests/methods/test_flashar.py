@@ -133,11 +133,12 @@ def test_steps_attend_to_the_diagonals_appended_so_far():
 
 
 @pytest.mark.slow
-def test_step_compiles_with_inductor():
+@pytest.mark.parametrize("mode", [True, "max-autotune"])
+def test_step_compiles_with_inductor(mode):
     torch._dynamo.reset()
     grid = (4, 5)  # diagonal lengths 2..4 through one dynamic-length graph
     sampling = SamplingConfig(cfg_scale=2.0, top_k=1)
-    got = make_method(grid=grid, compile=True).generate([1, 2], grid, sampling, make_generator(0, "cpu"))
+    got = make_method(grid=grid, compile=mode).generate([1, 2], grid, sampling, make_generator(0, "cpu"))
     eager = make_method(grid=grid).generate([1, 2], grid, sampling, make_generator(0, "cpu"))
     assert torch.equal(got.codes, eager.codes)
 
