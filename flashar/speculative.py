@@ -21,7 +21,9 @@ Rows that accepted beyond the batch minimum redraw (or couple) those drafts rath
 with a stale q, so every row stays exactly distributed as raster decoding.
 
 KV rollback needs no copying: entry j always lives in cache slot P + j, the window rewrites slots
-``P+n-1 .. P+n-1+L`` before attending, and the causal mask hides every later (stale) slot.
+``P+n-1 .. P+n-1+L`` before attending, and the causal mask hides every later (stale) slot. Attention
+reads only the slots before ``P+n+L`` (the loop knows n from its one read-back per iteration; off CUDA
+that length is the dynamic dimension of the one compiled graph, ``Method.key_window``).
 """
 
 from __future__ import annotations
@@ -127,24 +129,26 @@ def draw(probs: Tensor, noise: Tensor) -> Tensor:
     return torch.argmax(probs / noise, dim=-1)
 
 
-def window_logits(backbone: Backbone, state: SpeculativeState, entries: Tensor) -> Tensor:
-    """Feed entries (T,) in one causal chunk -> guided logits (B, T, V) predicting entries + 1."""
+def window_logits(backbone: Backbone, state: SpeculativeState, entries: Tensor, keys: Tensor) -> Tensor:
+    """Feed entries (T,) in one causal chunk -> guided logits (B, T, V) predicting entries + 1.
+
+    ``keys`` (S',) are the cache slots attention reads, at least up to the window's last slot."""
     ids = state.tokens.index_select(1, entries)  # (B, T)
     if state.sampling.use_cfg:
         ids = torch.cat([ids, ids])  # both CFG halves see the same drafts (C7)
     slots = state.slots.index_select(0, entries)
-    mask = key_mask(state.key_valid, state.slot_index[None, :] <= slots[:, None])  # stale slots > query are hidden
+    mask = key_mask(state.key_valid[:, : keys.shape[0]], keys[None, :] <= slots[:, None])  # stale slots > query are hidden
     h, _ = backbone(backbone.embed(ids), state.positions.index_select(0, entries), mask, state.cache, slots)
     interval = state.sampling.cfg_interval
     use_cfg = ((entries + 1 <= interval + 1) | (interval < 0))[:, None]  # (T, 1), raster's cfg_interval per entry
     return guided(backbone.logits(h), state.sampling, backbone.native_cfg, use_cfg)
 
 
-def step(backbone: Backbone, state: SpeculativeState, rule: Callable) -> None:
+def step(backbone: Backbone, state: SpeculativeState, rule: Callable, keys: Tensor) -> None:
     """One speculative Jacobi iteration (module docstring, steps 1-4); static shapes, no host sync."""
     vocab = backbone.codebook_size
     entries = state.accepted - 1 + state.offsets  # (T,) last committed entry, then the L drafts
-    logits = window_logits(backbone, state, entries)  # (B, T, V)
+    logits = window_logits(backbone, state, entries, keys)  # (B, T, V)
     probs = processed_probs(logits, state.sampling)  # (B, T, V) the target p of entries n .. n+L
     drafts = (state.tokens.index_select(1, entries[1:]) - backbone.code_offset).clamp(0, vocab - 1)  # (B, L)
     p_mass, q_mass = rule(state, logits[:, :-1], probs[:, :-1], state.draft_probs, drafts)
@@ -216,23 +220,6 @@ def refill(state: SpeculativeState, generator: torch.Generator) -> None:
     refill_noise(state.noise, state.sampling, generator)
 
 
-def decode(backbone: Backbone, step_fn: Callable, state: SpeculativeState, generator: torch.Generator) -> Generation:
-    """The plain loop: prefill, then ``step_fn(state)`` until every entry is committed."""
-    with torch.no_grad():
-        h, _ = prefill(backbone, state.prefix, state.cache)
-        refill(state, generator)
-        start(backbone, state, h)
-        committed = 1
-        while committed < state.num_entries:
-            refill(state, generator)
-            step_fn(state)
-            committed = int(state.accepted)  # the one host sync per iteration: the loop's stopping test
-            state.progress.append(committed)
-    is_cell = state.forced[: state.num_entries] < 0
-    codes = state.tokens[:, : state.num_entries][:, is_cell] - backbone.code_offset
-    return Generation(codes.view(-1, *state.grid).cpu(), num_forward_passes=1 + len(state.progress))
-
-
 class SpeculativeMethod(Method):
     """A method on this loop: a subclass gives ``setup`` and its verification rule ``_rule`` (see :func:`step`)."""
 
@@ -240,10 +227,27 @@ class SpeculativeMethod(Method):
               codes: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def _step(self, state: SpeculativeState) -> None:
+    def _step(self, state: SpeculativeState, keys: Tensor) -> None:
         """Verify the window with ``_rule``, commit, Jacobi-update the rest (static shapes, no host sync)."""
-        step(self.backbone, state, self._rule)
+        step(self.backbone, state, self._rule, keys)
 
     def generate(self, conditions, grid, sampling, generator) -> Generation:
-        state = self.setup(conditions, grid, sampling)
-        return decode(self.backbone, self.step, state, generator)
+        return self.decode(self.setup(conditions, grid, sampling), generator)
+
+    def decode(self, state: SpeculativeState, generator: torch.Generator) -> Generation:
+        """The plain loop: prefill, then steps until every entry is committed."""
+        bb, length = self.backbone, state.prefix.length + state.draft_length  # a window reads slots < P + n + L
+        bounds = (length + 1, length + state.num_entries - 1)
+        with torch.no_grad():
+            h, _ = prefill(bb, state.prefix, state.cache)
+            refill(state, generator)
+            start(bb, state, h)
+            committed = 1
+            while committed < state.num_entries:
+                refill(state, generator)
+                self.step(state, self.key_window(state.slot_index, length + committed, bounds))
+                committed = int(state.accepted)  # the one host sync per iteration: the loop's stopping test
+                state.progress.append(committed)
+        is_cell = state.forced[: state.num_entries] < 0
+        codes = state.tokens[:, : state.num_entries][:, is_cell] - bb.code_offset
+        return Generation(codes.view(-1, *state.grid).cpu(), num_forward_passes=1 + len(state.progress))

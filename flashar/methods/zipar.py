@@ -10,7 +10,9 @@ LlamaGen and Lumina-mGPT code). When that row completes, its last token is fed o
 so the rows below attend to the real token.
 
 Cache slots are written at explicit indices and each query sees the slots at raster positions up to its
-own. With ``mask_unwritten`` (default) only slots that have already been written are visible and a
+own. The cache holds the prefix, then one scratch slot per chunk position, then the entries in raster
+order, so the slots a step can see are a prefix of the cache that attention reads alone (its length is the
+dynamic dimension of the one compiled graph off CUDA, ``Method.key_window``). With ``mask_unwritten`` (default) only slots that have already been written are visible and a
 provisional stand-in lives in a scratch slot that only its own query sees; without it the step
 reproduces the official code, which also attends to unwritten (zero) slots and leaves the stand-in in the
 real slot until the row above completes. The whole schedule is fixed by (H, W, w), so the step is
@@ -100,10 +102,13 @@ def num_passes(row_lengths: Sequence[int], window: int) -> int:
 
 
 def _tables(steps: list[list[Feed]], num_entries: int, width: int, prefix_length: int, mask_unwritten: bool) -> dict[str, Tensor]:
-    """(K, T) tensors of the schedule; padding feeds a scratch entry into a scratch slot that only it sees."""
+    """(K, T) tensors of the schedule; padding feeds a scratch entry into a scratch slot that only it sees.
+
+    Slots: the prefix, then the T scratch slots (P + i), then entry j at P + T + j."""
     shape = (len(steps), width)
-    scratch = num_entries + torch.arange(width).expand(shape)  # (K, T) one scratch entry per chunk position
-    table = {"src": scratch.clone(), "at": scratch.clone(), "dst": scratch.clone(), "slot": prefix_length + scratch,
+    position = torch.arange(width).expand(shape)
+    scratch = num_entries + position  # (K, T) one scratch entry per chunk position
+    table = {"src": scratch.clone(), "at": scratch.clone(), "dst": scratch.clone(), "slot": prefix_length + position,
              "raster": torch.full(shape, -1), "real": torch.zeros(shape, dtype=torch.bool)}
     for k, chunk in enumerate(steps):
         for i, feed in enumerate(chunk):
@@ -112,7 +117,7 @@ def _tables(steps: list[list[Feed]], num_entries: int, width: int, prefix_length
             if feed.dst >= 0:
                 table["dst"][k, i] = feed.dst
             if not (feed.provisional and mask_unwritten):
-                table["slot"][k, i] = prefix_length + feed.at
+                table["slot"][k, i] = prefix_length + width + feed.at
     return table
 
 
@@ -120,14 +125,15 @@ def _slot_tables(table: dict[str, Tensor], cache_length: int, num_entries: int, 
                  mask_unwritten: bool) -> tuple[Tensor, Tensor]:
     """Per slot: the raster index it holds (prefix -1, scratch past everything) and the step it appears."""
     slot = torch.arange(cache_length)
-    grid_slot = (slot >= prefix_length) & (slot < prefix_length + num_entries)
-    raster = torch.where(grid_slot, slot - prefix_length, num_entries + width + cache_length)
+    first = prefix_length + width  # the slot of entry 0
+    grid_slot = (slot >= first) & (slot < first + num_entries)
+    raster = torch.where(grid_slot, slot - first, num_entries + width + cache_length)
     raster[:prefix_length] = -1
     never = len(table["src"]) + 1
     written = torch.full((cache_length,), -1 if not mask_unwritten else never)
     written[:prefix_length] = -1
     if mask_unwritten:  # a slot becomes visible at the step its real token is fed (each is written once)
-        real_slot = table["real"] & (table["slot"] < prefix_length + num_entries)
+        real_slot = table["real"] & (table["slot"] >= first)
         steps = torch.arange(len(table["src"]))[:, None].expand_as(table["slot"])
         written.scatter_reduce_(0, table["slot"][real_slot], steps[real_slot], reduce="amin")
     return raster, written
@@ -146,6 +152,7 @@ class ZipARState:
     query_raster: Tensor  # (K, T) raster index each chunk position sees up to (-1 for padding)
     position_index: Tensor  # (K, T) rows of ``positions``
     positions: Tensor  # (K*T, ...) position encoding of every chunk position
+    key_lengths: list[int]  # slots step k reads: P + T + the entries up to its last query's raster index
     slot_raster: Tensor  # (S,) raster index held by each slot: -1 prefix, M + T + S scratch
     slot_written: Tensor  # (S,) step from which a slot is visible (-1: always)
     slot_index: Tensor  # (S,) arange
@@ -172,7 +179,7 @@ class ZipAR(Method):
         row_lengths = torch.bincount(cells[:, 0]).tolist()
         steps = schedule(row_lengths, is_cell.tolist(), self.options.window)
         num_entries, width = len(cells), max(len(chunk) for chunk in steps) if steps else 1
-        cache = bb.new_cache(prefix.batch_size, prefix.length + num_entries + width)
+        cache = bb.new_cache(prefix.batch_size, prefix.length + width + num_entries + 1)  # the last slot is never read
         table = _tables(steps, num_entries, width, prefix.length, self.options.mask_unwritten)
         slot_raster, slot_written = _slot_tables(table, cache.length, num_entries, width, prefix.length, self.options.mask_unwritten)
         forced = torch.full((num_entries + width,), -1, dtype=torch.long)
@@ -184,6 +191,7 @@ class ZipAR(Method):
             prefix=prefix, cache=cache, sampling=sampling, grid=grid, num_entries=num_entries,
             src=table["src"].to(device), dst=table["dst"].to(device), slots=table["slot"].to(device),
             query_raster=table["raster"].to(device),
+            key_lengths=(prefix.length + width + 1 + table["raster"].amax(1)).tolist(),
             position_index=torch.arange(len(steps) * width, device=device).view(len(steps), width),
             positions=bb.cell_positions(at_cells.view(-1, 2).to(device), prefix.length, native=True, grid=grid),
             slot_raster=slot_raster.to(device), slot_written=slot_written.to(device),
@@ -194,16 +202,19 @@ class ZipAR(Method):
         mark_static(state.tokens, state.noise)  # mutated by the step / refilled by the loop
         return state
 
-    def _step(self, state: ZipARState, k: Tensor) -> None:
-        """Feed chunk k, sample every row's next token, write them into ``state.tokens`` (static shapes)."""
+    def _step(self, state: ZipARState, k: Tensor, keys: Tensor) -> None:
+        """Feed chunk k, sample every row's next token, write them into ``state.tokens`` (static shapes).
+
+        ``keys`` (S',) is the window of slot indices attention reads (``key_lengths[k]`` at least)."""
         bb, sampling = self.backbone, state.sampling
         row = k.view(1)  # index_select, not t[k]: a 0-d tensor index would become a data-dependent int
         src, dst, slots, raster = (t.index_select(0, row)[0] for t in (state.src, state.dst, state.slots, state.query_raster))
         ids = state.tokens.index_select(1, src)  # (B, T)
         if sampling.use_cfg:
             ids = torch.cat([ids, ids])  # both CFG halves consume the same tokens
-        visible = (state.slot_raster[None, :] <= raster[:, None]) & (state.slot_written[None, :] <= k)
-        mask = key_mask(state.key_valid, visible | (state.slot_index[None, :] == slots[:, None]))  # (B', 1, T, S)
+        length = keys.shape[0]
+        visible = (state.slot_raster[None, :length] <= raster[:, None]) & (state.slot_written[None, :length] <= k)
+        mask = key_mask(state.key_valid[:, :length], visible | (keys[None, :] == slots[:, None]))  # (B', 1, T, S')
         h, _ = bb(bb.embed(ids), state.positions.index_select(0, state.position_index.index_select(0, row)[0]), mask, state.cache, slots)
         use_cfg = ((dst <= sampling.cfg_interval + 1) | (sampling.cfg_interval < 0))[:, None]  # raster's entries
         codes = sample(guided(bb.logits(h), sampling, bb.native_cfg, use_cfg), state.noise, sampling)  # (B, T)
@@ -222,9 +233,10 @@ class ZipAR(Method):
             refill_noise(state.noise, state.sampling, generator)
             code = sample(guided(bb.logits(h), sampling, bb.native_cfg), state.noise[:, 0], sampling)
             state.tokens[:, 0] = bb.code_ids(code)
-            for k in state.steps:
+            bounds = (min(state.key_lengths, default=0), max(state.key_lengths, default=0))
+            for k, length in zip(state.steps, state.key_lengths):
                 refill_noise(state.noise, state.sampling, generator)
-                self.step(state, k)
+                self.step(state, k, self.key_window(state.slot_index, length, bounds))
         is_cell = state.forced[: state.num_entries] < 0
         codes = state.tokens[:, : state.num_entries][:, is_cell] - bb.code_offset
         return Generation(codes.view(-1, *state.grid).cpu(), num_forward_passes=1 + len(state.steps))

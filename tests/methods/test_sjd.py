@@ -11,7 +11,6 @@ from click.testing import CliRunner
 from helpers import cli_args, random_gpt, write_llamagen
 from method_helpers import chi_square, chi_square_bound, compile_and_compare, exact_joint, row_end_backbone, sample_codes, weakly_contextual
 
-from flashar import speculative
 from flashar.cli import cli
 from flashar.config import SamplingConfig
 from flashar.methods.raster import Raster
@@ -64,8 +63,7 @@ def test_sjd_samples_follow_the_raster_distribution(coupling):
 class AcceptEverything(SJD):
     """A broken rule (every draft passes), to show the distribution test can fail."""
 
-    def _step(self, state):
-        speculative.step(self.backbone, state, lambda s, logits, p, q, codes: (torch.ones_like(p[..., 0]), torch.zeros_like(p[..., 0])))
+    _rule = staticmethod(lambda state, logits, p, q, codes: (torch.ones_like(p[..., 0]), torch.zeros_like(p[..., 0])))
 
 
 def test_the_distribution_test_rejects_a_lossy_rule():
@@ -87,7 +85,7 @@ def test_drafts_that_are_right_are_accepted_a_window_at_a_time(coupling):
     sampling = SamplingConfig(cfg_scale=2.0, top_k=4)
     method = SJD(backbone, SJD.Options(draft_length=3, coupling=coupling))
     state = method.setup([3, 5], (4, 4), sampling)
-    result = speculative.decode(backbone, method.step, state, make_generator(0, "cpu"))
+    result = method.decode(state, make_generator(0, "cpu"))
     commits = [b - a for a, b in zip([1] + state.progress, state.progress)]
     assert all(before + after >= 3 + 2 for before, after in zip(commits, commits[1:]))
     assert result.num_forward_passes <= 1 + 2 * math.ceil(15 / 5)
@@ -99,7 +97,7 @@ def test_every_entry_is_committed_exactly_once(draft_length):
     sampling = SamplingConfig(cfg_scale=2.0, top_k=8)
     method = SJD(backbone, SJD.Options(draft_length=draft_length))
     state = method.setup([3, 7], (3, 5), sampling)
-    result = speculative.decode(backbone, method.step, state, make_generator(2, "cpu"))
+    result = method.decode(state, make_generator(2, "cpu"))
     commits = [b - a for a, b in zip([1] + state.progress, state.progress)]
     assert all(1 <= c <= draft_length + 1 for c in commits)  # ranges [n, n + a] tile the sequence
     assert state.progress[-1] >= 15 and state.progress[-2] < 15
@@ -115,7 +113,7 @@ def test_stale_and_unwritten_cache_slots_are_never_read():
     state = method.setup([3, 7], (3, 5), sampling)
     for buffer in state.cache.k + state.cache.v:  # rejected drafts and unwritten slots hold garbage, not zeros
         buffer.normal_(0, 100.0)
-    dirty = speculative.decode(backbone, method.step, state, make_generator(4, "cpu"))
+    dirty = method.decode(state, make_generator(4, "cpu"))
     assert torch.equal(dirty.codes, clean.codes)
 
 
@@ -138,3 +136,21 @@ def test_cli_generates_with_sjd(tmp_path, registry):
     assert 1 + math.ceil(15 / 5) <= summary["forward_passes_per_batch"] <= 16
     wrong = CliRunner().invoke(cli, [str(a) for a in args[:-3] + ["--window", 2]], obj=registry)
     assert wrong.exit_code != 0 and "--window is an option of method 'zipar'" in wrong.output
+
+
+def test_a_window_attends_to_the_slots_up_to_its_last_draft():
+    backbone = random_gpt()
+    spans = []
+    forward = backbone.forward
+
+    def record(x, positions, mask, cache=None, slots=None, tap=None):
+        spans.append(mask.shape[-1])
+        return forward(x, positions, mask, cache, slots, tap)
+
+    backbone.forward = record
+    method = SJD(backbone, SJD.Options(draft_length=3))
+    state = method.setup([3, 7], (3, 5), SamplingConfig(cfg_scale=2.0, top_k=8))
+    method.decode(state, make_generator(2, "cpu"))
+    prefix = 1
+    committed = [1] + state.progress[:-1]  # n before each iteration
+    assert spans == [prefix] + [prefix + n + 3 for n in committed]  # slots P+n-1 .. P+n+2 are the window's

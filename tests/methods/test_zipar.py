@@ -123,3 +123,21 @@ def test_cli_generates_with_zipar_and_lists_its_passes(tmp_path, registry):
     listing = {m["id"]: m for m in json.loads(CliRunner().invoke(cli, ["methods", "--json"], obj=registry).output)}
     assert listing["zipar"]["forward_passes_32x32"] == 304
     assert listing["sjd"]["forward_passes_32x32"] is None and listing["gsd"]["forward_passes_32x32"] is None
+
+
+def test_steps_attend_to_a_growing_prefix_of_the_cache():
+    backbone = random_gpt()
+    spans = []
+    forward = backbone.forward
+
+    def record(x, positions, mask, cache=None, slots=None, tap=None):
+        spans.append((mask.shape[-1], x.shape[1], cache.length))
+        return forward(x, positions, mask, cache, slots, tap)
+
+    backbone.forward = record
+    ZipAR(backbone, ZipAR.Options(window=2)).generate([3], (4, 5), SamplingConfig(top_k=5), make_generator(0, "cpu"))
+    prefix, width, entries = 1, spans[-1][1], 20
+    keys = [span for span, _, _ in spans[1:]]
+    assert spans[0][0] == prefix and keys == sorted(keys) and keys[0] < keys[-1]
+    assert keys[-1] == prefix + width + entries - 1  # the last step sees every entry but the one it predicts
+    assert keys[-1] < spans[-1][2]  # and never the whole cache
