@@ -4,8 +4,8 @@ Decode steps are compiled with ``fullgraph=True, dynamic=False``: a graph break 
 On CUDA the mode is ``reduce-overhead`` (CUDA graphs). Tests pass ``backend="eager"`` to check tracing
 without inductor. ``mode="max-autotune"`` also autotunes every matmul shape at the first compile: on CPU
 against inductor's C++ GEMM templates (AMX / AVX-512 micro-kernels on the frozen weights), on CUDA
-against Triton templates (still with CUDA graphs). A method whose per-step work varies in size (FlashAR's diagonals) may mark that one
-dimension dynamic off CUDA (:func:`mark_dynamic_length`): still one graph, without padded compute.
+against Triton templates (still with CUDA graphs). A method whose per-step work varies in size (FlashAR's
+diagonals) may mark that one dimension dynamic off CUDA (:func:`mark_dynamic_length`): still one graph, without padded compute.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def compile_step(fn: Callable, device: torch.device | str, backend: str | Callab
     if backend != "inductor":
         return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
     if device.type == "cuda":
-        return torch.compile(fn, fullgraph=True, dynamic=False, mode="max-autotune" if mode == "max-autotune" else "reduce-overhead")
+        cuda_mode = "max-autotune" if mode == "max-autotune" else "reduce-overhead"  # both with CUDA graphs
+        return torch.compile(fn, fullgraph=True, dynamic=False, mode=cuda_mode)
     compiled = torch.compile(fn, fullgraph=True, dynamic=False)
     # Dynamo reads `freezing` while tracing (with grad off, which every decode loop has), so the flags are
     # set around each call, not passed as backend options. Frozen weights become constants of the graph,

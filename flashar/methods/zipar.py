@@ -12,11 +12,12 @@ so the rows below attend to the real token.
 Cache slots are written at explicit indices and each query sees the slots at raster positions up to its
 own. The cache holds the prefix, then one scratch slot per chunk position, then the entries in raster
 order, so the slots a step can see are a prefix of the cache that attention reads alone (its length is the
-dynamic dimension of the one compiled graph off CUDA, ``Method.key_window``). With ``mask_unwritten`` (default) only slots that have already been written are visible and a
-provisional stand-in lives in a scratch slot that only its own query sees; without it the step
-reproduces the official code, which also attends to unwritten (zero) slots and leaves the stand-in in the
-real slot until the row above completes. The whole schedule is fixed by (H, W, w), so the step is
-static-shape, sync-free and compiled once; chunks are padded to the largest number of tokens per step.
+dynamic dimension of the one compiled graph off CUDA, ``Method.key_window``). With ``mask_unwritten``
+(default) only slots that have already been written are visible and a provisional stand-in lives in a
+scratch slot that only its own query sees; without it the step reproduces the official code, which also
+attends to unwritten (zero) slots and leaves the stand-in in the real slot until the row above completes.
+The whole schedule is fixed by (H, W, w), so the step is static-shape, sync-free and compiled once; chunks
+are padded to the largest number of tokens per step.
 
 Forward passes: 2W + (H - 2)·w for H >= 2 rows of W cells (W when H = 1; w is capped at W, where it
 becomes raster order), the prefill included; rows with a forced row-end token count it as a column.
