@@ -87,13 +87,14 @@ def mark_static(*tensors: torch.Tensor) -> None:
             torch._dynamo.mark_static_address(tensor)
 
 
-def mark_dynamic_length(tensors, dim: int, longest: int, shortest: int = 2) -> None:
+def mark_dynamic_length(tensors, dim: int, longest: int, shortest: int = 2, hint: int | None = None) -> None:
     """Let ``dim`` of these tensors take any size in [shortest, longest] within one compiled graph, off CUDA.
 
     CUDA graphs need static shapes, so there (and for sizes below 2, which dynamo specialises) the caller
     pads instead. Tensors are index tables a step receives; everything sized from them follows (a size
-    derived from them must not reach 1 either: ``shortest`` says how far the caller keeps it away)."""
+    derived from them must not reach 1 either: ``shortest`` says how far the caller keeps it away). ``hint`` is
+    the size inductor optimises for (autotuning included) instead of the first call's."""
     shortest = max(shortest, 2)
     for tensor in tensors:
         if tensor.device.type != "cuda" and shortest <= tensor.shape[dim] <= longest and longest > shortest:
-            torch._dynamo.mark_dynamic(tensor, dim, min=shortest, max=longest)
+            torch._dynamo.mark_dynamic(tensor, dim, min=shortest, max=longest, hint_override=hint)

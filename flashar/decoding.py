@@ -65,7 +65,14 @@ class Method(ABC):
         self.compiled = bool(compile)
         self.static_shapes = self.compiled and backbone.device.type == "cuda"  # CUDA graphs replay fixed shapes
         mode = "default" if compile is True else compile
+        self.autotuned = mode == "max-autotune"
         self.step = compile_step(self._step, backbone.device, compile_backend, mode) if compile else self._step
+
+    def mark_dynamic(self, tensors, dim: int, longest: int, shortest: int = 2) -> None:
+        """:func:`mark_dynamic_length` for this method's compiled step. With max-autotune, kernels are tuned
+        for the longest size, not for the first call's (the shortest diagonal or window, which would leave
+        the long steps that dominate a generation on kernels picked for a few rows)."""
+        mark_dynamic_length(tensors, dim, longest, shortest, hint=longest if self.autotuned else None)
 
     def key_window(self, table: Tensor, length: int, bounds: tuple[int, int]) -> Tensor:
         """The first ``length`` entries of a per-slot table (S,): the cache slots a step's queries may see.
@@ -79,7 +86,7 @@ class Method(ABC):
             return table
         window = table[:length]
         if self.compiled:
-            mark_dynamic_length([window], 0, bounds[1], bounds[0])
+            self.mark_dynamic([window], 0, bounds[1], bounds[0])
         return window
 
     @abstractmethod

@@ -69,3 +69,15 @@ def test_compile_mode_needs_compile():
     assert RuntimeConfig().compile_as is False
     with pytest.raises(FlashARError, match="add --compile"):
         validated(RuntimeConfig, {"compile_mode": "max-autotune"}, "runtime")
+
+
+def test_max_autotune_tunes_dynamic_lengths_for_the_longest(monkeypatch):
+    """Autotuning picks kernels for the size hint: the longest diagonal, not the first (shortest) one."""
+    from flashar.methods.raster import Raster
+
+    seen = []
+    monkeypatch.setattr(torch._dynamo, "mark_dynamic", lambda t, dim, **kwargs: seen.append(kwargs["hint_override"]))
+    backbone = random_gpt()
+    for compile in (True, "max-autotune"):
+        Raster(backbone, compile=compile).mark_dynamic([torch.zeros(5)], 0, 9, 3)
+    assert seen == [None, 9]

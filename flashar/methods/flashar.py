@@ -31,7 +31,7 @@ from torch import Tensor
 from flashar import grid as G
 from flashar.backbone import KVCache, Prefix
 from flashar.branch import CORNER, cell_kinds
-from flashar.compilation import mark_dynamic_length, mark_static
+from flashar.compilation import mark_static
 from flashar.config import Config, SamplingConfig
 from flashar.errors import FlashARError
 from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill, state_nbytes
@@ -119,7 +119,7 @@ class FlashAR(Method):
         rank[order] = torch.arange(num_cells + 1)
         tables, step_sizes = bucket_tables(diagonals.to(device), counts, buckets)
         if self.compiled and self.options.buckets is None:
-            mark_dynamic_length(tables.values(), 1, min(height, width))
+            self.mark_dynamic(tables.values(), 1, min(height, width))
         steps = torch.cat([G.step_ids(height, width), torch.tensor([NEVER])])[order]  # (N + 1,) by slot
         slot_step = torch.full((cache.length,), NEVER)
         slot_step[: prefix.length] = -1
