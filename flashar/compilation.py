@@ -5,7 +5,8 @@ On CUDA the mode is ``reduce-overhead`` (CUDA graphs). Tests pass ``backend="eag
 without inductor. ``mode="max-autotune"`` also autotunes every matmul shape at the first compile: on CPU
 against inductor's C++ GEMM templates (AMX / AVX-512 micro-kernels on the frozen weights), on CUDA
 against Triton templates (still with CUDA graphs). A method whose per-step work varies in size (FlashAR's
-diagonals) may mark that one dimension dynamic off CUDA (:func:`mark_dynamic_length`): still one graph, without padded compute.
+diagonals) may mark that one dimension dynamic off CUDA (:func:`mark_dynamic_length`): still one graph,
+without padded compute.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from __future__ import annotations
 import functools
 import os
 import types
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 
+from flashar.config import CompileMode
 
-CompileMode = Literal["default", "max-autotune"]
 COMPILE_MODES: tuple[str, ...] = CompileMode.__args__
 
 

@@ -11,6 +11,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+CompileMode = Literal["default", "max-autotune"]  # how decode steps are compiled (flashar.compilation)
+
+
 class Config(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -39,7 +42,7 @@ class RuntimeConfig(Config):
     device: str = Field("cpu", description="Torch device, e.g. cpu, cuda, cuda:1.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Compute dtype of the backbone.")
     compile: bool = Field(False, description="Compile the decode step with torch.compile(fullgraph=True) (CUDA graphs on GPU).")
-    compile_mode: Literal["default", "max-autotune"] = Field(
+    compile_mode: CompileMode = Field(
         "default", description="With --compile: max-autotune also benchmarks every matmul shape of the step at the first compile "
         "(on CPU inductor's C++ GEMM templates on the frozen weights vs oneDNN; on CUDA Triton templates) and keeps the fastest: "
         "a longer first compile (cached), faster steps.")

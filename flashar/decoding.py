@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from flashar.backbone import Backbone, KVCache, Prefix
-from flashar.compilation import CompileMode, compile_step, mark_dynamic_length
-from flashar.config import Config, SamplingConfig
+from flashar.compilation import compile_step, mark_dynamic_length
+from flashar.config import CompileMode, Config, SamplingConfig
 from flashar.sampling import cfg_mix
 
 
