@@ -84,10 +84,15 @@ def init_from_env(device: str) -> tuple[Distributed, str]:
 
 @contextmanager
 def session(device: str) -> Iterator[tuple[Distributed, str]]:
-    """:func:`init_from_env` for the duration of a command; leaves the process group at the end."""
+    """:func:`init_from_env` for the duration of a command; leaves the process group at the end.
+
+    After a normal run the processes wait for each other before leaving: one that tore its group down while
+    another was still in a last collective (gloo on CPU) could abort the other ("terminate called without
+    an active exception")."""
     place, device = init_from_env(device)
     try:
         yield place, device
+        barrier(place)
     finally:
         if place.active and dist.is_initialized():
             dist.destroy_process_group()
