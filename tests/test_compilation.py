@@ -1,5 +1,5 @@
-"""How flashar compiles decode steps: inductor on CPU runs with weight freezing (switchable off), max-autotune
-tunes matmuls, and every method instance compiles its own step."""
+"""How flashar compiles decode steps: inductor on CPU runs with frozen weights behind a C++ wrapper (each
+switchable off), max-autotune tunes matmuls, and every method instance compiles its own step."""
 
 from __future__ import annotations
 
@@ -13,24 +13,31 @@ from flashar.errors import FlashARError
 from flashar.sampling import make_generator
 
 
-def _flags_seen(monkeypatch, device="cpu", backend="inductor"):
+SWITCHES = ("FLASHAR_FREEZE_WEIGHTS", "FLASHAR_CPP_WRAPPER")
+
+
+def _flags_seen(monkeypatch, device="cpu", backend="inductor", off=()):
+    """(freezing, cpp_wrapper) while the compiled step runs, with the environment switches in ``off`` set to 0."""
+    for switch in SWITCHES:
+        monkeypatch.setenv(switch, "0") if switch in off else monkeypatch.delenv(switch, raising=False)
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # record what the step runs under
-    compile_step(lambda: seen.append(torch._inductor.config.freezing), device, backend)()
+    config = torch._inductor.config
+    compile_step(lambda: seen.append((config.freezing, config.cpp_wrapper)), device, backend)()
     return seen
 
 
-def test_cpu_inductor_steps_trace_with_frozen_weights(monkeypatch):
-    monkeypatch.delenv("FLASHAR_FREEZE_WEIGHTS", raising=False)
-    assert _flags_seen(monkeypatch) == [True]
-    assert not torch._inductor.config.freezing, "the flag is set around the step only, never globally"
+def test_cpu_inductor_steps_run_frozen_behind_a_cpp_wrapper(monkeypatch):
+    assert _flags_seen(monkeypatch) == [(True, True)]
+    config = torch._inductor.config
+    assert not config.freezing and not config.cpp_wrapper, "the flags are set around the step only, never globally"
 
 
-def test_freezing_can_be_switched_off_and_stays_off_for_other_backends(monkeypatch):
-    monkeypatch.setenv("FLASHAR_FREEZE_WEIGHTS", "0")
-    assert _flags_seen(monkeypatch) == [False]
-    monkeypatch.delenv("FLASHAR_FREEZE_WEIGHTS")
-    assert _flags_seen(monkeypatch, backend="eager") == [False]
+def test_each_cpu_flag_can_be_switched_off_and_both_stay_off_for_other_backends(monkeypatch):
+    assert _flags_seen(monkeypatch, off=["FLASHAR_FREEZE_WEIGHTS"]) == [(False, True)]
+    assert _flags_seen(monkeypatch, off=["FLASHAR_CPP_WRAPPER"]) == [(True, False)]
+    assert _flags_seen(monkeypatch, off=SWITCHES) == [(False, False)]
+    assert _flags_seen(monkeypatch, backend="eager") == [(False, False)]
 
 
 def test_max_autotune_tunes_matmuls_quietly_on_cpu(monkeypatch):
