@@ -19,7 +19,10 @@ SWITCHES = ("FLASHAR_FREEZE_WEIGHTS", "FLASHAR_CPP_WRAPPER")
 def _flags_seen(monkeypatch, device="cpu", backend="inductor", off=()):
     """(freezing, cpp_wrapper) while the compiled step runs, with the environment switches in ``off`` set to 0."""
     for switch in SWITCHES:
-        monkeypatch.setenv(switch, "0") if switch in off else monkeypatch.delenv(switch, raising=False)
+        if switch in off:
+            monkeypatch.setenv(switch, "0")
+        else:
+            monkeypatch.delenv(switch, raising=False)
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # record what the step runs under
     config = torch._inductor.config
