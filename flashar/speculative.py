@@ -39,7 +39,7 @@ from flashar.backbone import Backbone, KVCache, Prefix
 from flashar.compilation import mark_static
 from flashar.config import SamplingConfig
 from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill
-from flashar.sampling import processed_probs, refill_noise
+from flashar.sampling import draw, new_uniform, processed_probs, refill_uniform
 
 DRAFT_INITS = ("repeat_horizon", "random")
 
@@ -66,7 +66,7 @@ class SpeculativeState:
     accepted: Tensor  # 0-d int64: n, committed entries
     uniform: Tensor  # (B, L) U[0, 1) for verification, refilled every iteration
     init_codes: Tensor  # (B, L) uniform random codes for new drafts, refilled every iteration
-    noise: Tensor  # (B, T, V) exponential noise for the residual / Jacobi draws, refilled every iteration
+    draw_uniform: Tensor  # (B, T) U[0, 1) for the residual / Jacobi draws, refilled every iteration
     extras: dict[str, Any] = field(default_factory=dict)  # tensors a verification rule needs (GSD: embeddings)
     progress: list[int] = field(default_factory=list)  # n after each iteration (read back by the loop)
 
@@ -104,9 +104,9 @@ def setup(backbone: Backbone, conditions: Sequence[Any], grid: tuple[int, int], 
         accepted=torch.zeros((), dtype=torch.long, device=device),
         uniform=torch.zeros(batch, length, device=device),
         init_codes=torch.zeros(batch, length, dtype=torch.long, device=device),
-        noise=torch.ones(batch, length + 1, vocab, device=device),  # ones: greedy draws are plain argmax
+        draw_uniform=new_uniform((batch, length + 1), device),  # zeros when greedy: draws of one-hot p are its argmax
     )
-    mark_static(state.tokens, state.draft_probs, state.accepted, state.uniform, state.init_codes, state.noise)
+    mark_static(state.tokens, state.draft_probs, state.accepted, state.uniform, state.init_codes, state.draw_uniform)
     return state
 
 
@@ -122,11 +122,6 @@ def _row_starts(cells: Tensor, padded: int) -> Tensor:
 def token_mass(state: SpeculativeState, logits: Tensor, probs: Tensor, draft_probs: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
     """SJD's rule (§4.1 step 2): p(x_i) and q(x_i) for draft codes (B, L) -> two (B, L) tensors."""
     return probs.gather(-1, codes[..., None])[..., 0], draft_probs.gather(-1, codes[..., None])[..., 0]
-
-
-def draw(probs: Tensor, noise: Tensor) -> Tensor:
-    """Exponential race over unnormalised probabilities (..., V) -> codes (...); argmax when noise is 1."""
-    return torch.argmax(probs / noise, dim=-1)
 
 
 def window_logits(backbone: Backbone, state: SpeculativeState, entries: Tensor, keys: Tensor) -> Tensor:
@@ -175,10 +170,10 @@ def jacobi_update(state: SpeculativeState, probs: Tensor, drafts: Tensor, accept
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, probs)  # §4.1 pitfall: empty residual -> p
     accept = torch.cat([accept, accept.new_zeros(batch, 1)], dim=1)  # (B, T)
     drafts = torch.cat([drafts, drafts.new_zeros(batch, 1)], dim=1)
-    kept = torch.where(accept, drafts, draw(residual, state.noise))  # accept-or-residual: marginal p
+    kept = torch.where(accept, drafts, draw(residual, state.draw_uniform))  # accept-or-residual: marginal p
     if state.coupled:
         return kept  # SCD: every later position keeps its draft with probability min(1, p/q)
-    fresh = draw(probs, state.noise)  # plain Jacobi update; position a uses `kept`, so one noise draw each
+    fresh = draw(probs, state.draw_uniform)  # plain Jacobi update; position a uses `kept`, so one uniform each
     return torch.where(state.offsets[None, :] <= num_accepted, kept, fresh)
 
 
@@ -205,7 +200,7 @@ def _write(backbone: Backbone, state: SpeculativeState, entries: Tensor, codes: 
 def start(backbone: Backbone, state: SpeculativeState, h: Tensor) -> None:
     """Commit entry 0 from the prefill state h (B', D) and fill the first window with initial drafts."""
     logits = guided(backbone.logits(h), state.sampling, backbone.native_cfg)  # (B, V)
-    first = draw(processed_probs(logits, state.sampling), state.noise[:, 0])  # (B,)
+    first = draw(processed_probs(logits, state.sampling), state.draw_uniform[:, 0])  # (B,)
     one = torch.ones((), dtype=torch.long, device=first.device)
     init = initial_drafts(state, one, first)  # (B, L) entries 1 .. L
     _write(backbone, state, torch.arange(state.draft_length + 1, device=first.device), torch.cat([first[:, None], init], 1))
@@ -217,7 +212,7 @@ def refill(state: SpeculativeState, generator: torch.Generator) -> None:
     """Draw this iteration's randomness from the seeded generator, outside the compiled step."""
     state.uniform.uniform_(generator=generator)
     state.init_codes.random_(0, state.draft_probs.shape[-1], generator=generator)
-    refill_noise(state.noise, state.sampling, generator)
+    refill_uniform(state.draw_uniform, state.sampling, generator)
 
 
 class SpeculativeMethod(Method):

@@ -1,23 +1,33 @@
-"""Sampling: the exponential race draws from the filtered distribution; filters follow LlamaGen."""
+"""Sampling: the inverse-CDF draw picks codes with the filtered distribution; filters follow LlamaGen."""
 
 from __future__ import annotations
 
 import torch
 
 from flashar.config import SamplingConfig
-from flashar.sampling import cfg_mix, filter_logits, processed_probs, sample
+from flashar.sampling import cfg_mix, draw, filter_logits, processed_probs, sample
 
 
-def test_exponential_race_matches_the_distribution():
-    logits = torch.tensor([1.0, 0.0, -1.0, 2.0])
+def test_draws_match_the_filtered_distribution():
+    logits = torch.tensor([1.0, 0.0, -1.0, 2.0, -3.0])
     n = 40_000
     gen = torch.Generator().manual_seed(0)
-    noise = torch.empty(n, 4).exponential_(generator=gen)
-    draws = sample(logits.expand(n, 4), noise, SamplingConfig())
-    freq = torch.bincount(draws, minlength=4).float() / n
-    expected = torch.softmax(logits, -1)
+    uniform = torch.rand(n, generator=gen)
+    draws = sample(logits.expand(n, 5), uniform, SamplingConfig(top_k=4))
+    freq = torch.bincount(draws, minlength=5).float() / n
+    expected = torch.softmax(logits.masked_fill(logits < -1.0, float("-inf")), -1)
+    assert freq[4] == 0  # filtered out by top-k
     # 5 standard errors: fails by chance with probability ~1e-6 per code
-    assert torch.all((freq - expected).abs() < 5 * (expected * (1 - expected) / n).sqrt())
+    assert torch.all((freq - expected).abs() <= 5 * (expected * (1 - expected) / n).sqrt())
+
+
+def test_draw_never_picks_a_code_of_weight_zero():
+    weights = torch.tensor([[0.0, 1.0, 0.0, 3.0, 0.5, 0.0]])
+    edges = torch.tensor([0.0, 2 / 9 - 1e-7, 2 / 9 + 1e-7, 8 / 9 - 1e-7, 8 / 9 + 1e-7, 1 - 2**-24])  # cdf 1, 4, 4.5 of 4.5
+    assert draw(weights.expand(6, -1), edges).tolist() == [1, 1, 3, 3, 4, 4]
+    # u * total rounding up to the total still draws the last code of positive weight
+    assert draw(torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([1.0])).tolist() == [1]
+    assert draw(torch.zeros(1, 4), torch.tensor([0.5])).tolist() == [0]  # nothing to draw from: code 0
 
 
 def test_top_k_keeps_ties_and_top_p_keeps_the_crossing_token():

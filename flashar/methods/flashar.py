@@ -36,7 +36,7 @@ from flashar.config import Config, SamplingConfig
 from flashar.errors import FlashARError
 from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill, state_nbytes
 from flashar.hookspecs import hookimpl
-from flashar.sampling import new_noise, refill_noise, sample
+from flashar.sampling import new_uniform, refill_uniform, sample
 
 
 class FlashAROptions(Config):
@@ -58,7 +58,7 @@ class FlashARState:
     branch_cache: KVCache  # vertical blocks, N + 1 slots
     diagonals: dict[int, Tensor]  # size -> (D, size) raster index of each slot of each diagonal, scratch N where padded
     sizes: list[int]  # the padded size used by step t (python ints, chosen in setup)
-    counts: list[int]  # the number of cells of diagonal t (the noise a step needs)
+    counts: list[int]  # the number of cells of diagonal t (the uniforms a step needs)
     key_lengths: list[int]  # backbone slots step t reads: P + the cells of diagonals <= t - 1 (2 at least, so
     # that no window has one slot, a size torch.compile would specialise on; the mask hides the extra one)
     rank: Tensor  # (N + 1,) place of each cell in diagonal order (its branch slot; backbone slot P + rank)
@@ -73,7 +73,7 @@ class FlashARState:
     vertical: Tensor  # (B', N + 1, D) vertical-branch output of every appended cell
     tokens: Tensor  # (B, N + 1) sampled codes (index N is scratch)
     steps: Tensor  # (D,) arange
-    noise: Tensor  # (T, B, V) exponential noise (slot first: a diagonal's slice is contiguous, whatever its length)
+    uniform: Tensor  # (T, B) U[0, 1) for the draws of a diagonal's cells (slot first: a diagonal's slice is contiguous)
     teacher: bool = False  # teacher forcing: keep given tokens and record logits
     logits: Tensor | None = None  # (B', N + 1, V) fused logits per cell, in teacher forcing
 
@@ -145,9 +145,9 @@ class FlashAR(Method):
             vertical=torch.zeros(rows, num_cells + 1, bb.dim, dtype=bb.dtype, device=device),
             tokens=torch.zeros(len(conditions), num_cells + 1, dtype=torch.long, device=device),
             steps=torch.arange(G.num_diagonals(height, width), device=device),
-            noise=new_noise((diagonals.shape[1], len(conditions), bb.codebook_size), device),
+            uniform=new_uniform((diagonals.shape[1], len(conditions)), device),
         )
-        mark_static(state.hidden, state.vertical, state.tokens, state.noise)  # mutated by the step / the loop
+        mark_static(state.hidden, state.vertical, state.tokens, state.uniform)  # mutated by the step / the loop
         return state
 
     # --- the compiled step --------------------------------------------------------------------------
@@ -182,7 +182,7 @@ class FlashAR(Method):
         if st.teacher:
             st.logits.index_copy_(1, cells, logits)
             return
-        codes = sample(guided(logits, st.sampling), st.noise[: cells.shape[0]].transpose(0, 1), st.sampling)  # (B, T)
+        codes = sample(guided(logits, st.sampling), st.uniform[: cells.shape[0]].transpose(0, 1), st.sampling)  # (B, T)
         st.tokens.index_copy_(1, cells, codes)
 
     def _step(self, st: FlashARState, t: Tensor, diagonals: Tensor, keys: Tensor) -> None:
@@ -204,11 +204,11 @@ class FlashAR(Method):
 
     def _run(self, st: FlashARState, generator: torch.Generator | None) -> None:
         with torch.no_grad():
-            refill_noise(st.noise[:1], st.sampling, generator)
+            refill_uniform(st.uniform[:1], st.sampling, generator)
             self._prefill(st)
             bounds = (st.key_lengths[1], st.key_lengths[-1])
             for t in range(1, len(st.steps)):
-                refill_noise(st.noise[: st.counts[t]], st.sampling, generator)  # padded cells are scratch
+                refill_uniform(st.uniform[: st.counts[t]], st.sampling, generator)  # padded cells are scratch
                 keys = self.key_window(st.slot_step, st.key_lengths[t], bounds)
                 self.step(st, st.steps[t], st.diagonals[st.sizes[t]], keys)
 

@@ -23,7 +23,7 @@ from flashar.compilation import mark_static
 from flashar.config import SamplingConfig
 from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill, state_nbytes
 from flashar.hookspecs import hookimpl
-from flashar.sampling import new_noise, refill_noise, sample
+from flashar.sampling import new_uniform, refill_uniform, sample
 
 
 @dataclass
@@ -39,7 +39,7 @@ class RasterState:
     is_cell: Tensor  # (M,) bool, True for grid cells
     tokens: Tensor  # (B, M) generated token ids (model vocabulary)
     steps: Tensor  # (M,) arange, the step index fed to the compiled step
-    noise: Tensor  # (B, V) exponential noise, refilled every step
+    uniform: Tensor  # (B,) U[0, 1) for the step's draw, refilled every step
 
 
 class Raster(Method):
@@ -68,16 +68,16 @@ class Raster(Method):
             forced=forced.to(device), is_cell=is_cell.to(device),
             tokens=torch.zeros(batch, num_entries, dtype=torch.long, device=device),
             steps=torch.arange(num_entries, device=device),
-            noise=new_noise((batch, bb.codebook_size), device),
+            uniform=new_uniform((batch,), device),
         )
-        mark_static(state.tokens, state.noise)  # mutated by the step / refilled by the loop
+        mark_static(state.tokens, state.uniform)  # mutated by the step / refilled by the loop
         return state
 
     def _draw(self, state: RasterState, logits: Tensor, j: Tensor) -> Tensor:
         """Guided, sampled code for sequence entry j (0-d), as a token id, forced tokens respected."""
         sampling = state.sampling
         use_cfg = (j <= sampling.cfg_interval + 1) | (sampling.cfg_interval < 0)
-        code = sample(guided(logits, sampling, self.backbone.native_cfg, use_cfg), state.noise, sampling)
+        code = sample(guided(logits, sampling, self.backbone.native_cfg, use_cfg), state.uniform, sampling)
         forced = state.forced.index_select(0, j.view(1))  # (1,); not forced[j], which torch may read as an int
         return torch.where(forced >= 0, forced, self.backbone.code_ids(code))
 
@@ -100,11 +100,11 @@ class Raster(Method):
         state = self.setup(conditions, grid, sampling)
         with torch.no_grad():
             h, _ = prefill(self.backbone, state.prefix, state.cache)
-            refill_noise(state.noise, state.sampling, generator)
+            refill_uniform(state.uniform, state.sampling, generator)
             state.tokens[:, 0] = self._draw(state, self.backbone.logits(h), state.steps[0])
             bounds = (state.prefix.length + 1, state.prefix.length + len(state.steps) - 1)
             for j in range(1, len(state.steps)):
-                refill_noise(state.noise, state.sampling, generator)
+                refill_uniform(state.uniform, state.sampling, generator)
                 keys = self.key_window(state.slot_index, state.prefix.length + j, bounds)
                 self.step(state, state.steps[j], keys)
         codes = state.tokens[:, state.is_cell] - self.backbone.code_offset

@@ -38,7 +38,7 @@ from flashar.compilation import mark_static
 from flashar.config import Config, SamplingConfig
 from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill
 from flashar.hookspecs import hookimpl
-from flashar.sampling import new_noise, refill_noise, sample
+from flashar.sampling import new_uniform, refill_uniform, sample
 
 
 class ZipAROptions(Config):
@@ -161,7 +161,7 @@ class ZipARState:
     forced: Tensor  # (M + T,) forced token id (row ends), -1 where sampled
     tokens: Tensor  # (B, M + T) token ids
     steps: Tensor  # (K,) arange, the step index fed to the compiled step
-    noise: Tensor  # (B, T, V) exponential noise, refilled every step
+    uniform: Tensor  # (B, T) U[0, 1) for the step's draws, refilled every step
 
 
 class ZipAR(Method):
@@ -198,9 +198,9 @@ class ZipAR(Method):
             slot_raster=slot_raster.to(device), slot_written=slot_written.to(device),
             slot_index=torch.arange(cache.length, device=device), key_valid=image_key_valid(prefix, cache.length),
             forced=forced.to(device), tokens=tokens.to(device), steps=torch.arange(len(steps), device=device),
-            noise=new_noise((len(conditions), width, bb.codebook_size), device),
+            uniform=new_uniform((len(conditions), width), device),
         )
-        mark_static(state.tokens, state.noise)  # mutated by the step / refilled by the loop
+        mark_static(state.tokens, state.uniform)  # mutated by the step / refilled by the loop
         return state
 
     def _step(self, state: ZipARState, k: Tensor, keys: Tensor) -> None:
@@ -218,7 +218,7 @@ class ZipAR(Method):
         mask = key_mask(state.key_valid[:, :length], visible | (keys[None, :] == slots[:, None]))  # (B', 1, T, S')
         h, _ = bb(bb.embed(ids), state.positions.index_select(0, state.position_index.index_select(0, row)[0]), mask, state.cache, slots)
         use_cfg = ((dst <= sampling.cfg_interval + 1) | (sampling.cfg_interval < 0))[:, None]  # raster's entries
-        codes = sample(guided(bb.logits(h), sampling, bb.native_cfg, use_cfg), state.noise, sampling)  # (B, T)
+        codes = sample(guided(bb.logits(h), sampling, bb.native_cfg, use_cfg), state.uniform, sampling)  # (B, T)
         forced = state.forced.index_select(0, dst)[None, :]
         state.tokens.index_copy_(1, dst, torch.where(forced >= 0, forced, bb.code_ids(codes)))
 
@@ -231,12 +231,12 @@ class ZipAR(Method):
         bb, sampling = self.backbone, state.sampling
         with torch.no_grad():
             h, _ = prefill(bb, state.prefix, state.cache)
-            refill_noise(state.noise, state.sampling, generator)
-            code = sample(guided(bb.logits(h), sampling, bb.native_cfg), state.noise[:, 0], sampling)
+            refill_uniform(state.uniform, state.sampling, generator)
+            code = sample(guided(bb.logits(h), sampling, bb.native_cfg), state.uniform[:, 0], sampling)
             state.tokens[:, 0] = bb.code_ids(code)
             bounds = (min(state.key_lengths, default=0), max(state.key_lengths, default=0))
             for k, length in zip(state.steps, state.key_lengths):
-                refill_noise(state.noise, state.sampling, generator)
+                refill_uniform(state.uniform, state.sampling, generator)
                 self.step(state, k, self.key_window(state.slot_index, length, bounds))
         is_cell = state.forced[: state.num_entries] < 0
         codes = state.tokens[:, : state.num_entries][:, is_cell] - bb.code_offset
