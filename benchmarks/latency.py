@@ -16,18 +16,30 @@ row computes an ideal time = sum over the method's forward passes of max(bytes r
 FLOPs / matmul throughput), where bytes are the weights plus the KV cache read by the step and FLOPs are
 2 x matmul parameters x tokens fed by the eager run (padded slots included where it pads, as with
 ``flashar:buckets=N``) plus attention. ``vs roofline`` = measured /
-ideal. The JSON and a PNG plot go to ``benchmarks/results/``.
+ideal.
+
+Kernel time: the same eager run also records every matmul of the layers and heads and every attention
+call, with their shapes, weights and cache slices, in order; replaying just those calls through PyTorch's
+eager kernels (``F.linear``, ``F.scaled_dot_product_attention``; median of 3 replays) gives the time this
+machine's stock kernels need for the method's work with nothing around them (no norms, RoPE, sampling,
+step dispatch). ``vs kernels`` = measured / kernel time: what a method adds on top of its kernels (a
+compiled step can come in under 1, its weights prepacked and its epilogues fused); kernel time / ideal:
+how far the kernels themselves run from the roofline. The JSON and a PNG
+plot go to ``benchmarks/results/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
+import statistics
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from flashar.adapter import Adapter, new_metadata
 from flashar.backends.llamagen.backbone import LlamaGenBackbone
@@ -110,10 +122,11 @@ def build_methods(registry, specs, backbone, grid, compile_modes):
 
 
 class PassCounter:
-    """Records, per forward pass, the bytes read and FLOPs of every layer and head call of one generation."""
+    """Records, per forward pass, the bytes read and FLOPs of every layer and head call of one generation,
+    and the matmul and attention calls themselves (``kernels``) for :meth:`kernel_seconds`."""
 
     def __init__(self, backbone):
-        self.backbone, self.passes = backbone, []
+        self.backbone, self.passes, self.kernels = backbone, [], []
 
     def __enter__(self):
         bb = self.backbone
@@ -132,6 +145,8 @@ class PassCounter:
             step = self.passes[-1]
             step["bytes"] += params * elt + (rows * keys * kv_dim * elt if kv is not None else 0)
             step["flops"] += 2 * params * rows * tokens + 4 * rows * tokens * keys * dim
+            self.kernels += [("linear", p, rows * tokens) for p in layer.parameters() if p.ndim > 1]
+            self.kernels.append(("attention", (rows, dim // bb.head_dim, tokens, bb.head_dim), mask, kv))
             return self._layer(layer, x, positions, mask, kv, slots)
 
         def logits(h, head=None):
@@ -140,6 +155,7 @@ class PassCounter:
             if self.passes:
                 self.passes[-1]["bytes"] += bb.codebook_size * weight.shape[1] * h.element_size()
                 self.passes[-1]["flops"] += 2 * rows * bb.codebook_size * weight.shape[1]
+                self.kernels.append(("linear", weight[bb.code_offset : bb.code_offset + bb.codebook_size], rows))
             return self._logits(h, head)
 
         bb.forward, bb.layer_forward, bb.logits = forward, layer_forward, logits
@@ -151,6 +167,42 @@ class PassCounter:
 
     def ideal_seconds(self, bandwidth: float, flops_per_second: float) -> float:
         return sum(max(p["bytes"] / bandwidth, p["flops"] / flops_per_second) for p in self.passes)
+
+    def kernel_seconds(self, repeats: int = 3) -> float:
+        """Median time of replaying the recorded matmul and attention calls in order, alone; frees the record."""
+        calls, self.kernels = self._replay_calls(), []
+        device = self.backbone.device
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            began = time.perf_counter()
+            for call in calls:
+                call()
+            sync(device)
+            times.append(time.perf_counter() - began)
+        return statistics.median(times)
+
+    def _replay_calls(self) -> list:
+        """Zero-argument calls of the recorded kernels on the real weights and cache slices, inputs made up front."""
+        bb, inputs = self.backbone, {}
+
+        def made(*shape):  # one random input per shape, shared by the calls of that shape
+            if shape not in inputs:
+                inputs[shape] = torch.randn(shape, dtype=bb.dtype, device=bb.device)
+            return inputs[shape]
+
+        calls = []
+        for kind, *args in self.kernels:
+            if kind == "linear":
+                weight, rows = args
+                calls.append(functools.partial(F.linear, made(rows, weight.shape[1]), weight))
+                continue
+            shape, mask, kv = args
+            q = made(*shape)
+            k, v = (t[:, :, : mask.shape[-1]] for t in kv) if kv is not None else (q, q)
+            calls.append(functools.partial(F.scaled_dot_product_attention, q, k, v, attn_mask=mask,
+                                           enable_gqa=k.shape[1] != q.shape[1]))
+        return calls
 
 
 def count_passes(method, conditions, grid, sampling) -> PassCounter:
@@ -217,6 +269,7 @@ def run_config(args, registry, names, backbone, preset, dtype_name, grid, batch,
     eager = {n: m for n, m in methods.items() if n.endswith("/eager")} or build_methods(registry, names, backbone, grid, ["eager"])
     passes = {n: count_passes(m, conditions, grid, sampling) for n, m in eager.items()}
     timings = time_methods(methods, conditions, grid, {n: sampling for n in methods}, args.repeats, args.warmup)
+    kernel_times = {name: counter.kernel_seconds() for name, counter in passes.items()}  # after timing: same warm machine
     rows = []
     for name, t in timings.items():
         spec, mode = name.rsplit("/", 1)
@@ -225,7 +278,9 @@ def run_config(args, registry, names, backbone, preset, dtype_name, grid, batch,
         row = {"model": preset, "dtype": dtype_name, "grid": f"{grid[0]}x{grid[1]}", "batch": batch, "method": name,
                "forward_passes": t.forward_passes, "median_s": t.median, "seconds": t.seconds,
                "compile_s": t.compile_seconds, "graphs": t.graphs, "recompiles": t.recompiles,
-               "vs_raster": raster.median / t.median if raster else float("nan")}
+               "vs_raster": raster.median / t.median if raster else float("nan"),
+               "kernel_s": kernel_times.get(f"{spec}/eager", float("nan"))}
+        row["vs_kernels"] = t.median / row["kernel_s"]
         bound = peaks.bound(counter, dtype_name)  # provisional: the final bounds use the run's highest peaks
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "seconds"}
                          | {"ideal_s": round(bound, 3), "vs_roofline": round(t.median / bound, 3)}), flush=True)
