@@ -139,13 +139,14 @@ class PassCounter:
         def layer_forward(layer, x, positions, mask, kv, slots):
             rows, tokens, dim = x.shape
             keys = mask.shape[-1]  # the cache slots attention reads
-            params = sum(p.numel() for p in layer.parameters() if p.ndim > 1)
+            weights = [p for p in layer.parameters() if p.ndim > 1]
+            params = sum(w.numel() for w in weights)
             elt = x.element_size()
             kv_dim = 2 * bb.num_kv_heads * bb.head_dim
             step = self.passes[-1]
             step["bytes"] += params * elt + (rows * keys * kv_dim * elt if kv is not None else 0)
             step["flops"] += 2 * params * rows * tokens + 4 * rows * tokens * keys * dim
-            self.kernels += [("linear", p, rows * tokens) for p in layer.parameters() if p.ndim > 1]
+            self.kernels += [("linear", w, rows * tokens) for w in weights]
             self.kernels.append(("attention", (rows, dim // bb.head_dim, tokens, bb.head_dim), mask, kv))
             return self._layer(layer, x, positions, mask, kv, slots)
 
