@@ -10,9 +10,9 @@ compiled with max-autotune, after a warm-up that includes compilation. Medians; 
 with raster in the same mode.
 
 Roofline: the script measures this machine's read bandwidth and matmul throughput per dtype (the best of
-several probes, repeated before every configuration: on a shared machine a single probe can catch a slow
-moment and make every bound too loose; the final bounds use the highest figures seen), then for each
-row computes an ideal time = sum over the method's forward passes of max(bytes read / bandwidth,
+several probes, repeated before and after every configuration: on a shared machine a single probe can
+catch a slow moment and make every bound too loose; the final bounds use the highest figures seen), then
+for each row computes an ideal time = sum over the method's forward passes of max(bytes read / bandwidth,
 FLOPs / matmul throughput), where bytes are the weights plus the KV cache read by the step and FLOPs are
 2 x matmul parameters x tokens fed by the eager run (padded slots included where it pads, as with
 ``flashar:buckets=N``) plus attention. ``vs roofline`` = measured /
@@ -254,6 +254,7 @@ def run(args) -> dict:
             for side, batch in itertools.product(map(int, args.grids.split(",")), map(int, args.batches.split(","))):
                 peaks.probe(dtype_name)
                 rows += run_config(args, registry, names, backbone, preset, dtype_name, (side, side), batch, peaks)
+                peaks.probe(dtype_name)  # again after: one probe per dtype can catch a slow moment
                 report["rows"] = [row for row, _ in rows]
                 apply_bounds(report, rows, peaks)
                 RESULTS.mkdir(exist_ok=True)
