@@ -21,6 +21,7 @@ either strategy resumes with any other (:func:`full_tensors` gathers FSDP shards
 
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -88,14 +89,18 @@ def session(device: str) -> Iterator[tuple[Distributed, str]]:
 
     After a normal run the processes wait for each other before leaving: one that tore its group down while
     another was still in a last collective (gloo on CPU) could abort the other ("terminate called without
-    an active exception")."""
+    an active exception"). Leaving also collects garbage around ``destroy_process_group``: FSDP wrappers sit
+    in reference cycles that hold the group, and a gloo group first freed during interpreter shutdown can
+    abort the process the same way."""
     place, device = init_from_env(device)
     try:
         yield place, device
         barrier(place)
     finally:
         if place.active and dist.is_initialized():
+            gc.collect()  # drop the cycles (FSDP state, hooks) that still reference the group
             dist.destroy_process_group()
+            gc.collect()  # and free the group itself while the interpreter is whole
 
 
 def current() -> Distributed:
