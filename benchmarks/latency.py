@@ -24,8 +24,7 @@ eager kernels (``F.linear``, ``F.scaled_dot_product_attention``; median of 3 rep
 machine's stock kernels need for the method's work with nothing around them (no norms, RoPE, sampling,
 step dispatch). ``vs kernels`` = measured / kernel time: what a method adds on top of its kernels (a
 compiled step can come in under 1, its weights prepacked and its epilogues fused); kernel time / ideal:
-how far the kernels themselves run from the roofline. The JSON and a PNG
-plot go to ``benchmarks/results/``.
+how far the kernels themselves run from the roofline. The JSON and a PNG plot go to ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -58,30 +57,28 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure_bandwidth(device, mb: int = 512) -> float:
-    """Peak read bandwidth in bytes/s: summing a large fp32 buffer (the fastest of 5)."""
-    x = torch.ones(mb * 2**20 // 4, device=device)
+def seconds(fn, device, runs: int) -> list[float]:
+    """Wall time of each of ``runs`` calls of ``fn``, synchronised at both ends."""
     times = []
-    for _ in range(6):
+    for _ in range(runs):
         sync(device)
-        t = time.perf_counter()
-        x.sum()
+        began = time.perf_counter()
+        fn()
         sync(device)
-        times.append(time.perf_counter() - t)
-    return x.numel() * 4 / min(times[1:])
+        times.append(time.perf_counter() - began)
+    return times
+
+
+def measure_bandwidth(device, mb: int = 512) -> float:
+    """Peak read bandwidth in bytes/s: summing a large fp32 buffer (the fastest of 5, after one warm-up)."""
+    x = torch.ones(mb * 2**20 // 4, device=device)
+    return x.numel() * 4 / min(seconds(x.sum, device, 6)[1:])
 
 
 def measure_matmul(device, dtype, n: int = 2048) -> float:
-    """Peak dense matmul throughput in FLOP/s (the fastest of 5)."""
+    """Peak dense matmul throughput in FLOP/s (the fastest of 5, after one warm-up)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for _ in range(6):
-        sync(device)
-        t = time.perf_counter()
-        a @ a
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / min(times[1:])
+    return 2 * n**3 / min(seconds(lambda: a @ a, device, 6)[1:])
 
 
 def random_backbone(preset: str, dtype, device) -> LlamaGenBackbone:
@@ -172,16 +169,12 @@ class PassCounter:
     def kernel_seconds(self, repeats: int = 3) -> float:
         """Median time of replaying the recorded matmul and attention calls in order, alone; frees the record."""
         calls, self.kernels = self._replay_calls(), []
-        device = self.backbone.device
-        times = []
-        for _ in range(repeats):
-            sync(device)
-            began = time.perf_counter()
+
+        def replay():
             for call in calls:
                 call()
-            sync(device)
-            times.append(time.perf_counter() - began)
-        return statistics.median(times)
+
+        return statistics.median(seconds(replay, self.backbone.device, repeats))
 
     def _replay_calls(self) -> list:
         """Zero-argument calls of the recorded kernels on the real weights and cache slices, inputs made up front."""
