@@ -62,7 +62,7 @@ def random_model(seed: int = 0):
             if name.endswith("norm.weight") or "layernorm" in name:
                 p.normal_(1.0, 0.1)
             elif p.ndim > 1:
-                p.normal_(0.0, 0.3 if "embed" in name or "lm_head" in name else 0.15)
+                p.normal_(0.0, 1.0 if "embed" in name or "lm_head" in name else 0.3)
             else:
                 p.normal_(0.0, 0.05)
     return model
@@ -109,7 +109,7 @@ def write_processor(folder: Path) -> Path:
         unk_token="[UNK]", padding_side="left",
         extra_special_tokens={"image_token": "<|image|>", "grid_bos_token": "<sop>", "grid_eos_token": "<eop>"},
     )
-    images = GlmImageImageProcessor(patch_size=16, merge_size=1, temporal_patch_size=2,
+    images = GlmImageImageProcessor(patch_size=16, merge_size=1, temporal_patch_size=1,
                                     size={"shortest_edge": 16 * 16, "longest_edge": 512 * 512})
     GlmImageProcessor(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE).save_pretrained(folder)
     return folder

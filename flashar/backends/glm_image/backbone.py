@@ -126,6 +126,8 @@ class GlmImageBackbone(Backbone):
         """Rows ``[pad... prompt(caption) preview]``, then (``cfg``) ``[pad... prompt("") preview]`` with each
         conditional row's preview; ``native`` and ``empty`` coincide (GLM-Image has no AR-stage CFG)."""
         grid = self._grid(grid)
+        if max(grid) > 4 * min(grid):
+            raise FlashARError(f"grid {grid[0]}x{grid[1]} has an aspect ratio above 4, which GLM-Image's processor refuses")
         prompts = self._prompts()
         captions = [self._caption(c) for c in conditions]
         texts = [prompts.ids(c, grid) for c in captions]
@@ -201,10 +203,7 @@ class GlmImageBackbone(Backbone):
         if grid is None:
             raise FlashARError("GLM-Image's prompt, preview and positions depend on the grid size; "
                                "pass grid=(H, W), e.g. grid=backbone.grid(1024)")
-        height, width = grid
-        if max(height, width) > 4 * min(height, width):
-            raise FlashARError(f"grid {height}x{width} has an aspect ratio above 4, which GLM-Image's processor refuses")
-        return int(height), int(width)
+        return int(grid[0]), int(grid[1])
 
     def _prompts(self) -> GlmImagePrompts:
         if self.prompts is None:
