@@ -177,3 +177,119 @@ def test_sampled_preview_is_seeded_and_shared_by_every_method(root):
     assert torch.equal(first, again.preview_codes(PROMPTS[0], GRID))
     assert backbone.preview_codes(PROMPTS[0], GRID) is first  # memoised: raster and FlashAR see the same preview
     assert backbone.sampling_defaults == {"cfg_scale": 1.0, "temperature": 0.9, "top_k": 0, "top_p": 0.75}
+
+
+# --- FlashAR: a checkpoint of the official GLM-Image FlashAR trainer -------------------------------------------
+
+def write_official_checkpoint(path, root, num_blocks=2, branch_layer=1, grid=GRID, **overrides):
+    """``flashar_full_step7.pt`` as ``train_glm_flashar.py`` saves it: the trained backbone (base + noise) under
+    GlmImageTextModel names, the FlashAR tensors, the args and the preview-conditioned semantics tag."""
+    from safetensors.torch import load_file
+
+    base = {}
+    for shard in sorted((root / "vision_language_encoder").glob("model-*.safetensors")):
+        base.update(load_file(str(shard)))
+    generator = torch.Generator().manual_seed(1)
+    noisy = lambda t, scale=0.02: t.float() + scale * torch.randn(t.shape, generator=generator)
+    prefix = "model.language_model."
+    backbone = {k[len(prefix):]: noisy(v) for k, v in base.items() if k.startswith(prefix)}
+    flashar = {"horizontal_head.weight": noisy(base["lm_head.weight"]), "vertical_head.weight": noisy(base["lm_head.weight"])}
+    for j in range(num_blocks):
+        source = f"layers.{branch_layer + j}."
+        flashar.update({f"_fsdp_wrapped_module.vertical_block.{j}.{k[len(source):]}": noisy(v)
+                        for k, v in backbone.items() if k.startswith(source)})
+    dim = tiny_config()["text_config"]["hidden_size"]
+    width = max(64, dim // 8)
+    flashar["vertical_norm.weight"] = noisy(torch.ones(dim), 0.1)
+    for name, shape in (("hv_gate_mlp.0.weight", (width, 2 * dim)), ("hv_gate_mlp.2.weight", (1, width)),
+                        ("hv_gate_mlp.2.bias", (1,)), ("hv_gate_corner.weight", (1, dim)), ("hv_gate_corner.bias", (1,))):
+        flashar[name] = noisy(torch.zeros(shape), 0.3)
+    args = {"vertical_layers": num_blocks, "vertical_start_layer": branch_layer, "target_h": grid[0] * 32,
+            "target_w": grid[1] * 32, "train_backbone": True, "codebook_size": CODEBOOK}
+    payload = {"step": 7, "local_step": 7, "step_offset": 0, "flashar": flashar, "backbone": backbone, "args": args,
+               "preview_conditioned": True, "flashar_semantics_version": "preview_v2_valid_prefix_preview_extent",
+               "training_state_meta": {"epoch": 0, "next_batch_idx": 7}, **overrides}
+    torch.save(payload, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def official(root, tmp_path_factory):
+    return write_official_checkpoint(tmp_path_factory.mktemp("official") / "flashar_full_step7.pt", root)
+
+
+def test_official_checkpoint_reads_k_b_grid_and_the_trained_backbone(root, official):
+    from flashar.adapter import load_adapter
+
+    backbone = load(root)
+    base_head = backbone.lm_head.weight.clone()
+    adapter = load_adapter(official, backbone)  # copy_backbone=True: the base stays as it was
+    meta = adapter.metadata
+    assert (meta.num_blocks, meta.branch_layer, meta.grid, meta.step) == (2, 1, GRID, 7)
+    trained = torch.load(official, weights_only=True)
+    assert torch.equal(adapter.backbone.language_model.norm.weight, trained["backbone"]["norm.weight"])
+    assert torch.equal(adapter.backbone.lm_head.weight, trained["flashar"]["horizontal_head.weight"])
+    assert torch.equal(adapter.head.vertical_block[1].mlp.down_proj.weight,
+                       trained["flashar"]["_fsdp_wrapped_module.vertical_block.1.mlp.down_proj.weight"])
+    assert torch.equal(backbone.lm_head.weight, base_head)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"preview_conditioned": False}, "without the preview prefix"),
+    ({"heads_only_for_trained_backbone": True}, "flashar_full_step"),
+    ({"training_state": {}}, "training-resume"),
+])
+def test_official_checkpoints_flashar_cannot_decode_are_refused(root, tmp_path, changes, message):
+    from flashar.adapter import load_adapter
+
+    path = write_official_checkpoint(tmp_path / "ckpt.pt", root, **changes)
+    with pytest.raises(CheckpointError, match=message):
+        load_adapter(path, load(root))
+
+
+@pytest.fixture(scope="module")
+def method(root, official):
+    return FlashAR(load(root), FlashAR.Options(adapter=official), own_backbone=True)
+
+
+def test_flashar_greedy_takes_h_plus_w_minus_1_passes_and_is_the_fused_argmax(method):
+    result = method.generate(PROMPTS, GRID, SamplingConfig(top_k=1), make_generator(0, "cpu"))
+    assert result.num_forward_passes == GRID[0] + GRID[1] - 1
+    backbone = method.backbone
+    with torch.no_grad():
+        prefix = backbone.prefix(PROMPTS, cfg=False, grid=GRID, unconditional="empty")
+        fused = flashar_logits(backbone, method.head, prefix, result.codes).fused
+    assert torch.equal(fused.argmax(-1).view(len(PROMPTS), *GRID), result.codes)
+
+
+def test_cached_flashar_logits_equal_the_recomputed_training_forward(method):
+    """What the official port could not do: the KV-cached diagonal decoder equals the full recompute."""
+    codes = torch.randint(0, CODEBOOK, (2, *GRID), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cached = method.teacher_logits(PROMPTS, codes, SamplingConfig())
+        prefix = method.backbone.prefix(PROMPTS, cfg=False, grid=GRID, unconditional="empty")
+        recomputed = flashar_logits(method.backbone, method.head, prefix, codes).fused
+    torch.testing.assert_close(cached, recomputed, atol=1e-4, rtol=1e-4)
+
+
+# --- CLI ----------------------------------------------------------------------------------------------------
+
+def test_cli_compare_runs_raster_and_flashar(root, registry, tmp_path):
+    official = write_official_checkpoint(tmp_path / "flashar_full_step7.pt", root, grid=(3, 3))
+    (tmp_path / "prompts.txt").write_text("a red fox\ntwo cats on the sofa\n")
+    args = ["compare", "-b", "glm_image", "--model-path", root, "--preview", "greedy", "--methods", "raster,flashar",
+            "--prompts", tmp_path / "prompts.txt", "--adapter", official, "--image-size", "96", "--no-metrics", "--repeats", "1", "--warmup", "0", "--json"]
+    result = CliRunner().invoke(cli, [str(a) for a in args], obj=registry)
+    assert result.exit_code == 0, result.output
+    rows = {row["method"]: row for row in json.loads(result.output)["methods"]}
+    assert rows["raster"]["forward_passes"] == 9 and rows["flashar"]["forward_passes"] == 5  # 3 x 3 grid
+
+
+def test_cli_out_without_diffusers_is_one_line(root, registry, tmp_path):
+    if HAS_DIFFUSERS:
+        pytest.skip("diffusers is installed")
+    args = ["generate", "-b", "glm_image", "--model-path", root, "--preview", "greedy", "--prompt", "a red fox",
+            "--image-size", "96", "--out", tmp_path / "png"]
+    result = CliRunner().invoke(cli, [str(a) for a in args], obj=registry)
+    assert result.exit_code != 0 and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "diffusers" in result.output and "Traceback" not in result.output
