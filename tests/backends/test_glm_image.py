@@ -293,3 +293,28 @@ def test_cli_out_without_diffusers_is_one_line(root, registry, tmp_path):
     result = CliRunner().invoke(cli, [str(a) for a in args], obj=registry)
     assert result.exit_code != 0 and result.exception is None or isinstance(result.exception, SystemExit)
     assert "diffusers" in result.output and "Traceback" not in result.output
+
+
+def test_adapt_from_captioned_images_then_generate_with_flashar(root, tmp_path, registry):
+    """`flashar adapt --backend glm_image` on images + captions (metadata.jsonl, as for Emu3.5): images are encoded
+    by the published vision tower + VQ, both stages train, and the adapter decodes the large grid in H+W-1 passes."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    lines = []
+    for i in range(4):
+        Image.fromarray((rng.random((96, 96, 3)) * 255).astype(np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": ["a red fox", "a blue house"][i % 2]}))
+    (tmp_path / "images" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    model = ["-b", "glm_image", "--model-path", root, "--preview", "greedy"]
+    args = ["adapt", *model, "--data", tmp_path / "images", "--image-size", 96, "--out", tmp_path / "adapter",
+            "--num-blocks", 2, "--stage1-steps", 2, "--stage2-steps", 1, "--batch-size", 2, "--cache-dir", tmp_path / "cache"]
+    runner = CliRunner()
+    result = runner.invoke(cli, [str(a) for a in args], obj=registry)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "adapter" / "config.json").read_text())
+    assert (meta["num_blocks"], meta["branch_layer"], meta["grid"], meta["backend"]) == (2, 1, [3, 3], "glm_image")
+    gen = ["generate", *model, "--method", "flashar", "--adapter", tmp_path / "adapter", "--prompt", "a red fox",
+           "--image-size", 96, "--top-k", 1, "--json"]
+    result = runner.invoke(cli, [str(a) for a in gen], obj=registry)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["forward_passes_per_batch"] == 5
