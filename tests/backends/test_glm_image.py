@@ -291,8 +291,10 @@ def test_cli_out_without_diffusers_is_one_line(root, registry, tmp_path):
     args = ["generate", "-b", "glm_image", "--model-path", root, "--preview", "greedy", "--prompt", "a red fox",
             "--image-size", "96", "--out", tmp_path / "png"]
     result = CliRunner().invoke(cli, [str(a) for a in args], obj=registry)
-    assert result.exit_code != 0 and result.exception is None or isinstance(result.exception, SystemExit)
-    assert "diffusers" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output  # a ClickException
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "pip install diffusers" in errors[0] and "Traceback" not in result.output
+    assert not (tmp_path / "png").exists()
 
 
 def test_adapt_from_captioned_images_then_generate_with_flashar(root, tmp_path, registry):

@@ -62,7 +62,7 @@ def sampling_defaults(folder: Path) -> dict[str, Any]:
 def load_glm_image(root: str | Path, dtype: torch.dtype, device: str | torch.device, preview: str = "sample",
                    preview_seed: int = 0) -> GlmImageBackbone:
     """The backbone from a published GLM-Image folder: config, strict key/shape check, the AR prior's tensors."""
-    from transformers import AutoProcessor, GlmImageForConditionalGeneration
+    from transformers import GlmImageForConditionalGeneration
 
     from flashar.backends.emu35.loader import iter_shard_tensors, shard_map, shard_shapes
 
