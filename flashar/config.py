@@ -93,7 +93,8 @@ class StageConfig(Config):
     flat_steps: int = Field(0, ge=0, description="Steps at the peak rate after warm-up, before the cosine decay.")
     min_lr_factor: float = Field(0.05, ge=0, le=1, description="Cosine floor as a fraction of the peak rate.")
     aux_vertical_weight: float = Field(0.05, ge=0, description="Weight of the auxiliary vertical cross-entropy.")
-    distill_weight: float = Field(0.0, ge=0, description="Weight of the KL distillation from the frozen raster model (stage 1).")
+    distill_weight: float = Field(0.0, ge=0, description="Weight of the KL distillation from the frozen raster model: onto the "
+                                  "vertical logits in stage 1, onto the horizontal logits in stage 2 (which then keeps a frozen copy of the backbone).")
     distill_temperature: float = Field(2.0, gt=0, description="Temperature of the distillation KL.")
     gate_entropy_weight: float = Field(0.0, ge=0, description="Weight of the gate anti-collapse regulariser.")
 
@@ -118,6 +119,14 @@ class AdaptConfig(Config):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="bf16 autocast (auto: on CUDA only).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     checkpoint_every: int = Field(200, gt=0, description="Write a resumable checkpoint every N optimizer steps.")
+    keep_checkpoints: bool = Field(False, description="Keep the resumable checkpoints (the checkpoints/ sub-folder of --out) "
+                                   "when the run finishes; by default only the adapter and its metrics remain.")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="Hold out this fraction of the data (a split seeded by --seed) "
+                                "for held-out NLL; 0 = none unless held-out data is given.")
+    eval_every: int = Field(100, gt=0, description="With held-out data: evaluate its NLL under the FlashAR decoder and the raster "
+                            "model every N optimizer steps, and at the start and end of each stage.")
+    patience: int = Field(0, ge=0, description="With held-out data: stop a stage early after this many evaluations without "
+                          "a better FlashAR NLL (0 = never); each stage ends with its best weights either way.")
     seed: int = Field(0, description="Seed for data order and initialisation.")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="Under torchrun: replicate the model in every process (ddp) or shard weights, gradients and "
