@@ -195,14 +195,14 @@ def ensure_output(out_dir: str | Path, resume: bool = False) -> Path:
 
 
 def load_data(backbone: Backbone, data_dir: str | Path | None = None, codes_dir: str | Path | None = None,
-              image_size: int | None = None, cache_dir: str | Path | None = None):
+              image_size: int | tuple[int, int] | None = None, cache_dir: str | Path | None = None):
     """Adaptation data from an image folder (tokenised once, cached) or from pre-extracted LlamaGen codes."""
     from flashar.adapt.data import load_llamagen_codes, tokenize_folder
 
     if (data_dir is None) == (codes_dir is None):
         raise FlashARError("pass exactly one of --data DIR (images) or --codes DIR (pre-extracted codes)")
     if codes_dir is not None:
-        data = load_llamagen_codes(codes_dir)
+        data = load_llamagen_codes(codes_dir, backbone.grid(image_size))
         expected = backbone.grid(image_size) if image_size else data.grid
         if data.grid != expected:
             raise FlashARError(f"the codes in {codes_dir} form {data.grid[0]}x{data.grid[1]} grids, not {expected[0]}x{expected[1]}; drop --image-size or re-extract")

@@ -13,6 +13,7 @@ import click
 
 from flashar import __version__
 from flashar.cliutils import (
+    IMAGE_SIZE,
     PluginCommand,
     backend_and_method_options,
     check_foreign,
@@ -28,7 +29,7 @@ from flashar.cliutils import (
     registry_of,
     user_errors,
 )
-from flashar.config import AdaptConfig, BranchConfig, CompareConfig, RuntimeConfig, SamplingConfig, StageConfig
+from flashar.config import IMAGE_SIZE_HELP, AdaptConfig, BranchConfig, CompareConfig, RuntimeConfig, SamplingConfig, StageConfig
 from flashar.errors import FlashARError
 from flashar.io import load_json
 
@@ -117,7 +118,7 @@ def config_options(*models, skip: tuple[str, ...] = ()):
 @click.option("--method", "-m", default="raster", show_default=True, help="Decoding method id (see `flashar methods`).")
 @click.option("--classes", help="Comma-separated class ids, one image each (class-conditional backends).")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt, one image each; repeat for several (text-conditional backends).")
-@click.option("--image-size", type=int, help="Image side in pixels; default: the backend's native size.")
+@click.option("--image-size", type=IMAGE_SIZE, help=IMAGE_SIZE_HELP)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images decoded together.")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for one PNG per image.")
 @click.option("--save-tokens", type=click.Path(path_type=Path), help="Also save the token grids as int64 .npy, shape [N, H, W].")
@@ -170,7 +171,7 @@ def generate(ctx: click.Context, **values) -> None:
 @click.option("--codes", "codes_dir", type=click.Path(path_type=Path), help="Pre-extracted LlamaGen codes (extract_codes_c2i.py output) instead of images.")
 @click.option("--val-data", "val_dir", type=click.Path(path_type=Path), help="Held-out image folder (laid out like --data) for held-out NLL, "
               "best weights per stage and early stopping; or carve it out of --data with --val-fraction.")
-@click.option("--image-size", type=int, help="Image side in pixels; default: the backend's native size.")
+@click.option("--image-size", type=IMAGE_SIZE, help=IMAGE_SIZE_HELP)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Adapter folder to write (also holds checkpoints/ and metrics.jsonl).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Where tokenised data is cached [default: ~/.cache/flashar/tokens].")

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 
 CompileMode = Literal["default", "max-autotune"]  # how decode steps are compiled (flashar.compilation)
+ImageSize = PositiveInt | tuple[PositiveInt, PositiveInt]  # pixels: one side, or (height, width)
+IMAGE_SIZE_HELP = ("Image size in pixels: one side, or height and width as `H W` or `HxW`; default: the backend's "
+                   "native size.")
 
 
 class Config(BaseModel):
@@ -64,7 +67,7 @@ class GenerateConfig(Config):
     """One generation run."""
 
     method: str = Field("raster", description="Decoding method id (see `flashar methods`).")
-    image_size: int | None = Field(None, gt=0, description="Image side in pixels; default: the backend's native size.")
+    image_size: ImageSize | None = Field(None, description=IMAGE_SIZE_HELP)
     batch_size: int = Field(8, gt=0, description="Images generated per forward batch.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -168,5 +171,5 @@ class CompareConfig(Config):
     latency_batch_size: int = Field(1, gt=0, description="Images per timed batch for the latency and speedup columns (1: the wait for one image).")
     repeats: int = Field(5, gt=0, description="Timed runs per method after warm-up, interleaved across methods; medians are reported.")
     warmup: int = Field(1, ge=0, description="Untimed warm-up runs per method (they include compilation).")
-    image_size: int | None = Field(None, gt=0, description="Image side in pixels; default: the backend's native size.")
+    image_size: ImageSize | None = Field(None, description=IMAGE_SIZE_HELP)
     metrics: bool = Field(True, description="Compute FID/KID/IS/precision/recall with torch-fidelity (needs flashar[metrics]).")

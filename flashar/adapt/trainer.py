@@ -228,6 +228,9 @@ def _start(model: AdaptModel, run: Run, resume: bool, base: str) -> tuple[Positi
     if not resume:
         return Position(1, 0, 0, Sampler(len(run.data), config.seed), base), None
     checkpoint = latest_checkpoint(run.out_dir)
+    if checkpoint is None and (run.out_dir / "config.json").is_file():
+        raise FlashARError(f"{run.out_dir} holds a finished adapter and no checkpoints to resume from (a finished run removes "
+                           f"them unless --keep-checkpoints); choose a new --out")
     if checkpoint is None:
         raise FlashARError(f"--resume was given but {run.out_dir / 'checkpoints'} holds no checkpoint; run without --resume")
     weights, opt_tensors, state = load_checkpoint(checkpoint)

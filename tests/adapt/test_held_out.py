@@ -55,6 +55,14 @@ def test_a_finished_run_leaves_the_adapter_and_its_metrics_only(tmp_path):
     assert kept == ["best-stage1", "best-stage2", "step-00000006", "step-00000008"]
 
 
+def test_resuming_a_finished_run_says_it_is_finished(tmp_path):
+    from flashar.errors import FlashARError
+
+    adapt(random_gpt(), Run(stripes(), config(), tmp_path))
+    with pytest.raises(FlashARError, match="finished adapter and no checkpoints"):
+        adapt(random_gpt(), Run(stripes(), config(), tmp_path), resume=True)
+
+
 def test_early_stopping_ends_the_stage_with_its_best_weights(tmp_path):
     """A learning rate far too high makes the held-out NLL rise: the stage stops after ``patience`` worse
     evaluations and the adapter holds the weights of the best one."""
