@@ -225,7 +225,8 @@ class Backbone(nn.Module, ABC):
 
     @abstractmethod
     def architecture(self) -> dict[str, Any]:
-        """JSON-able description of the architecture (sizes, vocabulary, preset name)."""
+        """JSON-able description of the architecture as loaded (sizes, vocabulary): it enters the fingerprint,
+        so it must not depend on how the user named the model."""
 
     def read_adapter(self, path: Path, copy_backbone: bool) -> Adapter | None:
         """A FlashAR checkpoint in a layout this backend publishes, or None when ``path`` is not one.
