@@ -13,6 +13,7 @@ import click
 
 from flashar import __version__
 from flashar.cliutils import (
+    IMAGE_SIZE,
     PluginCommand,
     backend_and_method_options,
     check_foreign,
@@ -28,7 +29,7 @@ from flashar.cliutils import (
     registry_of,
     user_errors,
 )
-from flashar.config import AdaptConfig, BranchConfig, CompareConfig, RuntimeConfig, SamplingConfig, StageConfig
+from flashar.config import IMAGE_SIZE_HELP, AdaptConfig, BranchConfig, CompareConfig, RuntimeConfig, SamplingConfig, StageConfig
 from flashar.errors import FlashARError
 from flashar.io import load_json
 
@@ -117,7 +118,7 @@ def config_options(*models, skip: tuple[str, ...] = ()):
 @click.option("--method", "-m", default="raster", show_default=True, help="Decoding method id (see `flashar methods`).")
 @click.option("--classes", help="Comma-separated class ids, one image each (class-conditional backends).")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt, one image each; repeat for several (text-conditional backends).")
-@click.option("--image-size", type=int, help="Image side in pixels; default: the backend's native size.")
+@click.option("--image-size", type=IMAGE_SIZE, help=IMAGE_SIZE_HELP)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images decoded together.")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for one PNG per image.")
 @click.option("--save-tokens", type=click.Path(path_type=Path), help="Also save the token grids as int64 .npy, shape [N, H, W].")
@@ -168,7 +169,9 @@ def generate(ctx: click.Context, **values) -> None:
 @click.option("--backend", "-b", required=True, help="Backend id (see `flashar backends`).")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), help="Image folder: class subfolders, or images + metadata.jsonl for text backends.")
 @click.option("--codes", "codes_dir", type=click.Path(path_type=Path), help="Pre-extracted LlamaGen codes (extract_codes_c2i.py output) instead of images.")
-@click.option("--image-size", type=int, help="Image side in pixels; default: the backend's native size.")
+@click.option("--val-data", "val_dir", type=click.Path(path_type=Path), help="Held-out image folder (laid out like --data) for held-out NLL, "
+              "best weights per stage and early stopping; or carve it out of --data with --val-fraction.")
+@click.option("--image-size", type=IMAGE_SIZE, help=IMAGE_SIZE_HELP)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Adapter folder to write (also holds checkpoints/ and metrics.jsonl).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Where tokenised data is cached [default: ~/.cache/flashar/tokens].")
@@ -198,11 +201,24 @@ def adapt(ctx: click.Context, **values) -> None:
         config = api.resolve_branch(backbone, config, {**file_branch, **pick(BranchConfig, values)})  # user > backend > library
         with main_first(place):  # the main process tokenises and fills the cache, the others read it
             data = api.load_data(backbone, values["data_dir"], values["codes_dir"], values["image_size"], values["cache_dir"])
+            held = api.load_data(backbone, values["val_dir"], None, values["image_size"], values["cache_dir"]) if values["val_dir"] else None
         total = sum(s.steps for s in (config.stage1, config.stage2) if s is config.stage1 or config.stage2_mode != "none")
         with _train_progress(total, quiet=not place.is_main) as on_step:
-            api.adapt(backbone, data, config, values["out"], resume=values["resume"], on_step=on_step, place=place)
+            api.adapt(backbone, data, config, values["out"], resume=values["resume"], on_step=on_step, place=place, val_data=held)
     if place.is_main:
+        _print_held_out(api.held_out_curve(values["out"]))
         console().print(f"adapter written to {values['out']} (use: flashar generate --method flashar --adapter {values['out']})")
+
+
+def _print_held_out(curve: list[dict]) -> None:
+    """Both held-out curves, marking each stage's best evaluation (the weights the stage ended with)."""
+    if not curve:
+        return
+    best = {r["stage"]: r["best_step"] for r in curve}
+    rows = [[r["stage"], r["step"], f"{r['val_nll_flashar']:.4f}", f"{r['val_nll_raster']:.4f}",
+             ", ".join(note for note, on in (("best", r["step"] == best[r["stage"]]), ("stopped early", r["stopped_early"])) if on)]
+            for r in curve]
+    print_table("held-out NLL (nats/token)", ["stage", "step", "flashar", "raster", ""], rows)
 
 
 def config_file(path: Path | None) -> dict | None:
@@ -270,7 +286,15 @@ class _train_progress:
                             console=console())
         self.bar.start()
         task = self.bar.add_task("adapt", total=self.total, stage=1, loss=float("nan"), gate=0.5)
-        return lambda r: self.bar.update(task, completed=r["step"], stage=r["stage"], loss=r["loss"], gate=r["gate_mean"])
+
+        def on_step(r):
+            if "val_nll_flashar" in r:  # a held-out evaluation
+                self.bar.console.print(f"stage {r['stage']} step {r['step']}: held-out NLL flashar {r['val_nll_flashar']:.4f}  "
+                                       f"raster {r['val_nll_raster']:.4f}" + ("  (stopped early)" if r["stopped_early"] else ""))
+            else:
+                self.bar.update(task, completed=r["step"], stage=r["stage"], loss=r["loss"], gate=r["gate_mean"])
+
+        return on_step
 
     def __exit__(self, *exc):
         if not self.quiet:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 import typing
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Callable, Iterable
 import click
 from pydantic import BaseModel, ValidationError
 
+from flashar.config import ImageSize
 from flashar.errors import FlashARError
 from flashar.plugins import Registry, get_registry
 
@@ -26,7 +28,40 @@ def flag_name(name: str, field) -> str:
     return extra.get("flag") or name.replace("_", "-")
 
 
+class ImageSizeType(click.ParamType):
+    """``256``, ``192x320`` or ``192 320`` (two words, joined by :func:`join_image_size`) -> int or (H, W)."""
+
+    name = "image size"
+
+    def get_metavar(self, *args, **kwargs) -> str:
+        return "H W | HxW"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, tuple)):
+            return value
+        match = re.fullmatch(r"\s*(\d+)(?:\s*[xX\s]\s*(\d+))?\s*", str(value))
+        if match and all(int(p) > 0 for p in match.groups() if p is not None):
+            height, width = match.groups()
+            return int(height) if width is None else (int(height), int(width))
+        self.fail(f"expected a positive pixel size like 256, 192x320 or '192 320', got {value!r}", param, ctx)
+
+
+IMAGE_SIZE = ImageSizeType()
+
+
+def join_image_size(args: list[str]) -> list[str]:
+    """``--image-size H W`` -> ``--image-size HxW``, so the option takes one or two numbers."""
+    args, i = list(args), 0
+    while i < len(args) - 2:
+        if args[i] == "--image-size" and args[i + 1].isdigit() and args[i + 2].isdigit():
+            args[i + 1 : i + 3] = [f"{args[i + 1]}x{args[i + 2]}"]
+        i += 1
+    return args
+
+
 def _click_type(annotation) -> Any:
+    if annotation == ImageSize | None or annotation == ImageSize:
+        return IMAGE_SIZE
     base = annotation
     if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType")):
         base = next(a for a in typing.get_args(annotation) if a is not type(None))
@@ -81,6 +116,9 @@ class PluginCommand(click.Command):
     def __init__(self, *args, plugin_params: Callable[[Registry], list[click.Option]], **kwargs):
         super().__init__(*args, **kwargs)
         self.plugin_params = plugin_params
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, join_image_size(args))
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         params = super().get_params(ctx)

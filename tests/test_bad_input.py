@@ -57,7 +57,8 @@ class World:
 
 def quick_adapter(out: Path, seed: int = 0) -> Path:
     """A stage-1 adapter for the tiny GPT of ``write_llamagen(seed=seed)`` on 4x4 grids (image size 8)."""
-    config = AdaptConfig(stage1=StageConfig(steps=2, lr=1e-3), stage2_mode="none", batch_size=4, checkpoint_every=1)
+    config = AdaptConfig(stage1=StageConfig(steps=2, lr=1e-3), stage2_mode="none", batch_size=4, checkpoint_every=1,
+                         keep_checkpoints=True)
     adapt(random_gpt(seed), Run(stripes(), config, out))
     return out
 

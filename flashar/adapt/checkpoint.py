@@ -7,6 +7,9 @@ moments, the param groups, the stage, step and data-sampler position). The files
 ``--resume`` would pick up; stale staging folders are removed when a run starts. Everything is global
 state (full weights and moments, the sampler of the global batch), so any process count can resume it.
 
+``<out>/checkpoints/best-stage<N>/`` holds the weights of stage N's best held-out evaluation
+(``weights.safetensors``, and its step in ``best.json``); a stage ends with them.
+
 ``metrics.jsonl`` is cut back to the checkpoint's step when a run (re)starts, so after a kill and
 ``--resume`` it holds every step exactly once.
 """
@@ -109,3 +112,30 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
 def optimizer_state(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> dict:
     """The full ``optimizer.state_dict()`` stored in a checkpoint."""
     return _unflatten_optimizer(tensors, state["optimizer"])
+
+
+def save_best(out_dir: Path, stage: int, step: int, weights: dict[str, torch.Tensor]) -> Path:
+    """Write ``checkpoints/best-stage<stage>/`` (staged, then renamed into place) from full weights."""
+    root = out_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"best-stage{stage}"
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
+    try:
+        save_safetensors(weights, staging / "weights.safetensors")
+        save_json({"stage": stage, "step": step}, staging / "best.json")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return final
+
+
+def load_best(out_dir: Path, stage: int, step: int) -> dict[str, torch.Tensor]:
+    """The weights :func:`save_best` wrote for ``stage`` at ``step``."""
+    folder = out_dir / "checkpoints" / f"best-stage{stage}"
+    if not (folder / "best.json").is_file() or load_json(folder / "best.json").get("step") != step:
+        raise CheckpointError(f"{folder} does not hold the best weights of stage {stage} (step {step}) that the run recorded; "
+                              f"start again with a new --out")
+    return load_weights(folder / "weights.safetensors")
