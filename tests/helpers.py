@@ -6,6 +6,7 @@ import atexit
 import functools
 import json
 import lzma
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -120,8 +121,9 @@ def emu35_vision_tokens() -> str:
 def emu35_tokenizer_dir() -> Path:
     """A folder with the real tokenizer files as published (``emu3.tiktoken``, ``emu3_vision_tokens.txt``,
     ``tokenizer_config.json``), restored from tests/data once per process into a temporary folder."""
-    folder = Path(tempfile.mkdtemp(prefix="flashar-emu35-tokenizer-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    folder, owner = Path(tempfile.mkdtemp(prefix="flashar-emu35-tokenizer-")), os.getpid()
+    # Removed when the process that wrote it exits (not when a forked child that inherited the cache does).
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
     (folder / "emu3.tiktoken").write_bytes(lzma.decompress((EMU35_TOKENIZER_DATA / "emu3.tiktoken.xz").read_bytes()))
     (folder / "emu3_vision_tokens.txt").write_bytes(emu35_vision_tokens().encode())
     shutil.copy(EMU35_TOKENIZER_DATA / "tokenizer_config.json", folder)
@@ -129,6 +131,7 @@ def emu35_tokenizer_dir() -> Path:
 
 
 def emu35_tokenizer_files() -> list[Path]:
+    """The three published tokenizer files, in :func:`emu35_tokenizer_dir`."""
     return [emu35_tokenizer_dir() / name for name in EMU35_TOKENIZER_SHA256]
 
 
