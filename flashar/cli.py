@@ -78,7 +78,9 @@ def parse_conditions(classes: str | None, prompts: tuple[str, ...]) -> list:
 def config_stage_options(fn):
     """--stage1-* and --stage2-* options, one per StageConfig field, showing each stage's defaults."""
     defaults = AdaptConfig()
-    options = [o for stage in ("stage1", "stage2") for o in field_options(StageConfig, prefix=stage, defaults=getattr(defaults, stage))]
+    # stage 1 freezes the backbone: no backbone learning rate
+    options = [o for stage in ("stage1", "stage2") for o in field_options(StageConfig, prefix=stage, defaults=getattr(defaults, stage),
+                                                                           skip=("backbone_lr_factor",) if stage == "stage1" else ())]
     fn.__click_params__ = getattr(fn, "__click_params__", []) + list(reversed(options))
     return fn
 
@@ -163,7 +165,7 @@ def generate(ctx: click.Context, **values) -> None:
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Where tokenised data is cached [default: ~/.cache/flashar/tokens].")
 @click.option("--config", type=click.Path(path_type=Path), help=CONFIG_HELP)
-@config_options(AdaptConfig, BranchConfig, RuntimeConfig, skip=("compile",))
+@config_options(AdaptConfig, BranchConfig, RuntimeConfig, skip=("compile", "compile_mode"))  # adapt compiles nothing
 @config_stage_options
 @click.pass_context
 @user_errors
@@ -174,11 +176,13 @@ def adapt(ctx: click.Context, **values) -> None:
     """
     from flashar import api
     from flashar.adapt.distributed import main_first, session
+    from flashar.adapt.trainer import check_config
 
     values = with_config_file(ctx, values, required=("backend", "out"))
     registry = registry_of(ctx)
     check_foreign(values, registry, values["backend"], [])
     config = api.validated(AdaptConfig, nested_config(AdaptConfig, values), "adapt")
+    check_config(config)  # before the model loads and the data is tokenised
     runtime = runtime_from(values)
     api.ensure_output(values["out"], resume=values["resume"])
     with session(runtime.device) as (place, device):
