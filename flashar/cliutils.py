@@ -37,8 +37,10 @@ class ImageSizeType(click.ParamType):
         return "H W | HxW"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, (int, tuple)):
-            return value
+        if isinstance(value, (list, tuple)) and len(value) == 2:  # [H, W] from a --config file
+            value = f"{value[0]}x{value[1]}"
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
         match = re.fullmatch(r"\s*(\d+)(?:\s*[xX\s]\s*(\d+))?\s*", str(value))
         if match and all(int(p) > 0 for p in match.groups() if p is not None):
             height, width = match.groups()
@@ -57,6 +59,60 @@ def join_image_size(args: list[str]) -> list[str]:
             args[i + 1 : i + 3] = [f"{args[i + 1]}x{args[i + 2]}"]
         i += 1
     return args
+
+
+CONFIG_HELP = ("JSON file of option values: this command's option names (cfg_scale or cfg-scale), flat or nested as in "
+               "config.py ({\"stage1\": {\"lr\": 0.001}}); options given on the command line override it.")
+
+
+def with_config_file(ctx: click.Context, values: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Apply ``--config FILE`` to the parsed ``values``: the file beats built-in defaults, the command line
+    beats the file. Then check the ``required`` options, which either may supply."""
+    from click.core import ParameterSource
+
+    path = values.pop("config", None)
+    params = {p.name: p for p in ctx.command.get_params(ctx) if p.name in values}
+    aliases = {opt.lstrip("-").replace("-", "_"): p.name for p in params.values() for opt in p.opts} | {n: n for n in params}
+    given = _config_values(path, set(aliases)) if path is not None else {}
+    typed_by_user = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    for alias, value in given.items():
+        name = aliases[alias]  # e.g. data -> data_dir, json -> as_json
+        if ctx.get_parameter_source(name) not in typed_by_user:
+            values[name] = _convert(params[name], value, ctx)
+    for name in required:
+        if values.get(name) is None:
+            raise click.UsageError(f"Missing option '--{name.replace('_', '-')}' (on the command line or in --config)", ctx)
+    return values
+
+
+def _config_values(path: Path, names: set[str]) -> dict[str, Any]:
+    from flashar.io import load_json
+
+    data = load_json(path)
+    if not isinstance(data, dict):
+        raise FlashARError(f"--config {path} must hold a JSON object of option names, got {type(data).__name__}")
+    given = {}
+    for key, value in data.items():
+        key = key.replace("-", "_")
+        section = (key not in names and any(n.startswith(key + "_") for n in names)) or key in ("sampling", "runtime", "branch")
+        if section and not isinstance(value, dict):
+            raise FlashARError(f"'{key}' in --config {path} must be a JSON object of its fields, got {value!r}")
+        for sub, item in (value.items() if section else [(None, value)]):
+            name = key if sub is None else sub.replace("-", "_")
+            given[f"{key}_{name}" if sub is not None and f"{key}_{name}" in names else name] = item
+    if unknown := sorted(set(given) - names):
+        raise FlashARError(f"--config {path} has unknown option '{unknown[0]}'; use the names of this command's options "
+                           f"(see --help), e.g. cfg_scale for --cfg-scale")
+    return given
+
+
+def _convert(param: click.Parameter, value: Any, ctx: click.Context) -> Any:
+    """A JSON value as the option's type; lists are comma-joined for text options (--classes, --methods)."""
+    if isinstance(value, list) and param.multiple:
+        return tuple(param.type.convert(v, param, ctx) for v in value)
+    if isinstance(value, list) and param.type is not IMAGE_SIZE:
+        value = ",".join(map(str, value))
+    return param.type.convert(value, param, ctx) if value is not None else None
 
 
 def _click_type(annotation) -> Any:

@@ -421,14 +421,24 @@ def check_run(backbone: Backbone, run: Run, place: Distributed = SINGLE) -> None
     if config.batch_size % shares:
         raise FlashARError(f"batch_size {config.batch_size} does not split into {config.grad_accum} micro-batch(es) on each of "
                            f"{place.world_size} process(es); use a multiple of {shares}")
-    if uses_lora(config):
-        require("peft", "lora")
+    check_config(config)
     _check_data(backbone, run.data)
     if run.val_data is not None:
         _check_data(backbone, run.val_data, "held-out ")
         if run.val_data.grid != run.data.grid:
             raise DataError(f"the held-out data forms {run.val_data.grid[0]}x{run.val_data.grid[1]} grids but the training data "
                             f"{run.data.grid[0]}x{run.data.grid[1]}; use images of the same size (and the same --image-size)")
+
+
+def check_config(config: AdaptConfig) -> None:
+    """What a config alone shows cannot run: no training step, a missing optional package (checked by the
+    CLI before the model loads and the data is tokenised)."""
+    stage2 = config.stage2.steps if config.stage2_mode != "none" else 0
+    if config.stage1.steps + stage2 == 0:
+        raise FlashARError("both adaptation stages have 0 steps, which would write an untrained adapter; set --stage1-steps "
+                           "and/or --stage2-steps")
+    if uses_lora(config):
+        require("peft", "lora")
 
 
 def _check_data(backbone: Backbone, data: TokenData, which: str = "") -> None:
