@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from pydantic import ValidationError
@@ -45,20 +44,6 @@ class Adapter:
                 f"this adapter was trained for a {height}x{width} token grid, not {grid[0]}x{grid[1]}; generate at "
                 f"image size {height * self.backbone.downsample}x{width * self.backbone.downsample} or adapt for this size"
             )
-
-    def save_pretrained(self, path: str | Path, backbone_weights: Literal["none", "full", "lora"] | None = None,
-                        lora_state: dict[str, torch.Tensor] | None = None,
-                        backbone_state: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``path`` (atomically, each)."""
-        mode = backbone_weights or self.metadata.backbone_weights
-        if mode == "full" and backbone_state is None:
-            backbone_state = self.backbone.state_dict()
-        metadata = self.metadata.model_copy(update={"backbone_weights": mode})
-        return save_adapter(path, metadata, self.head.state_dict(), backbone_state, lora_state or {})
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, backbone: Backbone, copy_backbone: bool = True) -> Adapter:
-        return load_adapter(path, backbone, copy_backbone)
 
 
 def save_adapter(path: str | Path, metadata: AdapterMetadata, head_state: dict[str, torch.Tensor],

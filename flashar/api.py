@@ -12,37 +12,18 @@ The CLI commands are thin wrappers over these functions.
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 
 from flashar.backbone import Backbone
-from flashar.config import Config, RuntimeConfig, SamplingConfig
-from flashar.decoding import Method
+from flashar.config import Config, RuntimeConfig, SamplingConfig, validated  # noqa: F401 (validated: public here too)
+from flashar.decoding import GenerateResult, Method, generate_batches  # noqa: F401 (GenerateResult: public here too)
 from flashar.errors import FlashARError
 from flashar.io import atomic_path, check_writable_dir, ensure_writable_dir, save_png
 from flashar.plugins import Registry, get_registry
-from flashar.sampling import make_generator
-
-
-def validated(model: type[Config], values: Mapping[str, Any] | Config | None, what: str) -> Config:
-    """Build a pydantic config, turning validation errors into one-line :class:`FlashARError`."""
-    if isinstance(values, model):
-        return values
-    try:
-        return model(**dict(values or {}))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        message = first["msg"].removeprefix("Value error, ")
-        if not first["loc"]:  # a check across fields: its message names them
-            raise FlashARError(f"invalid {what} options: {message}") from None
-        where = ".".join(str(p) for p in first["loc"])
-        raise FlashARError(f"invalid {what} option '{where}': {message} (got {first.get('input')!r})") from None
 
 
 def load_backbone(backend: str, options: Mapping[str, Any] | Config, runtime: RuntimeConfig | None = None,
@@ -90,14 +71,6 @@ def resolve_sampling(backbone: Backbone, overrides: Mapping[str, Any] | None = N
     return validated(SamplingConfig, values, "sampling")
 
 
-@dataclass
-class GenerateResult:
-    codes: torch.Tensor  # (N, H, W) int64
-    num_forward_passes: int  # per batch
-    seconds: float  # wall time of decoding (tokenizer decode excluded)
-    batch_seconds: list[float] = field(default_factory=list)
-
-
 def generate(method: Method, conditions: Sequence[Any], image_size: int | tuple[int, int] | None = None,
              sampling: SamplingConfig | None = None, batch_size: int = 8, seed: int = 0,
              on_batch: Callable[[int], None] | None = None) -> GenerateResult:
@@ -106,21 +79,8 @@ def generate(method: Method, conditions: Sequence[Any], image_size: int | tuple[
     check_conditions(backbone, conditions)
     if batch_size < 1:
         raise FlashARError(f"batch size must be at least 1, got {batch_size}")
-    grid = backbone.grid(image_size)
-    sampling = sampling or resolve_sampling(backbone)
-    generator = make_generator(seed, backbone.device)
-    codes, times, passes = [], [], 0
-    for start in range(0, len(conditions), batch_size):
-        batch = list(conditions[start : start + batch_size])
-        began = time.perf_counter()
-        result = method.generate(batch, grid, sampling, generator)
-        _synchronize(backbone.device)
-        times.append(time.perf_counter() - began)
-        codes.append(result.codes)
-        passes = result.num_forward_passes
-        if on_batch:
-            on_batch(len(batch))
-    return GenerateResult(torch.cat(codes), passes, sum(times), times)
+    return generate_batches(method, conditions, backbone.grid(image_size), sampling or resolve_sampling(backbone),
+                            batch_size, seed, on_batch)
 
 
 def check_conditions(backbone: Backbone, conditions: Sequence[Any]) -> None:
@@ -133,11 +93,6 @@ def check_conditions(backbone: Backbone, conditions: Sequence[Any]) -> None:
     if backbone.condition_kind == "text" and not all(isinstance(c, str) for c in conditions):
         raise FlashARError(f"backend '{backbone.backend_id}' is text-conditional and takes prompts, not class ids; "
                            f"pass --prompt TEXT (repeat it for several images)")
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def image_names(conditions: Sequence[Any]) -> list[str]:

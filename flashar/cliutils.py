@@ -167,31 +167,61 @@ def registry_of(ctx: click.Context) -> Registry:
 
 
 class PluginCommand(click.Command):
-    """A command whose options include those contributed by the registered backends and methods."""
+    """A command whose options include those contributed by the registered backends and methods.
 
-    def __init__(self, *args, plugin_params: Callable[[Registry], list[click.Option]], **kwargs):
+    Each option belongs to its owner. A flag that several plugins declare is resolved per selection: the
+    backend and methods named on the command line win with their own field, help text and type, and a
+    foreign owner's version of the flag is never shown or parsed in its place (unnamed, the first
+    registered owner's is shown, as the documented help is)."""
+
+    def __init__(self, *args, plugin_params: Callable[[Registry, dict[str, list[str]]], list[click.Option]], **kwargs):
         super().__init__(*args, **kwargs)
         self.plugin_params = plugin_params
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, join_image_size(args))
+        args = join_image_size(args)
+        ctx.meta["flashar.selected"] = self._selected(ctx, args)
+        return super().parse_args(ctx, args)
+
+    def _selected(self, ctx: click.Context, args: list[str]) -> dict[str, list[str]]:
+        """The backend and method ids named on the command line, read before parsing."""
+        selected: dict[str, list[str]] = {}
+        for param in super().get_params(ctx):
+            if param.name not in ("backend", "method", "methods"):
+                continue
+            value = None
+            for i, arg in enumerate(args):
+                for opt in param.opts:
+                    if arg == opt and i + 1 < len(args):
+                        value = args[i + 1]
+                    elif opt.startswith("--") and arg.startswith(opt + "="):
+                        value = arg.split("=", 1)[1]
+            key = "backend" if param.name == "backend" else "methods"
+            selected.setdefault(key, []).extend(str(value).split(",") if value else [])
+        return selected
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         params = super().get_params(ctx)
         seen = {opt for p in params for opt in p.opts}
-        for param in self.plugin_params(registry_of(ctx)):
+        for param in self.plugin_params(registry_of(ctx), ctx.meta.get("flashar.selected", {})):
             if not seen.intersection(param.opts):
                 params.append(param)
                 seen.update(param.opts)
         return params
 
 
-def backend_options(registry: Registry) -> list[click.Option]:
-    return [option for spec in registry.backends.values() for option in field_options(spec.options)]
+def backend_options(registry: Registry, selected: dict[str, list[str]] | None = None) -> list[click.Option]:
+    """Every backend's options, the selected backend's first (so its version of a shared flag wins)."""
+    chosen = set((selected or {}).get("backend", []))
+    specs = sorted(registry.backends.values(), key=lambda spec: spec.id not in chosen)
+    return [option for spec in specs for option in field_options(spec.options)]
 
 
-def backend_and_method_options(registry: Registry) -> list[click.Option]:
-    return backend_options(registry) + [o for method in registry.methods.values() for o in field_options(method.Options)]
+def backend_and_method_options(registry: Registry, selected: dict[str, list[str]] | None = None) -> list[click.Option]:
+    """Backend options, then every method's, the selected methods' first."""
+    chosen = set((selected or {}).get("methods", []))
+    methods = sorted(registry.methods.values(), key=lambda cls: cls.id not in chosen)
+    return backend_options(registry, selected) + [o for cls in methods for o in field_options(cls.Options)]
 
 
 def check_foreign(values: dict[str, Any], registry: Registry, backend: str, methods: list[str]) -> None:

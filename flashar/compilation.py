@@ -12,22 +12,15 @@ without padded compute.
 from __future__ import annotations
 
 import functools
-import os
 import types
 from typing import Callable
 
 import torch
 
-from flashar.config import CompileMode
+from flashar.config import CompileMode, CompileSettings
 
 COMPILE_MODES: tuple[str, ...] = CompileMode.__args__
 
-# Inductor flags of every compiled CPU step, each on unless its environment switch is "0":
-# * freezing: weights become constants of the graph, prepacked for oneDNN (and for the C++ GEMM templates
-#   of max-autotune);
-# * cpp_wrapper: the graph's calls (some 200 kernels per FlashAR step, 70 of them matmuls) are made from
-#   generated C++ rather than Python, which saves a few milliseconds per step.
-CPU_FLAGS = {"FLASHAR_FREEZE_WEIGHTS": "freezing", "FLASHAR_CPP_WRAPPER": "cpp_wrapper"}
 
 
 def compile_step(fn: Callable, device: torch.device | str, backend: str | Callable = "inductor",
@@ -47,7 +40,8 @@ def compile_step(fn: Callable, device: torch.device | str, backend: str | Callab
     compiled = torch.compile(fn, fullgraph=True, dynamic=False)
     # Dynamo reads `freezing` while tracing (with grad off, which every decode loop has), so the flags are
     # set around each call, not passed as backend options.
-    flags = {flag: True for switch, flag in CPU_FLAGS.items() if os.environ.get(switch, "1") != "0"}
+    settings = CompileSettings.from_env()  # freezing and the C++ wrapper, each on unless switched off
+    flags = {flag: True for flag, on in (("freezing", settings.freeze_weights), ("cpp_wrapper", settings.cpp_wrapper)) if on}
     if mode == "max-autotune":
         flags |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                   "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # not on stderr

@@ -6,9 +6,13 @@ Each default is written once, here. Backends may recommend other sampling values
 
 from __future__ import annotations
 
-from typing import Literal
+import os
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from flashar.errors import FlashARError
 
 
 CompileMode = Literal["default", "max-autotune"]  # how decode steps are compiled (flashar.compilation)
@@ -63,14 +67,17 @@ class RuntimeConfig(Config):
         return self.compile and self.compile_mode
 
 
-class GenerateConfig(Config):
-    """One generation run."""
+class CompileSettings(Config):
+    """Inductor flags of every compiled CPU step, read from the environment (``FLASHAR_<NAME>=0`` turns one off)."""
 
-    method: str = Field("raster", description="Decoding method id (see `flashar methods`).")
-    image_size: ImageSize | None = Field(None, description=IMAGE_SIZE_HELP)
-    batch_size: int = Field(8, gt=0, description="Images generated per forward batch.")
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    freeze_weights: bool = Field(True, description="FLASHAR_FREEZE_WEIGHTS: weights become constants of the graph, "
+                                 "prepacked for oneDNN (and for the C++ GEMM templates of max-autotune).")
+    cpp_wrapper: bool = Field(True, description="FLASHAR_CPP_WRAPPER: the graph's kernels are called from generated C++ "
+                              "rather than Python, which saves a few milliseconds per step.")
+
+    @classmethod
+    def from_env(cls) -> CompileSettings:
+        return cls(**{name: os.environ.get(f"FLASHAR_{name.upper()}", "1") != "0" for name in cls.model_fields})
 
 
 class BranchConfig(Config):
@@ -173,3 +180,18 @@ class CompareConfig(Config):
     warmup: int = Field(1, ge=0, description="Untimed warm-up runs per method (they include compilation).")
     image_size: ImageSize | None = Field(None, description=IMAGE_SIZE_HELP)
     metrics: bool = Field(True, description="Compute FID/KID/IS/precision/recall with torch-fidelity (needs flashar[metrics]).")
+
+
+def validated(model: type[Config], values: Mapping[str, Any] | Config | None, what: str) -> Config:
+    """Build a pydantic config, turning validation errors into one-line :class:`FlashARError`."""
+    if isinstance(values, model):
+        return values
+    try:
+        return model(**dict(values or {}))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # a check across fields: its message names them
+            raise FlashARError(f"invalid {what} options: {message}") from None
+        where = ".".join(str(p) for p in first["loc"])
+        raise FlashARError(f"invalid {what} option '{where}': {message} (got {first.get('input')!r})") from None

@@ -9,20 +9,31 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence
+import time
+from dataclasses import dataclass, field
+from collections import OrderedDict
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from flashar.backbone import Backbone, KVCache, Prefix
-from flashar.compilation import compile_step, mark_dynamic_length
+from flashar.compilation import compile_step
 from flashar.config import CompileMode, Config, SamplingConfig
-from flashar.sampling import cfg_mix
+from flashar.sampling import cfg_mix, make_generator, refill_uniform
+from flashar.shapes import Plan, Shapes
 
 
 class NoOptions(Config):
     """This method has no options of its own."""
+
+
+@dataclass
+class GenerateResult:
+    codes: Tensor  # (N, H, W) int64
+    num_forward_passes: int  # per batch
+    seconds: float  # wall time of decoding (tokenizer decode excluded)
+    batch_seconds: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -45,58 +56,121 @@ def state_nbytes(state: Any) -> int:
     return total
 
 
+@dataclass
+class DecodeState:
+    """What every method's state holds; a method's state adds its tables and buffers."""
+
+    prefix: Prefix
+    grid: tuple[int, int]  # (H, W)
+    sampling: SamplingConfig
+    cache: KVCache  # backbone
+    key_valid: Tensor  # (1 or B', S) valid prefix slots and every slot after the prefix
+    plan: Plan  # every step's arguments (``flashar.shapes``)
+
+
 class Method(ABC):
-    """A decoding method: turns conditions into a token grid using only the Backbone protocol."""
+    """A decoding method: turns conditions into a token grid using only the Backbone protocol.
+
+    A method supplies ``build`` (its state: cache, tables and buffers for one set of shapes), ``reset``
+    (the buffers a generation must start from), ``start`` (prefill and the first prediction), the compiled
+    ``_step`` and ``codes``; :meth:`decode` is the one loop. States are kept per (rows, grid, sampling,
+    prefix shape) and reset in place, so a later generation with the same shapes allocates nothing and
+    a CUDA graph recorded once replays for every generation (the last ``MAX_STATES`` shapes are kept).
+    """
 
     id: ClassVar[str]
     description: ClassVar[str]
     Options: ClassVar[type[Config]] = NoOptions
     requires_adapter: ClassVar[bool] = False
+    MAX_STATES: ClassVar[int] = 4
 
     def __init__(self, backbone: Backbone, options: Config | None = None, *, compile: bool | CompileMode = False,
-                 compile_backend: str | Callable = "inductor", adapter: Any = None, own_backbone: bool = False):
+                 compile_backend: str | Callable = "inductor", own_backbone: bool = False):
         """``compile``: True (or "default") compiles the step, "max-autotune" also autotunes its matmuls.
-        ``own_backbone``: the caller lends ``backbone`` to this method alone, so the method may change it
-        in place (e.g. load an adapter's backbone weights into it rather than into a copy)."""
+        ``own_backbone``: the caller lends ``backbone`` to this method alone, so a method that loads weights
+        (FlashAR's adapter) may change it in place rather than a copy."""
         self.backbone = backbone
         self.options = options if options is not None else self.Options()
-        self.adapter = adapter
-        self.own_backbone = own_backbone
         self.compiled = bool(compile)
-        self.static_shapes = self.compiled and backbone.device.type == "cuda"  # CUDA graphs replay fixed shapes
+        self.shapes = Shapes.of(compile, backbone.device)
         mode = "default" if compile is True else compile
-        self.autotuned = mode == "max-autotune"
         self.step = compile_step(self._step, backbone.device, compile_backend, mode) if compile else self._step
+        self._states: OrderedDict[tuple, DecodeState] = OrderedDict()
 
-    def mark_dynamic(self, tensors, dim: int, longest: int, shortest: int = 2) -> None:
-        """:func:`mark_dynamic_length` for this method's compiled step. With max-autotune, kernels are tuned
-        for the longest size, not for the first call's (the shortest diagonal or window, which would leave
-        the long steps that dominate a generation on kernels picked for a few rows)."""
-        mark_dynamic_length(tensors, dim, longest, shortest, hint=longest if self.autotuned else None)
+    # --- what a method supplies ---------------------------------------------------------------------
+    def prefix(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> Prefix:
+        return self.backbone.prefix(conditions, cfg=sampling.use_cfg, grid=grid)
 
-    def key_window(self, table: Tensor, length: int, bounds: tuple[int, int]) -> Tensor:
-        """The first ``length`` entries of a per-slot table (S,): the cache slots a step's queries may see.
+    @abstractmethod
+    def build(self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig) -> DecodeState:
+        """Allocate the state of a generation of ``batch`` rows (tables filled, buffers reset by ``reset``)."""
 
-        A mask built over the window makes attention read only those slots (``write_kv``). With static
-        shapes (CUDA graphs) the step gets the whole table and masks the rest; compiled elsewhere the window
-        length is a dynamic dimension of the one graph, over ``bounds`` (the shortest and the longest window
-        of a generation). No window may span all S slots (the last entry is never fed; FlashAR's last slot is
-        scratch): it would be contiguous where shorter ones are not, and the compiler would specialise on it."""
-        if self.static_shapes:
-            return table
-        window = table[:length]
-        if self.compiled:
-            self.mark_dynamic([window], 0, bounds[1], bounds[0])
-        return window
+    def reset(self, state: DecodeState) -> None:
+        """Put the buffers a generation mutates back to their start (caches and ``key_valid`` are done)."""
+
+    @abstractmethod
+    def start(self, state: DecodeState) -> None:
+        """Prefill and predict the first entry (with the ``plan.first_draws`` uniforms just drawn)."""
 
     @abstractmethod
     def _step(self, *args, **kwargs):
         """The one static-shape, sync-free computation this method repeats (the compiled unit)."""
 
     @abstractmethod
+    def codes(self, state: DecodeState) -> Generation:
+        """The generation's codes (B, H, W) and pass count, read from the state after the loop."""
+
+    def steps(self, state: DecodeState) -> Iterator[tuple[int, tuple]]:
+        """(uniforms to refill, step arguments) of every step after ``start``; the plan's by default."""
+        return zip(state.plan.draws, state.plan.args)
+
+    def refill(self, state: DecodeState, draws: int, generator: torch.Generator | None) -> None:
+        """Draw a step's randomness outside the compiled step (``draws`` rows of the uniform buffer, 0: all)."""
+        refill_uniform(state.uniform[:draws] if draws else state.uniform, state.sampling, generator)
+
+    # --- the engine ---------------------------------------------------------------------------------
+    def setup(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> DecodeState:
+        """A fresh state for these conditions."""
+        state = self.build(self.prefix(conditions, grid, sampling), len(conditions), tuple(grid), sampling)
+        self.reset(state)
+        return state
+
+    def state_for(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> DecodeState:
+        """The kept state for these shapes, reset in place, or a new one (least recently used is dropped)."""
+        prefix = self.prefix(conditions, grid, sampling)
+        key = (self.options, sampling, len(conditions), tuple(grid), tuple(prefix.embeds.shape),
+               tuple(prefix.positions.shape), bool(prefix.valid.all()))
+        state = self._states.pop(key, None)
+        if state is None:
+            state = self.build(prefix, len(conditions), tuple(grid), sampling)
+        else:
+            state.prefix = prefix
+            state.key_valid.copy_(image_key_valid(prefix, state.key_valid.shape[1]))
+            for value in vars(state).values():
+                if isinstance(value, KVCache):
+                    value.reset()
+        self.reset(state)
+        self._states[key] = state
+        while len(self._states) > self.MAX_STATES:
+            self._states.popitem(last=False)
+        return state
+
     def generate(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig,
                  generator: torch.Generator) -> Generation:
         """Codes (B, H, W) for the conditions, drawing all randomness from ``generator``."""
+        return self.decode(self.state_for(conditions, grid, sampling), generator)
+
+    def decode(self, state: DecodeState, generator: torch.Generator | None) -> Generation:
+        """The one loop: prefill and first prediction, then every step; no host reads but the method's."""
+        with torch.no_grad():
+            self.refill(state, state.plan.first_draws, generator)
+            self.start(state)
+            for draws, args in self.steps(state):
+                self.refill(state, draws, generator)
+                self.step(state, *args)
+        result = self.codes(state)
+        result.state_bytes = state_nbytes(state)
+        return result
 
     @staticmethod
     def num_forward_passes(height: int, width: int) -> int:
@@ -148,3 +222,28 @@ def guided(logits: Tensor, sampling: SamplingConfig, space: str = "logits", use_
     if use_cfg is None:
         return mixed
     return torch.where(use_cfg, mixed, logits.chunk(2, dim=0)[0])
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA): the edge of every timed region."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate_batches(method: Method, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig,
+                     batch_size: int, seed: int = 0, on_batch: Callable[[int], None] | None = None) -> GenerateResult:
+    """One token grid per condition, ``batch_size`` at a time, from one generator seeded with ``seed``."""
+    device = method.backbone.device
+    generator = make_generator(seed, device)
+    codes, times, passes = [], [], 0
+    for start in range(0, len(conditions), batch_size):
+        batch = list(conditions[start : start + batch_size])
+        began = time.perf_counter()
+        result = method.generate(batch, grid, sampling, generator)
+        synchronize(device)
+        times.append(time.perf_counter() - began)
+        codes.append(result.codes)
+        passes = result.num_forward_passes
+        if on_batch:
+            on_batch(len(batch))
+    return GenerateResult(torch.cat(codes), passes, sum(times), times)

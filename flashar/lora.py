@@ -32,11 +32,6 @@ def lora_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
     return {name.replace(".default", ""): p.detach().clone() for name, p in backbone.named_parameters() if "lora_" in name}
 
 
-def base_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
-    """The backbone's own weights with peft's wrapping removed from the names (for fingerprints and copies)."""
-    return {name.replace(".base_layer", ""): t for name, t in backbone.state_dict().items() if "lora_" not in name}
-
-
 def merge_lora(backbone: nn.Module, factors: dict[str, torch.Tensor], scaling: float | None, path: Path) -> None:
     """W += scaling * B @ A for every stored pair; every pair must name an existing linear layer."""
     if scaling is None:

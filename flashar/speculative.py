@@ -23,40 +23,32 @@ with a stale q, so every row stays exactly distributed as raster decoding.
 KV rollback needs no copying: entry j always lives in cache slot P + j, the window rewrites slots
 ``P+n-1 .. P+n-1+L`` before attending, and the causal mask hides every later (stale) slot. Attention
 reads only the slots before ``P+n+L`` (the loop knows n from its one read-back per iteration; off CUDA
-that length is the dynamic dimension of the one compiled graph, ``Method.key_window``).
+that length is the dynamic dimension of the one compiled graph, ``flashar.shapes``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from flashar import grid as G
-from flashar.backbone import Backbone, KVCache, Prefix
+from flashar.backbone import Backbone, Prefix
 from flashar.compilation import mark_static
 from flashar.config import SamplingConfig
-from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill
+from flashar.decoding import DecodeState, Generation, Method, guided, image_key_valid, key_mask, prefill
+from flashar.shapes import Shapes
 from flashar.sampling import draw, new_uniform, processed_probs, refill_uniform
 
-DRAFT_INITS = ("repeat_horizon", "random")
-
-
 @dataclass
-class SpeculativeState:
-    prefix: Prefix
-    cache: KVCache
-    sampling: SamplingConfig
-    grid: tuple[int, int]  # (H, W)
+class SpeculativeState(DecodeState):
     num_entries: int  # M, entries of the native sequence
     draft_init: str  # "repeat_horizon" | "random"
     coupled: bool  # SCD maximal coupling of the Jacobi update
     positions: Tensor  # (M + 2L, ...) native positions; entries >= M repeat the last cell (never committed)
     slots: Tensor  # (M + 2L,) cache slot of each entry, P + j
-    slot_index: Tensor  # (S,) arange over cache slots
-    key_valid: Tensor  # (B', S) valid prefix slots and every slot after the prefix
     forced: Tensor  # (M + 2L,) forced token id (row ends), -1 where sampled
     auto_accept: Tensor  # (M + 2L,) bool: forced entries and the padding past M always pass verification
     row_start: Tensor  # (M + 2L,) first entry of each entry's row (padding: itself)
@@ -67,7 +59,7 @@ class SpeculativeState:
     uniform: Tensor  # (B, L) U[0, 1) for verification, refilled every iteration
     init_codes: Tensor  # (B, L) uniform random codes for new drafts, refilled every iteration
     draw_uniform: Tensor  # (B, T) U[0, 1) for the residual / Jacobi draws, refilled every iteration
-    extras: dict[str, Any] = field(default_factory=dict)  # tensors a verification rule needs (GSD: embeddings)
+    embeddings: Tensor | None = None  # (V, D) input embeddings of the image codes, for GSD's rule
     progress: list[int] = field(default_factory=list)  # n after each iteration (read back by the loop)
 
     @property
@@ -75,13 +67,12 @@ class SpeculativeState:
         return self.draft_probs.shape[1]
 
 
-def setup(backbone: Backbone, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig,
+def build(backbone: Backbone, shapes: Shapes, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig,
           draft_length: int, draft_init: str, coupled: bool) -> SpeculativeState:
     """Allocate every buffer of a speculative generation (cache, window, randomness)."""
     height, width = grid
-    prefix = backbone.prefix(conditions, cfg=sampling.use_cfg, grid=grid)
     cells, is_cell = G.raster_sequence(height, width, backbone.row_end_token is not None)
-    num_entries, batch, length = len(cells), len(conditions), draft_length
+    num_entries, length = len(cells), draft_length
     padded = num_entries + 2 * length  # the window and the next one may run past the last entry
     cache = backbone.new_cache(prefix.batch_size, prefix.length + num_entries + length)
     device, vocab = backbone.device, backbone.codebook_size
@@ -89,17 +80,19 @@ def setup(backbone: Backbone, conditions: Sequence[Any], grid: tuple[int, int], 
     last_cell = entry.clamp(max=num_entries - 1)
     row_end = -1 if backbone.row_end_token is None else backbone.row_end_token
     forced = torch.where(entry < num_entries, torch.where(is_cell[last_cell], -1, row_end), -1)
+    # a window reads the slots before P + n + L, for n committed entries, 1 <= n < M
+    plan = shapes.plan(None, torch.arange(cache.length, device=device),
+                       [prefix.length + length + 1, prefix.length + length + num_entries - 1])
     state = SpeculativeState(
-        prefix=prefix, cache=cache, sampling=sampling, grid=grid, num_entries=num_entries, draft_init=draft_init, coupled=coupled,
+        prefix=prefix, grid=grid, sampling=sampling, cache=cache, key_valid=image_key_valid(prefix, cache.length),
+        plan=plan, num_entries=num_entries, draft_init=draft_init, coupled=coupled,
         positions=backbone.cell_positions(cells[last_cell].to(device), prefix.length, native=True, grid=grid),
         slots=(prefix.length + entry).to(device),
-        slot_index=torch.arange(cache.length, device=device),
-        key_valid=image_key_valid(prefix, cache.length),
         forced=forced.to(device),
         auto_accept=((forced >= 0) | (entry >= num_entries)).to(device),
         row_start=_row_starts(cells, padded).to(device),
         offsets=torch.arange(length + 1, device=device),
-        tokens=torch.full((batch, padded), backbone.code_offset, dtype=torch.long, device=device),
+        tokens=torch.empty(batch, padded, dtype=torch.long, device=device),
         draft_probs=torch.zeros(batch, length, vocab, device=device),
         accepted=torch.zeros((), dtype=torch.long, device=device),
         uniform=torch.zeros(batch, length, device=device),
@@ -208,15 +201,8 @@ def start(backbone: Backbone, state: SpeculativeState, h: Tensor) -> None:
     state.accepted.fill_(1)
 
 
-def refill(state: SpeculativeState, generator: torch.Generator) -> None:
-    """Draw this iteration's randomness from the seeded generator, outside the compiled step."""
-    state.uniform.uniform_(generator=generator)
-    state.init_codes.random_(0, state.draft_probs.shape[-1], generator=generator)
-    refill_uniform(state.draw_uniform, state.sampling, generator)
-
-
 class SpeculativeMethod(Method):
-    """A method on this loop: a subclass gives ``setup`` and its verification rule ``_rule`` (see :func:`step`)."""
+    """A method on this loop: a subclass gives ``build`` and its verification rule ``_rule`` (see :func:`step`)."""
 
     def _rule(self, state: SpeculativeState, logits: Tensor, probs: Tensor, draft_probs: Tensor,
               codes: Tensor) -> tuple[Tensor, Tensor]:
@@ -226,23 +212,31 @@ class SpeculativeMethod(Method):
         """Verify the window with ``_rule``, commit, Jacobi-update the rest (static shapes, no host sync)."""
         step(self.backbone, state, self._rule, keys)
 
-    def generate(self, conditions, grid, sampling, generator) -> Generation:
-        return self.decode(self.setup(conditions, grid, sampling), generator)
+    def reset(self, state: SpeculativeState) -> None:
+        state.tokens.fill_(self.backbone.code_offset)
+        for buffer in (state.draft_probs, state.accepted, state.uniform, state.init_codes, state.draw_uniform):
+            buffer.zero_()
+        state.progress.clear()
 
-    def decode(self, state: SpeculativeState, generator: torch.Generator) -> Generation:
-        """The plain loop: prefill, then steps until every entry is committed."""
-        bb, length = self.backbone, state.prefix.length + state.draft_length  # a window reads slots < P + n + L
-        bounds = (length + 1, length + state.num_entries - 1)
-        with torch.no_grad():
-            h, _ = prefill(bb, state.prefix, state.cache)
-            refill(state, generator)
-            start(bb, state, h)
-            committed = 1
-            while committed < state.num_entries:
-                refill(state, generator)
-                self.step(state, self.key_window(state.slot_index, length + committed, bounds))
-                committed = int(state.accepted)  # the one host sync per iteration: the loop's stopping test
-                state.progress.append(committed)
+    def refill(self, state: SpeculativeState, draws: int, generator: torch.Generator | None) -> None:
+        """Draw this iteration's randomness from the seeded generator, outside the compiled step."""
+        state.uniform.uniform_(generator=generator)
+        state.init_codes.random_(0, state.draft_probs.shape[-1], generator=generator)
+        refill_uniform(state.draw_uniform, state.sampling, generator)
+
+    def start(self, state: SpeculativeState) -> None:
+        h, _ = prefill(self.backbone, state.prefix, state.cache)
+        start(self.backbone, state, h)
+
+    def steps(self, state: SpeculativeState):
+        """Steps until every entry is committed: the window grows with the count read back after each."""
+        committed, length = 1, state.prefix.length + state.draft_length  # a window reads slots < P + n + L
+        while committed < state.num_entries:
+            yield 0, (state.plan.window(length + committed),)
+            committed = int(state.accepted)  # the one host sync per iteration: the loop's stopping test
+            state.progress.append(committed)
+
+    def codes(self, state: SpeculativeState) -> Generation:
         is_cell = state.forced[: state.num_entries] < 0
-        codes = state.tokens[:, : state.num_entries][:, is_cell] - bb.code_offset
+        codes = state.tokens[:, : state.num_entries][:, is_cell] - self.backbone.code_offset
         return Generation(codes.view(-1, *state.grid).cpu(), num_forward_passes=1 + len(state.progress))

@@ -89,5 +89,5 @@ def test_max_autotune_tunes_dynamic_lengths_for_the_longest(monkeypatch):
     monkeypatch.setattr(torch._dynamo, "mark_dynamic", lambda t, dim, **kwargs: seen.append(kwargs["hint_override"]))
     backbone = random_gpt()
     for compile in (True, "max-autotune"):
-        Raster(backbone, compile=compile).mark_dynamic([torch.zeros(5)], 0, 9, 3)
+        Raster(backbone, compile=compile).shapes.mark_dynamic([torch.zeros(5)], 0, 9, 3)
     assert seen == [None, 9]

@@ -145,3 +145,26 @@ def test_plugin_commands_join_the_cli():
     assert result.exit_code == 0 and "hi from a plugin" in result.output
     without = CliRunner().invoke(cli, ["--help"], obj=registry_with())  # another registry: the command is gone
     assert without.exit_code == 0 and "hello-toy" not in without.output
+
+
+def test_a_flag_two_backends_declare_is_resolved_per_selected_backend(registry):
+    """Emu3.5 declares --model-path; a plugin backend declaring it with another meaning shows and parses its own."""
+    from pydantic import Field
+
+    class ToyOptions(Config):
+        model_path: int = Field(3, description="Toy's own model path: a number of layers.")
+
+    loaded = {}
+
+    class Plugin:
+        @hookimpl
+        def flashar_register_backends(self, register):
+            register(BackendSpec(id="toy", description="toy", options=ToyOptions, load=lambda o, r: loaded.setdefault("o", o)))
+
+    reg = registry_with(Plugin())
+    own = CliRunner().invoke(cli, ["generate", "--backend", "toy", "--help"], obj=reg)
+    assert "Toy's own model path" in own.output and "Emu3.5(-Image) folder" not in own.output
+    emu = CliRunner().invoke(cli, ["generate", "-b", "emu35", "--help"], obj=reg)
+    assert "Emu3.5(-Image) folder" in emu.output and "Toy's own model path" not in emu.output
+    wrong = CliRunner().invoke(cli, ["generate", "-b", "toy", "--model-path", "x", "--classes", "1"], obj=reg)
+    assert wrong.exit_code == 2 and "'x' is not a valid integer" in wrong.output  # toy's type, not emu35's Path

@@ -22,7 +22,7 @@ from flashar.backbone import Backbone
 from flashar.compare.metrics import Extractor, quality, to_uint8
 from flashar.compare.timing import Timing, time_methods
 from flashar.config import CompareConfig, SamplingConfig
-from flashar.decoding import Method
+from flashar.decoding import Method, generate_batches
 from flashar.errors import FlashARError
 
 
@@ -105,12 +105,10 @@ def speed_columns(timings: dict[str, Timing], name: str, kind: str) -> dict[str,
 def score(method: Method, conditions: list[Any], grid: tuple[int, int], sampling: SamplingConfig, config: CompareConfig,
           extractor: Extractor, reference: torch.Tensor, report: CompareReport, progress) -> dict[str, float]:
     """Quality metrics of ``num_samples`` images per seed, averaged over the seeds (per-seed values kept)."""
-    from flashar.api import generate
-
     per_seed = []
     for seed in config.seeds:
-        result = generate(method, conditions, config.image_size, sampling, config.batch_size, seed,
-                          on_batch=(lambda n, m=method.id: progress(m, n)) if progress else None)
+        result = generate_batches(method, conditions, grid, sampling, config.batch_size, seed,
+                                  on_batch=(lambda n, m=method.id: progress(m, n)) if progress else None)
         images = to_uint8(decode_all(method.backbone, result.codes, config.batch_size))
         report.samples.setdefault(method.id, images[:100])
         labels = conditions if method.backbone.condition_kind == "class" else None

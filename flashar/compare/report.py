@@ -59,10 +59,6 @@ def markdown(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def markdown_table(report) -> str:
-    return markdown(*table_rows(report))
-
-
 def sample_grid(images: torch.Tensor, columns: int = 10, scale: int = 4) -> torch.Tensor:
     """uint8 images (N, 3, h, w) -> one float image (3, H, W) in [0, 1], nearest-upscaled for small images."""
     n, c, h, w = images.shape

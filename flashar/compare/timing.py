@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from flashar.config import SamplingConfig
-from flashar.decoding import Method
+from flashar.decoding import Method, synchronize
 from flashar.sampling import make_generator
 
 
@@ -41,20 +41,15 @@ class Timing:
         return max(0.0, self.warmup_seconds[0] - self.median) if self.warmup_seconds else 0.0
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_run(method: Method, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig, seed: int):
     device = method.backbone.device
     generator = make_generator(seed, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
+    synchronize(device)
     began = time.perf_counter()
     result = method.generate(list(conditions), grid, sampling, generator)
-    _sync(device)
+    synchronize(device)
     elapsed = time.perf_counter() - began
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return result, elapsed, peak

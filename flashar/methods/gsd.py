@@ -17,13 +17,14 @@ acceptance rate never drops. One scalar, the committed count, is read back per i
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
 from flashar import speculative
+from flashar.backbone import Prefix
 from flashar.compilation import mark_static
 from flashar.config import Config, SamplingConfig
 from flashar.hookspecs import hookimpl
@@ -66,19 +67,20 @@ class GSD(speculative.SpeculativeMethod):
     description = "Grouped speculative decoding (lossy, training-free): SJD that accepts a draft when its group of similar tokens is likely."
     Options = GSDOptions
 
-    def setup(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> speculative.SpeculativeState:
+    def build(self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig) -> speculative.SpeculativeState:
         bb, opts = self.backbone, self.options
-        state = speculative.setup(bb, conditions, grid, sampling, opts.draft_length, opts.draft_init, coupled=False)
+        state = speculative.build(bb, self.shapes, prefix, batch, grid, sampling, opts.draft_length, opts.draft_init,
+                                  coupled=False)
         codes = torch.arange(bb.codebook_size, device=bb.device)
         with torch.no_grad():
-            state.extras["embeddings"] = bb.embed(bb.code_ids(codes)[None])[0]  # (V, D) image codes only
-        mark_static(state.extras["embeddings"])
+            state.embeddings = bb.embed(bb.code_ids(codes)[None])[0]  # (V, D) image codes only
+        mark_static(state.embeddings)
         return state
 
     def _rule(self, state: speculative.SpeculativeState, logits: Tensor, probs: Tensor, draft_probs: Tensor,
               codes: Tensor) -> tuple[Tensor, Tensor]:
         opts = self.options
-        return grouped_mass(logits, probs, draft_probs, codes, state.extras["embeddings"], opts.group_size,
+        return grouped_mass(logits, probs, draft_probs, codes, state.embeddings, opts.group_size,
                             opts.group_prob_margin, opts.group_embed_distance)
 
 

@@ -12,33 +12,26 @@ compiled graph serves the whole generation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from flashar import grid as G
-from flashar.backbone import Backbone, KVCache, Prefix
+from flashar.backbone import Prefix
 from flashar.compilation import mark_static
 from flashar.config import SamplingConfig
-from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill, state_nbytes
+from flashar.decoding import DecodeState, Generation, Method, guided, image_key_valid, key_mask, prefill
 from flashar.hookspecs import hookimpl
-from flashar.sampling import new_uniform, refill_uniform, sample
+from flashar.sampling import new_uniform, sample
 
 
 @dataclass
-class RasterState:
-    prefix: Prefix
-    cache: KVCache
-    sampling: SamplingConfig
+class RasterState(DecodeState):
     positions: Tensor  # (M, ...) native position encoding of every sequence entry
     slots: Tensor  # (M,) cache slot of every sequence entry: P + j
-    slot_index: Tensor  # (S,) arange over cache slots
-    key_valid: Tensor  # (B', S) valid prefix slots and all image slots
     forced: Tensor  # (M,) token id forced at entry j (row ends), -1 where sampled
     is_cell: Tensor  # (M,) bool, True for grid cells
     tokens: Tensor  # (B, M) generated token ids (model vocabulary)
-    steps: Tensor  # (M,) arange, the step index fed to the compiled step
     uniform: Tensor  # (B,) U[0, 1) for the step's draw, refilled every step
 
 
@@ -50,28 +43,29 @@ class Raster(Method):
     def num_forward_passes(height: int, width: int) -> int:
         return height * width
 
-    def setup(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> RasterState:
-        bb = self.backbone
-        height, width = grid
-        prefix = bb.prefix(conditions, cfg=sampling.use_cfg, grid=grid)
-        cells, is_cell = G.raster_sequence(height, width, bb.row_end_token is not None)
-        num_entries, batch = len(cells), len(conditions)
+    def build(self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig) -> RasterState:
+        bb, device = self.backbone, self.backbone.device
+        cells, is_cell = G.raster_sequence(*grid, bb.row_end_token is not None)
+        num_entries = len(cells)
         cache = bb.new_cache(prefix.batch_size, prefix.length + num_entries)
-        device = bb.device
         forced = torch.where(is_cell, -1, bb.row_end_token if bb.row_end_token is not None else -1)
+        # step j feeds entry j-1 and reads the P + j slots written so far
+        plan = self.shapes.plan(torch.arange(num_entries, device=device)[1:], torch.arange(cache.length, device=device),
+                                [prefix.length + j for j in range(1, num_entries)])
         state = RasterState(
-            prefix=prefix, cache=cache, sampling=sampling,
+            prefix=prefix, grid=grid, sampling=sampling, cache=cache, key_valid=image_key_valid(prefix, cache.length), plan=plan,
             positions=bb.cell_positions(cells.to(device), prefix.length, native=True, grid=grid),
             slots=prefix.length + torch.arange(num_entries, device=device),
-            slot_index=torch.arange(cache.length, device=device),
-            key_valid=image_key_valid(prefix, cache.length),
             forced=forced.to(device), is_cell=is_cell.to(device),
             tokens=torch.zeros(batch, num_entries, dtype=torch.long, device=device),
-            steps=torch.arange(num_entries, device=device),
             uniform=new_uniform((batch,), device),
         )
         mark_static(state.tokens, state.uniform)  # mutated by the step / refilled by the loop
         return state
+
+    def reset(self, state: RasterState) -> None:
+        state.tokens.zero_()
+        state.uniform.zero_()
 
     def _draw(self, state: RasterState, logits: Tensor, j: Tensor) -> Tensor:
         """Guided, sampled code for sequence entry j (0-d), as a token id, forced tokens respected."""
@@ -81,10 +75,14 @@ class Raster(Method):
         forced = state.forced.index_select(0, j.view(1))  # (1,); not forced[j], which torch may read as an int
         return torch.where(forced >= 0, forced, self.backbone.code_ids(code))
 
+    def start(self, state: RasterState) -> None:
+        h, _ = prefill(self.backbone, state.prefix, state.cache)
+        state.tokens[:, 0] = self._draw(state, self.backbone.logits(h), state.slots.new_zeros(()))
+
     def _step(self, state: RasterState, j: Tensor, keys: Tensor) -> None:
         """Feed entry j-1, predict entry j, write it into ``state.tokens``.
 
-        ``keys`` (S',) are the cache slots attention reads: ``key_window`` of the slot indices, at least the
+        ``keys`` (S',) are the cache slots attention reads: a window of the slot indices, at least the
         P + j slots written so far."""
         prev = (j - 1).view(1)
         ids = state.tokens.index_select(1, prev)  # (B, 1)
@@ -96,19 +94,9 @@ class Raster(Method):
         token = self._draw(state, self.backbone.logits(h[:, 0]), j)
         state.tokens.index_copy_(1, j.view(1), token[:, None])
 
-    def generate(self, conditions, grid, sampling, generator) -> Generation:
-        state = self.setup(conditions, grid, sampling)
-        with torch.no_grad():
-            h, _ = prefill(self.backbone, state.prefix, state.cache)
-            refill_uniform(state.uniform, state.sampling, generator)
-            state.tokens[:, 0] = self._draw(state, self.backbone.logits(h), state.steps[0])
-            bounds = (state.prefix.length + 1, state.prefix.length + len(state.steps) - 1)
-            for j in range(1, len(state.steps)):
-                refill_uniform(state.uniform, state.sampling, generator)
-                keys = self.key_window(state.slot_index, state.prefix.length + j, bounds)
-                self.step(state, state.steps[j], keys)
+    def codes(self, state: RasterState) -> Generation:
         codes = state.tokens[:, state.is_cell] - self.backbone.code_offset
-        return Generation(codes.view(len(conditions), *grid).cpu(), len(state.steps), state_nbytes(state))
+        return Generation(codes.view(-1, *state.grid).cpu(), len(state.slots))
 
 
 @hookimpl

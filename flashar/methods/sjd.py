@@ -18,11 +18,12 @@ reads back one scalar per iteration, the committed count, to decide when to stop
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Literal
 
 from pydantic import Field
 
 from flashar import speculative
+from flashar.backbone import Prefix
 from flashar.config import Config, SamplingConfig
 from flashar.hookspecs import hookimpl
 
@@ -42,10 +43,10 @@ class SJD(speculative.SpeculativeMethod):
     description = "Speculative Jacobi decoding (lossless, training-free): verifies a window of draft tokens per forward pass."
     Options = SJDOptions
 
-    def setup(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> speculative.SpeculativeState:
+    def build(self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig) -> speculative.SpeculativeState:
         opts = self.options
-        return speculative.setup(self.backbone, conditions, grid, sampling, opts.draft_length, opts.draft_init,
-                                 coupled=opts.coupling == "maximal")
+        return speculative.build(self.backbone, self.shapes, prefix, batch, grid, sampling, opts.draft_length,
+                                 opts.draft_init, coupled=opts.coupling == "maximal")
 
     _rule = staticmethod(speculative.token_mass)
 

@@ -12,7 +12,7 @@ so the rows below attend to the real token.
 Cache slots are written at explicit indices and each query sees the slots at raster positions up to its
 own. The cache holds the prefix, then one scratch slot per chunk position, then the entries in raster
 order, so the slots a step can see are a prefix of the cache that attention reads alone (its length is the
-dynamic dimension of the one compiled graph off CUDA, ``Method.key_window``). With ``mask_unwritten``
+dynamic dimension of the one compiled graph off CUDA, ``flashar.shapes``). With ``mask_unwritten``
 (default) only slots that have already been written are visible and a provisional stand-in lives in a
 scratch slot that only its own query sees; without it the step reproduces the official code, which also
 attends to unwritten (zero) slots and leaves the stand-in in the real slot until the row above completes.
@@ -26,19 +26,19 @@ becomes raster order), the prefill included; rows with a forced row-end token co
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
 from flashar import grid as G
-from flashar.backbone import KVCache, Prefix
+from flashar.backbone import Prefix
 from flashar.compilation import mark_static
 from flashar.config import Config, SamplingConfig
-from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill
+from flashar.decoding import DecodeState, Generation, Method, guided, image_key_valid, key_mask, prefill
 from flashar.hookspecs import hookimpl
-from flashar.sampling import new_uniform, refill_uniform, sample
+from flashar.sampling import new_uniform, sample
 
 
 class ZipAROptions(Config):
@@ -141,11 +141,7 @@ def _slot_tables(table: dict[str, Tensor], cache_length: int, num_entries: int, 
 
 
 @dataclass
-class ZipARState:
-    prefix: Prefix
-    cache: KVCache
-    sampling: SamplingConfig
-    grid: tuple[int, int]
+class ZipARState(DecodeState):
     num_entries: int  # M, entries of the native sequence; entries [M, M + T) are scratch
     src: Tensor  # (K, T) entry whose token each chunk position feeds
     dst: Tensor  # (K, T) entry each chunk position predicts (a scratch entry when none)
@@ -153,14 +149,11 @@ class ZipARState:
     query_raster: Tensor  # (K, T) raster index each chunk position sees up to (-1 for padding)
     position_index: Tensor  # (K, T) rows of ``positions``
     positions: Tensor  # (K*T, ...) position encoding of every chunk position
-    key_lengths: list[int]  # slots step k reads: P + T + the entries up to its last query's raster index
     slot_raster: Tensor  # (S,) raster index held by each slot: -1 prefix, M + T + S scratch
     slot_written: Tensor  # (S,) step from which a slot is visible (-1: always)
-    slot_index: Tensor  # (S,) arange
-    key_valid: Tensor  # (B', S)
     forced: Tensor  # (M + T,) forced token id (row ends), -1 where sampled
+    initial: Tensor  # (M + T,) token ids before decoding: forced ones, the first code elsewhere
     tokens: Tensor  # (B, M + T) token ids
-    steps: Tensor  # (K,) arange, the step index fed to the compiled step
     uniform: Tensor  # (B, T) U[0, 1) for the step's draws, refilled every step
 
 
@@ -173,9 +166,8 @@ class ZipAR(Method):
     def num_forward_passes(height: int, width: int, window: int | None = None) -> int:
         return num_passes([width] * height, ZipAROptions().window if window is None else window)
 
-    def setup(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> ZipARState:
+    def build(self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig) -> ZipARState:
         bb, device = self.backbone, self.backbone.device
-        prefix = bb.prefix(conditions, cfg=sampling.use_cfg, grid=grid)
         cells, is_cell = G.raster_sequence(*grid, bb.row_end_token is not None)
         row_lengths = torch.bincount(cells[:, 0]).tolist()
         steps = schedule(row_lengths, is_cell.tolist(), self.options.window)
@@ -186,27 +178,40 @@ class ZipAR(Method):
         forced = torch.full((num_entries + width,), -1, dtype=torch.long)
         if bb.row_end_token is not None:
             forced[:num_entries][~is_cell] = bb.row_end_token
-        tokens = torch.where(forced >= 0, forced, bb.code_offset).expand(len(conditions), -1).clone()
         at_cells = torch.where(table["real"][..., None], cells[table["at"].clamp(max=num_entries - 1)], 0)
+        # step k reads the prefix, the T scratch slots and the entries up to its last query's raster index
+        plan = self.shapes.plan(torch.arange(len(steps), device=device), torch.arange(cache.length, device=device),
+                                (prefix.length + width + 1 + table["raster"].amax(1)).tolist())
         state = ZipARState(
-            prefix=prefix, cache=cache, sampling=sampling, grid=grid, num_entries=num_entries,
+            prefix=prefix, grid=grid, sampling=sampling, cache=cache, key_valid=image_key_valid(prefix, cache.length),
+            plan=plan, num_entries=num_entries,
             src=table["src"].to(device), dst=table["dst"].to(device), slots=table["slot"].to(device),
             query_raster=table["raster"].to(device),
-            key_lengths=(prefix.length + width + 1 + table["raster"].amax(1)).tolist(),
             position_index=torch.arange(len(steps) * width, device=device).view(len(steps), width),
             positions=bb.cell_positions(at_cells.view(-1, 2).to(device), prefix.length, native=True, grid=grid),
             slot_raster=slot_raster.to(device), slot_written=slot_written.to(device),
-            slot_index=torch.arange(cache.length, device=device), key_valid=image_key_valid(prefix, cache.length),
-            forced=forced.to(device), tokens=tokens.to(device), steps=torch.arange(len(steps), device=device),
-            uniform=new_uniform((len(conditions), width), device),
+            forced=forced.to(device), initial=torch.where(forced >= 0, forced, bb.code_offset).to(device),
+            tokens=torch.empty(batch, num_entries + width, dtype=torch.long, device=device),
+            uniform=new_uniform((batch, width), device),
         )
         mark_static(state.tokens, state.uniform)  # mutated by the step / refilled by the loop
         return state
 
+    def reset(self, state: ZipARState) -> None:
+        state.tokens.copy_(state.initial.expand_as(state.tokens))
+        state.uniform.zero_()
+
+    def start(self, state: ZipARState) -> None:
+        """Prefill: it predicts entry 0."""
+        bb, sampling = self.backbone, state.sampling
+        h, _ = prefill(bb, state.prefix, state.cache)
+        code = sample(guided(bb.logits(h), sampling, bb.native_cfg), state.uniform[:, 0], sampling)
+        state.tokens[:, 0] = bb.code_ids(code)
+
     def _step(self, state: ZipARState, k: Tensor, keys: Tensor) -> None:
         """Feed chunk k, sample every row's next token, write them into ``state.tokens`` (static shapes).
 
-        ``keys`` (S',) is the window of slot indices attention reads (``key_lengths[k]`` at least)."""
+        ``keys`` (S',) is the window of slot indices attention reads (the plan's key length at least)."""
         bb, sampling = self.backbone, state.sampling
         row = k.view(1)  # index_select, not t[k]: a 0-d tensor index would become a data-dependent int
         src, dst, slots, raster = (t.index_select(0, row)[0] for t in (state.src, state.dst, state.slots, state.query_raster))
@@ -222,25 +227,10 @@ class ZipAR(Method):
         forced = state.forced.index_select(0, dst)[None, :]
         state.tokens.index_copy_(1, dst, torch.where(forced >= 0, forced, bb.code_ids(codes)))
 
-    def generate(self, conditions, grid, sampling, generator) -> Generation:
-        state = self.setup(conditions, grid, sampling)
-        return self.decode(state, generator)
-
-    def decode(self, state: ZipARState, generator: torch.Generator) -> Generation:
-        """Prefill (predicts entry 0), then the K scheduled steps; no host reads until the end."""
-        bb, sampling = self.backbone, state.sampling
-        with torch.no_grad():
-            h, _ = prefill(bb, state.prefix, state.cache)
-            refill_uniform(state.uniform, state.sampling, generator)
-            code = sample(guided(bb.logits(h), sampling, bb.native_cfg), state.uniform[:, 0], sampling)
-            state.tokens[:, 0] = bb.code_ids(code)
-            bounds = (min(state.key_lengths, default=0), max(state.key_lengths, default=0))
-            for k, length in zip(state.steps, state.key_lengths):
-                refill_uniform(state.uniform, state.sampling, generator)
-                self.step(state, k, self.key_window(state.slot_index, length, bounds))
+    def codes(self, state: ZipARState) -> Generation:
         is_cell = state.forced[: state.num_entries] < 0
-        codes = state.tokens[:, : state.num_entries][:, is_cell] - bb.code_offset
-        return Generation(codes.view(-1, *state.grid).cpu(), num_forward_passes=1 + len(state.steps))
+        codes = state.tokens[:, : state.num_entries][:, is_cell] - self.backbone.code_offset
+        return Generation(codes.view(-1, *state.grid).cpu(), num_forward_passes=1 + len(state.plan.args))
 
 
 @hookimpl

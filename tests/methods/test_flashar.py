@@ -109,7 +109,7 @@ def test_step_compiles_once_per_generation_without_graph_breaks():
     eager = make_method(grid=grid).generate([1, 2], grid, sampling, make_generator(5, "cpu"))
     assert counter.frames == 1
     # on CPU the one graph takes every diagonal at its own length (sizes 2 and 3 here), nothing padded
-    assert compiled.setup([1], grid, sampling).sizes[1:] == [2, 3, 3, 3, 2]
+    assert compiled.setup([1], grid, sampling).plan.widths == [2, 3, 3, 3, 2]
     assert torch.equal(got.codes, eager.codes) and again.codes.shape == got.codes.shape
 
 
@@ -167,12 +167,14 @@ def test_bucketed_diagonals_decode_the_same_tokens_with_one_graph_per_size():
 
 def test_bucket_sizes_cover_every_step():
     from flashar import grid as G
-    from flashar.methods.flashar import bucket_tables
+    from flashar.shapes import Shapes
 
     index, valid = G.diagonal_slots(8, 8)
     lengths = valid.sum(1).tolist()
-    tables, sizes = bucket_tables(index, lengths, 4)
-    assert sorted(tables) == [2, 4, 6, 8]
-    for t, size in enumerate(sizes):
-        assert size >= lengths[t] and (t == 0 or size >= lengths[t - 1])
-        assert torch.equal(tables[size][t][: lengths[t]], index[t][: lengths[t]])
+    need = [max(lengths[t - 1], lengths[t]) for t in range(1, len(lengths))]
+    steps = torch.arange(len(lengths))[1:]
+    plan = Shapes().plan(steps, torch.arange(100), [50] * len(need), table=index, widths=need, buckets=4)
+    assert sorted(set(plan.widths)) == [2, 4, 6, 8]
+    for t, (width, (_, table, _)) in enumerate(zip(plan.widths, plan.args), start=1):
+        assert width >= lengths[t] and width >= lengths[t - 1] and table.shape[1] == width
+        assert torch.equal(table[t][: lengths[t]], index[t][: lengths[t]])

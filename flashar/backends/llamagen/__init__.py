@@ -54,7 +54,7 @@ def load(options: LlamaGenOptions, runtime: RuntimeConfig):
 def vq_config_from(path: Path | None):
     if path is None:
         return None
-    from flashar.api import validated
+    from flashar.config import validated
     from flashar.backends.llamagen.tokenizer import VQConfig
     from flashar.io import load_json
 
