@@ -107,6 +107,9 @@ class StageConfig(Config):
                                   "vertical logits in stage 1, onto the horizontal logits in stage 2 (which then keeps a frozen copy of the backbone).")
     distill_temperature: float = Field(2.0, gt=0, description="Temperature of the distillation KL.")
     gate_entropy_weight: float = Field(0.0, ge=0, description="Weight of the gate anti-collapse regulariser.")
+    context_noise: float = Field(0.0, ge=0, lt=1, description="Fraction of the grid's tokens replaced by random codes in the "
+                                 "training input (the losses skip those cells), so the model learns not to build on a wrongly "
+                                 "sampled neighbour; cells of one diagonal are drawn independently, so decoding makes such errors.")
 
 
 class AdaptConfig(Config):

@@ -74,9 +74,12 @@ def flashar_logits(backbone: Backbone, head: FlashARHead, prefix: Prefix, codes:
     return FlashAROutput(fused, head.vertical_logits(backbone, v), gate, h_left, v_up, kind)
 
 
+IGNORE = -100  # a target cell the cross-entropies skip (F.cross_entropy's ignore_index)
+
+
 def cross_entropy(logits: Tensor, codes: Tensor) -> Tensor:
-    """Mean CE of logits (B, N, V) against codes (B, H, W) in raster order."""
-    return F.cross_entropy(logits.flatten(0, 1), codes.flatten().to(logits.device))
+    """Mean CE of logits (B, N, V) against codes (B, H, W) in raster order; cells holding IGNORE are skipped."""
+    return F.cross_entropy(logits.flatten(0, 1), codes.flatten().to(logits.device), ignore_index=IGNORE)
 
 
 def vertical_cross_entropy(vertical: Tensor, codes: Tensor) -> Tensor:

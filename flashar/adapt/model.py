@@ -20,7 +20,7 @@ from flashar.backbone import Backbone, Prefix
 from flashar.branch import FlashARHead
 from flashar.config import AdaptConfig, StageConfig
 from flashar.lora import inject_lora, lora_state
-from flashar.teacher import (cross_entropy, distillation_kl, flashar_logits, horizontal_distillation_kl, raster_logits,
+from flashar.teacher import (IGNORE, cross_entropy, distillation_kl, flashar_logits, horizontal_distillation_kl, raster_logits,
                              vertical_cross_entropy)
 
 
@@ -34,26 +34,31 @@ class AdaptModel(nn.Module):
         object.__setattr__(self, "teacher", teacher)
 
     def forward(self, codes: Tensor, conditions: list, dropped: Tensor | None = None, cfg: StageConfig | None = None,
-                stage: int = 1) -> tuple[Tensor, dict[str, float]] | tuple[float, float]:
+                stage: int = 1, inputs: Tensor | None = None) -> tuple[Tensor, dict[str, float]] | tuple[float, float]:
         """The loss and metrics of a stage for one micro-batch; without ``cfg`` the held-out NLL sums of
-        :meth:`nll_sums` (evaluated through ``forward`` so FSDP's root hooks gather the weights)."""
+        :meth:`nll_sums` (evaluated through ``forward`` so FSDP's root hooks gather the weights).
+
+        ``inputs`` are the grids the model reads when they differ from the targets ``codes`` (context noise):
+        the cross-entropies skip the cells whose input token was replaced."""
         if cfg is None:
             return self.nll_sums(codes, conditions)
+        inputs = codes if inputs is None else inputs
+        targets = codes.masked_fill(inputs != codes, IGNORE)
         both = self.backbone.prefix(conditions, cfg=True, grid=tuple(codes.shape[1:]), unconditional="empty")
         prefix = dropout_prefix(both, dropped)  # the uncond rows FlashAR decodes with (methods/flashar.py)
-        out = flashar_logits(self.backbone, self.head, prefix, codes)
-        ce = cross_entropy(out.fused, codes)
+        out = flashar_logits(self.backbone, self.head, prefix, inputs)
+        ce = cross_entropy(out.fused, targets)
         loss, metrics = ce, {"ce": ce.item()}
         if cfg.aux_vertical_weight and codes.shape[1] > 1:
-            aux = vertical_cross_entropy(out.vertical, codes)
+            aux = vertical_cross_entropy(out.vertical, targets)
             loss, metrics["aux_vertical"] = loss + cfg.aux_vertical_weight * aux, aux.item()
         if cfg.distill_weight and stage == 1:
             with torch.no_grad():  # the frozen raster model under its own causal mask is the teacher
-                teacher = raster_logits(self.backbone, prefix, codes)
+                teacher = raster_logits(self.backbone, prefix, inputs)
             kd = distillation_kl(teacher, out.vertical, codes.shape[2], cfg.distill_temperature)
             loss, metrics["distill"] = loss + cfg.distill_weight * kd, kd.item()
         elif cfg.distill_weight:
-            kd = horizontal_distillation_kl(self._teacher_logits(conditions, dropped, codes),
+            kd = horizontal_distillation_kl(self._teacher_logits(conditions, dropped, inputs),
                                             self.backbone.logits(out.h_left), out.kind, cfg.distill_temperature)
             loss, metrics["distill"] = loss + cfg.distill_weight * kd, kd.item()
         if cfg.gate_entropy_weight:

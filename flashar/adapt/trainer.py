@@ -90,20 +90,27 @@ class Sampler:
         return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
 
     def next(self, count: int, drop_prob: float) -> tuple[Tensor, Tensor]:
-        picked = []
-        while len(picked) < count:
+        picked, have = [], 0
+        while have < count:
             if self.cursor == self.size:
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self._order = self._permutation()
-            take = min(count - len(picked), self.size - self.cursor)
+            take = min(count - have, self.size - self.cursor)
             picked.append(self._order[self.cursor : self.cursor + take])
-            self.cursor += take
+            self.cursor, have = self.cursor + take, have + take
         index = torch.cat(picked)
         rng = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 1_000_003 + self.cursor)
         return index, torch.rand(count, generator=rng) < drop_prob
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def noisy(self, codes: Tensor, prob: float, vocab: int) -> Tensor:
+        """``codes`` of the batch just drawn with a ``prob`` fraction of tokens replaced by random codes, seeded by
+        the sampler's position (the same in every process, and again on resume)."""
+        rng = torch.Generator().manual_seed(self.seed * 6007 + self.epoch * 1_000_033 + self.cursor)
+        replace = torch.rand(codes.shape, generator=rng) < prob
+        return torch.where(replace, torch.randint(0, vocab, codes.shape, generator=rng), codes)
 
 
 def lr_factor(step: int, cfg: StageConfig) -> float:
@@ -165,8 +172,10 @@ def train_step(wrapped: nn.Module, optimizer: torch.optim.Optimizer, sampler: Sa
     """One optimizer step over the global batch (``batch_size`` samples in ``grad_accum`` micro-batches);
     this process computes its contiguous share of every micro-batch and the wrapper averages gradients."""
     config, data = run.config, run.data
-    device = getattr(wrapped, "module", wrapped).backbone.device
+    backbone = getattr(wrapped, "module", wrapped).backbone
+    device = backbone.device
     index, dropped = sampler.next(config.batch_size, config.condition_dropout)  # (batch_size,), same everywhere
+    noisy = sampler.noisy(data.codes[index], cfg.context_noise, backbone.codebook_size) if cfg.context_noise else None
     micro = config.batch_size // config.grad_accum
     mine = shard_rows(micro, place)
     totals: dict[str, float] = {}
@@ -174,10 +183,11 @@ def train_step(wrapped: nn.Module, optimizer: torch.optim.Optimizer, sampler: Sa
         rows = slice(i * micro + mine.start, i * micro + mine.stop)  # (micro / world_size,) of micro-batch i
         part = index[rows]
         codes = data.codes[part].to(device)
+        inputs = None if noisy is None else noisy[rows].to(device)
         conditions = [data.conditions[j] for j in part.tolist()]
         with sync_context(wrapped, sync=i == config.grad_accum - 1):
             with _autocast(device, config.precision):
-                loss, metrics = wrapped(codes, conditions, dropped[rows], cfg, stage)
+                loss, metrics = wrapped(codes, conditions, dropped[rows], cfg, stage, inputs)
             (loss / config.grad_accum).backward()
         for key, value in {"loss": loss.item(), **metrics}.items():
             totals[key] = totals.get(key, 0.0) + value / config.grad_accum

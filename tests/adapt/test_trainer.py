@@ -123,3 +123,57 @@ def test_empty_data_folder_is_reported(tmp_path, registry):
     result = CliRunner().invoke(cli, [str(a) for a in ["adapt", "-b", "llamagen", *cli_args(options), "--data",
                                                          tmp_path / "empty", "--out", tmp_path / "a"]], obj=registry)
     assert result.exit_code == 1 and "no images found" in result.output
+
+
+def test_context_noise_feeds_random_codes_and_skips_them_in_the_loss(tmp_path):
+    from flashar.adapt.model import AdaptModel
+    from flashar.adapt.trainer import Sampler
+    from flashar.branch import FlashARHead
+    from flashar.config import BranchConfig
+
+    data = stripes()
+    sampler = Sampler(len(data), seed=0)
+    index, _ = sampler.next(8, 0.0)
+    codes, conditions = data.codes[index], [data.conditions[i] for i in index.tolist()]
+    backbone = random_gpt()
+    noisy = sampler.noisy(codes, 0.3, backbone.codebook_size)
+    replaced = (noisy != codes).float().mean().item()
+    assert 0.15 < replaced < 0.35 and torch.equal(noisy, sampler.noisy(codes, 0.3, backbone.codebook_size))  # seeded by the batch
+    model = AdaptModel(backbone, FlashARHead(backbone, BranchConfig(num_blocks=1)))
+    cfg = StageConfig(steps=1, lr=1e-3, aux_vertical_weight=0.0)
+    dropped = torch.zeros(8, dtype=torch.bool)
+    clean, _ = model(codes, conditions, dropped, cfg, 2)
+    with_noise, _ = model(codes, conditions, dropped, cfg, 2, noisy)
+    # the replaced cells are not scored: the noisy loss equals the clean-target CE over the kept cells only
+    from flashar.teacher import cross_entropy, flashar_logits
+    from flashar.adapt.model import dropout_prefix
+
+    prefix = dropout_prefix(backbone.prefix(conditions, cfg=True, grid=tuple(codes.shape[1:]), unconditional="empty"), dropped)
+    fused = flashar_logits(backbone, model.head, prefix, noisy).fused
+    kept = (noisy == codes).flatten(1)
+    expected = torch.nn.functional.cross_entropy(fused[kept], codes.flatten(1)[kept])
+    assert torch.allclose(with_noise, expected) and not torch.allclose(with_noise, clean)
+
+
+def test_context_noise_run_resumes_to_the_same_adapter(tmp_path):
+    noisy = lambda: config().model_copy(update={"stage2": StageConfig(steps=3, lr=1e-3, flat_steps=1, context_noise=0.2)})
+    adapt(random_gpt(), Run(stripes(), noisy(), tmp_path / "full"))
+    assert adapt(random_gpt(), Run(stripes(), noisy(), tmp_path / "cut", stop_after=5)) is None
+    adapt(random_gpt(), Run(stripes(), noisy(), tmp_path / "cut"), resume=True)
+    a, b = load_weights(tmp_path / "full" / "model.safetensors"), load_weights(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    clean = tmp_path / "clean"
+    adapt(random_gpt(), Run(stripes(), config(), clean))
+    c = load_weights(clean / "model.safetensors")
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the noise changed what stage 2 learned
+
+
+def test_sampler_draws_exactly_a_batch_and_walks_every_sample_once_per_epoch():
+    from flashar.adapt.trainer import Sampler
+
+    sampler = Sampler(10, seed=0)
+    batches = [sampler.next(4, 0.0)[0] for _ in range(5)]  # 20 draws = two epochs
+    assert [len(b) for b in batches] == [4] * 5
+    drawn = torch.cat(batches)
+    assert sorted(drawn[:10].tolist()) == list(range(10)) and sorted(drawn[10:].tolist()) == list(range(10))
+    assert sampler.state() == {"epoch": 1, "cursor": 10}
