@@ -18,13 +18,14 @@ from flashar.compare.report import markdown
 
 
 def digits(report: dict) -> str:
-    env, floor = report["environment"], report["real_train_vs_real_test"]
-    rows = [[name, str(m["forward_passes"]), f"{m['fid']:.1f}", f"{m['kid']:.0f}", f"{m['inception_score']:.2f}",
-             f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['class_accuracy']:.3f}", f"{m['held_out_nll']:.4f}"]
-            for name, m in report["methods"].items()]
-    rows.append(["real train split (floor)", "-", f"{floor['fid']:.1f}", f"{floor['kid']:.0f}", f"{floor['inception_score']:.2f}",
-                 f"{floor['precision']:.3f}", f"{floor['recall']:.3f}", f"{floor['class_accuracy']:.3f}", "-"])
-    table = markdown(["method", "passes", "FID-digits", "KID", "IS", "precision", "recall", "class acc", "held-out NLL"], rows)
+    env = report["environment"]
+    columns = ("fid", "kid", "inception_score", "precision", "recall", "class_accuracy", "two_sample_accuracy")
+    formats = ("{:.1f}", "{:.0f}", "{:.2f}", "{:.3f}", "{:.3f}", "{:.3f}", "{:.3f}")
+    row = lambda name, passes, m, nll: [name, passes, *(f.format(m[c]) for c, f in zip(columns, formats)), nll]
+    rows = [row(name, str(m["forward_passes"]), m, f"{m['held_out_nll']:.4f}") for name, m in report["methods"].items()]
+    rows += [row(f"real {name}", "-", m, "-") for name, m in report["real"].items()]
+    table = markdown(["method", "passes", "FID-digits", "KID", "IS", "precision", "recall", "class acc", "2-sample acc",
+                      "held-out NLL"], rows)
     timing = report["timing"]
     speed = "; ".join(f"{kind} (batch {t['batch']}): raster {t['raster']['median_seconds']:.3f} s, "
                       f"flashar {t['flashar']['median_seconds']:.3f} s, {t['speedup']:.2f}x" for kind, t in timing.items())

@@ -55,8 +55,9 @@ def nll(model: LlamaGenBackbone, codes: torch.Tensor, labels: torch.Tensor, batc
 
 # Adaptation recipe for the tiny model (the library defaults are Emu3.5's, for a 34B backbone).
 ADAPT_ARGS = ("--stage1-steps 300 --stage1-lr 1e-3 --stage1-warmup-steps 20 --stage1-flat-steps 150 "
-              "--stage1-distill-weight 0.2 --stage2-steps 300 --stage2-lr 5e-4 --stage2-backbone-lr-factor 0.5 "
-              "--stage2-warmup-steps 20 --stage2-flat-steps 100 --batch-size 32 --checkpoint-every 100")
+              "--stage1-distill-weight 0.2 --stage2-steps 1000 --stage2-lr 5e-4 --stage2-backbone-lr-factor 0.5 "
+              "--stage2-warmup-steps 20 --stage2-flat-steps 300 --batch-size 32 --checkpoint-every 100 "
+              "--eval-every 100 --patience 3")
 
 
 def add_dropout(model: LlamaGenBackbone, p: float) -> None:
@@ -170,6 +171,7 @@ def main() -> None:
     parser.add_argument("--adapt-augment", type=int, default=8,
                         help="randomly shifted copies of each training image for adaptation (the raster model saw only shifted digits)")
     parser.add_argument("--adapt-args", default=ADAPT_ARGS, help="flags for `flashar adapt` [default: %(default)s]")
+    parser.add_argument("--adapters", default="flashar,flashar-stage1", help="which adapters to build [default: %(default)s]")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     log = lambda msg: print(msg, flush=True)
@@ -192,17 +194,19 @@ def main() -> None:
 
 
 def adapt(args, splits, log) -> None:
-    """Both FlashAR adapters of the default through the real CLI, on shifted copies of the train split."""
+    """The FlashAR adapters of the default through the real CLI, on shifted copies of the train split, with
+    shifted copies of the validation split as held-out data (best weights per stage, early stopping)."""
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "train"
         gen = torch.Generator().manual_seed(args.seed + 2)
-        codes, labels = splits.train  # shifted as the raster model saw them
-        augmented = torch.cat([shift(codes, gen) for _ in range(args.adapt_augment)])
-        write_png_folder(augmented, labels.repeat(args.adapt_augment), data)
-        for name, extra in (("flashar", []), ("flashar-stage1", ["--stage2-mode", "none"])):
+        for (codes, labels), folder, copies in ((splits.train, "train", args.adapt_augment), (splits.val, "val", 2)):
+            augmented = torch.cat([shift(codes, gen) for _ in range(copies)])  # shifted as the raster model saw them
+            write_png_folder(augmented, labels.repeat(copies), Path(tmp) / folder)
+        variants = {"flashar": [], "flashar-stage1": ["--stage2-mode", "none"]}
+        for name in args.adapters.split(","):
             target = args.out / name
             shutil.rmtree(target, ignore_errors=True)
-            run_adapt(args.out, data, Path(tmp) / name, extra + args.adapt_args.split(), log)
+            extra = ["--val-data", str(Path(tmp) / "val")] + variants[name] + args.adapt_args.split()
+            run_adapt(args.out, Path(tmp) / "train", Path(tmp) / name, extra, log)
             target.mkdir()
             for file in ("config.json", "model.safetensors", "metrics.jsonl"):
                 shutil.copy(Path(tmp) / name / file, target / file)

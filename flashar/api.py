@@ -191,10 +191,13 @@ def held_out_curve(out_dir: str | Path) -> list[dict[str, Any]]:
 
 def quality_inputs(backbone: Backbone, config, fid_weights=None, reference_dir=None, registry: Registry | None = None):
     """(extractor, reference uint8 images) for compare, or (None, None) when no metric can run here."""
-    from flashar.compare.metrics import Extractor, inception_extractor, load_image_folder
+    from flashar.compare.metrics import FOLDS, Extractor, inception_extractor, load_image_folder
 
     if not config.metrics:
         return None, None
+    if config.num_samples < 2 * FOLDS:
+        raise FlashARError(f"quality metrics need at least {2 * FOLDS} images per method; pass --num-samples {2 * FOLDS} "
+                           "or more, or --no-metrics for speed only")
     registry = registry or get_registry()
     extractor = None
     if fid_weights is not None:

@@ -19,6 +19,9 @@ from torch import Tensor
 from flashar.errors import DataError, FlashARError, require
 
 
+FOLDS = 5  # of the classifier two-sample test
+
+
 @dataclass(frozen=True)
 class Extractor:
     """Which torch-fidelity feature extractor to use, and how to name the resulting FID."""
@@ -58,8 +61,9 @@ def quality(samples: Tensor, reference: Tensor, extractor: Extractor, labels: li
     from torch_fidelity.metric_kid import kid_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
 
-    if len(samples) < 2 or len(reference) < 2:
-        raise DataError("quality metrics need at least 2 generated and 2 reference images")
+    if min(len(samples), len(reference)) < 2 * FOLDS:
+        raise DataError(f"quality metrics need at least {2 * FOLDS} generated and reference images (the two-sample test "
+                        f"holds out a fifth of each); pass --num-samples {2 * FOLDS} or more, or --no-metrics")
     kwargs = {"feature_extractor": extractor.name, "cuda": torch.cuda.is_available(), "verbose": False, "save_cpu_ram": True,
               "kid_subset_size": min(1000, len(samples), len(reference)), **extractor.kwargs}
     layers = {m: resolve_layer(m, kwargs) for m in ("fid", "kid", "prc", "isc")}
@@ -97,7 +101,7 @@ def extract_features(image_sets: list[Tensor], layers: list[str], kwargs: dict[s
     return [get_featuresdict_from_dataset(_Images(images), net, 256, kwargs["cuda"], True, False) for images in image_sets]
 
 
-def two_sample_accuracy(fake: Tensor, real: Tensor, folds: int = 5, l2: float = 1e-2) -> float:
+def two_sample_accuracy(fake: Tensor, real: Tensor, folds: int = FOLDS, l2: float = 1e-2) -> float:
     """Classifier two-sample test: the held-out accuracy of a logistic regression telling ``fake`` features
     from ``real`` ones, averaged over ``folds`` contiguous folds (0.5: indistinguishable, 1.0: always told).
 
@@ -105,8 +109,6 @@ def two_sample_accuracy(fake: Tensor, real: Tensor, folds: int = 5, l2: float = 
     that a reference set keeps adjacent (shifted versions, say) fall into the same fold. The features are
     standardised on each training fold; the regression is fitted to convergence (L-BFGS, float64, L2)."""
     n = min(len(fake), len(real))
-    if n < 2 * folds:
-        raise DataError(f"the two-sample test needs at least {2 * folds} generated and reference images")
     thin = lambda x: x[torch.linspace(0, len(x) - 1, n).round().long()].double().flatten(1)
     x = torch.cat([thin(fake), thin(real)])
     y = torch.cat([torch.zeros(n), torch.ones(n)]).double()

@@ -129,3 +129,10 @@ def test_compare_on_the_default_writes_table_json_grids_and_plot(tmp_path, regis
     assert report["fid_label"] == "FID-digits"
     names = sorted(p.name for p in out.iterdir())
     assert names == ["report.json", "samples_flashar.png", "samples_raster.png", "speed_vs_quality.png"]
+
+
+def test_compare_refuses_too_few_samples_for_the_metrics_before_decoding(registry):
+    pytest.importorskip("torch_fidelity")
+    result = CliRunner().invoke(cli, ["compare", "--methods", "raster", "--num-samples", "4"], obj=registry)
+    assert result.exit_code == 1 and "--num-samples 10 or more" in result.output
+    assert "ms / image" not in result.output  # refused before anything was timed
