@@ -104,6 +104,18 @@ def code_execution_pickle(w: World) -> list:
     return ["generate", "-b", "llamagen", "--checkpoint", w.root / "evil.pt", "--classes", 1]
 
 
+def code_execution_vq(w: World) -> list:
+    torch.save({"model": {"quantize.embedding.weight": RunsCode(w.root / "pwned")}}, w.root / "evil-vq.pt")
+    return w.gen("--vq-checkpoint", w.root / "evil-vq.pt")
+
+
+def code_execution_fid_weights(w: World) -> list:
+    torch.save({"Conv2d_1a_3x3.conv.weight": RunsCode(w.root / "pwned")}, w.root / "inception.pt")
+    return ["compare", "-b", "llamagen", *w.model, "--methods", "raster", "--image-size", 8, "--num-samples", 2,
+            "--batch-size", 2, "--repeats", 1, "--warmup", 0, "--fid-weights", w.root / "inception.pt",
+            "--reference-images", w.images]
+
+
 def vq_in_place_of_gpt(w: World) -> list:
     return ["generate", "-b", "llamagen", "--checkpoint", w.options["vq_checkpoint"], "--classes", 1]
 
@@ -183,6 +195,8 @@ CASES = [
     Case("truncated-checkpoint", truncated_checkpoint, ("truncated or corrupt", "re-download")),
     Case("corrupt-safetensors", corrupt_safetensors, ("could not read", "safetensors", "corrupt")),
     Case("pickle-needs-code-execution", code_execution_pickle, ("refusing to load", "code execution")),
+    Case("vq-pickle-needs-code-execution", code_execution_vq, ("refusing to load", "code execution")),
+    Case("fid-weights-pickle-needs-code-execution", code_execution_fid_weights, ("refusing to load", "code execution")),
     Case("vq-checkpoint-as-gpt", vq_in_place_of_gpt, ("not a LlamaGen GPT checkpoint", "--vq-checkpoint")),
     Case("safetensors-wrong-shape", wrong_shape_safetensors, ("wrong shapes", "output.weight")),
     Case("vocabulary-mismatch", smaller_vq_vocabulary, ("32 codes", "64", "--vq-checkpoint")),
@@ -314,6 +328,13 @@ def test_debug_raises_the_original_error(case, world, registry, monkeypatch):
     result = CliRunner().invoke(cli, ["--debug", *args], obj=registry)
     assert result.exit_code != 0
     assert isinstance(result.exception, (FlashARError, ValidationError)), repr(result.exception)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "code-execution" in c.id], ids=[c.id for c in CASES if "code-execution" in c.id])
+def test_no_user_file_runs_code(case, world, registry, monkeypatch):
+    args = prepare(case, world, registry, monkeypatch)
+    result = CliRunner().invoke(cli, args, obj=registry)
+    assert result.exit_code == 1 and not (world.root / "pwned").exists(), result.output
 
 
 def test_a_real_process_exits_1_with_one_line_on_stderr(world):
