@@ -41,7 +41,18 @@ def validated(model: type[Config], values: Mapping[str, Any] | Config | None, wh
         if not first["loc"]:  # a check across fields: its message names them
             raise FlashARError(f"invalid {what} options: {message}") from None
         where = ".".join(str(p) for p in first["loc"])
-        raise FlashARError(f"invalid {what} option '{where}': {message} (got {first.get('input')!r})") from None
+        raise FlashARError(f"invalid {what} option '{where}' ({flag_of(model, first['loc'])}): {message} "
+                           f"(got {first.get('input')!r})") from None
+
+
+def flag_of(model: type[Config], loc: tuple) -> str:
+    """The command-line flag of a config field: ``("stage1", "lr")`` -> ``--stage1-lr`` (a field may name its own)."""
+    field = model.model_fields.get(str(loc[0]))
+    own = (field.json_schema_extra or {}).get("flag") if field is not None and isinstance(field.json_schema_extra, dict) else None
+    names = [p for p in loc if isinstance(p, str)]  # list indices (seeds.1) are not part of the flag
+    if model.__name__ == "AdaptConfig" and names[0] == "branch":
+        names = names[1:]  # branch fields are top-level flags (--num-blocks)
+    return "--" + (own or "-".join(names).replace("_", "-"))
 
 
 def load_backbone(backend: str, options: Mapping[str, Any] | Config, runtime: RuntimeConfig | None = None,
@@ -160,11 +171,20 @@ def save_images(backbone: Backbone, codes: torch.Tensor, out_dir: str | Path, co
     return paths
 
 
+def check_image_paths(out_dir: str | Path, conditions: Sequence[Any]) -> None:
+    """Fail before any work when a folder sits where :func:`save_images` will write an image."""
+    for name in image_names(conditions):
+        if (Path(out_dir) / name).is_dir():
+            raise FlashARError(f"{Path(out_dir) / name} is a folder where an image would be written; choose another --out")
+
+
 def check_tokens_path(path: str | Path) -> Path:
     """Check a ``--save-tokens`` target before any work: a .npy file in a writable folder."""
     path = Path(path)
     if path.suffix != ".npy":
         raise FlashARError(f"--save-tokens must name a .npy file, got {path}; e.g. --save-tokens tokens.npy")
+    if path.is_dir():
+        raise FlashARError(f"--save-tokens {path} is a folder; name a .npy file, e.g. --save-tokens {path / 'tokens.npy'}")
     check_writable_dir(path.parent, "--save-tokens path")
     return path
 
@@ -202,10 +222,12 @@ def load_data(backbone: Backbone, data_dir: str | Path | None = None, codes_dir:
         raise FlashARError("pass exactly one of --data DIR (images) or --codes DIR (pre-extracted codes)")
     if codes_dir is not None:
         data = load_llamagen_codes(codes_dir)
-        expected = backbone.grid(image_size) if image_size else data.grid
+        expected = data.grid if image_size is None else backbone.grid(image_size)
         if data.grid != expected:
             raise FlashARError(f"the codes in {codes_dir} form {data.grid[0]}x{data.grid[1]} grids, not {expected[0]}x{expected[1]}; drop --image-size or re-extract")
         return data
+    if cache_dir is not None:
+        check_writable_dir(cache_dir, "--cache-dir")
     return tokenize_folder(backbone, data_dir, image_size, Path(cache_dir) if cache_dir else None)
 
 

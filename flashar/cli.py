@@ -145,6 +145,9 @@ def generate(ctx: click.Context, **values) -> None:
                               registry=registry, own_backbone=True)  # the only method here: adapt the backbone in place
     sampling = api.resolve_sampling(backbone, pick(SamplingConfig, values))
     api.check_conditions(backbone, conditions)  # before the progress bar starts
+    method.backbone.grid(values["image_size"])
+    if values["out"]:
+        api.check_image_paths(values["out"], conditions)
     with _progress(len(conditions), f"{values['method']} decoding", values["as_json"]) as advance:
         result = api.generate(method, conditions, values["image_size"], sampling, values["batch_size"], runtime.seed, advance)
     paths = api.save_images(method.backbone, result.codes, values["out"], conditions) if values["out"] else []
@@ -234,9 +237,12 @@ def compare(ctx: click.Context, **values) -> None:
 
     registry = registry_of(ctx)
     names = [m.strip() for m in values["methods"].split(",") if m.strip()]
+    seeds = parse_classes(values["seeds"], "--seeds")
+    if not names or not seeds:
+        raise click.BadParameter("expected at least one comma-separated value, e.g. --methods raster,flashar --seeds 0,1",
+                                 param_hint="--methods" if not names else "--seeds")
     check_foreign(values, registry, values["backend"], names)
-    config = api.validated(CompareConfig, {**pick(CompareConfig, values), "methods": names,
-                                           "seeds": parse_classes(values["seeds"], "--seeds")}, "compare")
+    config = api.validated(CompareConfig, {**pick(CompareConfig, values), "methods": names, "seeds": seeds}, "compare")
     if values["out"]:
         api.check_writable_dir(values["out"])
     runtime = runtime_from(values)

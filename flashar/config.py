@@ -6,7 +6,7 @@ Each default is written once, here. Backends may recommend other sampling values
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -14,8 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 CompileMode = Literal["default", "max-autotune"]  # how decode steps are compiled (flashar.compilation)
 
 
+Seed = Annotated[int, Field(ge=0, lt=2**63)]  # torch seeds are 64-bit; the trainer derives more seeds from it
+
+
 class Config(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class SamplingConfig(Config):
@@ -46,7 +49,7 @@ class RuntimeConfig(Config):
         "default", description="With --compile: max-autotune also benchmarks every matmul shape of the step at the first compile "
         "(on CPU inductor's C++ GEMM templates on the frozen weights vs oneDNN; on CUDA Triton templates) and keeps the fastest: "
         "a longer first compile (cached), faster steps.")
-    seed: int = Field(0, description="Seed of the torch.Generator that drives sampling.")
+    seed: Seed = Field(0, description="Seed of the torch.Generator that drives sampling.")
 
     @model_validator(mode="after")
     def _check_compile_mode(self):
@@ -118,7 +121,7 @@ class AdaptConfig(Config):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="bf16 autocast (auto: on CUDA only).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     checkpoint_every: int = Field(200, gt=0, description="Write a resumable checkpoint every N optimizer steps.")
-    seed: int = Field(0, description="Seed for data order and initialisation.")
+    seed: Seed = Field(0, description="Seed for data order and initialisation.")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="Under torchrun: replicate the model in every process (ddp) or shard weights, gradients and "
         "optimizer state across them with FSDP2 (fsdp, for backbones that do not fit one GPU). Ignored in one process.")
@@ -152,9 +155,9 @@ class AdapterMetadata(Config):
 class CompareConfig(Config):
     """``flashar compare``: every method on the same backbone, conditions and seeds."""
 
-    methods: list[str] = Field(default_factory=lambda: ["raster", "flashar"], description="Method ids, in report order.")
+    methods: list[str] = Field(default_factory=lambda: ["raster", "flashar"], min_length=1, description="Method ids, in report order.")
     num_samples: int = Field(1000, gt=0, description="Images per method and seed for the quality metrics (class-balanced for class-conditional backends).")
-    seeds: list[int] = Field(default_factory=lambda: [0], description="Sampling seeds; quality metrics are averaged over them.")
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1, description="Sampling seeds; quality metrics are averaged over them.")
     batch_size: int = Field(100, gt=0, description="Images per forward batch for the quality metrics, and the batch throughput (images/s) is timed at.")
     latency_batch_size: int = Field(1, gt=0, description="Images per timed batch for the latency and speedup columns (1: the wait for one image).")
     repeats: int = Field(5, gt=0, description="Timed runs per method after warm-up, interleaved across methods; medians are reported.")

@@ -197,6 +197,10 @@ def load_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise FlashARError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise FlashARError(f"{path} is a folder, not a JSON file; pass the file") from None
+    except OSError as exc:
+        raise FlashARError(f"cannot read {path}: {exc.strerror or exc}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FlashARError(f"{path} is not valid JSON ({exc}); fix or regenerate it") from None
 

@@ -162,6 +162,30 @@ def codes_folder(w: World, high: int) -> Path:
     return w.root / "codes"
 
 
+def codes_with_objects(w: World) -> Path:
+    folder = codes_folder(w, 1)
+    np.save(folder / "imagenet_codes" / "0.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    return folder
+
+
+def codes_without_a_label(w: World) -> Path:
+    folder = codes_folder(w, 1)
+    (folder / "imagenet_labels" / "2.npy").unlink()
+    return folder
+
+
+def malformed_resume_state(w: World) -> Path:
+    adapter = w.copy_adapter("malformed")
+    newest = sorted((adapter / "checkpoints").glob("step-*"))[-1]
+    (newest / "state.json").write_text("[1, 2]")
+    return adapter
+
+
+def folder_where_an_image_goes(w: World) -> Path:
+    (w.out / "0000_1.png").mkdir(parents=True)
+    return w.out
+
+
 def text_file_as_image(w: World) -> Path:
     (w.images / "0" / "broken.png").write_text("not an image")
     return w.images
@@ -223,7 +247,17 @@ CASES = [
          ("unknown method 'nope'",)),
     Case("missing-extra", missing_extra, ("needs flashar_not_installed", "pip install 'flashar[fake]'")),
     # config values
-    Case("top-p-zero", lambda w: w.gen("--top-p", 0), ("top_p", "greater than 0")),
+    Case("top-p-zero", lambda w: w.gen("--top-p", 0), ("top_p", "--top-p", "greater than 0")),
+    Case("stage-option-names-its-flag", lambda w: w.adapt("--out", w.out, "--stage1-lr", -1), ("--stage1-lr", "greater than 0")),
+    Case("cfg-scale-inf", lambda w: w.gen("--cfg-scale", "inf"), ("--cfg-scale", "finite number")),
+    Case("cfg-scale-nan", lambda w: w.gen("--cfg-scale", "nan"), ("--cfg-scale", "finite number")),
+    Case("seed-beyond-64-bits", lambda w: w.gen("--seed", 2**64), ("--seed", "less than")),
+    Case("compare-seed-beyond-64-bits", lambda w: ["compare", "-b", "llamagen", *w.model, "--seeds", f"0,{2**70}", "--no-metrics"],
+         ("--seeds", "less than")),
+    Case("compare-no-methods", lambda w: ["compare", "-b", "llamagen", *w.model, "--methods", ",", "--no-metrics"],
+         ("--methods", "at least one"), usage=True),
+    Case("compare-no-seeds", lambda w: ["compare", "-b", "llamagen", *w.model, "--seeds", ",", "--no-metrics"],
+         ("--seeds", "at least one"), usage=True),
     Case("negative-temperature", lambda w: w.gen("--temperature", -1), ("temperature", "greater than or equal to 0")),
     Case("cfg-interval-below-minus-one", lambda w: w.gen("--cfg-interval", -2), ("cfg_interval", "-1")),
     Case("generate-batch-size-zero", lambda w: w.gen("--batch-size", 0), ("--batch-size", "0"), usage=True),
@@ -237,9 +271,14 @@ CASES = [
          ("must hold a JSON object",)),
     Case("config-file-stage-not-an-object", lambda w: w.adapt("--out", w.out, "--config", write(w.root / "c.json", '{"stage1": 3}')),
          ("stage1", "JSON object")),
+    Case("config-file-is-a-folder", lambda w: w.gen("--config", mkdir(w.root / "c.json")), ("is a folder", "JSON file")),
+    Case("adapt-config-file-is-a-folder", lambda w: w.adapt("--out", w.out, "--config", mkdir(w.root / "c.json")),
+         ("is a folder", "JSON file")),
     Case("config-file-unknown-option", lambda w: w.gen("--config", write(w.root / "c.json", '{"top_q": 0.5}')),
          ("unknown option 'top_q'",)),
     Case("save-tokens-not-npy", lambda w: w.gen("--out", w.out, "--save-tokens", w.root / "tokens.txt"), ("--save-tokens", ".npy")),
+    Case("save-tokens-is-a-folder", lambda w: w.gen("--out", w.out, "--save-tokens", mkdir(w.root / "t.npy")),
+         ("--save-tokens", "is a folder")),
     Case("device-cuda-without-cuda", lambda w: w.gen("--device", "cuda"), ("CUDA is not available", "--device cpu")),
     Case("unknown-device", lambda w: w.gen("--device", "tpu9"), ("unknown device 'tpu9'",)),
     # conditions and sizes
@@ -249,6 +288,8 @@ CASES = [
          ("class-conditional", "--classes")),
     Case("nothing-to-generate", lambda w: ["generate", "-b", "llamagen", *w.model], ("nothing to generate", "--classes")),
     Case("generate-size-not-divisible", lambda w: w.gen("--image-size", 7), ("not a positive multiple", "downsampling factor 2")),
+    Case("generate-size-zero", lambda w: w.gen("--image-size", 0), ("image size 0x0", "positive multiple")),
+    Case("adapt-size-zero", lambda w: w.adapt("--out", w.out, "--image-size", 0), ("image size 0x0", "positive multiple")),
     Case("adapt-size-not-divisible", lambda w: w.adapt("--out", w.out, "--image-size", 7), ("not a positive multiple",)),
     Case("adapt-grid-too-small", lambda w: w.adapt("--out", w.out, "--image-size", 2), ("at least 2x2", "--image-size")),
     # data
@@ -261,10 +302,19 @@ CASES = [
          ("class ids in [0, 10)", "12")),
     Case("codes-outside-vocabulary", lambda w: ["adapt", "-b", "llamagen", *w.model, "--codes", codes_folder(w, 70), "--out", w.out],
          ("code 70", "codebook [0, 64)")),
+    Case("codes-object-array", lambda w: ["adapt", "-b", "llamagen", *w.model, "--codes", codes_with_objects(w), "--out", w.out],
+         ("cannot read codes file", "numeric .npy")),
+    Case("codes-label-missing", lambda w: ["adapt", "-b", "llamagen", *w.model, "--codes", codes_without_a_label(w), "--out", w.out],
+         ("label file", "2.npy", "is missing")),
+    Case("cache-dir-is-a-file", lambda w: w.adapt("--out", w.out, "--cache-dir", write(w.root / "cachefile", "x")),
+         ("--cache-dir", "is a file")),
     Case("data-and-codes", lambda w: w.adapt("--out", w.out, "--codes", w.root), ("exactly one of --data",)),
     # outputs and resume
     Case("generate-out-under-a-file", lambda w: w.gen("--out", write(w.root / "file", "x") / "sub"), ("cannot write to", "is a file", "--out")),
     Case("adapt-out-under-a-file", lambda w: w.adapt("--out", write(w.root / "file", "x") / "sub"), ("cannot write to", "is a file", "--out")),
+    Case("generate-out-holds-a-folder-named-like-an-image", lambda w: w.gen("--out", folder_where_an_image_goes(w)),
+         ("is a folder where an image", "--out")),
+    Case("resume-malformed-state", lambda w: w.adapt("--out", malformed_resume_state(w), "--resume"), ("state.json", "delete")),
     Case("resume-without-checkpoint", lambda w: w.adapt("--out", w.out, "--resume"), ("holds no checkpoint", "without --resume")),
     Case("out-holds-an-adapter", lambda w: w.adapt("--out", finished_adapter_folder(w)), ("already holds an adapter", "--resume")),
     Case("resume-with-other-config", lambda w: w.adapt("--out", finished_adapter_folder(w), "--resume"),
@@ -345,3 +395,13 @@ def test_a_real_process_exits_1_with_one_line_on_stderr(world):
     assert plain.stderr.startswith("Error: could not read") and "Traceback" not in plain.stderr
     debug = subprocess.run([sys.executable, "-m", "flashar", "--debug", *args], capture_output=True, text=True)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "CheckpointError" in debug.stderr
+
+
+def test_resume_from_a_state_without_sampler_fails_in_one_line(tmp_path):
+    out = quick_adapter(tmp_path / "run")
+    newest = sorted((out / "checkpoints").glob("step-*"))[-1]
+    state = json.loads((newest / "state.json").read_text())
+    (newest / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "sampler"}))
+    config = AdaptConfig(stage1=StageConfig(steps=2, lr=1e-3), stage2_mode="none", batch_size=4, checkpoint_every=1)
+    with pytest.raises(FlashARError, match="state.json is malformed"):
+        adapt(random_gpt(), Run(stripes(), config, out), resume=True)

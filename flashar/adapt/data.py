@@ -129,7 +129,7 @@ def default_cache_dir() -> Path:
 def tokenize_folder(backbone: Backbone, folder: str | Path, image_size: int | None = None, cache_dir: Path | None = None,
                     batch_size: int = 32, progress: Callable[[int, int], None] | None = None) -> TokenData:
     """Encode every image of the folder into a token grid (cached)."""
-    size = image_size or backbone.default_image_size
+    size = backbone.default_image_size if image_size is None else image_size
     backbone.grid(size)  # validates the size against the tokenizer's downsampling factor
     items = list_images(folder, backbone.condition_kind)
     cache = (cache_dir or default_cache_dir()) / cache_key(items, size, backbone)
@@ -172,9 +172,9 @@ def load_llamagen_codes(folder: str | Path) -> TokenData:
         raise DataError(f"{code_dir} has no .npy codes or {label_dir} is missing")
     codes, labels = [], []
     for path in files:
-        array = np.load(path, allow_pickle=False)
+        array = _read_npy(path, "codes")
         grid = array.reshape(-1, array.shape[-1])  # (num_aug, N)
-        label = int(np.load(label_dir / path.name, allow_pickle=False).reshape(-1)[0])
+        label = int(_read_npy(label_dir / path.name, "label").reshape(-1)[0])
         codes.append(torch.from_numpy(grid.astype(np.int64)))
         labels += [label] * grid.shape[0]
     flat = torch.cat(codes)
@@ -182,3 +182,16 @@ def load_llamagen_codes(folder: str | Path) -> TokenData:
     if side * side != flat.shape[1]:
         raise DataError(f"codes in {code_dir} have {flat.shape[1]} tokens, not a square grid")
     return TokenData(flat.view(-1, side, side), labels)
+
+
+def _read_npy(path: Path, what: str) -> np.ndarray:
+    """A numeric, non-empty .npy array (no pickled objects)."""
+    if not path.is_file():
+        raise DataError(f"{what} file {path} is missing; every code file needs a label file of the same name")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"cannot read {what} file {path} ({str(exc).splitlines()[0][:100]}); it must be a numeric .npy array") from None
+    if not np.issubdtype(array.dtype, np.integer) or array.ndim == 0 or array.size == 0:
+        raise DataError(f"{what} file {path} holds a {array.dtype} array of shape {array.shape}; expected integer codes/labels")
+    return array

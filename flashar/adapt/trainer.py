@@ -75,7 +75,7 @@ class Sampler:
         self._order = self._permutation()
 
     def _permutation(self) -> Tensor:
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**64))
 
     def next(self, count: int, drop_prob: float) -> tuple[Tensor, Tensor]:
         picked = []
@@ -87,7 +87,7 @@ class Sampler:
             picked.append(self._order[self.cursor : self.cursor + take])
             self.cursor += take
         index = torch.cat(picked)
-        rng = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 1_000_003 + self.cursor)
+        rng = torch.Generator().manual_seed((self.seed * 7919 + self.epoch * 1_000_003 + self.cursor) % 2**64)
         return index, torch.rand(count, generator=rng) < drop_prob
 
     def state(self) -> dict[str, int]:
@@ -204,6 +204,8 @@ def _start(model: AdaptModel, run: Run, resume: bool, base: str) -> tuple[Positi
     if checkpoint is None:
         raise FlashARError(f"--resume was given but {run.out_dir / 'checkpoints'} holds no checkpoint; run without --resume")
     weights, opt_tensors, state = load_checkpoint(checkpoint)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{checkpoint / 'state.json'} is not a checkpoint state; delete {checkpoint} to resume from the previous one")
     if not _same_config(state.get("config"), config):
         raise FlashARError(f"{checkpoint} was written with a different adaptation config; resume with the same options or use a new --out")
     if state.get("backbone_fingerprint", base) != base:
@@ -214,8 +216,13 @@ def _start(model: AdaptModel, run: Run, resume: bool, base: str) -> tuple[Positi
     except (RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{checkpoint} does not fit this model ({str(exc).strip().splitlines()[0][:160]}); "
                               f"resume with the same backbone and options or use a new --out") from None
-    sampler = Sampler(len(run.data), config.seed, **state["sampler"])
-    return Position(state["stage"], state["in_stage"], state["step"], sampler, base), optimizer_state(opt_tensors, state)
+    try:
+        sampler = Sampler(len(run.data), config.seed, **state["sampler"])
+        position = Position(int(state["stage"]), int(state["in_stage"]), int(state["step"]), sampler, base)
+        return position, optimizer_state(opt_tensors, state)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{checkpoint / 'state.json'} is malformed ({type(exc).__name__}: {str(exc)[:80]}); "
+                              f"delete {checkpoint} to resume from the previous one") from None
 
 
 def _same_config(saved: dict | None, config: AdaptConfig) -> bool:
