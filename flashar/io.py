@@ -118,6 +118,15 @@ def _few(items: list[str], n: int = 4) -> str:
     return ", ".join(items[:n]) + (f", ... {len(items) - n} more" if len(items) > n else "")
 
 
+def file_in(folder: str | Path, name: Any, source: str | Path, error: type[FlashARError] = CheckpointError) -> Path:
+    """``folder / name`` for a file name read from ``source`` (an index, a metadata file); refuses absolute
+    names and ``..``, so a file cannot make flashar read outside its folder."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise error(f"{source} names the file {name!r}, which is not inside {folder}; "
+                    f"file names there must be relative paths within the folder")
+    return Path(folder) / name
+
+
 def ensure_writable_dir(path: str | Path) -> Path:
     """Create ``path`` if needed and check it is writable, before any work is done."""
     path = Path(path)

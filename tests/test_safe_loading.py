@@ -1,17 +1,18 @@
 """No file a user passes can execute code: every loader reads weights without unpickling code, and the
-paths a model folder's files name stay inside that folder. The CLI-level cases (--checkpoint,
+paths that a folder's files name (shard indexes, metadata.jsonl) stay inside that folder. The CLI-level cases (--checkpoint,
 --vq-checkpoint, --fid-weights) are in test_bad_input.py."""
 
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import write_ibq
 
-from flashar.errors import CheckpointError
+from flashar.errors import CheckpointError, DataError
 
 ROOT = Path(__file__).parents[1]
 
@@ -102,3 +103,38 @@ def test_no_loader_outside_flashar_io_can_run_code():
     sources = [p for folder in ("flashar", "plugins", "benchmarks") for p in sorted((ROOT / folder).rglob("*.py"))]
     found = [call for path in sources for call in unsafe_calls(path)]
     assert found == []
+
+
+LEAVING = ["../outside.safetensors", "/etc/outside.safetensors", "sub/../../outside.safetensors"]
+
+
+def write_index(folder: Path, shard: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": shard}}))
+    return folder
+
+
+@pytest.mark.parametrize("shard", LEAVING)
+def test_emu35_index_cannot_name_a_shard_outside_the_folder(tmp_path, shard):
+    from flashar.backends.emu35.loader import shard_map
+
+    with pytest.raises(CheckpointError, match="not inside"):
+        shard_map(write_index(tmp_path / "model", shard))
+
+
+@pytest.mark.parametrize("shard", LEAVING)
+def test_janus_index_cannot_name_a_shard_outside_the_folder(tmp_path, shard):
+    from flashar_janus.loader import weight_files
+
+    with pytest.raises(CheckpointError, match="not inside"):
+        weight_files(write_index(tmp_path / "model", shard))
+
+
+@pytest.mark.parametrize("name", ["../outside.png", "/tmp/outside.png"])
+def test_caption_metadata_cannot_name_an_image_outside_the_folder(tmp_path, name):
+    from flashar.adapt.data import list_images
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "metadata.jsonl").write_text(json.dumps({"file_name": name, "text": "a cat"}) + "\n")
+    with pytest.raises(DataError, match="not inside"):
+        list_images(tmp_path / "data", "text")

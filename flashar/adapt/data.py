@@ -29,7 +29,7 @@ from torch import Tensor
 
 from flashar.backbone import Backbone
 from flashar.errors import DataError
-from flashar.io import load_weights, save_json, save_safetensors
+from flashar.io import file_in, load_weights, save_json, save_safetensors
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -86,9 +86,10 @@ def list_caption_folder(folder: Path) -> list[tuple[Path, str]]:
             continue
         try:
             row = json.loads(line)
-            items.append((folder / (row.get("file_name") or row["image"]), str(row.get("text") or row["caption"])))
-        except (json.JSONDecodeError, KeyError, TypeError):
+            name, text = row.get("file_name") or row["image"], str(row.get("text") or row["caption"])
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise DataError(f"{folder / 'metadata.jsonl'} line {n} needs a JSON object with 'file_name' and 'text'") from None
+        items.append((file_in(folder, name, f"{folder / 'metadata.jsonl'} line {n}", DataError), text))
     return items
 
 
