@@ -231,8 +231,11 @@ def load_data(backbone: Backbone, data_dir: str | Path | None = None, codes_dir:
     return tokenize_folder(backbone, data_dir, image_size, Path(cache_dir) if cache_dir else None)
 
 
-def adapt(backbone: Backbone, data, config, out_dir: str | Path, resume: bool = False, on_step=None, place=None):
+def adapt(backbone: Backbone, data, config, out_dir: str | Path, resume: bool = False, on_step=None, place=None,
+          force_resume: bool = False):
     """Two-stage adaptation; writes ``config.json`` + ``model.safetensors`` into ``out_dir``.
+
+    With ``resume``, a checkpoint written on other data or with another config is refused unless ``force_resume``.
 
     Under torchrun every process calls this with the same arguments (``place`` from
     :func:`flashar.adapt.distributed.session`); the main process writes.
@@ -240,7 +243,8 @@ def adapt(backbone: Backbone, data, config, out_dir: str | Path, resume: bool = 
     from flashar.adapt.trainer import Run
     from flashar.adapt.trainer import adapt as run_adaptation
 
-    return run_adaptation(backbone, Run(data, config, Path(out_dir), on_step=on_step, place=place), resume=resume)
+    run = Run(data, config, Path(out_dir), on_step=on_step, place=place, force_resume=force_resume)
+    return run_adaptation(backbone, run, resume=resume)
 
 
 def quality_inputs(backbone: Backbone, config, fid_weights=None, reference_dir=None, registry: Registry | None = None):

@@ -174,6 +174,7 @@ def generate(ctx: click.Context, **values) -> None:
 @click.option("--image-size", type=int, help="Image side in pixels; default: the backend's native size.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Adapter folder to write (also holds checkpoints/ and metrics.jsonl).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
+@click.option("--force-resume", is_flag=True, help="With --resume: continue even though --data/--codes or the training options differ from the checkpoint's.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Where tokenised data is cached [default: ~/.cache/flashar/tokens].")
 @click.option("--config", type=click.Path(path_type=Path), help="JSON file of AdaptConfig values (nested like config.py); flags override it.")
 @config_options(AdaptConfig, BranchConfig, RuntimeConfig, skip=("compile",))
@@ -203,7 +204,8 @@ def adapt(ctx: click.Context, **values) -> None:
             data = api.load_data(backbone, values["data_dir"], values["codes_dir"], values["image_size"], values["cache_dir"])
         total = sum(s.steps for s in (config.stage1, config.stage2) if s is config.stage1 or config.stage2_mode != "none")
         with _train_progress(total, quiet=not place.is_main) as on_step:
-            api.adapt(backbone, data, config, values["out"], resume=values["resume"], on_step=on_step, place=place)
+            api.adapt(backbone, data, config, values["out"], resume=values["resume"], on_step=on_step, place=place,
+                      force_resume=values["force_resume"])
     if place.is_main:
         console().print(f"adapter written to {values['out']} (use: flashar generate --method flashar --adapter {values['out']})")
 

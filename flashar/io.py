@@ -187,6 +187,33 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+LOCK = ".flashar.lock"
+
+
+@contextmanager
+def folder_lock(folder: str | Path, command: str = "flashar adapt") -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (``.flashar.lock``) for the block; refuse at once if another
+    process holds it. The kernel drops the lock when the holder exits, even on SIGKILL."""
+    import fcntl
+
+    path = Path(folder) / LOCK
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FlashARError(f"another {command} is writing to {folder}; wait for it to finish or choose another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_temporary_files(folder: str | Path) -> None:
+    """Delete the temporary files of :func:`atomic_path` that a killed run left in ``folder``."""
+    for stale in Path(folder).glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 

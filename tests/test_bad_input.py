@@ -405,3 +405,27 @@ def test_resume_from_a_state_without_sampler_fails_in_one_line(tmp_path):
     config = AdaptConfig(stage1=StageConfig(steps=2, lr=1e-3), stage2_mode="none", batch_size=4, checkpoint_every=1)
     with pytest.raises(FlashARError, match="state.json is malformed"):
         adapt(random_gpt(), Run(stripes(), config, out), resume=True)
+
+
+def test_a_second_adapt_on_the_same_out_is_refused(world, registry):
+    """While one run holds --out, another exits 1 in one line and writes nothing there."""
+    from flashar.io import folder_lock
+
+    world.out.mkdir()
+    with folder_lock(world.out):  # the first run, still training
+        result = CliRunner().invoke(cli, [str(a) for a in world.adapt("--out", world.out)], obj=registry)
+    assert result.exit_code == 1, result.output
+    assert "another flashar adapt is writing to" in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in world.out.iterdir()) == [".flashar.lock"]
+
+
+def test_resume_on_other_data_is_refused_unless_forced(world, registry):
+    run = lambda *extra, data=None: CliRunner().invoke(cli, [str(a) for a in world.adapt("--out", world.out, *extra, data=data)],
+                                                       obj=registry)
+    assert run().exit_code == 0
+    other = write_class_folder(world.root / "other-images", per_class=3)
+    refused = run("--resume", data=other)
+    assert refused.exit_code == 1 and "other data" in refused.output and "--force-resume" in refused.output, refused.output
+    assert run("--resume", "--stage1-lr", 0.5).exit_code == 1  # other settings: refused too
+    forced = run("--resume", "--force-resume", data=other)
+    assert forced.exit_code == 0, forced.output

@@ -14,6 +14,8 @@ main process writes metrics, checkpoints and the adapter (``config.json`` + ``mo
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import time
@@ -28,7 +30,7 @@ from flashar.adapt.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     optimizer_state,
-    remove_staging,
+    remove_leftovers,
     save_checkpoint,
     truncate_metrics,
 )
@@ -61,7 +63,7 @@ from flashar.backbone import Backbone
 from flashar.branch import FlashARHead
 from flashar.config import AdaptConfig, StageConfig
 from flashar.errors import CheckpointError, DataError, FlashARError, require
-from flashar.io import ensure_writable_dir
+from flashar.io import ensure_writable_dir, folder_lock
 from flashar.lora import lora_state
 
 METRICS = "metrics.jsonl"
@@ -116,6 +118,7 @@ class Run:
     on_step: Callable[[dict[str, Any]], None] | None = None  # called on the main process after every step
     stop_after: int | None = None  # stop (as if killed) after this many optimizer steps: for tests
     place: Distributed | None = None  # this process's rank and world size; None: from the process group, if any
+    force_resume: bool = False  # resume even when the data or the config differ from the checkpoint's
 
 
 @dataclass
@@ -178,9 +181,17 @@ def adapt(backbone: Backbone, run: Run, resume: bool = False) -> Adapter | None:
     prepare_lora(model, config)
     position, opt_state = _start(model, run, resume, metadata.backbone_fingerprint)
     out = ensure_writable_dir(run.out_dir)  # created only now that nothing above can fail on bad input
-    if place.is_main:
-        remove_staging(out)
-        truncate_metrics(out / METRICS, position.step)
+    with folder_lock(out) if place.is_main else contextlib.nullcontext():  # one run per folder
+        if place.is_main:
+            remove_leftovers(out)
+            truncate_metrics(out / METRICS, position.step)
+        return _train(model, run, place, metadata, position, opt_state)
+
+
+def _train(model: AdaptModel, run: Run, place: Distributed, metadata: AdapterMetadata, position: Position,
+           opt_state: dict | None) -> Adapter | None:
+    """Both stages from ``position``, then the adapter."""
+    config, backbone = run.config, model.backbone
     sharded = config.strategy == "fsdp" and place.active
     if sharded:
         shard_fsdp(model, backbone.fsdp_units(backbone.layers) + backbone.fsdp_units(model.head.vertical_block))
@@ -206,8 +217,12 @@ def _start(model: AdaptModel, run: Run, resume: bool, base: str) -> tuple[Positi
     weights, opt_tensors, state = load_checkpoint(checkpoint)
     if not isinstance(state, dict):
         raise CheckpointError(f"{checkpoint / 'state.json'} is not a checkpoint state; delete {checkpoint} to resume from the previous one")
-    if not _same_config(state.get("config"), config):
-        raise FlashARError(f"{checkpoint} was written with a different adaptation config; resume with the same options or use a new --out")
+    if not _same_config(state.get("config"), config) and not run.force_resume:
+        raise FlashARError(f"{checkpoint} was written with a different adaptation config; resume with the same options, "
+                           f"use a new --out, or pass --force-resume to continue with these options")
+    if state.get("data_fingerprint", data_fingerprint(run.data)) != data_fingerprint(run.data) and not run.force_resume:
+        raise FlashARError(f"{checkpoint} was written while training on other data; resume with the same --data/--codes, "
+                           f"use a new --out, or pass --force-resume to continue on this data")
     if state.get("backbone_fingerprint", base) != base:
         raise CheckpointError(f"{checkpoint} was written while adapting another backbone (fingerprint {state['backbone_fingerprint']}, "
                               f"this one is {base}); resume with the checkpoint it started from or use a new --out")
@@ -231,6 +246,13 @@ def _same_config(saved: dict | None, config: AdaptConfig) -> bool:
         return {k: v for k, v in (values or {}).items() if k != "strategy"}
 
     return strip(saved) == strip(json.loads(config.model_dump_json()))
+
+
+def data_fingerprint(data: TokenData) -> str:
+    """A hash of the token grids and their conditions, in order (what the sampler's position refers to)."""
+    digest = hashlib.sha256(data.codes.to(torch.int64).contiguous().numpy().tobytes())
+    digest.update(json.dumps(data.conditions).encode())
+    return digest.hexdigest()[:16]
 
 
 def _train_stage(model: AdaptModel, run: Run, place: Distributed, position: Position, opt_state: dict | None) -> bool:
@@ -267,6 +289,7 @@ def _checkpoint(model: AdaptModel, optimizer: torch.optim.Optimizer, run: Run, p
         save_checkpoint(run.out_dir, position.step, weights, moments, {
             "stage": position.stage, "in_stage": position.in_stage, "step": position.step,
             "sampler": position.sampler.state(), "world_size": place.world_size, "backbone_fingerprint": position.base,
+            "data_fingerprint": data_fingerprint(run.data),
             "config": json.loads(run.config.model_dump_json())})
     barrier(place)
 

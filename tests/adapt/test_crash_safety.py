@@ -92,3 +92,41 @@ def test_a_folder_with_only_a_staging_checkpoint_is_a_fresh_start(tmp_path):
         adapt(random_gpt(), Run(stripes(), config(), tmp_path), resume=True)
     adapt(random_gpt(), Run(stripes(), config(), tmp_path))
     assert steps_logged(tmp_path) == [1, 2, 3, 4, 5, 6]
+
+
+def test_leftovers_of_a_kill_during_the_final_write_or_pruning_are_removed(tmp_path):
+    """A stray temporary file of the adapter's config, an old checkpoint half deleted (by a version that
+    pruned in place) and one half pruned: the next run removes them all."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    adapt(random_gpt(), Run(stripes(), config(), full))
+    adapt(random_gpt(), Run(stripes(), config(), cut, stop_after=5))
+    stray = cut / ".config.json.k1ll3d.tmp"
+    stray.write_text("{")
+    half_deleted = cut / "checkpoints" / "step-00000001"
+    half_deleted.mkdir()
+    (half_deleted / "state.json").write_text("{}")
+    (cut / "checkpoints" / ".pruning-step-00000002").mkdir()
+    adapt(random_gpt(), Run(stripes(), config(), cut), resume=True)
+    assert_bitwise_same(full, cut)
+    assert not stray.exists() and not half_deleted.exists()
+    assert [p.name for p in (cut / "checkpoints").iterdir()] == sorted(p.name for p in (full / "checkpoints").iterdir())
+
+
+def test_a_kill_while_pruning_never_leaves_a_half_checkpoint(tmp_path, monkeypatch):
+    import shutil
+
+    from flashar.adapt import checkpoint
+
+    class Killed(BaseException):
+        pass
+
+    def killed_midway(path, ignore_errors=False):
+        next(p for p in Path(path).iterdir()).unlink()  # one file gone, then the process dies
+        raise Killed
+
+    adapt(random_gpt(), Run(stripes(), config(), tmp_path, stop_after=4))  # step-00000004 + one older
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    with pytest.raises(Killed):
+        adapt(random_gpt(), Run(stripes(), config(), tmp_path), resume=True)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", shutil.rmtree)
+    assert all(checkpoint.is_complete(p) for p in (tmp_path / "checkpoints").glob("step-*"))
