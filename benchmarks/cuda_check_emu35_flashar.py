@@ -1,7 +1,7 @@
 """CUDA check of FlashAR on Emu3.5 with a checkpoint in the released layout (tiny random models).
 
-Run from the repository root on a GPU machine (the tests' helpers write the tiny models, so the real
-tokenizer files must sit at ../shared/data/emu35-tokenizer, as for the tests):
+Run from the repository root on a GPU machine (the tests' helpers write the tiny models, with the real
+tokenizer files kept in tests/data/emu35-tokenizer):
 
     python benchmarks/cuda_check_emu35_flashar.py /tmp/emu35_check
 

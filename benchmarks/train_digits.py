@@ -1,14 +1,16 @@
 """Reproduce the digits default's shipped weights: raster GPT, FID-digits CNN, FlashAR adapters.
 
-    python benchmarks/train_digits.py --out flashar/backends/digits/weights
+    python benchmarks/train_digits.py --out flashar/backends/digits/weights [--parts raster,features,adapt]
 
 1. The raster model, a tiny LlamaGen-architecture GPT (flashar's llamagen code), is trained on the train
    split with next-token cross-entropy, LlamaGen's dropouts and 10% class dropout (null class for CFG)
    and random shifts; the learning rate drops when the validation NLL plateaus, and training stops when
    it has not improved for ``--patience`` epochs; the best epoch is kept.
-2. The feature CNN behind FID-digits and class accuracy is trained on the same train split.
-3. The FlashAR adapters are produced from the raster weights by the real CLI: the train split (plus
-   ``--adapt-augment`` randomly shifted copies) is written as a class-folder of PNGs and
+2. The feature CNN behind FID-digits and class accuracy is trained on the same train split, under the
+   same random shifts, so that its features follow shape rather than position.
+3. The FlashAR adapters are produced from the raster weights by the real CLI: ``--adapt-augment``
+   randomly shifted copies of the train split (the raster model saw only shifted digits) are written as
+   a class-folder of PNGs and
    ``flashar adapt --backend digits`` runs on it, once with both stages (``flashar/``) and once with
    stage 1 only (``flashar-stage1/``, for the ablation in the README).
 
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from flashar.compare import cpu_model
-from flashar.backends.digits.data import LEVELS, load_splits, shift
+from flashar.backends.digits.data import LEVELS, MAX_SHIFT, held_out_reference, load_splits, shift
 from flashar.backends.digits.features import DigitsCNN
 from flashar.backends.digits.loader import RASTER_CONFIG, save_raster
 from flashar.backends.llamagen.backbone import LlamaGenBackbone
@@ -117,19 +119,24 @@ def train_cnn(args, splits, log) -> tuple[DigitsCNN, dict]:
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     codes, labels = splits.train
     gen = torch.Generator().manual_seed(args.seed + 1)
+    steps = args.cnn_epochs * -(-len(codes) // 64)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     for epoch in range(args.cnn_epochs):
         order = torch.randperm(len(codes), generator=gen)
         for i in range(0, len(order), 64):
             idx = order[i : i + 64]
-            logits = net.classify(DigitsCNN.from_codes(shift(codes[idx], gen, max_shift=1)))
+            logits = net.classify(DigitsCNN.from_codes(shift(codes[idx], gen, MAX_SHIFT)))
             loss = F.cross_entropy(logits, labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            schedule.step()
     net.eval()
-    with torch.no_grad():
-        acc = lambda split: (net.classify(DigitsCNN.from_codes(split[0])).argmax(-1) == split[1]).float().mean().item()
-        result = {"val_accuracy": acc(splits.val), "test_accuracy": acc(splits.test)}
+    with torch.no_grad():  # on shifted digits, as the samples it judges are
+        acc = lambda codes, labels: (net.classify(DigitsCNN.from_codes(codes)).argmax(-1) == labels).float().mean().item()
+        val_codes, val_labels = splits.val
+        result = {"val_accuracy": acc(shift(val_codes, torch.Generator().manual_seed(args.seed + 3)), val_labels),
+                  "test_accuracy": acc(*held_out_reference())}
     log(f"feature CNN: val accuracy {result['val_accuracy']:.3f}, test accuracy {result['test_accuracy']:.3f}")
     return net, result
 
@@ -157,10 +164,11 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=300)
     parser.add_argument("--patience", type=int, default=15, help="epochs without a better validation NLL before stopping (the LR drops 0.3x after a third of it)")
     parser.add_argument("--dropout", type=float, default=0.1)
-    parser.add_argument("--cnn-epochs", type=int, default=40)
-    parser.add_argument("--skip-raster", action="store_true", help="reuse the raster weights already in --out")
-    parser.add_argument("--skip-adapt", action="store_true", help="only train the raster model and the feature CNN")
-    parser.add_argument("--adapt-augment", type=int, default=3, help="shifted copies of each training image for adaptation")
+    parser.add_argument("--cnn-epochs", type=int, default=60)
+    parser.add_argument("--parts", default="raster,features,adapt",
+                        help="what to (re)build; the others are read from --out [default: %(default)s]")
+    parser.add_argument("--adapt-augment", type=int, default=8,
+                        help="randomly shifted copies of each training image for adaptation (the raster model saw only shifted digits)")
     parser.add_argument("--adapt-args", default=ADAPT_ARGS, help="flags for `flashar adapt` [default: %(default)s]")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -168,23 +176,29 @@ def main() -> None:
     splits = load_splits()
     args.out.mkdir(parents=True, exist_ok=True)
     receipt_path = args.out / "train_digits.json"
-    receipt = json.loads(receipt_path.read_text()) if args.skip_raster and receipt_path.is_file() else {}
-    receipt.update({"torch": torch.__version__, "machine": cpu_model(),
-                    "threads": torch.get_num_threads(), "adapt_args": args.adapt_args, "adapt_augment": args.adapt_augment})
-    if not args.skip_raster:
+    parts = set(args.parts.split(","))
+    receipt = json.loads(receipt_path.read_text()) if receipt_path.is_file() and "raster" not in parts else {}
+    receipt.update({"torch": torch.__version__, "machine": cpu_model(), "threads": torch.get_num_threads()})
+    if "raster" in parts:
         model, receipt["raster"] = train_raster(args, splits, log)
         save_raster(model, args.out)
+    if "features" in parts:
         cnn, receipt["feature_cnn"] = train_cnn(args, splits, log)
         cnn.save(args.out / "features.safetensors")
-    if args.skip_adapt:
-        receipt_path.write_text(json.dumps(receipt, indent=2) + "\n")
-        return
+    if "adapt" in parts:
+        receipt.update({"adapt_args": args.adapt_args, "adapt_augment": args.adapt_augment})
+        adapt(args, splits, log)
+    receipt_path.write_text(json.dumps(receipt, indent=2) + "\n")
+
+
+def adapt(args, splits, log) -> None:
+    """Both FlashAR adapters of the default through the real CLI, on shifted copies of the train split."""
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "train"
         gen = torch.Generator().manual_seed(args.seed + 2)
-        codes, labels = splits.train  # plus shifted copies: adaptation sees the augmentation the raster model saw
-        augmented = torch.cat([codes] + [shift(codes, gen) for _ in range(args.adapt_augment)])
-        write_png_folder(augmented, labels.repeat(args.adapt_augment + 1), data)
+        codes, labels = splits.train  # shifted as the raster model saw them
+        augmented = torch.cat([shift(codes, gen) for _ in range(args.adapt_augment)])
+        write_png_folder(augmented, labels.repeat(args.adapt_augment), data)
         for name, extra in (("flashar", []), ("flashar-stage1", ["--stage2-mode", "none"])):
             target = args.out / name
             shutil.rmtree(target, ignore_errors=True)
@@ -192,7 +206,6 @@ def main() -> None:
             target.mkdir()
             for file in ("config.json", "model.safetensors", "metrics.jsonl"):
                 shutil.copy(Path(tmp) / name / file, target / file)
-    receipt_path.write_text(json.dumps(receipt, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ The CLI commands are thin wrappers over these functions.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,14 +215,14 @@ def ensure_output(out_dir: str | Path, resume: bool = False) -> Path:
 
 
 def load_data(backbone: Backbone, data_dir: str | Path | None = None, codes_dir: str | Path | None = None,
-              image_size: int | None = None, cache_dir: str | Path | None = None):
+              image_size: int | tuple[int, int] | None = None, cache_dir: str | Path | None = None):
     """Adaptation data from an image folder (tokenised once, cached) or from pre-extracted LlamaGen codes."""
     from flashar.adapt.data import load_llamagen_codes, tokenize_folder
 
     if (data_dir is None) == (codes_dir is None):
         raise FlashARError("pass exactly one of --data DIR (images) or --codes DIR (pre-extracted codes)")
     if codes_dir is not None:
-        data = load_llamagen_codes(codes_dir)
+        data = load_llamagen_codes(codes_dir, backbone.grid(image_size))
         expected = data.grid if image_size is None else backbone.grid(image_size)
         if data.grid != expected:
             raise FlashARError(f"the codes in {codes_dir} form {data.grid[0]}x{data.grid[1]} grids, not {expected[0]}x{expected[1]}; drop --image-size or re-extract")
@@ -232,19 +233,28 @@ def load_data(backbone: Backbone, data_dir: str | Path | None = None, codes_dir:
 
 
 def adapt(backbone: Backbone, data, config, out_dir: str | Path, resume: bool = False, on_step=None, place=None,
-          force_resume: bool = False):
+          val_data=None, force_resume: bool = False):
     """Two-stage adaptation; writes ``config.json`` + ``model.safetensors`` into ``out_dir``.
 
-    With ``resume``, a checkpoint written on other data or with another config is refused unless ``force_resume``.
-
+    ``val_data`` (or ``config.val_fraction``) is the held-out data the stages are evaluated on. With
+    ``resume``, a checkpoint written on other data or with another config is refused unless ``force_resume``.
     Under torchrun every process calls this with the same arguments (``place`` from
     :func:`flashar.adapt.distributed.session`); the main process writes.
     """
     from flashar.adapt.trainer import Run
     from flashar.adapt.trainer import adapt as run_adaptation
 
-    run = Run(data, config, Path(out_dir), on_step=on_step, place=place, force_resume=force_resume)
+    run = Run(data, config, Path(out_dir), on_step=on_step, place=place, val_data=val_data, force_resume=force_resume)
     return run_adaptation(backbone, run, resume=resume)
+
+
+def held_out_curve(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The held-out evaluations an adaptation logged in ``metrics.jsonl``, in order."""
+    from flashar.adapt.trainer import METRICS
+
+    path = Path(out_dir) / METRICS
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [r for r in records if "val_nll_flashar" in r]
 
 
 def quality_inputs(backbone: Backbone, config, fid_weights=None, reference_dir=None, registry: Registry | None = None):

@@ -135,7 +135,7 @@ class Backbone(nn.Module, ABC):
     codebook_size: int
     code_offset: int = 0
     downsample: int = 16
-    default_image_size: int = 256
+    default_image_size: int | tuple[int, int] = 256  # pixels: one side, or (height, width) for a non-square native size
     row_end_token: int | None = None
     native_cfg: Literal["logits", "log_softmax"] = "logits"
     sampling_defaults: dict[str, Any] = {}
@@ -177,7 +177,7 @@ class Backbone(nn.Module, ABC):
         if height % self.downsample or width % self.downsample or height <= 0 or width <= 0:
             raise FlashARError(
                 f"image size {height}x{width} is not a positive multiple of the tokenizer's downsampling factor "
-                f"{self.downsample}; use e.g. {self.default_image_size}"
+                f"{self.downsample}; use e.g. {_spelled(self.default_image_size)}"
             )
         return height // self.downsample, width // self.downsample
 
@@ -225,7 +225,8 @@ class Backbone(nn.Module, ABC):
 
     @abstractmethod
     def architecture(self) -> dict[str, Any]:
-        """JSON-able description of the architecture (sizes, vocabulary, preset name)."""
+        """JSON-able description of the architecture as loaded (sizes, vocabulary): it enters the fingerprint,
+        so it must not depend on how the user named the model."""
 
     def read_adapter(self, path: Path, copy_backbone: bool) -> Adapter | None:
         """A FlashAR checkpoint in a layout this backend publishes, or None when ``path`` is not one.
@@ -312,3 +313,8 @@ class Backbone(nn.Module, ABC):
                 sample = tensor.detach().flatten()[:: max(1, tensor.numel() // 4096)][:4096]
                 digest.update(sample.float().cpu().numpy().round(5).tobytes())
         return digest.hexdigest()[:16]
+
+
+def _spelled(size: int | tuple[int, int]) -> str:
+    """An image size as the CLI takes it: 256 or 192x320."""
+    return str(size) if isinstance(size, int) else "x".join(map(str, size))

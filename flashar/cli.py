@@ -13,6 +13,8 @@ import click
 
 from flashar import __version__
 from flashar.cliutils import (
+    CONFIG_HELP,
+    IMAGE_SIZE,
     PluginCommand,
     backend_and_method_options,
     check_foreign,
@@ -27,10 +29,10 @@ from flashar.cliutils import (
     print_table,
     registry_of,
     user_errors,
+    with_config_file,
 )
-from flashar.config import AdaptConfig, BranchConfig, CompareConfig, RuntimeConfig, SamplingConfig, StageConfig
+from flashar.config import IMAGE_SIZE_HELP, AdaptConfig, BranchConfig, CompareConfig, RuntimeConfig, SamplingConfig, StageConfig
 from flashar.errors import FlashARError
-from flashar.io import load_json
 
 
 class FlashARGroup(click.Group):
@@ -66,21 +68,6 @@ def runtime_from(values: dict) -> RuntimeConfig:
     return validated(RuntimeConfig, pick(RuntimeConfig, values), "runtime")
 
 
-def with_config_file(values: dict) -> dict:
-    """Values from ``--config FILE`` (a JSON object of option names), overridden by flags."""
-    path = values.pop("config", None)
-    if path is None:
-        return values
-    data = load_json(path)
-    if not isinstance(data, dict):
-        raise FlashARError(f"--config {path} must hold a JSON object of option names, got {type(data).__name__}")
-    given = {k.replace("-", "_"): v for k, v in data.items()}
-    if unknown := sorted(set(given) - set(values)):
-        raise FlashARError(f"--config {path} has unknown option '{unknown[0]}'; use the names of this command's options "
-                           f"(see --help), e.g. cfg_scale for --cfg-scale")
-    return {**given, **{k: v for k, v in values.items() if v is not None}}
-
-
 def parse_conditions(classes: str | None, prompts: tuple[str, ...]) -> list:
     """Class ids from ``--classes`` or the ``--prompt`` texts (never both)."""
     if classes and prompts:
@@ -91,7 +78,9 @@ def parse_conditions(classes: str | None, prompts: tuple[str, ...]) -> list:
 def config_stage_options(fn):
     """--stage1-* and --stage2-* options, one per StageConfig field, showing each stage's defaults."""
     defaults = AdaptConfig()
-    options = [o for stage in ("stage1", "stage2") for o in field_options(StageConfig, prefix=stage, defaults=getattr(defaults, stage))]
+    # stage 1 freezes the backbone: no backbone learning rate
+    options = [o for stage in ("stage1", "stage2") for o in field_options(StageConfig, prefix=stage, defaults=getattr(defaults, stage),
+                                                                           skip=("backbone_lr_factor",) if stage == "stage1" else ())]
     fn.__click_params__ = getattr(fn, "__click_params__", []) + list(reversed(options))
     return fn
 
@@ -113,15 +102,15 @@ def config_options(*models, skip: tuple[str, ...] = ()):
 
 
 @cli.command(cls=PluginCommand, plugin_params=backend_and_method_options)
-@click.option("--backend", "-b", required=True, help="Backend id (see `flashar backends`).")
+@click.option("--backend", "-b", help="Backend id (see `flashar backends`); required.")
 @click.option("--method", "-m", default="raster", show_default=True, help="Decoding method id (see `flashar methods`).")
 @click.option("--classes", help="Comma-separated class ids, one image each (class-conditional backends).")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt, one image each; repeat for several (text-conditional backends).")
-@click.option("--image-size", type=int, help="Image side in pixels; default: the backend's native size.")
+@click.option("--image-size", type=IMAGE_SIZE, help=IMAGE_SIZE_HELP)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images decoded together.")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for one PNG per image.")
 @click.option("--save-tokens", type=click.Path(path_type=Path), help="Also save the token grids as int64 .npy, shape [N, H, W].")
-@click.option("--config", type=click.Path(path_type=Path), help="JSON file of option values; flags override it.")
+@click.option("--config", type=click.Path(path_type=Path), help=CONFIG_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of a table.")
 @config_options(SamplingConfig, RuntimeConfig)
 @click.pass_context
@@ -130,7 +119,7 @@ def generate(ctx: click.Context, **values) -> None:
     """Generate images with raster or accelerated decoding."""
     from flashar import api
 
-    values = with_config_file(values)
+    values = with_config_file(ctx, values, required=("backend",))
     registry = registry_of(ctx)
     check_foreign(values, registry, values["backend"], [values["method"]])
     conditions = parse_conditions(values["classes"], values["prompts"])
@@ -168,16 +157,19 @@ def generate(ctx: click.Context, **values) -> None:
 
 
 @cli.command(cls=PluginCommand, plugin_params=backend_options)
-@click.option("--backend", "-b", required=True, help="Backend id (see `flashar backends`).")
+@click.option("--backend", "-b", help="Backend id (see `flashar backends`); required.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), help="Image folder: class subfolders, or images + metadata.jsonl for text backends.")
 @click.option("--codes", "codes_dir", type=click.Path(path_type=Path), help="Pre-extracted LlamaGen codes (extract_codes_c2i.py output) instead of images.")
-@click.option("--image-size", type=int, help="Image side in pixels; default: the backend's native size.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Adapter folder to write (also holds checkpoints/ and metrics.jsonl).")
+@click.option("--val-data", "val_dir", type=click.Path(path_type=Path), help="Held-out image folder (laid out like --data) for held-out NLL, "
+              "best weights per stage and early stopping; or carve it out of --data with --val-fraction.")
+@click.option("--image-size", type=IMAGE_SIZE, help=IMAGE_SIZE_HELP)
+@click.option("--out", type=click.Path(path_type=Path), help="Adapter folder to write (also holds metrics.jsonl, and checkpoints/ "
+              "until the run finishes); required.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
-@click.option("--force-resume", is_flag=True, help="With --resume: continue even though --data/--codes or the training options differ from the checkpoint's.")
+@click.option("--force-resume", is_flag=True, help="With --resume: continue even though --data/--codes/--val-data or the training options differ from the checkpoint's.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Where tokenised data is cached [default: ~/.cache/flashar/tokens].")
-@click.option("--config", type=click.Path(path_type=Path), help="JSON file of AdaptConfig values (nested like config.py); flags override it.")
-@config_options(AdaptConfig, BranchConfig, RuntimeConfig, skip=("compile",))
+@click.option("--config", type=click.Path(path_type=Path), help=CONFIG_HELP)
+@config_options(AdaptConfig, BranchConfig, RuntimeConfig, skip=("compile", "compile_mode"))  # adapt compiles nothing
 @config_stage_options
 @click.pass_context
 @user_errors
@@ -188,36 +180,40 @@ def adapt(ctx: click.Context, **values) -> None:
     """
     from flashar import api
     from flashar.adapt.distributed import main_first, session
+    from flashar.adapt.trainer import check_config
 
+    values = with_config_file(ctx, values, required=("backend", "out"))
     registry = registry_of(ctx)
     check_foreign(values, registry, values["backend"], [])
-    base = config_file(values["config"])
-    config = api.validated(AdaptConfig, nested_config(AdaptConfig, values, base), "adapt")
+    config = api.validated(AdaptConfig, nested_config(AdaptConfig, values), "adapt")
+    check_config(config)  # before the model loads and the data is tokenised
     runtime = runtime_from(values)
     api.ensure_output(values["out"], resume=values["resume"])
     with session(runtime.device) as (place, device):
         runtime = runtime.model_copy(update={"device": device})  # cuda:LOCAL_RANK under torchrun
         backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
-        file_branch = (base or {}).get("branch") if isinstance((base or {}).get("branch"), dict) else {}
-        config = api.resolve_branch(backbone, config, {**file_branch, **pick(BranchConfig, values)})  # user > backend > library
+        config = api.resolve_branch(backbone, config, pick(BranchConfig, values))  # user > backend > library
         with main_first(place):  # the main process tokenises and fills the cache, the others read it
             data = api.load_data(backbone, values["data_dir"], values["codes_dir"], values["image_size"], values["cache_dir"])
+            held = api.load_data(backbone, values["val_dir"], None, values["image_size"], values["cache_dir"]) if values["val_dir"] else None
         total = sum(s.steps for s in (config.stage1, config.stage2) if s is config.stage1 or config.stage2_mode != "none")
         with _train_progress(total, quiet=not place.is_main) as on_step:
-            api.adapt(backbone, data, config, values["out"], resume=values["resume"], on_step=on_step, place=place,
+            api.adapt(backbone, data, config, values["out"], resume=values["resume"], on_step=on_step, place=place, val_data=held,
                       force_resume=values["force_resume"])
     if place.is_main:
+        _print_held_out(api.held_out_curve(values["out"]))
         console().print(f"adapter written to {values['out']} (use: flashar generate --method flashar --adapter {values['out']})")
 
 
-def config_file(path: Path | None) -> dict | None:
-    """The JSON object of an adapt ``--config`` file (nested like AdaptConfig)."""
-    if path is None:
-        return None
-    data = load_json(path)
-    if not isinstance(data, dict):
-        raise FlashARError(f"--config {path} must hold a JSON object of AdaptConfig fields, got {type(data).__name__}")
-    return data
+def _print_held_out(curve: list[dict]) -> None:
+    """Both held-out curves, marking each stage's best evaluation (the weights the stage ended with)."""
+    if not curve:
+        return
+    best = {r["stage"]: r["best_step"] for r in curve}
+    rows = [[r["stage"], r["step"], f"{r['val_nll_flashar']:.4f}", f"{r['val_nll_raster']:.4f}",
+             ", ".join(note for note, on in (("best", r["step"] == best[r["stage"]]), ("stopped early", r["stopped_early"])) if on)]
+            for r in curve]
+    print_table("held-out NLL (nats/token)", ["stage", "step", "flashar", "raster", ""], rows)
 
 
 @cli.command(cls=PluginCommand, plugin_params=backend_and_method_options)
@@ -228,6 +224,7 @@ def config_file(path: Path | None) -> dict | None:
 @click.option("--fid-weights", type=click.Path(path_type=Path), help="Inception weights (pt_inception-2015-12-05) for FID on non-digits backends.")
 @click.option("--reference-images", type=click.Path(path_type=Path), help="Folder of real images to compare samples against.")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for report.json, a sample grid per method and the speed/quality plot.")
+@click.option("--config", type=click.Path(path_type=Path), help=CONFIG_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @config_options(CompareConfig, SamplingConfig, RuntimeConfig, skip=("methods", "seeds"))
 @click.pass_context
@@ -237,6 +234,7 @@ def compare(ctx: click.Context, **values) -> None:
     from flashar import api
     from flashar.compare.report import print_report, write_report
 
+    values = with_config_file(ctx, values)
     registry = registry_of(ctx)
     names = [m.strip() for m in values["methods"].split(",") if m.strip()]
     seeds = parse_classes(values["seeds"], "--seeds")
@@ -278,7 +276,15 @@ class _train_progress:
                             console=console())
         self.bar.start()
         task = self.bar.add_task("adapt", total=self.total, stage=1, loss=float("nan"), gate=0.5)
-        return lambda r: self.bar.update(task, completed=r["step"], stage=r["stage"], loss=r["loss"], gate=r["gate_mean"])
+
+        def on_step(r):
+            if "val_nll_flashar" in r:  # a held-out evaluation
+                self.bar.console.print(f"stage {r['stage']} step {r['step']}: held-out NLL flashar {r['val_nll_flashar']:.4f}  "
+                                       f"raster {r['val_nll_raster']:.4f}" + ("  (stopped early)" if r["stopped_early"] else ""))
+            else:
+                self.bar.update(task, completed=r["step"], stage=r["stage"], loss=r["loss"], gate=r["gate_mean"])
+
+        return on_step
 
     def __exit__(self, *exc):
         if not self.quiet:

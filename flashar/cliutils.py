@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 import typing
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Callable, Iterable
 import click
 from pydantic import BaseModel, ValidationError
 
+from flashar.config import ImageSize
 from flashar.errors import FlashARError
 from flashar.plugins import Registry, get_registry
 
@@ -26,7 +28,96 @@ def flag_name(name: str, field) -> str:
     return extra.get("flag") or name.replace("_", "-")
 
 
+class ImageSizeType(click.ParamType):
+    """``256``, ``192x320`` or ``192 320`` (two words, joined by :func:`join_image_size`) -> int or (H, W)."""
+
+    name = "image size"
+
+    def get_metavar(self, *args, **kwargs) -> str:
+        return "H W | HxW"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)) and len(value) == 2:  # [H, W] from a --config file
+            value = f"{value[0]}x{value[1]}"
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        match = re.fullmatch(r"\s*(\d+)(?:\s*[xX\s]\s*(\d+))?\s*", str(value))
+        if match and all(int(p) > 0 for p in match.groups() if p is not None):
+            height, width = match.groups()
+            return int(height) if width is None else (int(height), int(width))
+        self.fail(f"expected a positive pixel size like 256, 192x320 or '192 320', got {value!r}", param, ctx)
+
+
+IMAGE_SIZE = ImageSizeType()
+
+
+def join_image_size(args: list[str]) -> list[str]:
+    """``--image-size H W`` -> ``--image-size HxW``, so the option takes one or two numbers."""
+    args, i = list(args), 0
+    while i < len(args) - 2:
+        if args[i] == "--image-size" and args[i + 1].isdigit() and args[i + 2].isdigit():
+            args[i + 1 : i + 3] = [f"{args[i + 1]}x{args[i + 2]}"]
+        i += 1
+    return args
+
+
+CONFIG_HELP = ("JSON file of option values: this command's option names (cfg_scale or cfg-scale), flat or nested as in "
+               "config.py ({\"stage1\": {\"lr\": 0.001}}); options given on the command line override it.")
+
+
+def with_config_file(ctx: click.Context, values: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Apply ``--config FILE`` to the parsed ``values``: the file beats built-in defaults, the command line
+    beats the file. Then check the ``required`` options, which either may supply."""
+    from click.core import ParameterSource
+
+    path = values.pop("config", None)
+    params = {p.name: p for p in ctx.command.get_params(ctx) if p.name in values}
+    aliases = {opt.lstrip("-").replace("-", "_"): p.name for p in params.values() for opt in p.opts} | {n: n for n in params}
+    given = _config_values(path, set(aliases)) if path is not None else {}
+    typed_by_user = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    for alias, value in given.items():
+        name = aliases[alias]  # e.g. data -> data_dir, json -> as_json
+        if ctx.get_parameter_source(name) not in typed_by_user:
+            values[name] = _convert(params[name], value, ctx)
+    for name in required:
+        if values.get(name) is None:
+            raise click.UsageError(f"Missing option '--{name.replace('_', '-')}' (on the command line or in --config)", ctx)
+    return values
+
+
+def _config_values(path: Path, names: set[str]) -> dict[str, Any]:
+    from flashar.io import load_json
+
+    data = load_json(path)
+    if not isinstance(data, dict):
+        raise FlashARError(f"--config {path} must hold a JSON object of option names, got {type(data).__name__}")
+    given = {}
+    for key, value in data.items():
+        key = key.replace("-", "_")
+        section = (key not in names and any(n.startswith(key + "_") for n in names)) or key in ("sampling", "runtime", "branch")
+        if section and not isinstance(value, dict):
+            raise FlashARError(f"'{key}' in --config {path} must be a JSON object of its fields, got {value!r}")
+        for sub, item in (value.items() if section else [(None, value)]):
+            name = key if sub is None else sub.replace("-", "_")
+            given[f"{key}_{name}" if sub is not None and f"{key}_{name}" in names else name] = item
+    if unknown := sorted(set(given) - names):
+        raise FlashARError(f"--config {path} has unknown option '{unknown[0]}'; use the names of this command's options "
+                           f"(see --help), e.g. cfg_scale for --cfg-scale")
+    return given
+
+
+def _convert(param: click.Parameter, value: Any, ctx: click.Context) -> Any:
+    """A JSON value as the option's type; lists are comma-joined for text options (--classes, --methods)."""
+    if isinstance(value, list) and param.multiple:
+        return tuple(param.type.convert(v, param, ctx) for v in value)
+    if isinstance(value, list) and param.type is not IMAGE_SIZE:
+        value = ",".join(map(str, value))
+    return param.type.convert(value, param, ctx) if value is not None else None
+
+
 def _click_type(annotation) -> Any:
+    if annotation == ImageSize | None or annotation == ImageSize:
+        return IMAGE_SIZE
     base = annotation
     if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType")):
         base = next(a for a in typing.get_args(annotation) if a is not type(None))
@@ -81,6 +172,9 @@ class PluginCommand(click.Command):
     def __init__(self, *args, plugin_params: Callable[[Registry], list[click.Option]], **kwargs):
         super().__init__(*args, **kwargs)
         self.plugin_params = plugin_params
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, join_image_size(args))
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         params = super().get_params(ctx)

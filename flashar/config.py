@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 
 CompileMode = Literal["default", "max-autotune"]  # how decode steps are compiled (flashar.compilation)
+ImageSize = PositiveInt | tuple[PositiveInt, PositiveInt]  # pixels: one side, or (height, width)
+IMAGE_SIZE_HELP = ("Image size in pixels: one side, or height and width as `H W` or `HxW`; default: the backend's "
+                   "native size.")
 
 
 Seed = Annotated[int, Field(ge=0, lt=2**63)]  # torch seeds are 64-bit; the trainer derives more seeds from it
@@ -67,7 +70,7 @@ class GenerateConfig(Config):
     """One generation run."""
 
     method: str = Field("raster", description="Decoding method id (see `flashar methods`).")
-    image_size: int | None = Field(None, gt=0, description="Image side in pixels; default: the backend's native size.")
+    image_size: ImageSize | None = Field(None, description=IMAGE_SIZE_HELP)
     batch_size: int = Field(8, gt=0, description="Images generated per forward batch.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -96,7 +99,8 @@ class StageConfig(Config):
     flat_steps: int = Field(0, ge=0, description="Steps at the peak rate after warm-up, before the cosine decay.")
     min_lr_factor: float = Field(0.05, ge=0, le=1, description="Cosine floor as a fraction of the peak rate.")
     aux_vertical_weight: float = Field(0.05, ge=0, description="Weight of the auxiliary vertical cross-entropy.")
-    distill_weight: float = Field(0.0, ge=0, description="Weight of the KL distillation from the frozen raster model (stage 1).")
+    distill_weight: float = Field(0.0, ge=0, description="Weight of the KL distillation from the frozen raster model: onto the "
+                                  "vertical logits in stage 1, onto the horizontal logits in stage 2 (which then keeps a frozen copy of the backbone).")
     distill_temperature: float = Field(2.0, gt=0, description="Temperature of the distillation KL.")
     gate_entropy_weight: float = Field(0.0, ge=0, description="Weight of the gate anti-collapse regulariser.")
 
@@ -121,6 +125,14 @@ class AdaptConfig(Config):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="bf16 autocast (auto: on CUDA only).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     checkpoint_every: int = Field(200, gt=0, description="Write a resumable checkpoint every N optimizer steps.")
+    keep_checkpoints: bool = Field(False, description="Keep the resumable checkpoints (the checkpoints/ sub-folder of --out) "
+                                   "when the run finishes; by default only the adapter and its metrics remain.")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="Hold out this fraction of the data (a split seeded by --seed) "
+                                "for held-out NLL; 0 = none unless held-out data is given.")
+    eval_every: int = Field(100, gt=0, description="With held-out data: evaluate its NLL under the FlashAR decoder and the raster "
+                            "model every N optimizer steps, and at the start and end of each stage.")
+    patience: int = Field(0, ge=0, description="With held-out data: stop a stage early after this many evaluations without "
+                          "a better FlashAR NLL (0 = never); each stage ends with its best weights either way.")
     seed: Seed = Field(0, description="Seed for data order and initialisation.")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="Under torchrun: replicate the model in every process (ddp) or shard weights, gradients and "
@@ -162,5 +174,5 @@ class CompareConfig(Config):
     latency_batch_size: int = Field(1, gt=0, description="Images per timed batch for the latency and speedup columns (1: the wait for one image).")
     repeats: int = Field(5, gt=0, description="Timed runs per method after warm-up, interleaved across methods; medians are reported.")
     warmup: int = Field(1, ge=0, description="Untimed warm-up runs per method (they include compilation).")
-    image_size: int | None = Field(None, gt=0, description="Image side in pixels; default: the backend's native size.")
+    image_size: ImageSize | None = Field(None, description=IMAGE_SIZE_HELP)
     metrics: bool = Field(True, description="Compute FID/KID/IS/precision/recall with torch-fidelity (needs flashar[metrics]).")

@@ -27,6 +27,7 @@ BUILTIN_PLUGINS = (
     "flashar.backends.llamagen",
     "flashar.backends.digits",
     "flashar.backends.emu35",
+    "flashar.backends.glm_image",
     "flashar.methods.raster",
     "flashar.methods.flashar",
     "flashar.methods.sjd",

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from flashar import grid as G
 from flashar.backbone import Backbone, Prefix
-from flashar.branch import FlashARHead, cell_kinds
+from flashar.branch import FIRST_COL, FlashARHead, cell_kinds
 
 
 def grid_inputs(backbone: Backbone, prefix: Prefix, codes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -93,7 +93,22 @@ def distillation_kl(teacher: Tensor, vertical: Tensor, width: int, temperature: 
     (r, c) + W, so it is compared with the teacher's logits for that cell.
     """
     num = teacher.shape[1] - width
-    t = F.log_softmax(teacher[:, width:].float() / temperature, dim=-1)
-    s = F.log_softmax(vertical[:, :num].float() / temperature, dim=-1)
-    kl = (t.exp() * (t - s)).sum(-1)
-    return temperature**2 * kl.mean()
+    return temperature**2 * _kl(teacher[:, width:], vertical[:, :num], temperature).mean()
+
+
+def horizontal_distillation_kl(teacher: Tensor, horizontal: Tensor, kind: Tensor, temperature: float) -> Tensor:
+    """T^2 * KL(teacher || horizontal student) over the target cells whose fused logits read the horizontal
+    ones (all but the first column), stage 2's optional distillation.
+
+    ``teacher`` and ``horizontal`` (B, N, V) are logits per target cell: the frozen raster model's, and the
+    adapted backbone's from the left neighbour under the proximity mask; ``kind`` (N,) the cell kinds.
+    """
+    used = kind != FIRST_COL
+    return temperature**2 * _kl(teacher[:, used], horizontal[:, used], temperature).mean()
+
+
+def _kl(teacher: Tensor, student: Tensor, temperature: float) -> Tensor:
+    """KL(softmax(teacher / T) || softmax(student / T)) per position, (..., V) -> (...)."""
+    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum(-1)

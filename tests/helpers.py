@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
+import lzma
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -80,7 +86,14 @@ def cli_args(options: dict) -> list[str]:
 
 # --- Emu3.5 ---------------------------------------------------------------------------------------
 
-EMU35_TOKENIZER = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "emu35-tokenizer"
+# The real Emu3.5 tokenizer files, kept in tests/data/emu35-tokenizer (README and LICENSE there): the vocabulary
+# xz-compressed, the vision-token list generated. SHA-256 of the published files, which the restored ones must match.
+EMU35_TOKENIZER_DATA = Path(__file__).resolve().parent / "data" / "emu35-tokenizer"
+EMU35_TOKENIZER_SHA256 = {
+    "emu3.tiktoken": "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186",
+    "emu3_vision_tokens.txt": "f3c4f0aa4a971ff38ba4caf4c8e4a3968b4c938c5343579f3e64c4ce2d7659b1",
+    "tokenizer_config.json": "da954ce34de8399a145221bec333e3d873f425e45febe7d8dff3a3fc6acc332d",
+}
 # Emu3.5's config.json fields, tiny sizes (reference/emu35_glm.md §12: real ids, decoupled head_dim, GQA).
 TINY_EMU35 = {
     "architectures": ["Emu3ForCausalLM"], "model_type": "Emu3", "vocab_size": 282926, "hidden_size": 64,
@@ -96,12 +109,30 @@ TINY_IBQ = {"ch": 32, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 1, "attn_res
             "z_channels": 32, "in_channels": 3, "out_ch": 3, "codebook_size": 131072, "embed_dim": 8}
 
 
+def emu35_vision_tokens() -> str:
+    """The text of the published ``emu3_vision_tokens.txt``: three image markers, then one numbered visual
+    token per code of the IBQ codebook (131,072), one per line."""
+    markers = ["<|image token|>", "<|image start|>", "<|image end|>"]
+    visual = [f"<|visual token {code:06d}|>" for code in range(131072)]
+    return "".join(line + "\n" for line in markers + visual)
+
+
+@functools.cache
+def emu35_tokenizer_dir() -> Path:
+    """A folder with the real tokenizer files as published (``emu3.tiktoken``, ``emu3_vision_tokens.txt``,
+    ``tokenizer_config.json``), restored from tests/data once per process into a temporary folder."""
+    folder, owner = Path(tempfile.mkdtemp(prefix="flashar-emu35-tokenizer-")), os.getpid()
+    # Removed when the process that wrote it exits (not when a forked child that inherited the cache does).
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
+    (folder / "emu3.tiktoken").write_bytes(lzma.decompress((EMU35_TOKENIZER_DATA / "emu3.tiktoken.xz").read_bytes()))
+    (folder / "emu3_vision_tokens.txt").write_bytes(emu35_vision_tokens().encode())
+    shutil.copy(EMU35_TOKENIZER_DATA / "tokenizer_config.json", folder)
+    return folder
+
+
 def emu35_tokenizer_files() -> list[Path]:
-    names = ("emu3.tiktoken", "emu3_vision_tokens.txt", "tokenizer_config.json")
-    files = [EMU35_TOKENIZER / n for n in names]
-    if not all(f.is_file() for f in files):
-        raise FileNotFoundError(f"the real Emu3.5 tokenizer files are expected in {EMU35_TOKENIZER.resolve()} (the shared/ folder beside the checkout)")
-    return files
+    """The three published tokenizer files, in :func:`emu35_tokenizer_dir`."""
+    return [emu35_tokenizer_dir() / name for name in EMU35_TOKENIZER_SHA256]
 
 
 def random_emu35_state(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -137,8 +168,6 @@ def write_two_shards(folder: Path, state: dict[str, torch.Tensor], first: tuple[
 def write_emu35(folder: Path, seed: int = 0, **overrides) -> dict:
     """A tiny Emu3.5 in the published layout: config.json, two bf16 shards + index, the real tokenizer files,
     and a tiny IBQ (config.json + model.safetensors) in ``folder/vq``; returns the backend options."""
-    import shutil
-
     config = {**TINY_EMU35, **overrides}
     model_dir, vq_dir = folder / "emu35", folder / "vq"
     model_dir.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,8 @@ class World:
 
 def quick_adapter(out: Path, seed: int = 0) -> Path:
     """A stage-1 adapter for the tiny GPT of ``write_llamagen(seed=seed)`` on 4x4 grids (image size 8)."""
-    config = AdaptConfig(stage1=StageConfig(steps=2, lr=1e-3), stage2_mode="none", batch_size=4, checkpoint_every=1)
+    config = AdaptConfig(stage1=StageConfig(steps=2, lr=1e-3), stage2_mode="none", batch_size=4, checkpoint_every=1,
+                         keep_checkpoints=True)
     adapt(random_gpt(seed), Run(stripes(), config, out))
     return out
 
@@ -288,8 +289,9 @@ CASES = [
          ("class-conditional", "--classes")),
     Case("nothing-to-generate", lambda w: ["generate", "-b", "llamagen", *w.model], ("nothing to generate", "--classes")),
     Case("generate-size-not-divisible", lambda w: w.gen("--image-size", 7), ("not a positive multiple", "downsampling factor 2")),
-    Case("generate-size-zero", lambda w: w.gen("--image-size", 0), ("image size 0x0", "positive multiple")),
-    Case("adapt-size-zero", lambda w: w.adapt("--out", w.out, "--image-size", 0), ("image size 0x0", "positive multiple")),
+    Case("generate-size-zero", lambda w: w.gen("--image-size", 0), ("--image-size", "positive pixel size", "'0'"), usage=True),
+    Case("adapt-size-zero", lambda w: w.adapt("--out", w.out, "--image-size", 0), ("--image-size", "positive pixel size", "'0'"),
+         usage=True),
     Case("adapt-size-not-divisible", lambda w: w.adapt("--out", w.out, "--image-size", 7), ("not a positive multiple",)),
     Case("adapt-grid-too-small", lambda w: w.adapt("--out", w.out, "--image-size", 2), ("at least 2x2", "--image-size")),
     # data
@@ -420,8 +422,8 @@ def test_a_second_adapt_on_the_same_out_is_refused(world, registry):
 
 
 def test_resume_on_other_data_is_refused_unless_forced(world, registry):
-    run = lambda *extra, data=None: CliRunner().invoke(cli, [str(a) for a in world.adapt("--out", world.out, *extra, data=data)],
-                                                       obj=registry)
+    run = lambda *extra, data=None: CliRunner().invoke(
+        cli, [str(a) for a in world.adapt("--out", world.out, "--keep-checkpoints", *extra, data=data)], obj=registry)
     assert run().exit_code == 0
     other = write_class_folder(world.root / "other-images", per_class=3)
     refused = run("--resume", data=other)

@@ -59,7 +59,7 @@ def test_greedy_top_k_1_equals_temperature_0(tmp_path, run):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--backend", "llamgen"], "unknown backend 'llamgen'; installed: digits, emu35, llamagen"),
+    (["--backend", "llamgen"], "unknown backend 'llamgen'; installed: digits, emu35, glm_image, llamagen"),
     (["--backend", "llamagen", "--method", "nope"], "unknown method 'nope'"),
     (["--backend", "llamagen", "--classes", "99"], "class id 99 is out of range"),
     (["--backend", "llamagen", "--classes", "1", "--image-size", 7], "not a positive multiple"),

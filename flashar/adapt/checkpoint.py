@@ -8,6 +8,9 @@ moments, the param groups, the stage, step and data-sampler position). The files
 leftovers, and temporary files of interrupted writes, are removed when a run starts. Everything is global
 state (full weights and moments, the sampler of the global batch), so any process count can resume it.
 
+``<out>/checkpoints/best-stage<N>/`` holds the weights of stage N's best held-out evaluation
+(``weights.safetensors``, and its step in ``best.json``); a stage ends with them.
+
 ``metrics.jsonl`` is cut back to the checkpoint's step when a run (re)starts, so after a kill and
 ``--resume`` it holds every step exactly once.
 """
@@ -74,11 +77,22 @@ def save_checkpoint(out_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     return final
 
 
+def remove_checkpoints(out_dir: Path) -> None:
+    """Delete ``checkpoints/`` (a finished run), renamed out of sight first like a pruned checkpoint."""
+    root = out_dir / "checkpoints"
+    if root.is_dir():
+        doomed = out_dir / ".pruning-checkpoints"
+        os.replace(root, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
 def remove_leftovers(out_dir: Path) -> None:
     """Delete what a killed run left behind (none of it is ever read): staging and half-pruned checkpoint
-    folders, incomplete ``step-*`` folders, and the temporary files of interrupted atomic writes."""
+    folders, incomplete ``step-*`` folders, and the temporary files of interrupted atomic writes. The best
+    weights of a stage (``best-stage<N>/``) are kept: a resumed run ends its stage with them."""
     root = out_dir / "checkpoints"
-    for stale in [*root.glob(".staging-*"), *root.glob(".pruning-*"), *(p for p in root.glob("step-*") if not is_complete(p))]:
+    incomplete = (p for p in root.glob("step-*") if not is_complete(p))
+    for stale in [*root.glob(".staging-*"), *root.glob(".pruning-*"), *incomplete, *out_dir.glob(".pruning-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     remove_temporary_files(out_dir)
     if root.is_dir():
@@ -122,3 +136,32 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
 def optimizer_state(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> dict:
     """The full ``optimizer.state_dict()`` stored in a checkpoint."""
     return _unflatten_optimizer(tensors, state["optimizer"])
+
+
+def save_best(out_dir: Path, stage: int, step: int, weights: dict[str, torch.Tensor]) -> Path:
+    """Write ``checkpoints/best-stage<stage>/`` (staged, then renamed into place) from full weights."""
+    root = out_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"best-stage{stage}"
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
+    try:
+        save_safetensors(weights, staging / "weights.safetensors")
+        save_json({"stage": stage, "step": step}, staging / "best.json")
+        doomed = root / f".pruning-{final.name}"
+        if final.exists():
+            os.replace(final, doomed)  # a kill mid-delete never leaves half the weights named best-stage<N>
+        os.replace(staging, final)
+        shutil.rmtree(doomed, ignore_errors=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return final
+
+
+def load_best(out_dir: Path, stage: int, step: int) -> dict[str, torch.Tensor]:
+    """The weights :func:`save_best` wrote for ``stage`` at ``step``."""
+    folder = out_dir / "checkpoints" / f"best-stage{stage}"
+    if not (folder / "best.json").is_file() or load_json(folder / "best.json").get("step") != step:
+        raise CheckpointError(f"{folder} does not hold the best weights of stage {stage} (step {step}) that the run recorded; "
+                              f"start again with a new --out")
+    return load_weights(folder / "weights.safetensors")

@@ -54,17 +54,19 @@ class TokenData:
         return pick(order[:cut]), pick(order[cut:])
 
 
-def center_crop(image, size: int):
-    """ADM's center_crop_arr: halve with BOX while the short side >= 2x size, BICUBIC to size, centre crop."""
+def center_crop(image, size: int | tuple[int, int]):
+    """ADM's center_crop_arr, for a side or (height, width): halve with BOX while the image is at least twice
+    the target on both sides, BICUBIC to cover the target, centre crop. (h, w, 3) uint8."""
     from PIL import Image
 
-    while min(image.size) >= 2 * size:
+    height, width = (size, size) if isinstance(size, int) else size
+    while image.size[0] >= 2 * width and image.size[1] >= 2 * height:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
+    scale = max(width / image.size[0], height / image.size[1])
     image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
     arr = np.asarray(image.convert("RGB"))
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top : top + size, left : left + size]
+    top, left = (arr.shape[0] - height) // 2, (arr.shape[1] - width) // 2
+    return arr[top : top + height, left : left + width]
 
 
 def list_class_folder(folder: Path) -> list[tuple[Path, int]]:
@@ -111,7 +113,7 @@ def list_images(folder: str | Path, condition_kind: str) -> list[tuple[Path, Any
     return items
 
 
-def cache_key(items: list[tuple[Path, Any]], image_size: int, backbone: Backbone) -> str:
+def cache_key(items: list[tuple[Path, Any]], image_size: int | tuple[int, int], backbone: Backbone) -> str:
     digest = hashlib.sha256(f"{image_size}|{backbone.backend_id}|{backbone.fingerprint()}|{backbone.downsample}".encode())
     tokenizer = getattr(backbone, "tokenizer", None)
     if tokenizer is not None and hasattr(tokenizer, "model"):
@@ -127,10 +129,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FLASHAR_CACHE", Path.home() / ".cache" / "flashar")) / "tokens"
 
 
-def tokenize_folder(backbone: Backbone, folder: str | Path, image_size: int | None = None, cache_dir: Path | None = None,
+def tokenize_folder(backbone: Backbone, folder: str | Path, image_size: int | tuple[int, int] | None = None,
+                    cache_dir: Path | None = None,
                     batch_size: int = 32, progress: Callable[[int, int], None] | None = None) -> TokenData:
     """Encode every image of the folder into a token grid (cached)."""
     size = backbone.default_image_size if image_size is None else image_size
+    size = size if isinstance(size, int) else tuple(size)
     backbone.grid(size)  # validates the size against the tokenizer's downsampling factor
     items = list_images(folder, backbone.condition_kind)
     cache = (cache_dir or default_cache_dir()) / cache_key(items, size, backbone)
@@ -149,7 +153,7 @@ def tokenize_folder(backbone: Backbone, folder: str | Path, image_size: int | No
     return data
 
 
-def _read(path: Path, size: int) -> Tensor:
+def _read(path: Path, size: int | tuple[int, int]) -> Tensor:
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -160,8 +164,12 @@ def _read(path: Path, size: int) -> Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
 
-def load_llamagen_codes(folder: str | Path) -> TokenData:
-    """Codes written by LlamaGen's ``extract_codes_c2i.py`` (square grids, every augmentation a sample)."""
+def load_llamagen_codes(folder: str | Path, grid: tuple[int, int] | None = None) -> TokenData:
+    """Codes written by LlamaGen's ``extract_codes_c2i.py`` (every augmentation a sample).
+
+    A file holds (1, num_aug, N) flat codes, or (..., H, W) grids. Flat codes form ``grid`` (H, W) when
+    H * W = N, else a square grid.
+    """
     folder = Path(folder)
     code_dirs = sorted(folder.glob("*_codes"))
     if not code_dirs:
@@ -174,15 +182,28 @@ def load_llamagen_codes(folder: str | Path) -> TokenData:
     codes, labels = [], []
     for path in files:
         array = _read_npy(path, "codes")
-        grid = array.reshape(-1, array.shape[-1])  # (num_aug, N)
+        grids = _as_grids(array, grid, path)  # (num_aug, H, W)
         label = int(_read_npy(label_dir / path.name, "label").reshape(-1)[0])
-        codes.append(torch.from_numpy(grid.astype(np.int64)))
-        labels += [label] * grid.shape[0]
-    flat = torch.cat(codes)
-    side = int(round(flat.shape[1] ** 0.5))
-    if side * side != flat.shape[1]:
-        raise DataError(f"codes in {code_dir} have {flat.shape[1]} tokens, not a square grid")
-    return TokenData(flat.view(-1, side, side), labels)
+        codes.append(torch.from_numpy(grids.astype(np.int64)))
+        labels += [label] * grids.shape[0]
+    shapes = sorted({tuple(c.shape[1:]) for c in codes})
+    if len(shapes) > 1:
+        raise DataError(f"the codes in {code_dir} form grids of several shapes {shapes}; extract them at one image size")
+    return TokenData(torch.cat(codes), labels)
+
+
+def _as_grids(array: np.ndarray, grid: tuple[int, int] | None, path: Path) -> np.ndarray:
+    if array.ndim >= 4:  # (..., H, W) grids as stored
+        return array.reshape(-1, *array.shape[-2:])
+    flat = array.reshape(-1, array.shape[-1])  # (num_aug, N)
+    count = flat.shape[1]
+    if grid is not None and grid[0] * grid[1] == count:
+        return flat.reshape(-1, *grid)
+    side = int(round(count**0.5))
+    if side * side != count:
+        wanted = f"the {grid[0]}x{grid[1]} grid of this image size" if grid else "a square grid"
+        raise DataError(f"codes in {path} have {count} tokens, not {wanted}; pass the --image-size they were extracted at")
+    return flat.reshape(-1, side, side)
 
 
 def _read_npy(path: Path, what: str) -> np.ndarray:

@@ -218,6 +218,16 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any
     return state
 
 
+def load_full_state(model: nn.Module, weights: dict[str, Tensor]) -> None:
+    """Full trainable weights (``trainable_state`` keys: ``head.*``, ``backbone.*``, ``lora.*``) into an
+    FSDP-sharded model; every process passes the same tensors and keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    names = {name.replace(".default", ""): name for name in model.state_dict()}  # peft's adapter name dropped
+    full = {names["backbone." + key[5:]] if key.startswith("lora.") else key: value for key, value in weights.items()}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
 def full_norm(norm: Tensor) -> float:
     """The gradient norm as a float (FSDP returns it as a replicated DTensor)."""
     return float(_full(norm))

@@ -2,32 +2,43 @@
 parameters each stage updates (reference/flashar_method.md §7).
 
 Stage 1 trains the vertical branch, vertical head and gates with the backbone frozen; losses: fused CE
-+ w_v * vertical CE + w_kd * KL to the frozen raster model (T = 2) + w_gc * gate entropy. Stage 2 trains
-everything jointly (the backbone fully, or LoRA factors through peft) with the backbone at
-``lr * backbone_lr_factor``. Every loss is a mean over equal-sized samples, so the mean of per-process
++ w_v * vertical CE + w_kd * KL from the frozen raster model to the vertical logits (T = 2) + w_gc * gate
+entropy. Stage 2 trains everything jointly (the backbone fully, or LoRA factors through peft) with the
+backbone at ``lr * backbone_lr_factor``; its optional distillation is a KL from a frozen copy of the raster
+model to the horizontal logits, which keeps the adapted backbone's left-neighbour predictions near the
+original model's (off by default). Every loss is a mean over equal-sized samples, so the mean of per-process
 shard losses is the loss of the whole batch (what data-parallel training relies on).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flashar.backbone import Backbone, Prefix
 from flashar.branch import FlashARHead
 from flashar.config import AdaptConfig, StageConfig
 from flashar.lora import inject_lora, lora_state
-from flashar.teacher import cross_entropy, distillation_kl, flashar_logits, raster_logits, vertical_cross_entropy
+from flashar.teacher import (cross_entropy, distillation_kl, flashar_logits, horizontal_distillation_kl, raster_logits,
+                             vertical_cross_entropy)
 
 
 class AdaptModel(nn.Module):
     """Backbone + FlashAR parts; ``forward`` returns the stage's loss and metrics for one micro-batch."""
 
-    def __init__(self, backbone: Backbone, head: FlashARHead):
+    def __init__(self, backbone: Backbone, head: FlashARHead, teacher: Backbone | None = None):
         super().__init__()
         self.backbone, self.head = backbone, head
+        # stage 2's frozen raster model; not a submodule: never trained, saved, sharded or wrapped by DDP
+        object.__setattr__(self, "teacher", teacher)
 
-    def forward(self, codes: Tensor, conditions: list, dropped: Tensor, cfg: StageConfig) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, codes: Tensor, conditions: list, dropped: Tensor | None = None, cfg: StageConfig | None = None,
+                stage: int = 1) -> tuple[Tensor, dict[str, float]] | tuple[float, float]:
+        """The loss and metrics of a stage for one micro-batch; without ``cfg`` the held-out NLL sums of
+        :meth:`nll_sums` (evaluated through ``forward`` so FSDP's root hooks gather the weights)."""
+        if cfg is None:
+            return self.nll_sums(codes, conditions)
         both = self.backbone.prefix(conditions, cfg=True, grid=tuple(codes.shape[1:]), unconditional="empty")
         prefix = dropout_prefix(both, dropped)  # the uncond rows FlashAR decodes with (methods/flashar.py)
         out = flashar_logits(self.backbone, self.head, prefix, codes)
@@ -36,10 +47,14 @@ class AdaptModel(nn.Module):
         if cfg.aux_vertical_weight and codes.shape[1] > 1:
             aux = vertical_cross_entropy(out.vertical, codes)
             loss, metrics["aux_vertical"] = loss + cfg.aux_vertical_weight * aux, aux.item()
-        if cfg.distill_weight:
+        if cfg.distill_weight and stage == 1:
             with torch.no_grad():  # the frozen raster model under its own causal mask is the teacher
                 teacher = raster_logits(self.backbone, prefix, codes)
             kd = distillation_kl(teacher, out.vertical, codes.shape[2], cfg.distill_temperature)
+            loss, metrics["distill"] = loss + cfg.distill_weight * kd, kd.item()
+        elif cfg.distill_weight:
+            kd = horizontal_distillation_kl(self._teacher_logits(conditions, dropped, codes),
+                                            self.backbone.logits(out.h_left), out.kind, cfg.distill_temperature)
             loss, metrics["distill"] = loss + cfg.distill_weight * kd, kd.item()
         if cfg.gate_entropy_weight:
             gc = self.head.gate_entropy_loss(self.backbone, out.h_left, out.v_up, out.kind)
@@ -48,6 +63,23 @@ class AdaptModel(nn.Module):
         metrics["gate_mean"] = interior.mean().item() if interior.numel() else 0.5
         metrics["gate_std"] = interior.float().std().item() if interior.numel() > 1 else 0.0
         return loss, metrics
+
+    @torch.no_grad()
+    def _teacher_logits(self, conditions: list, dropped: Tensor, codes: Tensor) -> Tensor:
+        """Raster logits (B, N, V) of the frozen copy of the base backbone, on its own prefix embeddings."""
+        both = self.teacher.prefix(conditions, cfg=True, grid=tuple(codes.shape[1:]), unconditional="empty")
+        return raster_logits(self.teacher, dropout_prefix(both, dropped), codes)
+
+    @torch.no_grad()
+    def nll_sums(self, codes: Tensor, conditions: list) -> tuple[float, float]:
+        """Summed NLL (nats) of a batch of held-out grids (B, H, W) under their conditions, teacher-forced:
+        under the fused FlashAR decoder in its anti-diagonal order, and under the raster model (the current
+        backbone, causal mask)."""
+        prefix = self.backbone.prefix(conditions, cfg=False, grid=tuple(codes.shape[1:]))
+        target = codes.flatten().to(self.backbone.device)
+        fused = flashar_logits(self.backbone, self.head, prefix, codes).fused
+        raster = raster_logits(self.backbone, prefix, codes)
+        return tuple(F.cross_entropy(logits.flatten(0, 1).float(), target, reduction="sum").item() for logits in (fused, raster))
 
 
 def dropout_prefix(both: Prefix, dropped: Tensor) -> Prefix:

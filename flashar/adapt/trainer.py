@@ -10,6 +10,14 @@ run, even after a SIGKILL (checkpoints and the adapter are written atomically; `
 back to the checkpoint's step). Under torchrun the same loop runs data-parallel (DDP or FSDP2, see
 :mod:`flashar.adapt.distributed`): every process computes its share of each global batch and only the
 main process writes metrics, checkpoints and the adapter (``config.json`` + ``model.safetensors``).
+
+With held-out data (``Run.val_data``, or ``val_fraction`` of the data split off by seed) every stage
+evaluates the held-out NLL of the fused FlashAR decoder (teacher-forced in its anti-diagonal order) and of
+the raster model at its start, every ``eval_every`` steps and at its end; it writes the weights of its best
+FlashAR NLL to ``checkpoints/best-stage<N>/``, stops after ``patience`` evaluations without a better one,
+and ends with the best weights. Evaluation draws no random numbers and the decisions are checkpointed, so
+resume stays exact. The ``checkpoints/`` sub-folder is removed when the run finishes unless
+``keep_checkpoints``: the folder then holds the adapter and ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -18,8 +26,9 @@ import contextlib
 import hashlib
 import json
 import math
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,9 +37,12 @@ from torch import Tensor, nn
 
 from flashar.adapt.checkpoint import (
     latest_checkpoint,
+    load_best,
     load_checkpoint,
     optimizer_state,
+    remove_checkpoints,
     remove_leftovers,
+    save_best,
     save_checkpoint,
     truncate_metrics,
 )
@@ -43,6 +55,7 @@ from flashar.adapt.distributed import (
     full_norm,
     full_optimizer_state,
     full_tensors,
+    load_full_state,
     mean_over_processes,
     shard_fsdp,
     shard_optimizer_state,
@@ -63,7 +76,7 @@ from flashar.backbone import Backbone
 from flashar.branch import FlashARHead
 from flashar.config import AdaptConfig, StageConfig
 from flashar.errors import CheckpointError, DataError, FlashARError, require
-from flashar.io import ensure_writable_dir, folder_lock
+from flashar.io import atomic_path, ensure_writable_dir, folder_lock
 from flashar.lora import lora_state
 
 METRICS = "metrics.jsonl"
@@ -119,18 +132,31 @@ class Run:
     stop_after: int | None = None  # stop (as if killed) after this many optimizer steps: for tests
     place: Distributed | None = None  # this process's rank and world size; None: from the process group, if any
     force_resume: bool = False  # resume even when the data or the config differ from the checkpoint's
+    val_data: TokenData | None = None  # held-out grids; None: ``config.val_fraction`` of ``data``, if any
+
+
+@dataclass
+class Best:
+    """The best held-out evaluation of the current stage, and whether the stage stopped early."""
+
+    nll: float | None = None  # FlashAR NLL (nats / token) at ``step``
+    step: int | None = None
+    bad: int = 0  # evaluations since the best one
+    stopped: bool = False
 
 
 @dataclass
 class Position:
     """Where training stands (what a checkpoint records): the stage, steps taken in it and in total, the
-    data sampler, and the fingerprint of the base backbone training started from."""
+    data sampler, the fingerprint of the base backbone training started from, and the stage's best
+    held-out evaluation."""
 
     stage: int
     in_stage: int
     step: int
     sampler: Sampler
     base: str
+    best: Best = field(default_factory=Best)
 
 
 def _autocast(device: torch.device, precision: str):
@@ -139,7 +165,7 @@ def _autocast(device: torch.device, precision: str):
 
 
 def train_step(wrapped: nn.Module, optimizer: torch.optim.Optimizer, sampler: Sampler, run: Run, cfg: StageConfig,
-               place: Distributed = SINGLE) -> dict[str, float]:
+               place: Distributed = SINGLE, stage: int = 1) -> dict[str, float]:
     """One optimizer step over the global batch (``batch_size`` samples in ``grad_accum`` micro-batches);
     this process computes its contiguous share of every micro-batch and the wrapper averages gradients."""
     config, data = run.config, run.data
@@ -155,7 +181,7 @@ def train_step(wrapped: nn.Module, optimizer: torch.optim.Optimizer, sampler: Sa
         conditions = [data.conditions[j] for j in part.tolist()]
         with sync_context(wrapped, sync=i == config.grad_accum - 1):
             with _autocast(device, config.precision):
-                loss, metrics = wrapped(codes, conditions, dropped[rows], cfg)
+                loss, metrics = wrapped(codes, conditions, dropped[rows], cfg, stage)
             (loss / config.grad_accum).backward()
         for key, value in {"loss": loss.item(), **metrics}.items():
             totals[key] = totals.get(key, 0.0) + value / config.grad_accum
@@ -174,9 +200,11 @@ def adapt(backbone: Backbone, run: Run, resume: bool = False) -> Adapter | None:
     stay sharded across processes; read the written folder back with :func:`flashar.adapter.load_adapter`).
     """
     config, place = run.config, run.place or current()
+    run = with_held_out(run)
     check_run(backbone, run, place)
     torch.manual_seed(config.seed)
-    model = AdaptModel(backbone, FlashARHead(backbone, config.branch)).train()
+    teacher = frozen_copy(backbone) if distills_in_stage2(config) else None  # the base weights, before any resume
+    model = AdaptModel(backbone, FlashARHead(backbone, config.branch), teacher).train()
     metadata = new_metadata(backbone, model.head, run.data.grid)  # the base fingerprint, before stage 2
     prepare_lora(model, config)
     position, opt_state = _start(model, run, resume, metadata.backbone_fingerprint)
@@ -184,7 +212,7 @@ def adapt(backbone: Backbone, run: Run, resume: bool = False) -> Adapter | None:
     with folder_lock(out) if place.is_main else contextlib.nullcontext():  # one run per folder
         if place.is_main:
             remove_leftovers(out)
-            truncate_metrics(out / METRICS, position.step)
+            _cut_metrics(out / METRICS, position if resume else None)
         return _train(model, run, place, metadata, position, opt_state)
 
 
@@ -199,8 +227,8 @@ def _train(model: AdaptModel, run: Run, place: Distributed, metadata: AdapterMet
         cfg = config.stage1 if stage == 1 else config.stage2
         if stage < position.stage or cfg.steps == 0 or (stage == 2 and config.stage2_mode == "none"):
             continue
-        if stage != position.stage:  # a new stage: first step, fresh moments
-            position.stage, position.in_stage, opt_state = stage, 0, None
+        if stage != position.stage:  # a new stage: first step, fresh moments, no evaluation yet
+            position.stage, position.in_stage, position.best, opt_state = stage, 0, Best(), None
         if not _train_stage(model, run, place, position, opt_state):
             return None
     return _finish(model, run, place, metadata, position, sharded)
@@ -212,6 +240,9 @@ def _start(model: AdaptModel, run: Run, resume: bool, base: str) -> tuple[Positi
     if not resume:
         return Position(1, 0, 0, Sampler(len(run.data), config.seed), base), None
     checkpoint = latest_checkpoint(run.out_dir)
+    if checkpoint is None and (run.out_dir / "config.json").is_file():
+        raise FlashARError(f"{run.out_dir} holds a finished adapter and no checkpoints to resume from (a finished run removes "
+                           f"them unless --keep-checkpoints); choose a new --out")
     if checkpoint is None:
         raise FlashARError(f"--resume was given but {run.out_dir / 'checkpoints'} holds no checkpoint; run without --resume")
     weights, opt_tensors, state = load_checkpoint(checkpoint)
@@ -220,9 +251,9 @@ def _start(model: AdaptModel, run: Run, resume: bool, base: str) -> tuple[Positi
     if not _same_config(state.get("config"), config) and not run.force_resume:
         raise FlashARError(f"{checkpoint} was written with a different adaptation config; resume with the same options, "
                            f"use a new --out, or pass --force-resume to continue with these options")
-    if state.get("data_fingerprint", data_fingerprint(run.data)) != data_fingerprint(run.data) and not run.force_resume:
-        raise FlashARError(f"{checkpoint} was written while training on other data; resume with the same --data/--codes, "
-                           f"use a new --out, or pass --force-resume to continue on this data")
+    if state.get("data_fingerprint", _fingerprint(run)) != _fingerprint(run) and not run.force_resume:
+        raise FlashARError(f"{checkpoint} was written while training (or evaluating) on other data; resume with the same "
+                           f"--data/--codes/--val-data, use a new --out, or pass --force-resume to continue on this data")
     if state.get("backbone_fingerprint", base) != base:
         raise CheckpointError(f"{checkpoint} was written while adapting another backbone (fingerprint {state['backbone_fingerprint']}, "
                               f"this one is {base}); resume with the checkpoint it started from or use a new --out")
@@ -233,7 +264,8 @@ def _start(model: AdaptModel, run: Run, resume: bool, base: str) -> tuple[Positi
                               f"resume with the same backbone and options or use a new --out") from None
     try:
         sampler = Sampler(len(run.data), config.seed, **state["sampler"])
-        position = Position(int(state["stage"]), int(state["in_stage"]), int(state["step"]), sampler, base)
+        best = Best(**state.get("best", {}))
+        position = Position(int(state["stage"]), int(state["in_stage"]), int(state["step"]), sampler, base, best)
         return position, optimizer_state(opt_tensors, state)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{checkpoint / 'state.json'} is malformed ({type(exc).__name__}: {str(exc)[:80]}); "
@@ -241,9 +273,10 @@ def _start(model: AdaptModel, run: Run, resume: bool, base: str) -> tuple[Positi
 
 
 def _same_config(saved: dict | None, config: AdaptConfig) -> bool:
-    """Whether a checkpoint's config is this one; the strategy may change (the state is global)."""
+    """Whether a checkpoint's config is this one; the strategy may change (the state is global), and so may
+    whether checkpoints are kept at the end."""
     def strip(values):
-        return {k: v for k, v in (values or {}).items() if k != "strategy"}
+        return {k: v for k, v in (values or {}).items() if k not in ("strategy", "keep_checkpoints")}
 
     return strip(saved) == strip(json.loads(config.model_dump_json()))
 
@@ -255,6 +288,12 @@ def data_fingerprint(data: TokenData) -> str:
     return digest.hexdigest()[:16]
 
 
+def _fingerprint(run: Run) -> str:
+    """The training data's fingerprint, and the held-out data's after a '+' when there is some."""
+    held = "" if run.val_data is None else "+" + data_fingerprint(run.val_data)
+    return data_fingerprint(run.data) + held
+
+
 def _train_stage(model: AdaptModel, run: Run, place: Distributed, position: Position, opt_state: dict | None) -> bool:
     """Train ``position.stage`` to its last step; False when ``run.stop_after`` stopped the run."""
     config, stage = run.config, position.stage
@@ -264,16 +303,24 @@ def _train_stage(model: AdaptModel, run: Run, place: Distributed, position: Posi
         optimizer.load_state_dict(shard_optimizer_state(optimizer, opt_state))
     # DDP is rebuilt per stage: it registers the parameters that require grad when it is built
     wrapped = wrap_ddp(model, place, model.backbone.device) if config.strategy == "ddp" and place.active else model
-    while position.in_stage < cfg.steps:
+    if run.val_data is not None and position.best.step is None:  # the stage's start
+        _evaluate(model, run, place, position)
+    while position.in_stage < cfg.steps and not position.best.stopped:
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr_factor(position.in_stage, cfg)
         began = time.perf_counter()
-        metrics = train_step(wrapped, optimizer, position.sampler, run, cfg, place)
+        metrics = train_step(wrapped, optimizer, position.sampler, run, cfg, place, stage)
         position.in_stage, position.step = position.in_stage + 1, position.step + 1
         if place.is_main:
             _log(run, {"step": position.step, "stage": stage, "lr": optimizer.param_groups[0]["lr"], **metrics,
                        "seconds": round(time.perf_counter() - began, 4)})
-        if position.step % config.checkpoint_every == 0 or position.in_stage == cfg.steps:
+        ends = position.in_stage == cfg.steps
+        if run.val_data is not None and (position.in_stage % config.eval_every == 0 or ends):
+            _evaluate(model, run, place, position)
+        ends = ends or position.best.stopped
+        if ends:
+            _restore_best(model, run, position)
+        if position.step % config.checkpoint_every == 0 or ends:
             _checkpoint(model, optimizer, run, place, position)
         if run.stop_after is not None and position.step >= run.stop_after:
             return False
@@ -289,9 +336,88 @@ def _checkpoint(model: AdaptModel, optimizer: torch.optim.Optimizer, run: Run, p
         save_checkpoint(run.out_dir, position.step, weights, moments, {
             "stage": position.stage, "in_stage": position.in_stage, "step": position.step,
             "sampler": position.sampler.state(), "world_size": place.world_size, "backbone_fingerprint": position.base,
-            "data_fingerprint": data_fingerprint(run.data),
+            "data_fingerprint": _fingerprint(run), "best": asdict(position.best),
             "config": json.loads(run.config.model_dump_json())})
     barrier(place)
+
+
+def _evaluate(model: AdaptModel, run: Run, place: Distributed, position: Position) -> None:
+    """Held-out NLL per token of the FlashAR decoder and the raster model; log it, keep the best weights,
+    count evaluations without improvement. Every process evaluates every grid (so all decide alike)."""
+    config, data, best = run.config, run.val_data, position.best
+    device, began = model.backbone.device, time.perf_counter()
+    batch = config.batch_size // config.grad_accum
+    sums = [0.0, 0.0]
+    model.eval()
+    with torch.random.fork_rng(devices=[]), _autocast(device, config.precision):  # draws nothing; guards the stream anyway
+        for start in range(0, len(data), batch):
+            part = model(data.codes[start : start + batch], data.conditions[start : start + batch])
+            sums = [a + b for a, b in zip(sums, part)]
+    model.train()
+    tokens = data.codes.numel()
+    values = mean_over_processes({"val_nll_flashar": sums[0] / tokens, "val_nll_raster": sums[1] / tokens}, place, device)
+    if best.nll is None or values["val_nll_flashar"] < best.nll:
+        best.nll, best.step, best.bad = values["val_nll_flashar"], position.step, 0
+        weights = full_tensors(trainable_state(model, position.stage, config), place.is_main)
+        if place.is_main:
+            save_best(run.out_dir, position.stage, position.step, weights)
+        barrier(place)
+    else:
+        best.bad += 1
+        best.stopped = config.patience > 0 and best.bad >= config.patience
+    if place.is_main:
+        _log(run, {"step": position.step, "stage": position.stage, "in_stage": position.in_stage, **values,
+                   "best_step": best.step, "stopped_early": best.stopped, "seconds": round(time.perf_counter() - began, 4)})
+
+
+def _restore_best(model: AdaptModel, run: Run, position: Position) -> None:
+    """End a stage with the weights of its best held-out evaluation (read on every process)."""
+    if position.best.step is None or position.best.step == position.step:
+        return
+    from torch.distributed.tensor import DTensor
+
+    weights = load_best(run.out_dir, position.stage, position.best.step)
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        load_full_state(model, weights)  # FSDP: each process keeps its shard of the full tensors
+    else:
+        load_trainable_state(model, weights)
+
+
+def with_held_out(run: Run) -> Run:
+    """``run`` with its held-out data: ``val_data``, or ``val_fraction`` of the data split off by seed."""
+    fraction = run.config.val_fraction
+    if fraction and run.val_data is not None:
+        raise FlashARError("pass either held-out data (--val-data) or --val-fraction, not both")
+    if not fraction:
+        return run
+    if len(run.data) < 2:
+        raise DataError(f"--val-fraction {fraction} needs at least 2 images to split, got {len(run.data)}")
+    train, held = run.data.split(fraction, run.config.seed)
+    return replace(run, data=train, val_data=held)
+
+
+def distills_in_stage2(config: AdaptConfig) -> bool:
+    return bool(config.stage2.distill_weight) and config.stage2.steps > 0 and config.stage2_mode != "none"
+
+
+def frozen_copy(backbone: Backbone) -> Backbone:
+    """A frozen copy of the base backbone: stage 2's distillation teacher."""
+    import copy
+
+    return copy.deepcopy(backbone).eval().requires_grad_(False)
+
+
+def _cut_metrics(path: Path, position: Position | None) -> None:
+    """A fresh run starts an empty log; a resumed one keeps what its checkpoint covers (see
+    :func:`truncate_metrics`), less the start evaluation of a stage it had not reached."""
+    truncate_metrics(path, position.step if position else -1)
+    if position is None or not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line).get("stage", 0) <= position.stage]
+    if len(kept) != len(lines):
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(kept))
 
 
 def _log(run: Run, record: dict[str, Any]) -> None:
@@ -314,6 +440,8 @@ def _finish(model: AdaptModel, run: Run, place: Distributed, metadata: AdapterMe
     if keep:
         save_adapter(run.out_dir, meta, head, backbone, lora)
     barrier(place)
+    if keep and not config.keep_checkpoints:
+        remove_checkpoints(run.out_dir)
     if sharded:
         return None
     model.eval().requires_grad_(False)
@@ -323,20 +451,36 @@ def _finish(model: AdaptModel, run: Run, place: Distributed, metadata: AdapterMe
 def check_run(backbone: Backbone, run: Run, place: Distributed = SINGLE) -> None:
     """Fail before any work on data or options that cannot train."""
     config = run.config
-    if config.stage2.distill_weight:
-        raise FlashARError("distillation needs the frozen raster model and is only available in stage 1; set stage2.distill_weight to 0")
+    if distills_in_stage2(config) and config.strategy == "fsdp" and place.active:
+        raise FlashARError("stage-2 distillation keeps a frozen copy of the backbone on every process, which --strategy fsdp "
+                           "is meant to avoid; use --strategy ddp or --stage2-distill-weight 0")
     shares = config.grad_accum * place.world_size
     if config.batch_size % shares:
         raise FlashARError(f"batch_size {config.batch_size} does not split into {config.grad_accum} micro-batch(es) on each of "
                            f"{place.world_size} process(es); use a multiple of {shares}")
+    check_config(config)
+    _check_data(backbone, run.data)
+    if run.val_data is not None:
+        _check_data(backbone, run.val_data, "held-out ")
+        if run.val_data.grid != run.data.grid:
+            raise DataError(f"the held-out data forms {run.val_data.grid[0]}x{run.val_data.grid[1]} grids but the training data "
+                            f"{run.data.grid[0]}x{run.data.grid[1]}; use images of the same size (and the same --image-size)")
+
+
+def check_config(config: AdaptConfig) -> None:
+    """What a config alone shows cannot run: no training step, a missing optional package (checked by the
+    CLI before the model loads and the data is tokenised)."""
+    stage2 = config.stage2.steps if config.stage2_mode != "none" else 0
+    if config.stage1.steps + stage2 == 0:
+        raise FlashARError("both adaptation stages have 0 steps, which would write an untrained adapter; set --stage1-steps "
+                           "and/or --stage2-steps")
     if uses_lora(config):
         require("peft", "lora")
-    _check_data(backbone, run.data)
 
 
-def _check_data(backbone: Backbone, data: TokenData) -> None:
+def _check_data(backbone: Backbone, data: TokenData, which: str = "") -> None:
     if len(data) == 0:
-        raise DataError("the adaptation data holds no images; check --data (or --codes)")
+        raise DataError(f"the {which}adaptation data holds no images; check --data (or --codes)")
     height, width = data.grid
     if height < 2 or width < 2:
         raise DataError(f"FlashAR needs a grid of at least 2x2 tokens, got {height}x{width}; use a larger --image-size")

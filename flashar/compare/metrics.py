@@ -99,29 +99,96 @@ class _Images(torch.utils.data.Dataset):
 
 
 def quality(samples: Tensor, reference: Tensor, extractor: Extractor, labels: list[int] | None = None) -> dict[str, float]:
-    """FID / KID / IS / precision / recall of uint8 ``samples`` against uint8 ``reference``."""
+    """FID / KID / IS / precision / recall and the two-sample test of uint8 ``samples`` against uint8 ``reference``.
+
+    Features are extracted once per image set with torch-fidelity's extractor and fed to its metric functions."""
     require("torch_fidelity", "metrics")
-    import torch_fidelity
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
 
     if len(samples) < 2 or len(reference) < 2:
         raise DataError("quality metrics need at least 2 generated and 2 reference images")
-    result = torch_fidelity.calculate_metrics(
-        input1=_Images(samples), input2=_Images(reference), cuda=torch.cuda.is_available(), isc=True, fid=True,
-        kid=True, prc=True, feature_extractor=extractor.name, kid_subset_size=min(1000, len(samples), len(reference)),
-        save_cpu_ram=True, cache=False, verbose=False, batch_size=min(256, len(samples)), **extractor.kwargs,
-    )
+    kwargs = {"feature_extractor": extractor.name, "cuda": torch.cuda.is_available(), "verbose": False, "save_cpu_ram": True,
+              "kid_subset_size": min(1000, len(samples), len(reference)), **extractor.kwargs}
+    layers = {m: resolve_layer(m, kwargs) for m in ("fid", "kid", "prc", "isc")}
+    fake, real = extract_features([samples, reference], sorted(set(layers.values())), kwargs)
+    fid = fid_statistics_to_metric(fid_features_to_statistics(fake[layers["fid"]]), fid_features_to_statistics(real[layers["fid"]]), False)
+    kid = kid_features_to_metric(fake[layers["kid"]], real[layers["kid"]], **kwargs)
+    isc = isc_features_to_metric(fake[layers["isc"]])
+    prc = prc_features_to_metric(fake[layers["prc"]], real[layers["prc"]], **kwargs)
     out = {
-        "fid": float(result["frechet_inception_distance"]),
-        "kid": float(result["kernel_inception_distance_mean"]),
-        "kid_std": float(result["kernel_inception_distance_std"]),
-        "inception_score": float(result["inception_score_mean"]),
-        "precision": float(result["precision"]),
-        "recall": float(result["recall"]),
+        "fid": float(fid["frechet_inception_distance"]),
+        "kid": float(kid["kernel_inception_distance_mean"]),
+        "kid_std": float(kid["kernel_inception_distance_std"]),
+        "inception_score": float(isc["inception_score_mean"]),
+        "precision": float(prc["precision"]),
+        "recall": float(prc["recall"]),
+        "two_sample_accuracy": two_sample_accuracy(fake[layers["fid"]], real[layers["fid"]]),
     }
     if extractor.classify is not None and labels is not None:
         predicted = extractor.classify(samples)
         out["class_accuracy"] = float((predicted == torch.tensor(labels)).float().mean())
     return out
+
+
+def resolve_layer(metric: str, kwargs: dict[str, Any]) -> str:
+    from torch_fidelity.utils import resolve_feature_layer_for_metric
+
+    return resolve_feature_layer_for_metric(metric, **kwargs)
+
+
+def extract_features(image_sets: list[Tensor], layers: list[str], kwargs: dict[str, Any]) -> list[dict[str, Tensor]]:
+    """torch-fidelity features (name -> (N, F)) of each uint8 image set, through one extractor instance."""
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    net = create_feature_extractor(kwargs["feature_extractor"], layers, **kwargs)
+    return [get_featuresdict_from_dataset(_Images(images), net, 256, kwargs["cuda"], True, False) for images in image_sets]
+
+
+def two_sample_accuracy(fake: Tensor, real: Tensor, folds: int = 5, l2: float = 1e-2) -> float:
+    """Classifier two-sample test: the held-out accuracy of a logistic regression telling ``fake`` features
+    from ``real`` ones, averaged over ``folds`` contiguous folds (0.5: indistinguishable, 1.0: always told).
+
+    Both sets are thinned evenly to the same size, keeping their order, so that copies of one real image
+    that a reference set keeps adjacent (shifted versions, say) fall into the same fold. The features are
+    standardised on each training fold; the regression is fitted to convergence (L-BFGS, float64, L2)."""
+    n = min(len(fake), len(real))
+    if n < 2 * folds:
+        raise DataError(f"the two-sample test needs at least {2 * folds} generated and reference images")
+    thin = lambda x: x[torch.linspace(0, len(x) - 1, n).round().long()].double().flatten(1)
+    x = torch.cat([thin(fake), thin(real)])
+    y = torch.cat([torch.zeros(n), torch.ones(n)]).double()
+    fold = (torch.arange(n) * folds // n).repeat(2)
+    accuracies = []
+    for k in range(folds):
+        train, test = fold != k, fold == k
+        mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-8)
+        w = _logistic_regression((x[train] - mean) / std, y[train], l2)
+        predicted = (_with_bias((x[test] - mean) / std) @ w) > 0
+        accuracies.append((predicted.double() == y[test]).double().mean().item())
+    return float(np.mean(accuracies))
+
+
+def _with_bias(x: Tensor) -> Tensor:
+    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+
+
+def _logistic_regression(x: Tensor, y: Tensor, l2: float) -> Tensor:
+    xb = _with_bias(x)
+    w = torch.zeros(xb.shape[1], dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def loss():
+        opt.zero_grad()
+        value = torch.nn.functional.binary_cross_entropy_with_logits(xb @ w, y) + l2 * w[:-1].pow(2).sum()
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        opt.step(loss)
+    return w.detach()
 
 
 def load_image_folder(folder: str | Path, size: tuple[int, int] | None = None, limit: int | None = None) -> Tensor:

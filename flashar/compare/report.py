@@ -26,6 +26,7 @@ COLUMNS = [  # (key, header, format)
     ("precision", "precision", "{:.3f}"),
     ("recall", "recall", "{:.3f}"),
     ("class_accuracy", "class acc", "{:.3f}"),
+    ("two_sample_accuracy", "2-sample acc", "{:.3f}"),
 ]
 
 

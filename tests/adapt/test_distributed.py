@@ -108,8 +108,35 @@ def test_torchrun_two_processes_match_one_process(tmp_path, registry, strategy):
     assert_same_adapter(tmp_path / "one", tmp_path / "two")
     assert steps_logged(tmp_path / "two") == [1, 2, 3, 4]
     assert result.stderr.count("adapter written to") == 1  # the main process alone reports
-    assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name != ".flashar.lock") == ["checkpoints", "config.json", "metrics.jsonl",
-                                                                     "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name != ".flashar.lock") == [
+        "config.json", "metrics.jsonl", "model.safetensors"]
+
+
+def held_out_config(strategy: str = "ddp") -> AdaptConfig:
+    return config(strategy=strategy, val_fraction=0.25, eval_every=1, patience=1, keep_checkpoints=True).model_copy(
+        update={"stage2": StageConfig(steps=3, lr=1.0, flat_steps=1)})
+
+
+def _held_out_worker(rank: int, world: int, port: int, out: str, strategy: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    with session("cpu") as (place, _):
+        adapt(random_gpt(), Run(stripes(), held_out_config(strategy), Path(out), place=place))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_two_processes_evaluate_held_out_data_and_stop_as_one_does(tmp_path, strategy):
+    """Every process evaluates the whole held-out split, so they stop together; a stage-2 learning rate far
+    too high stops stage 2 early and restores its best (the start) weights, sharded under FSDP."""
+    adapt(random_gpt(), Run(stripes(), held_out_config(), tmp_path / "one"))
+    mp.spawn(_held_out_worker, args=(2, free_port(), str(tmp_path / "two"), strategy), nprocs=2, join=True)
+    assert_same_adapter(tmp_path / "one", tmp_path / "two")
+    held = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+             if "val_nll_flashar" in line] for name in ("one", "two")]
+    assert [(r["stage"], r["step"], r["best_step"], r["stopped_early"]) for r in held[0]] == \
+           [(r["stage"], r["step"], r["best_step"], r["stopped_early"]) for r in held[1]]
+    assert held[0][-1]["stopped_early"] and held[0][-1]["best_step"] < held[0][-1]["step"]
 
 
 @pytest.mark.parametrize("first, then", [("ddp", "one"), pytest.param("one", "fsdp", marks=pytest.mark.slow),

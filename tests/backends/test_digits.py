@@ -12,7 +12,7 @@ from PIL import Image
 
 from flashar import api
 from flashar.adapt.data import tokenize_folder
-from flashar.backends.digits.data import LEVELS, load_splits, upsample
+from flashar.backends.digits.data import LEVELS, held_out_reference, load_splits, shift, upsample
 from flashar.backends.digits.features import DigitsCNN
 from flashar.cli import cli
 from flashar.testing import BackboneConformance
@@ -62,11 +62,20 @@ def test_png_round_trip_through_the_adaptation_data_path(tmp_path):
     assert torch.equal(data.codes, codes[order]) and data.conditions == [int(labels[i]) for i in order]
 
 
-def test_feature_cnn_classifies_held_out_digits():
-    codes, labels = load_splits().test
+def test_feature_cnn_classifies_held_out_digits_shifted_as_the_training_data():
+    codes, labels = held_out_reference()
     with torch.no_grad():
         predicted = DigitsCNN.load().classify(DigitsCNN.from_codes(codes)).argmax(-1)
     assert (predicted == labels).float().mean() > 0.95
+
+
+def test_the_reference_is_the_test_split_shifted_with_copies_adjacent():
+    codes, labels = held_out_reference(copies=3)
+    test_codes, test_labels = load_splits().test
+    assert codes.shape == (900, 16, 16) and torch.equal(labels, test_labels.repeat_interleave(3))
+    assert torch.equal(codes.sum((1, 2)) <= test_codes.repeat_interleave(3, 0).sum((1, 2)), torch.ones(900, dtype=torch.bool))
+    assert not torch.equal(codes, test_codes.repeat_interleave(3, 0))  # shifted, not copied
+    assert torch.equal(held_out_reference(copies=3)[0], codes)  # fixed
 
 
 def test_raster_model_beats_a_unigram_model_on_held_out_digits():
@@ -92,11 +101,13 @@ def test_fid_digits_separates_real_from_noise():
     splits = load_splits()
     spec = get_registry().metrics["fid-digits"]
     extractor = Extractor(spec.register(), spec.label, {}, spec.classify)
-    reference = to_uint8(backbone.decode(splits.test[0]))
-    real = quality(to_uint8(backbone.decode(splits.val[0])), reference, extractor, splits.val[1].tolist())
+    reference = backbone.reference_images()
+    val = shift(splits.val[0], torch.Generator().manual_seed(0))
+    real = quality(to_uint8(backbone.decode(val)), reference, extractor, splits.val[1].tolist())
     noise_codes = torch.randint(0, LEVELS, (199, 16, 16), generator=torch.Generator().manual_seed(0))
     noise = quality(to_uint8(backbone.decode(noise_codes)), reference, extractor, splits.val[1].tolist())
     assert real["fid"] < 0.2 * noise["fid"] and real["class_accuracy"] > 0.95 and noise["class_accuracy"] < 0.4
+    assert real["two_sample_accuracy"] < 0.6 and noise["two_sample_accuracy"] > 0.95
 
 
 def test_compare_on_the_default_writes_table_json_grids_and_plot(tmp_path, registry):
@@ -109,7 +120,7 @@ def test_compare_on_the_default_writes_table_json_grids_and_plot(tmp_path, regis
     rows = {row["method"]: row for row in report["methods"]}
     assert rows["raster"]["forward_passes"] == 256 and rows["flashar"]["forward_passes"] == 31
     for row in rows.values():
-        for key in ("fid", "kid", "precision", "recall", "class_accuracy", "latency_per_image_ms", "images_per_second",
+        for key in ("fid", "kid", "precision", "recall", "class_accuracy", "two_sample_accuracy", "latency_per_image_ms", "images_per_second",
                     "latency_speedup_vs_raster", "throughput_speedup_vs_raster"):
             assert row[key] is not None
         assert (row["latency_batch"], row["throughput_batch"]) == (1, 20)  # one image's wait; the quality batch's rate

@@ -10,7 +10,8 @@ import json
 
 import pytest
 import torch
-from helpers import EMU35_TOKENIZER, TINY_EMU35, TINY_IBQ, emu35_tokenizer_files, random_ibq, write_emu35, write_ibq, write_two_shards
+from helpers import (EMU35_TOKENIZER_SHA256, TINY_EMU35, TINY_IBQ, emu35_tokenizer_dir, emu35_tokenizer_files, random_ibq,
+                     write_emu35, write_ibq, write_two_shards)
 
 from flashar import api
 from flashar import grid as G
@@ -35,7 +36,7 @@ def emu35_options(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text():
-    return Emu35TextTokenizer(EMU35_TOKENIZER)
+    return Emu35TextTokenizer(emu35_tokenizer_dir())
 
 
 def load(options, **extra):
@@ -207,6 +208,15 @@ def test_emu35_recommends_the_published_t2i_sampling(emu35_options):
 
 # --- text side (spec §3-§5) ------------------------------------------------------------------------------
 
+def test_tokenizer_test_data_restores_the_published_files():
+    """tests/data keeps the vocabulary compressed and generates the vision-token list: both must come back
+    byte for byte as published."""
+    import hashlib
+
+    for path in emu35_tokenizer_files():
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == EMU35_TOKENIZER_SHA256[path.name], path.name
+
+
 def test_real_vocabulary_gives_the_published_ids(text):
     cond = text.template("a red car")
     assert len(cond) == 23 and cond[:2] == [151849, 2610] and cond[-3:] == [25, 220, 151746]
@@ -238,8 +248,8 @@ def test_prompts_and_grid_are_checked(emu35_options):
 
 def test_broken_vision_token_list_is_named(tmp_path):
     for name in ("emu3.tiktoken", "tokenizer_config.json"):
-        (tmp_path / name).write_bytes((EMU35_TOKENIZER / name).read_bytes())
-    lines = (EMU35_TOKENIZER / "emu3_vision_tokens.txt").read_text().splitlines()
+        (tmp_path / name).write_bytes((emu35_tokenizer_dir() / name).read_bytes())
+    lines = (emu35_tokenizer_dir() / "emu3_vision_tokens.txt").read_text().splitlines()
     (tmp_path / "emu3_vision_tokens.txt").write_text("\n".join(lines[:3] + lines[4:]))
     with pytest.raises(CheckpointError, match="expected '<\\|visual token 000000\\|>'"):
         Emu35TextTokenizer(tmp_path)

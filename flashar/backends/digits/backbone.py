@@ -18,8 +18,8 @@ class DigitsBackbone(LlamaGenBackbone):
     metric = "fid-digits"
 
     def reference_images(self) -> torch.Tensor:
-        """The held-out test split as uint8 images (N, 3, 16, 16), for FID-digits."""
-        from flashar.backends.digits.data import load_splits
+        """The held-out test split, shifted as the training data is, as uint8 images (N, 3, 16, 16)."""
+        from flashar.backends.digits.data import held_out_reference
 
-        codes, _ = load_splits().test
+        codes, _ = held_out_reference()
         return (self.decode(codes) * 255).round().to(torch.uint8)

@@ -5,6 +5,10 @@ the wheel, so nothing is downloaded. Each image is upsampled 2x (bilinear) to 16
 to the 17 gray levels: a token is a gray level, so raster decoding needs 256 passes and FlashAR 31.
 The split is fixed (seeded, stratified by class): 1,298 train, 199 validation (early stopping) and
 300 test images (held out for every reported metric).
+
+The generator is trained on randomly shifted digits (:func:`shift`, up to 2 cells each way), so what it
+should reproduce is that distribution: :func:`held_out_reference` shifts the test split the same way and
+is what every quality metric compares samples with.
 """
 
 from __future__ import annotations
@@ -57,7 +61,11 @@ def load_splits() -> DigitSplits:
     return DigitSplits(pick(train), pick(val), pick(test))
 
 
-def shift(codes: Tensor, generator: torch.Generator, max_shift: int = 2) -> Tensor:
+MAX_SHIFT = 2  # the generator's training augmentation: up to 2 cells each way
+REFERENCE_COPIES, REFERENCE_SEED = 4, 20261206
+
+
+def shift(codes: Tensor, generator: torch.Generator, max_shift: int = MAX_SHIFT) -> Tensor:
     """Augmentation: translate each grid by up to ``max_shift`` cells, filling with background (0)."""
     out = torch.zeros_like(codes)
     dy, dx = (torch.randint(-max_shift, max_shift + 1, (2, len(codes)), generator=generator)).tolist()
@@ -65,3 +73,12 @@ def shift(codes: Tensor, generator: torch.Generator, max_shift: int = 2) -> Tens
         src = codes[i, max(0, -y) : GRID - max(0, y), max(0, -x) : GRID - max(0, x)]
         out[i, max(0, y) : max(0, y) + src.shape[0], max(0, x) : max(0, x) + src.shape[1]] = src
     return out
+
+
+def held_out_reference(copies: int = REFERENCE_COPIES, seed: int = REFERENCE_SEED) -> tuple[Tensor, Tensor]:
+    """The test split as the generator's training data looks: ``copies`` randomly shifted versions of each
+    grid (fixed seed), the copies of one grid adjacent, so contiguous folds keep a digit's copies together.
+    Returns (codes (N * copies, 16, 16), labels)."""
+    codes, labels = load_splits().test
+    repeated = codes.repeat_interleave(copies, dim=0)
+    return shift(repeated, torch.Generator().manual_seed(seed)), labels.repeat_interleave(copies)

@@ -19,6 +19,7 @@ from flashar.backends.llamagen.model import (
     LabelEmbedder,
     RMSNorm,
     TransformerBlock,
+    preset_of,
     rope_table,
 )
 from flashar.errors import FlashARError
@@ -54,7 +55,9 @@ class LlamaGenBackbone(Backbone):
         return self.config.head_dim
 
     def architecture(self) -> dict[str, Any]:
-        return {"backend": self.backend_id, "preset": self.preset, **self.config.model_dump()}
+        """What was loaded: the sizes, and the preset they match whether or not --gpt-model named it (so an
+        adapter fits the same checkpoint however it is loaded)."""
+        return {"backend": self.backend_id, "preset": preset_of(self.config), **self.config.model_dump()}
 
     # --- conditioning ---------------------------------------------------------------------------
     def prefix(self, conditions: Sequence[Any], *, cfg: bool, grid: tuple[int, int] | None = None,

@@ -67,6 +67,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def preset_of(cfg: GPTConfig) -> str | None:
+    """The preset whose sizes ``cfg`` has (None for a custom size): named by the weights, not by the user."""
+    sizes = (cfg.n_layer, cfg.n_head, cfg.dim)
+    return next((name for name, p in PRESETS.items() if (p["n_layer"], p["n_head"], p["dim"]) == sizes), None)
+
+
 def rope_frequencies(head_dim: int, base: float) -> Tensor:
     """omega_m = base^(-2m / (hd/2)) for m < hd/4, float32 (one set per axis)."""
     half = head_dim // 2
