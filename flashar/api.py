@@ -116,11 +116,20 @@ def save_images(backbone: Backbone, codes: torch.Tensor, out_dir: str | Path, co
     return paths
 
 
+def check_image_paths(out_dir: str | Path, conditions: Sequence[Any]) -> None:
+    """Fail before any work when a folder sits where :func:`save_images` will write an image."""
+    for name in image_names(conditions):
+        if (Path(out_dir) / name).is_dir():
+            raise FlashARError(f"{Path(out_dir) / name} is a folder where an image would be written; choose another --out")
+
+
 def check_tokens_path(path: str | Path) -> Path:
     """Check a ``--save-tokens`` target before any work: a .npy file in a writable folder."""
     path = Path(path)
     if path.suffix != ".npy":
         raise FlashARError(f"--save-tokens must name a .npy file, got {path}; e.g. --save-tokens tokens.npy")
+    if path.is_dir():
+        raise FlashARError(f"--save-tokens {path} is a folder; name a .npy file, e.g. --save-tokens {path / 'tokens.npy'}")
     check_writable_dir(path.parent, "--save-tokens path")
     return path
 
@@ -158,25 +167,28 @@ def load_data(backbone: Backbone, data_dir: str | Path | None = None, codes_dir:
         raise FlashARError("pass exactly one of --data DIR (images) or --codes DIR (pre-extracted codes)")
     if codes_dir is not None:
         data = load_llamagen_codes(codes_dir, backbone.grid(image_size))
-        expected = backbone.grid(image_size) if image_size else data.grid
+        expected = data.grid if image_size is None else backbone.grid(image_size)
         if data.grid != expected:
             raise FlashARError(f"the codes in {codes_dir} form {data.grid[0]}x{data.grid[1]} grids, not {expected[0]}x{expected[1]}; drop --image-size or re-extract")
         return data
+    if cache_dir is not None:
+        check_writable_dir(cache_dir, "--cache-dir")
     return tokenize_folder(backbone, data_dir, image_size, Path(cache_dir) if cache_dir else None)
 
 
 def adapt(backbone: Backbone, data, config, out_dir: str | Path, resume: bool = False, on_step=None, place=None,
-          val_data=None):
+          val_data=None, force_resume: bool = False):
     """Two-stage adaptation; writes ``config.json`` + ``model.safetensors`` into ``out_dir``.
 
-    ``val_data`` (or ``config.val_fraction``) is the held-out data the stages are evaluated on. Under
-    torchrun every process calls this with the same arguments (``place`` from
+    ``val_data`` (or ``config.val_fraction``) is the held-out data the stages are evaluated on. With
+    ``resume``, a checkpoint written on other data or with another config is refused unless ``force_resume``.
+    Under torchrun every process calls this with the same arguments (``place`` from
     :func:`flashar.adapt.distributed.session`); the main process writes.
     """
     from flashar.adapt.trainer import Run
     from flashar.adapt.trainer import adapt as run_adaptation
 
-    run = Run(data, config, Path(out_dir), on_step=on_step, place=place, val_data=val_data)
+    run = Run(data, config, Path(out_dir), on_step=on_step, place=place, val_data=val_data, force_resume=force_resume)
     return run_adaptation(backbone, run, resume=resume)
 
 

@@ -172,7 +172,7 @@ class Backbone(nn.Module, ABC):
 
     def grid(self, image_size: int | tuple[int, int] | None = None) -> tuple[int, int]:
         """Token grid (H, W) for an image of ``image_size`` pixels (one side, or (height, width))."""
-        size = image_size or self.default_image_size
+        size = self.default_image_size if image_size is None else image_size
         height, width = (size, size) if isinstance(size, int) else size
         if height % self.downsample or width % self.downsample or height <= 0 or width <= 0:
             raise FlashARError(

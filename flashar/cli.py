@@ -134,6 +134,9 @@ def generate(ctx: click.Context, **values) -> None:
                               registry=registry, own_backbone=True)  # the only method here: adapt the backbone in place
     sampling = api.resolve_sampling(backbone, pick(SamplingConfig, values))
     api.check_conditions(backbone, conditions)  # before the progress bar starts
+    method.backbone.grid(values["image_size"])
+    if values["out"]:
+        api.check_image_paths(values["out"], conditions)
     with _progress(len(conditions), f"{values['method']} decoding", values["as_json"]) as advance:
         result = api.generate(method, conditions, values["image_size"], sampling, values["batch_size"], runtime.seed, advance)
     paths = api.save_images(method.backbone, result.codes, values["out"], conditions) if values["out"] else []
@@ -163,6 +166,7 @@ def generate(ctx: click.Context, **values) -> None:
 @click.option("--out", type=click.Path(path_type=Path), help="Adapter folder to write (also holds metrics.jsonl, and checkpoints/ "
               "until the run finishes); required.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
+@click.option("--force-resume", is_flag=True, help="With --resume: continue even though --data/--codes/--val-data or the training options differ from the checkpoint's.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Where tokenised data is cached [default: ~/.cache/flashar/tokens].")
 @click.option("--config", type=click.Path(path_type=Path), help=CONFIG_HELP)
 @config_options(AdaptConfig, BranchConfig, RuntimeConfig, skip=("compile", "compile_mode"))  # adapt compiles nothing
@@ -194,7 +198,8 @@ def adapt(ctx: click.Context, **values) -> None:
             held = api.load_data(backbone, values["val_dir"], None, values["image_size"], values["cache_dir"]) if values["val_dir"] else None
         total = sum(s.steps for s in (config.stage1, config.stage2) if s is config.stage1 or config.stage2_mode != "none")
         with _train_progress(total, quiet=not place.is_main) as on_step:
-            api.adapt(backbone, data, config, values["out"], resume=values["resume"], on_step=on_step, place=place, val_data=held)
+            api.adapt(backbone, data, config, values["out"], resume=values["resume"], on_step=on_step, place=place, val_data=held,
+                      force_resume=values["force_resume"])
     if place.is_main:
         _print_held_out(api.held_out_curve(values["out"]))
         console().print(f"adapter written to {values['out']} (use: flashar generate --method flashar --adapter {values['out']})")
@@ -232,9 +237,12 @@ def compare(ctx: click.Context, **values) -> None:
     values = with_config_file(ctx, values)
     registry = registry_of(ctx)
     names = [m.strip() for m in values["methods"].split(",") if m.strip()]
+    seeds = parse_classes(values["seeds"], "--seeds")
+    if not names or not seeds:
+        raise click.BadParameter("expected at least one comma-separated value, e.g. --methods raster,flashar --seeds 0,1",
+                                 param_hint="--methods" if not names else "--seeds")
     check_foreign(values, registry, values["backend"], names)
-    config = api.validated(CompareConfig, {**pick(CompareConfig, values), "methods": names,
-                                           "seeds": parse_classes(values["seeds"], "--seeds")}, "compare")
+    config = api.validated(CompareConfig, {**pick(CompareConfig, values), "methods": names, "seeds": seeds}, "compare")
     if values["out"]:
         api.check_writable_dir(values["out"])
     runtime = runtime_from(values)

@@ -7,8 +7,7 @@ Each default is written once, here. Backends may recommend other sampling values
 from __future__ import annotations
 
 import os
-
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
@@ -21,8 +20,11 @@ IMAGE_SIZE_HELP = ("Image size in pixels: one side, or height and width as `H W`
                    "native size.")
 
 
+Seed = Annotated[int, Field(ge=0, lt=2**63)]  # torch seeds are 64-bit; the trainer derives more seeds from it
+
+
 class Config(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class SamplingConfig(Config):
@@ -53,7 +55,7 @@ class RuntimeConfig(Config):
         "default", description="With --compile: max-autotune also benchmarks every matmul shape of the step at the first compile "
         "(on CPU inductor's C++ GEMM templates on the frozen weights vs oneDNN; on CUDA Triton templates) and keeps the fastest: "
         "a longer first compile (cached), faster steps.")
-    seed: int = Field(0, description="Seed of the torch.Generator that drives sampling.")
+    seed: Seed = Field(0, description="Seed of the torch.Generator that drives sampling.")
 
     @model_validator(mode="after")
     def _check_compile_mode(self):
@@ -140,7 +142,7 @@ class AdaptConfig(Config):
                             "model every N optimizer steps, and at the start and end of each stage.")
     patience: int = Field(0, ge=0, description="With held-out data: stop a stage early after this many evaluations without "
                           "a better FlashAR NLL (0 = never); each stage ends with its best weights either way.")
-    seed: int = Field(0, description="Seed for data order and initialisation.")
+    seed: Seed = Field(0, description="Seed for data order and initialisation.")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="Under torchrun: replicate the model in every process (ddp) or shard weights, gradients and "
         "optimizer state across them with FSDP2 (fsdp, for backbones that do not fit one GPU). Ignored in one process.")
@@ -174,9 +176,9 @@ class AdapterMetadata(Config):
 class CompareConfig(Config):
     """``flashar compare``: every method on the same backbone, conditions and seeds."""
 
-    methods: list[str] = Field(default_factory=lambda: ["raster", "flashar"], description="Method ids, in report order.")
+    methods: list[str] = Field(default_factory=lambda: ["raster", "flashar"], min_length=1, description="Method ids, in report order.")
     num_samples: int = Field(1000, gt=0, description="Images per method and seed for the quality metrics (class-balanced for class-conditional backends).")
-    seeds: list[int] = Field(default_factory=lambda: [0], description="Sampling seeds; quality metrics are averaged over them.")
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1, description="Sampling seeds; quality metrics are averaged over them.")
     batch_size: int = Field(100, gt=0, description="Images per forward batch for the quality metrics, and the batch throughput (images/s) is timed at.")
     latency_batch_size: int = Field(1, gt=0, description="Images per timed batch for the latency and speedup columns (1: the wait for one image).")
     repeats: int = Field(5, gt=0, description="Timed runs per method after warm-up, interleaved across methods; medians are reported.")
@@ -197,4 +199,15 @@ def validated(model: type[Config], values: Mapping[str, Any] | Config | None, wh
         if not first["loc"]:  # a check across fields: its message names them
             raise FlashARError(f"invalid {what} options: {message}") from None
         where = ".".join(str(p) for p in first["loc"])
-        raise FlashARError(f"invalid {what} option '{where}': {message} (got {first.get('input')!r})") from None
+        raise FlashARError(f"invalid {what} option '{where}' ({flag_of(model, first['loc'])}): {message} "
+                           f"(got {first.get('input')!r})") from None
+
+
+def flag_of(model: type[Config], loc: tuple) -> str:
+    """The command-line flag of a config field: ``("stage1", "lr")`` -> ``--stage1-lr`` (a field may name its own)."""
+    field = model.model_fields.get(str(loc[0]))
+    own = (field.json_schema_extra or {}).get("flag") if field is not None and isinstance(field.json_schema_extra, dict) else None
+    names = [p for p in loc if isinstance(p, str)]  # list indices (seeds.1) are not part of the flag
+    if model.__name__ == "AdaptConfig" and names[0] == "branch":
+        names = names[1:]  # branch fields are top-level flags (--num-blocks)
+    return "--" + (own or "-".join(names).replace("_", "-"))

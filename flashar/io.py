@@ -118,6 +118,15 @@ def _few(items: list[str], n: int = 4) -> str:
     return ", ".join(items[:n]) + (f", ... {len(items) - n} more" if len(items) > n else "")
 
 
+def file_in(folder: str | Path, name: Any, source: str | Path, error: type[FlashARError] = CheckpointError) -> Path:
+    """``folder / name`` for a file name read from ``source`` (an index, a metadata file); refuses absolute
+    names and ``..``, so a file cannot make flashar read outside its folder."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise error(f"{source} names the file {name!r}, which is not inside {folder}; "
+                    f"file names there must be relative paths within the folder")
+    return Path(folder) / name
+
+
 def ensure_writable_dir(path: str | Path) -> Path:
     """Create ``path`` if needed and check it is writable, before any work is done."""
     path = Path(path)
@@ -178,6 +187,33 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+LOCK = ".flashar.lock"
+
+
+@contextmanager
+def folder_lock(folder: str | Path, command: str = "flashar adapt") -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (``.flashar.lock``) for the block; refuse at once if another
+    process holds it. The kernel drops the lock when the holder exits, even on SIGKILL."""
+    import fcntl
+
+    path = Path(folder) / LOCK
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FlashARError(f"another {command} is writing to {folder}; wait for it to finish or choose another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_temporary_files(folder: str | Path) -> None:
+    """Delete the temporary files of :func:`atomic_path` that a killed run left in ``folder``."""
+    for stale in Path(folder).glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
@@ -197,6 +233,10 @@ def load_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise FlashARError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise FlashARError(f"{path} is a folder, not a JSON file; pass the file") from None
+    except OSError as exc:
+        raise FlashARError(f"cannot read {path}: {exc.strerror or exc}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FlashARError(f"{path} is not valid JSON ({exc}); fix or regenerate it") from None
 

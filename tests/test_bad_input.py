@@ -105,6 +105,18 @@ def code_execution_pickle(w: World) -> list:
     return ["generate", "-b", "llamagen", "--checkpoint", w.root / "evil.pt", "--classes", 1]
 
 
+def code_execution_vq(w: World) -> list:
+    torch.save({"model": {"quantize.embedding.weight": RunsCode(w.root / "pwned")}}, w.root / "evil-vq.pt")
+    return w.gen("--vq-checkpoint", w.root / "evil-vq.pt")
+
+
+def code_execution_fid_weights(w: World) -> list:
+    torch.save({"Conv2d_1a_3x3.conv.weight": RunsCode(w.root / "pwned")}, w.root / "inception.pt")
+    return ["compare", "-b", "llamagen", *w.model, "--methods", "raster", "--image-size", 8, "--num-samples", 2,
+            "--batch-size", 2, "--repeats", 1, "--warmup", 0, "--fid-weights", w.root / "inception.pt",
+            "--reference-images", w.images]
+
+
 def vq_in_place_of_gpt(w: World) -> list:
     return ["generate", "-b", "llamagen", "--checkpoint", w.options["vq_checkpoint"], "--classes", 1]
 
@@ -151,6 +163,30 @@ def codes_folder(w: World, high: int) -> Path:
     return w.root / "codes"
 
 
+def codes_with_objects(w: World) -> Path:
+    folder = codes_folder(w, 1)
+    np.save(folder / "imagenet_codes" / "0.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    return folder
+
+
+def codes_without_a_label(w: World) -> Path:
+    folder = codes_folder(w, 1)
+    (folder / "imagenet_labels" / "2.npy").unlink()
+    return folder
+
+
+def malformed_resume_state(w: World) -> Path:
+    adapter = w.copy_adapter("malformed")
+    newest = sorted((adapter / "checkpoints").glob("step-*"))[-1]
+    (newest / "state.json").write_text("[1, 2]")
+    return adapter
+
+
+def folder_where_an_image_goes(w: World) -> Path:
+    (w.out / "0000_1.png").mkdir(parents=True)
+    return w.out
+
+
 def text_file_as_image(w: World) -> Path:
     (w.images / "0" / "broken.png").write_text("not an image")
     return w.images
@@ -184,6 +220,8 @@ CASES = [
     Case("truncated-checkpoint", truncated_checkpoint, ("truncated or corrupt", "re-download")),
     Case("corrupt-safetensors", corrupt_safetensors, ("could not read", "safetensors", "corrupt")),
     Case("pickle-needs-code-execution", code_execution_pickle, ("refusing to load", "code execution")),
+    Case("vq-pickle-needs-code-execution", code_execution_vq, ("refusing to load", "code execution")),
+    Case("fid-weights-pickle-needs-code-execution", code_execution_fid_weights, ("refusing to load", "code execution")),
     Case("vq-checkpoint-as-gpt", vq_in_place_of_gpt, ("not a LlamaGen GPT checkpoint", "--vq-checkpoint")),
     Case("safetensors-wrong-shape", wrong_shape_safetensors, ("wrong shapes", "output.weight")),
     Case("vocabulary-mismatch", smaller_vq_vocabulary, ("32 codes", "64", "--vq-checkpoint")),
@@ -210,7 +248,17 @@ CASES = [
          ("unknown method 'nope'",)),
     Case("missing-extra", missing_extra, ("needs flashar_not_installed", "pip install 'flashar[fake]'")),
     # config values
-    Case("top-p-zero", lambda w: w.gen("--top-p", 0), ("top_p", "greater than 0")),
+    Case("top-p-zero", lambda w: w.gen("--top-p", 0), ("top_p", "--top-p", "greater than 0")),
+    Case("stage-option-names-its-flag", lambda w: w.adapt("--out", w.out, "--stage1-lr", -1), ("--stage1-lr", "greater than 0")),
+    Case("cfg-scale-inf", lambda w: w.gen("--cfg-scale", "inf"), ("--cfg-scale", "finite number")),
+    Case("cfg-scale-nan", lambda w: w.gen("--cfg-scale", "nan"), ("--cfg-scale", "finite number")),
+    Case("seed-beyond-64-bits", lambda w: w.gen("--seed", 2**64), ("--seed", "less than")),
+    Case("compare-seed-beyond-64-bits", lambda w: ["compare", "-b", "llamagen", *w.model, "--seeds", f"0,{2**70}", "--no-metrics"],
+         ("--seeds", "less than")),
+    Case("compare-no-methods", lambda w: ["compare", "-b", "llamagen", *w.model, "--methods", ",", "--no-metrics"],
+         ("--methods", "at least one"), usage=True),
+    Case("compare-no-seeds", lambda w: ["compare", "-b", "llamagen", *w.model, "--seeds", ",", "--no-metrics"],
+         ("--seeds", "at least one"), usage=True),
     Case("negative-temperature", lambda w: w.gen("--temperature", -1), ("temperature", "greater than or equal to 0")),
     Case("cfg-interval-below-minus-one", lambda w: w.gen("--cfg-interval", -2), ("cfg_interval", "-1")),
     Case("generate-batch-size-zero", lambda w: w.gen("--batch-size", 0), ("--batch-size", "0"), usage=True),
@@ -224,9 +272,14 @@ CASES = [
          ("must hold a JSON object",)),
     Case("config-file-stage-not-an-object", lambda w: w.adapt("--out", w.out, "--config", write(w.root / "c.json", '{"stage1": 3}')),
          ("stage1", "JSON object")),
+    Case("config-file-is-a-folder", lambda w: w.gen("--config", mkdir(w.root / "c.json")), ("is a folder", "JSON file")),
+    Case("adapt-config-file-is-a-folder", lambda w: w.adapt("--out", w.out, "--config", mkdir(w.root / "c.json")),
+         ("is a folder", "JSON file")),
     Case("config-file-unknown-option", lambda w: w.gen("--config", write(w.root / "c.json", '{"top_q": 0.5}')),
          ("unknown option 'top_q'",)),
     Case("save-tokens-not-npy", lambda w: w.gen("--out", w.out, "--save-tokens", w.root / "tokens.txt"), ("--save-tokens", ".npy")),
+    Case("save-tokens-is-a-folder", lambda w: w.gen("--out", w.out, "--save-tokens", mkdir(w.root / "t.npy")),
+         ("--save-tokens", "is a folder")),
     Case("device-cuda-without-cuda", lambda w: w.gen("--device", "cuda"), ("CUDA is not available", "--device cpu")),
     Case("unknown-device", lambda w: w.gen("--device", "tpu9"), ("unknown device 'tpu9'",)),
     # conditions and sizes
@@ -236,6 +289,9 @@ CASES = [
          ("class-conditional", "--classes")),
     Case("nothing-to-generate", lambda w: ["generate", "-b", "llamagen", *w.model], ("nothing to generate", "--classes")),
     Case("generate-size-not-divisible", lambda w: w.gen("--image-size", 7), ("not a positive multiple", "downsampling factor 2")),
+    Case("generate-size-zero", lambda w: w.gen("--image-size", 0), ("--image-size", "positive pixel size", "'0'"), usage=True),
+    Case("adapt-size-zero", lambda w: w.adapt("--out", w.out, "--image-size", 0), ("--image-size", "positive pixel size", "'0'"),
+         usage=True),
     Case("adapt-size-not-divisible", lambda w: w.adapt("--out", w.out, "--image-size", 7), ("not a positive multiple",)),
     Case("adapt-grid-too-small", lambda w: w.adapt("--out", w.out, "--image-size", 2), ("at least 2x2", "--image-size")),
     # data
@@ -248,10 +304,19 @@ CASES = [
          ("class ids in [0, 10)", "12")),
     Case("codes-outside-vocabulary", lambda w: ["adapt", "-b", "llamagen", *w.model, "--codes", codes_folder(w, 70), "--out", w.out],
          ("code 70", "codebook [0, 64)")),
+    Case("codes-object-array", lambda w: ["adapt", "-b", "llamagen", *w.model, "--codes", codes_with_objects(w), "--out", w.out],
+         ("cannot read codes file", "numeric .npy")),
+    Case("codes-label-missing", lambda w: ["adapt", "-b", "llamagen", *w.model, "--codes", codes_without_a_label(w), "--out", w.out],
+         ("label file", "2.npy", "is missing")),
+    Case("cache-dir-is-a-file", lambda w: w.adapt("--out", w.out, "--cache-dir", write(w.root / "cachefile", "x")),
+         ("--cache-dir", "is a file")),
     Case("data-and-codes", lambda w: w.adapt("--out", w.out, "--codes", w.root), ("exactly one of --data",)),
     # outputs and resume
     Case("generate-out-under-a-file", lambda w: w.gen("--out", write(w.root / "file", "x") / "sub"), ("cannot write to", "is a file", "--out")),
     Case("adapt-out-under-a-file", lambda w: w.adapt("--out", write(w.root / "file", "x") / "sub"), ("cannot write to", "is a file", "--out")),
+    Case("generate-out-holds-a-folder-named-like-an-image", lambda w: w.gen("--out", folder_where_an_image_goes(w)),
+         ("is a folder where an image", "--out")),
+    Case("resume-malformed-state", lambda w: w.adapt("--out", malformed_resume_state(w), "--resume"), ("state.json", "delete")),
     Case("resume-without-checkpoint", lambda w: w.adapt("--out", w.out, "--resume"), ("holds no checkpoint", "without --resume")),
     Case("out-holds-an-adapter", lambda w: w.adapt("--out", finished_adapter_folder(w)), ("already holds an adapter", "--resume")),
     Case("resume-with-other-config", lambda w: w.adapt("--out", finished_adapter_folder(w), "--resume"),
@@ -317,6 +382,13 @@ def test_debug_raises_the_original_error(case, world, registry, monkeypatch):
     assert isinstance(result.exception, (FlashARError, ValidationError)), repr(result.exception)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if "code-execution" in c.id], ids=[c.id for c in CASES if "code-execution" in c.id])
+def test_no_user_file_runs_code(case, world, registry, monkeypatch):
+    args = prepare(case, world, registry, monkeypatch)
+    result = CliRunner().invoke(cli, args, obj=registry)
+    assert result.exit_code == 1 and not (world.root / "pwned").exists(), result.output
+
+
 def test_a_real_process_exits_1_with_one_line_on_stderr(world):
     args = [str(a) for a in truncated_checkpoint(world)]
     plain = subprocess.run([sys.executable, "-m", "flashar", *args], capture_output=True, text=True)
@@ -325,3 +397,37 @@ def test_a_real_process_exits_1_with_one_line_on_stderr(world):
     assert plain.stderr.startswith("Error: could not read") and "Traceback" not in plain.stderr
     debug = subprocess.run([sys.executable, "-m", "flashar", "--debug", *args], capture_output=True, text=True)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "CheckpointError" in debug.stderr
+
+
+def test_resume_from_a_state_without_sampler_fails_in_one_line(tmp_path):
+    out = quick_adapter(tmp_path / "run")
+    newest = sorted((out / "checkpoints").glob("step-*"))[-1]
+    state = json.loads((newest / "state.json").read_text())
+    (newest / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "sampler"}))
+    config = AdaptConfig(stage1=StageConfig(steps=2, lr=1e-3), stage2_mode="none", batch_size=4, checkpoint_every=1)
+    with pytest.raises(FlashARError, match="state.json is malformed"):
+        adapt(random_gpt(), Run(stripes(), config, out), resume=True)
+
+
+def test_a_second_adapt_on_the_same_out_is_refused(world, registry):
+    """While one run holds --out, another exits 1 in one line and writes nothing there."""
+    from flashar.io import folder_lock
+
+    world.out.mkdir()
+    with folder_lock(world.out):  # the first run, still training
+        result = CliRunner().invoke(cli, [str(a) for a in world.adapt("--out", world.out)], obj=registry)
+    assert result.exit_code == 1, result.output
+    assert "another flashar adapt is writing to" in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in world.out.iterdir()) == [".flashar.lock"]
+
+
+def test_resume_on_other_data_is_refused_unless_forced(world, registry):
+    run = lambda *extra, data=None: CliRunner().invoke(
+        cli, [str(a) for a in world.adapt("--out", world.out, "--keep-checkpoints", *extra, data=data)], obj=registry)
+    assert run().exit_code == 0
+    other = write_class_folder(world.root / "other-images", per_class=3)
+    refused = run("--resume", data=other)
+    assert refused.exit_code == 1 and "other data" in refused.output and "--force-resume" in refused.output, refused.output
+    assert run("--resume", "--stage1-lr", 0.5).exit_code == 1  # other settings: refused too
+    forced = run("--resume", "--force-resume", data=other)
+    assert forced.exit_code == 0, forced.output

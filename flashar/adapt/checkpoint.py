@@ -4,7 +4,8 @@
 plus backbone weights or LoRA factors in stage 2), ``optimizer.safetensors`` + ``state.json`` (the AdamW
 moments, the param groups, the stage, step and data-sampler position). The files are written into a
 ``.staging-*`` folder that is renamed into place last, so a crash never leaves a half checkpoint that
-``--resume`` would pick up; stale staging folders are removed when a run starts. Everything is global
+``--resume`` would pick up; old checkpoints are renamed to ``.pruning-*`` before they are deleted. Such
+leftovers, and temporary files of interrupted writes, are removed when a run starts. Everything is global
 state (full weights and moments, the sampler of the global batch), so any process count can resume it.
 
 ``<out>/checkpoints/best-stage<N>/`` holds the weights of stage N's best held-out evaluation
@@ -26,9 +27,10 @@ from typing import Any
 import torch
 
 from flashar.errors import CheckpointError
-from flashar.io import atomic_path, load_json, load_weights, save_json, save_safetensors
+from flashar.io import atomic_path, load_json, load_weights, remove_temporary_files, save_json, save_safetensors
 
 KEEP = 2
+CHECKPOINT_FILES = ("weights.safetensors", "optimizer.safetensors", "state.json")
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -69,14 +71,36 @@ def save_checkpoint(out_dir: Path, step: int, weights: dict[str, torch.Tensor], 
         if staging.exists():
             shutil.rmtree(staging)
     for old in sorted(root.glob("step-*"))[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = root / f".pruning-{old.name}"
+        os.replace(old, doomed)  # out of sight first: a kill mid-delete never leaves a half checkpoint named step-*
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
-def remove_staging(out_dir: Path) -> None:
-    """Delete staging folders a killed run left behind (they are never read)."""
-    for stale in (out_dir / "checkpoints").glob(".staging-*"):
+def remove_checkpoints(out_dir: Path) -> None:
+    """Delete ``checkpoints/`` (a finished run), renamed out of sight first like a pruned checkpoint."""
+    root = out_dir / "checkpoints"
+    if root.is_dir():
+        doomed = out_dir / ".pruning-checkpoints"
+        os.replace(root, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_leftovers(out_dir: Path) -> None:
+    """Delete what a killed run left behind (none of it is ever read): staging and half-pruned checkpoint
+    folders, incomplete ``step-*`` folders, and the temporary files of interrupted atomic writes. The best
+    weights of a stage (``best-stage<N>/``) are kept: a resumed run ends its stage with them."""
+    root = out_dir / "checkpoints"
+    incomplete = (p for p in root.glob("step-*") if not is_complete(p))
+    for stale in [*root.glob(".staging-*"), *root.glob(".pruning-*"), *incomplete, *out_dir.glob(".pruning-*")]:
         shutil.rmtree(stale, ignore_errors=True)
+    remove_temporary_files(out_dir)
+    if root.is_dir():
+        remove_temporary_files(root)
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return all((checkpoint / name).is_file() for name in CHECKPOINT_FILES)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -103,8 +127,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     """(weights, optimizer tensors, state with the optimizer's JSON part) of a checkpoint folder."""
-    needed = [path / "weights.safetensors", path / "optimizer.safetensors", path / "state.json"]
-    if not all(p.is_file() for p in needed):
+    needed = [path / name for name in CHECKPOINT_FILES]
+    if not is_complete(path):
         raise CheckpointError(f"checkpoint {path} is incomplete; delete it to resume from the previous one")
     return load_weights(needed[0]), load_weights(needed[1]), load_json(needed[2])
 
@@ -123,9 +147,11 @@ def save_best(out_dir: Path, stage: int, step: int, weights: dict[str, torch.Ten
     try:
         save_safetensors(weights, staging / "weights.safetensors")
         save_json({"stage": stage, "step": step}, staging / "best.json")
+        doomed = root / f".pruning-{final.name}"
         if final.exists():
-            shutil.rmtree(final)
+            os.replace(final, doomed)  # a kill mid-delete never leaves half the weights named best-stage<N>
         os.replace(staging, final)
+        shutil.rmtree(doomed, ignore_errors=True)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

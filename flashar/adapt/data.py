@@ -29,7 +29,7 @@ from torch import Tensor
 
 from flashar.backbone import Backbone
 from flashar.errors import DataError
-from flashar.io import load_weights, save_json, save_safetensors
+from flashar.io import file_in, load_weights, save_json, save_safetensors
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -88,9 +88,10 @@ def list_caption_folder(folder: Path) -> list[tuple[Path, str]]:
             continue
         try:
             row = json.loads(line)
-            items.append((folder / (row.get("file_name") or row["image"]), str(row.get("text") or row["caption"])))
-        except (json.JSONDecodeError, KeyError, TypeError):
+            name, text = row.get("file_name") or row["image"], str(row.get("text") or row["caption"])
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise DataError(f"{folder / 'metadata.jsonl'} line {n} needs a JSON object with 'file_name' and 'text'") from None
+        items.append((file_in(folder, name, f"{folder / 'metadata.jsonl'} line {n}", DataError), text))
     return items
 
 
@@ -132,7 +133,7 @@ def tokenize_folder(backbone: Backbone, folder: str | Path, image_size: int | tu
                     cache_dir: Path | None = None,
                     batch_size: int = 32, progress: Callable[[int, int], None] | None = None) -> TokenData:
     """Encode every image of the folder into a token grid (cached)."""
-    size = image_size or backbone.default_image_size
+    size = backbone.default_image_size if image_size is None else image_size
     size = size if isinstance(size, int) else tuple(size)
     backbone.grid(size)  # validates the size against the tokenizer's downsampling factor
     items = list_images(folder, backbone.condition_kind)
@@ -180,9 +181,9 @@ def load_llamagen_codes(folder: str | Path, grid: tuple[int, int] | None = None)
         raise DataError(f"{code_dir} has no .npy codes or {label_dir} is missing")
     codes, labels = [], []
     for path in files:
-        array = np.load(path, allow_pickle=False)
+        array = _read_npy(path, "codes")
         grids = _as_grids(array, grid, path)  # (num_aug, H, W)
-        label = int(np.load(label_dir / path.name, allow_pickle=False).reshape(-1)[0])
+        label = int(_read_npy(label_dir / path.name, "label").reshape(-1)[0])
         codes.append(torch.from_numpy(grids.astype(np.int64)))
         labels += [label] * grids.shape[0]
     shapes = sorted({tuple(c.shape[1:]) for c in codes})
@@ -203,3 +204,16 @@ def _as_grids(array: np.ndarray, grid: tuple[int, int] | None, path: Path) -> np
         wanted = f"the {grid[0]}x{grid[1]} grid of this image size" if grid else "a square grid"
         raise DataError(f"codes in {path} have {count} tokens, not {wanted}; pass the --image-size they were extracted at")
     return flat.reshape(-1, side, side)
+
+
+def _read_npy(path: Path, what: str) -> np.ndarray:
+    """A numeric, non-empty .npy array (no pickled objects)."""
+    if not path.is_file():
+        raise DataError(f"{what} file {path} is missing; every code file needs a label file of the same name")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"cannot read {what} file {path} ({str(exc).splitlines()[0][:100]}); it must be a numeric .npy array") from None
+    if not np.issubdtype(array.dtype, np.integer) or array.ndim == 0 or array.size == 0:
+        raise DataError(f"{what} file {path} holds a {array.dtype} array of shape {array.shape}; expected integer codes/labels")
+    return array

@@ -22,6 +22,8 @@ resume stays exact. The ``checkpoints/`` sub-folder is removed when the run fini
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import shutil
@@ -38,7 +40,8 @@ from flashar.adapt.checkpoint import (
     load_best,
     load_checkpoint,
     optimizer_state,
-    remove_staging,
+    remove_checkpoints,
+    remove_leftovers,
     save_best,
     save_checkpoint,
     truncate_metrics,
@@ -73,7 +76,7 @@ from flashar.backbone import Backbone
 from flashar.branch import FlashARHead
 from flashar.config import AdaptConfig, StageConfig
 from flashar.errors import CheckpointError, DataError, FlashARError, require
-from flashar.io import atomic_path, ensure_writable_dir
+from flashar.io import atomic_path, ensure_writable_dir, folder_lock
 from flashar.lora import lora_state
 
 METRICS = "metrics.jsonl"
@@ -87,7 +90,7 @@ class Sampler:
         self._order = self._permutation()
 
     def _permutation(self) -> Tensor:
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**64))
 
     def next(self, count: int, drop_prob: float) -> tuple[Tensor, Tensor]:
         picked, have = [], 0
@@ -99,7 +102,7 @@ class Sampler:
             picked.append(self._order[self.cursor : self.cursor + take])
             self.cursor, have = self.cursor + take, have + take
         index = torch.cat(picked)
-        rng = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 1_000_003 + self.cursor)
+        rng = torch.Generator().manual_seed((self.seed * 7919 + self.epoch * 1_000_003 + self.cursor) % 2**64)
         return index, torch.rand(count, generator=rng) < drop_prob
 
     def state(self) -> dict[str, int]:
@@ -135,6 +138,7 @@ class Run:
     on_step: Callable[[dict[str, Any]], None] | None = None  # called on the main process after every step
     stop_after: int | None = None  # stop (as if killed) after this many optimizer steps: for tests
     place: Distributed | None = None  # this process's rank and world size; None: from the process group, if any
+    force_resume: bool = False  # resume even when the data or the config differ from the checkpoint's
     val_data: TokenData | None = None  # held-out grids; None: ``config.val_fraction`` of ``data``, if any
 
 
@@ -215,9 +219,17 @@ def adapt(backbone: Backbone, run: Run, resume: bool = False) -> Adapter | None:
     prepare_lora(model, config)
     position, opt_state = _start(model, run, resume, metadata.backbone_fingerprint)
     out = ensure_writable_dir(run.out_dir)  # created only now that nothing above can fail on bad input
-    if place.is_main:
-        remove_staging(out)
-        _cut_metrics(out / METRICS, position if resume else None)
+    with folder_lock(out) if place.is_main else contextlib.nullcontext():  # one run per folder
+        if place.is_main:
+            remove_leftovers(out)
+            _cut_metrics(out / METRICS, position if resume else None)
+        return _train(model, run, place, metadata, position, opt_state)
+
+
+def _train(model: AdaptModel, run: Run, place: Distributed, metadata: AdapterMetadata, position: Position,
+           opt_state: dict | None) -> Adapter | None:
+    """Both stages from ``position``, then the adapter."""
+    config, backbone = run.config, model.backbone
     sharded = config.strategy == "fsdp" and place.active
     if sharded:
         shard_fsdp(model, backbone.fsdp_units(backbone.layers) + backbone.fsdp_units(model.head.vertical_block))
@@ -244,8 +256,14 @@ def _start(model: AdaptModel, run: Run, resume: bool, base: str) -> tuple[Positi
     if checkpoint is None:
         raise FlashARError(f"--resume was given but {run.out_dir / 'checkpoints'} holds no checkpoint; run without --resume")
     weights, opt_tensors, state = load_checkpoint(checkpoint)
-    if not _same_config(state.get("config"), config):
-        raise FlashARError(f"{checkpoint} was written with a different adaptation config; resume with the same options or use a new --out")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{checkpoint / 'state.json'} is not a checkpoint state; delete {checkpoint} to resume from the previous one")
+    if not _same_config(state.get("config"), config) and not run.force_resume:
+        raise FlashARError(f"{checkpoint} was written with a different adaptation config; resume with the same options, "
+                           f"use a new --out, or pass --force-resume to continue with these options")
+    if state.get("data_fingerprint", _fingerprint(run)) != _fingerprint(run) and not run.force_resume:
+        raise FlashARError(f"{checkpoint} was written while training (or evaluating) on other data; resume with the same "
+                           f"--data/--codes/--val-data, use a new --out, or pass --force-resume to continue on this data")
     if state.get("backbone_fingerprint", base) != base:
         raise CheckpointError(f"{checkpoint} was written while adapting another backbone (fingerprint {state['backbone_fingerprint']}, "
                               f"this one is {base}); resume with the checkpoint it started from or use a new --out")
@@ -254,9 +272,14 @@ def _start(model: AdaptModel, run: Run, resume: bool, base: str) -> tuple[Positi
     except (RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{checkpoint} does not fit this model ({str(exc).strip().splitlines()[0][:160]}); "
                               f"resume with the same backbone and options or use a new --out") from None
-    sampler = Sampler(len(run.data), config.seed, **state["sampler"])
-    best = Best(**state.get("best", {}))
-    return Position(state["stage"], state["in_stage"], state["step"], sampler, base, best), optimizer_state(opt_tensors, state)
+    try:
+        sampler = Sampler(len(run.data), config.seed, **state["sampler"])
+        best = Best(**state.get("best", {}))
+        position = Position(int(state["stage"]), int(state["in_stage"]), int(state["step"]), sampler, base, best)
+        return position, optimizer_state(opt_tensors, state)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{checkpoint / 'state.json'} is malformed ({type(exc).__name__}: {str(exc)[:80]}); "
+                              f"delete {checkpoint} to resume from the previous one") from None
 
 
 def _same_config(saved: dict | None, config: AdaptConfig) -> bool:
@@ -266,6 +289,19 @@ def _same_config(saved: dict | None, config: AdaptConfig) -> bool:
         return {k: v for k, v in (values or {}).items() if k not in ("strategy", "keep_checkpoints")}
 
     return strip(saved) == strip(json.loads(config.model_dump_json()))
+
+
+def data_fingerprint(data: TokenData) -> str:
+    """A hash of the token grids and their conditions, in order (what the sampler's position refers to)."""
+    digest = hashlib.sha256(data.codes.to(torch.int64).contiguous().numpy().tobytes())
+    digest.update(json.dumps(data.conditions).encode())
+    return digest.hexdigest()[:16]
+
+
+def _fingerprint(run: Run) -> str:
+    """The training data's fingerprint, and the held-out data's after a '+' when there is some."""
+    held = "" if run.val_data is None else "+" + data_fingerprint(run.val_data)
+    return data_fingerprint(run.data) + held
 
 
 def _train_stage(model: AdaptModel, run: Run, place: Distributed, position: Position, opt_state: dict | None) -> bool:
@@ -310,7 +346,8 @@ def _checkpoint(model: AdaptModel, optimizer: torch.optim.Optimizer, run: Run, p
         save_checkpoint(run.out_dir, position.step, weights, moments, {
             "stage": position.stage, "in_stage": position.in_stage, "step": position.step,
             "sampler": position.sampler.state(), "world_size": place.world_size, "backbone_fingerprint": position.base,
-            "best": asdict(position.best), "config": json.loads(run.config.model_dump_json())})
+            "data_fingerprint": _fingerprint(run), "best": asdict(position.best),
+            "config": json.loads(run.config.model_dump_json())})
     barrier(place)
 
 
@@ -414,7 +451,7 @@ def _finish(model: AdaptModel, run: Run, place: Distributed, metadata: AdapterMe
         save_adapter(run.out_dir, meta, head, backbone, lora)
     barrier(place)
     if keep and not config.keep_checkpoints:
-        shutil.rmtree(run.out_dir / "checkpoints", ignore_errors=True)
+        remove_checkpoints(run.out_dir)
     if sharded:
         return None
     model.eval().requires_grad_(False)

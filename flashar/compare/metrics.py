@@ -8,6 +8,7 @@ downloaded here. Real images come from the backend (``Backbone.reference_images`
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flashar.errors import DataError, FlashARError, require
+from flashar.errors import CheckpointError, DataError, FlashARError, require
+from flashar.io import load_weights
 
 
 FOLDS = 5  # of the classifier two-sample test
@@ -32,12 +34,60 @@ class Extractor:
     classify: Callable[[Tensor], Tensor] | None = None
 
 
+INCEPTION = "flashar-inception-v3"
+INCEPTION_LAYERS = {"feature_layer_fid": "2048", "feature_layer_kid": "2048", "feature_layer_prc": "2048",
+                    "feature_layer_isc": "logits_unbiased"}
+
+
 def inception_extractor(weights: str | Path) -> Extractor:
+    """torch-fidelity's Inception with ``--fid-weights`` read by flashar, never by torch-fidelity.
+
+    torch-fidelity would ``torch.load(weights_only=False)`` the path, which runs any code a pickle holds;
+    instead the file is read here without code execution (:func:`inception_state`) and the tensors are
+    handed over. Building the network once checks the keys and shapes before any image is generated.
+    """
+    require("torch_fidelity", "metrics")
+    state = inception_state(weights)
+    name = register_inception()
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    try:
+        FEATURE_EXTRACTORS_REGISTRY[name](name, ["2048"], flashar_inception_state=state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{weights} does not hold torch-fidelity's Inception weights ({str(exc).strip().splitlines()[0][:120]}); "
+                              f"pass the pt_inception-2015-12-05 file with --fid-weights") from None
+    return Extractor(name, "FID", {"flashar_inception_state": state, **INCEPTION_LAYERS})
+
+
+def inception_state(weights: str | Path) -> dict[str, Tensor]:
+    """The tensors of an Inception weights file: safetensors, or a pickle of plain tensors (weights only)."""
     if not Path(weights).is_file():
         raise FlashARError(f"Inception weights not found: {weights}; pass the pt_inception-2015-12-05 file with --fid-weights")
-    kwargs = {"feature_extractor_weights_path": str(weights), "feature_layer_fid": "2048", "feature_layer_kid": "2048",
-              "feature_layer_prc": "2048", "feature_layer_isc": "logits_unbiased"}
-    return Extractor("inception-v3-compat", "FID", kwargs)
+    state = load_weights(weights)
+    if not state or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{weights} is not a state dict of tensors; pass the pt_inception-2015-12-05 file with --fid-weights")
+    return state
+
+
+def register_inception() -> str:
+    """Register (once) torch-fidelity's Inception fed with tensors flashar loaded; return its name."""
+    import torch_fidelity
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    class SafeInceptionV3(FeatureExtractorInceptionV3):
+        def __init__(self, name, features_list, flashar_inception_state=None, **kwargs):
+            if flashar_inception_state is None:
+                raise FlashARError("the Inception feature extractor needs weights; pass --fid-weights FILE")
+            kwargs.pop("feature_extractor_weights_path", None)
+            buffer = io.BytesIO()  # the parent reads a file: give it the checked tensors, re-serialised by us
+            torch.save(flashar_inception_state, buffer)
+            buffer.seek(0)
+            super().__init__(name, features_list, feature_extractor_weights_path=buffer, **kwargs)
+
+    if INCEPTION not in FEATURE_EXTRACTORS_REGISTRY:
+        torch_fidelity.register_feature_extractor(INCEPTION, SafeInceptionV3)
+    return INCEPTION
 
 
 class _Images(torch.utils.data.Dataset):

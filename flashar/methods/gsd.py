@@ -38,7 +38,7 @@ class GSDOptions(Config):
         "repeat_horizon", description="How new draft tokens start: copy the token to their left in the row (SJD's LlamaGen default) or a uniform random code (the GSD script).")
     group_size: int = Field(14, ge=1, description="G: candidates nearest to the draft in the target's logit ranking, the draft included (released script: 14; 1 = SJD).")
     group_prob_margin: float = Field(0.15, gt=0, description="δ: drop candidates whose probability differs from the draft's by this much or more.")
-    group_embed_distance: float = Field(0.5, gt=0, description="d: drop candidates at this squared L2 distance or more from the draft in the input-embedding table (inf = off).")
+    group_embed_distance: float = Field(0.5, gt=0, allow_inf_nan=True, description="d: drop candidates at this squared L2 distance or more from the draft in the input-embedding table (inf = off).")
 
 
 def grouped_mass(logits: Tensor, probs: Tensor, draft_probs: Tensor, codes: Tensor, embeddings: Tensor,

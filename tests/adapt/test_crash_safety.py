@@ -69,8 +69,8 @@ def test_leftovers_of_a_kill_are_never_picked_up(tmp_path):
     """A half-written checkpoint (staging folder), a metrics line cut mid-write and steps logged after the
     last checkpoint: --resume ignores the first, drops the others, and ends where an uninterrupted run ends."""
     full, cut = tmp_path / "full", tmp_path / "cut"
-    adapt(random_gpt(), Run(stripes(), config(), full))
-    adapt(random_gpt(), Run(stripes(), config(), cut, stop_after=5))  # checkpoint at step 4, step 5 logged
+    adapt(random_gpt(), Run(stripes(), config(keep_checkpoints=True), full))
+    adapt(random_gpt(), Run(stripes(), config(keep_checkpoints=True), cut, stop_after=5))  # checkpoint at step 4, step 5 logged
     staging = cut / "checkpoints" / ".staging-x"
     staging.mkdir()
     (staging / "weights.safetensors").write_bytes(b"\x00" * 10)
@@ -92,3 +92,74 @@ def test_a_folder_with_only_a_staging_checkpoint_is_a_fresh_start(tmp_path):
         adapt(random_gpt(), Run(stripes(), config(), tmp_path), resume=True)
     adapt(random_gpt(), Run(stripes(), config(), tmp_path))
     assert steps_logged(tmp_path) == [1, 2, 3, 4, 5, 6]
+
+
+def test_leftovers_of_a_kill_during_the_final_write_or_pruning_are_removed(tmp_path):
+    """A stray temporary file of the adapter's config, an old checkpoint half deleted (by a version that
+    pruned in place) and one half pruned: the next run removes them all."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    adapt(random_gpt(), Run(stripes(), config(keep_checkpoints=True), full))
+    adapt(random_gpt(), Run(stripes(), config(keep_checkpoints=True), cut, stop_after=5))
+    stray = cut / ".config.json.k1ll3d.tmp"
+    stray.write_text("{")
+    half_deleted = cut / "checkpoints" / "step-00000001"
+    half_deleted.mkdir()
+    (half_deleted / "state.json").write_text("{}")
+    (cut / "checkpoints" / ".pruning-step-00000002").mkdir()
+    adapt(random_gpt(), Run(stripes(), config(keep_checkpoints=True), cut), resume=True)
+    assert_bitwise_same(full, cut)
+    assert not stray.exists() and not half_deleted.exists()
+    assert [p.name for p in (cut / "checkpoints").iterdir()] == sorted(p.name for p in (full / "checkpoints").iterdir())
+
+
+def test_a_kill_while_pruning_never_leaves_a_half_checkpoint(tmp_path, monkeypatch):
+    import shutil
+
+    from flashar.adapt import checkpoint
+
+    class Killed(BaseException):
+        pass
+
+    def killed_midway(path, ignore_errors=False):
+        next(p for p in Path(path).iterdir()).unlink()  # one file gone, then the process dies
+        raise Killed
+
+    adapt(random_gpt(), Run(stripes(), config(), tmp_path, stop_after=4))  # step-00000004 + one older
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    with pytest.raises(Killed):
+        adapt(random_gpt(), Run(stripes(), config(), tmp_path), resume=True)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", shutil.rmtree)
+    assert all(checkpoint.is_complete(p) for p in (tmp_path / "checkpoints").glob("step-*"))
+
+
+def test_leftover_cleanup_keeps_the_best_weights_and_resume_ends_with_them(tmp_path):
+    """A run with held-out data killed in stage 1 has checkpoints/best-stage1/ beside its step-* checkpoints:
+    the cleanup of a kill's leftovers (here a half-pruned best folder and a staging folder) keeps it, and the
+    resumed run ends with the uninterrupted run's adapter; the finished folder holds no checkpoints."""
+    from flashar.adapt.checkpoint import remove_leftovers
+
+    cfg = config(val_fraction=0.25, eval_every=1, patience=2)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    adapt(random_gpt(), Run(stripes(), cfg, full))
+    adapt(random_gpt(), Run(stripes(), cfg, cut, stop_after=3))
+    root = cut / "checkpoints"
+    best = sorted(p.name for p in (root / "best-stage1").iterdir())
+    (root / ".pruning-best-stage1").mkdir()
+    (root / ".staging-k1ll3d").mkdir()
+    remove_leftovers(cut)
+    assert sorted(p.name for p in root.iterdir()) == ["best-stage1", "step-00000002", "step-00000003"]
+    assert sorted(p.name for p in (root / "best-stage1").iterdir()) == best == ["best.json", "weights.safetensors"]
+    adapt(random_gpt(), Run(stripes(), cfg, cut), resume=True)
+    assert_bitwise_same(full, cut)
+    assert sorted(p.name for p in cut.iterdir() if p.name != ".flashar.lock") == ["config.json", "metrics.jsonl",
+                                                                                 "model.safetensors"]
+
+
+def test_resume_with_other_held_out_data_is_refused_unless_forced(tmp_path):
+    """The data fingerprint covers the held-out split too: its best weights and early stop depend on it."""
+    cfg = config(eval_every=1)
+    adapt(random_gpt(), Run(stripes(), cfg, tmp_path, stop_after=2, val_data=stripes(4)))
+    with pytest.raises(FlashARError, match="other data"):
+        adapt(random_gpt(), Run(stripes(), cfg, tmp_path, val_data=stripes(5)), resume=True)
+    adapt(random_gpt(), Run(stripes(), cfg, tmp_path, val_data=stripes(5), force_resume=True), resume=True)
+    assert (tmp_path / "model.safetensors").is_file()

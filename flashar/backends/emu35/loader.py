@@ -21,7 +21,7 @@ from flashar.backends.emu35.placement import Placement
 from flashar.backends.emu35.text import Emu35TextTokenizer
 from flashar.backends.emu35.tokenizer import IBQ, IBQConfig, IBQTokenizer
 from flashar.errors import CheckpointError, require
-from flashar.io import check_keys, load_json, load_weights, select_state_dict, strip_prefixes
+from flashar.io import check_keys, file_in, load_json, load_weights, select_state_dict, strip_prefixes
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -68,7 +68,7 @@ def shard_map(folder: Path, hint: str = "pass the Emu3.5(-Image) folder as --mod
         weight_map = load_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index} has no 'weight_map'; re-download the checkpoint index")
-        files = {name: folder / name for name in set(weight_map.values())}
+        files = {name: file_in(folder, name, index) for name in set(weight_map.values())}
         if missing := sorted(name for name, path in files.items() if not path.is_file()):
             raise CheckpointError(f"{index} lists shards that are not in {folder}: {', '.join(missing[:4])}; "
                                   "download every shard")

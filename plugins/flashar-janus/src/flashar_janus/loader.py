@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from flashar.errors import CheckpointError, FlashARError
-from flashar.io import check_keys, load_json
+from flashar.io import check_keys, file_in, load_json
 
 TEXT_PREFIX, MODEL_PREFIX, VQ_PREFIX = "model.language_model.", "model.", "model.vqmodel."
 UNUSED_PREFIXES = ("model.vision_model.", "model.aligner.", "lm_head.")
@@ -50,7 +50,7 @@ def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(load_json(index).get("weight_map", {}).values()))
-        return [folder / name for name in shards]
+        return [file_in(folder, name, index) for name in shards]
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"]
     raise CheckpointError(
