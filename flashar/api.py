@@ -207,9 +207,6 @@ def quality_inputs(backbone: Backbone, config, fid_weights=None, reference_dir=N
 
     if not config.metrics:
         return None, None
-    if config.num_samples < 2 * FOLDS:
-        raise FlashARError(f"quality metrics need at least {2 * FOLDS} images per method; pass --num-samples {2 * FOLDS} "
-                           "or more, or --no-metrics for speed only")
     registry = registry or get_registry()
     extractor = None
     if fid_weights is not None:
@@ -226,6 +223,9 @@ def quality_inputs(backbone: Backbone, config, fid_weights=None, reference_dir=N
     if extractor is None or reference is None:
         raise FlashARError("quality metrics need a feature extractor and real images for this backend; pass --fid-weights FILE "
                            "and --reference-images DIR, or --no-metrics for speed only")
+    if config.num_samples < 2 * FOLDS:
+        raise FlashARError(f"quality metrics need at least {2 * FOLDS} images per method; pass --num-samples {2 * FOLDS} "
+                           "or more, or --no-metrics for speed only")
     return extractor, reference
 
 
