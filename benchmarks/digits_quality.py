@@ -12,7 +12,8 @@ backbone, gates at 0.5), with the same class-balanced conditions and seeds:
   ``--samples`` images per seed, averaged over ``--seeds``, against the shifted test split
   (``Backbone.reference_images``); the same for real digits: the train split shifted as in training (the
   floor), unshifted (what a position-blind metric would have preferred), and the held-out validation split
-  under the damage ladder of ``flashar.backends.digits.ladder`` (the metric must worsen along it);
+  under the damage ladder of ``flashar.backends.digits.ladder`` (the metric must worsen along it); a grid
+  of the first 100 samples of the first seed per method (and of real held-out digits) beside the receipt;
 * speed: raster vs FlashAR timed interleaved in this process (medians): the latency of one image as
   ``flashar compare`` runs by default (eager; the speedup checked), the throughput at ``--batch-size``, and
   the latency with both decode steps compiled (reported).
@@ -37,9 +38,11 @@ from flashar.backends.digits.ladder import ladder
 from flashar.branch import FlashARHead
 from flashar.compare import environment
 from flashar.compare.metrics import Extractor, quality, to_uint8
+from flashar.compare.report import sample_grid
 from flashar.compare.timing import time_methods
 from flashar.config import BranchConfig, SamplingConfig
 from flashar.methods.flashar import FlashAR
+from flashar.io import save_png
 from flashar.methods.raster import Raster
 from flashar.plugins import get_registry
 from flashar.teacher import flashar_logits, raster_logits
@@ -56,6 +59,11 @@ def held_out_nll(backbone, codes, labels, head=None, batch: int = 100) -> float:
             logits = raster_logits(backbone, prefix, grids) if head is None else flashar_logits(backbone, head, prefix, grids).fused
             total += F.cross_entropy(logits.flatten(0, 1), grids.flatten(), reduction="sum").item()
     return total / codes.numel()
+
+
+def grid_path(receipt: Path, name: str) -> Path:
+    """benchmarks/results/digits_quality.json -> digits_quality_<name>.png beside it (the README shows them)."""
+    return receipt.with_name(f"{receipt.stem}_{name.split(' ')[0]}{'_stage1' if 'stage 1' in name else ''}.png")
 
 
 def variants(backbone):
@@ -97,6 +105,7 @@ def main() -> None:
     train_codes, train_labels = splits.train
     report["real"]["train, shifted as in training (floor)"] = score(shift(train_codes, torch.Generator().manual_seed(0)), train_labels)
     report["real"]["train, unshifted"] = score(train_codes, train_labels)
+    save_png(sample_grid(to_uint8(backbone.decode(held_out[0][::len(held_out[0]) // 100][:100]))), grid_path(args.out, "real"))
     val_codes, val_labels = torch.cat([splits.val[0]] * 3), splits.val[1].repeat(3)
     for rung, codes in ladder(val_codes).items():
         report["real"][f"validation, {rung}"] = score(codes, val_labels)
@@ -106,7 +115,10 @@ def main() -> None:
         per_seed = []
         for seed in seeds:
             result = api.generate(method, conditions, None, sampling, args.batch_size, seed)
-            per_seed.append(quality(to_uint8(backbone.decode(result.codes)), reference, extractor, conditions))
+            images = to_uint8(backbone.decode(result.codes))
+            per_seed.append(quality(images, reference, extractor, conditions))
+            if seed == seeds[0]:
+                save_png(sample_grid(images[:100]), grid_path(args.out, name))
         averaged = {k: statistics.fmean(s[k] for s in per_seed) for k in per_seed[0]}
         report["methods"][name] = {**averaged, "per_seed": per_seed, "forward_passes": result.num_forward_passes,
                                    "held_out_nll": held_out_nll(bb, *held_out, head=head)}
