@@ -33,7 +33,8 @@ Then run ``python -m pytest <your test file>``. Every check below runs on CPU in
 * the layer tap (the hidden state entering layer b), cloned layers, and ``logits(h, head)`` honouring a
   copy of ``output`` (how the FlashAR vertical head reuses the backbone's head);
 * raster decoding equals a greedy full-recompute reference of the native layout, and its decode step
-  traces with ``fullgraph=True`` into one graph (``slow``: inductor);
+  traces with ``fullgraph=True`` into one graph (``slow``: inductor); with CFG, a batch of conditions
+  decodes as each condition alone (the baseline is the model's own sampler, whatever the padding);
 * ``decode`` gives images in [0, 1] and ``encode`` gives codes of the grid's shape;
 * save -> load round trip of the official format (when ``save_backbone`` is implemented).
 
@@ -343,6 +344,18 @@ class BackboneConformance:
             expected = greedy_reference(backbone, self.conditions, self.grid, self.cfg_scale)
         assert torch.equal(result.codes, expected)
         assert result.codes.min() >= 0 and result.codes.max() < backbone.codebook_size
+
+    def test_raster_with_cfg_decodes_each_condition_as_alone(self, backbone):
+        """Native rows of a batch (prompts of different lengths) compute what each computes alone, as the
+        model's own unbatched sampler does: padding must not shift a row's positions."""
+        from flashar.methods.raster import Raster
+
+        sampling = SamplingConfig(cfg_scale=self.cfg_scale, top_k=1)
+        method = Raster(backbone)
+        batched = method.generate(self.conditions, self.grid, sampling, make_generator(0, backbone.device)).codes
+        alone = torch.cat([method.generate([c], self.grid, sampling, make_generator(0, backbone.device)).codes
+                           for c in self.conditions])
+        assert torch.equal(batched, alone), "a native prefix row must not depend on the other rows of its batch"
 
     def test_raster_step_compiles_once(self, backbone):
         from flashar.methods.raster import Raster

@@ -27,9 +27,10 @@ class Emu35Options(Config):
                                                "visible GPU (embedding on the first, lm_head on the last); --device is then ignored.")
     text_max_length: int = Field(128, ge=0, description="Cut the prompt so the text template is at most this many "
                                  "tokens (FlashAR's training length); 0 = no limit.")
-    prefix_padding: Literal["right", "left"] = Field("right", description="Pad shorter prompt rows on the right "
-                                                     "(the released FlashAR code) or on the left (every row then computes "
-                                                     "exactly what Emu3.5's unbatched sampler computes).")
+    prefix_padding: Literal["right", "left"] = Field("right", description="Pad the FlashAR decoder's shorter prompt rows "
+                                                     "(adapt and --method flashar) on the right (the released FlashAR code) "
+                                                     "or on the left (every row then computes what it would alone). Raster and "
+                                                     "the training-free methods always pad left: they are Emu3.5's own sampler.")
 
 
 def load(options: Emu35Options, runtime: RuntimeConfig):
