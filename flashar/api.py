@@ -66,6 +66,41 @@ def load_backbone(backend: str, options: Mapping[str, Any] | Config, runtime: Ru
     return spec.load(validated(spec.options, options, f"backend '{backend}'"), runtime)
 
 
+def check_image_tokenizer(backend: str, options: Mapping[str, Any] | Config, needed_for: str,
+                          registry: Registry | None = None) -> None:
+    """Before loading: refuse when ``needed_for`` (writing images, tokenising data) needs the image tokenizer
+    and the backend's optional tokenizer option (``BackendSpec.image_tokenizer``) was not given."""
+    spec = (registry or get_registry()).backend(backend)
+    name = spec.image_tokenizer
+    given = getattr(options, name, None) if isinstance(options, Config) else dict(options or {}).get(name)
+    if name and given is None:
+        field = spec.options.model_fields.get(name)
+        what = f" ({field.description.split(';')[0].rstrip('.')})" if field is not None and field.description else ""
+        raise FlashARError(f"{needed_for} needs {backend}'s image tokenizer; pass {flag_of(spec.options, (name,))}{what}")
+
+
+def check_data_source(backend: str, options: Mapping[str, Any] | Config, data_dir: str | Path | None = None,
+                      codes_dir: str | Path | None = None, cache_dir: str | Path | None = None,
+                      val_dir: str | Path | None = None, registry: Registry | None = None) -> None:
+    """Before loading: the adaptation data can be read (folder layout, metadata.jsonl, codes folder), the
+    image tokenizer that tokenises it is given, and the token cache is writable."""
+    from flashar.adapt.data import list_images, list_llamagen_codes
+
+    if (data_dir is None) == (codes_dir is None):
+        raise FlashARError("pass exactly one of --data DIR (images) or --codes DIR (pre-extracted codes)")
+    spec = (registry or get_registry()).backend(backend)
+    kind = spec.kind_of(validated(spec.options, options, f"backend '{backend}'"))
+    if codes_dir is not None:
+        list_llamagen_codes(codes_dir)
+    for folder in (data_dir, val_dir):
+        if folder is not None:
+            list_images(folder, kind)
+    if data_dir is not None or val_dir is not None:
+        check_image_tokenizer(backend, options, "tokenising the images of --data/--val-data", registry)
+        if cache_dir is not None:
+            check_writable_dir(cache_dir, "--cache-dir")
+
+
 def _check_device(device: str) -> None:
     try:
         dev = torch.device(device)
@@ -170,6 +205,41 @@ def save_images(backbone: Backbone, codes: torch.Tensor, out_dir: str | Path, co
             save_png(image, out_dir / name)
             paths.append(out_dir / name)
     return paths
+
+
+def write_outputs(backbone: Backbone, codes: torch.Tensor, conditions: Sequence[Any], out_dir: str | Path | None = None,
+                  tokens_path: str | Path | None = None) -> list[Path]:
+    """The token grids (``tokens_path``) first, then the images (``out_dir``); returns the image paths.
+
+    Decoding is the expensive part, so its tokens are never lost: when writing the images fails (the image
+    tokenizer, memory, disk), the tokens are saved (``tokens_path``, else ``tokens.npy`` in ``out_dir`` or
+    the temporary folder) and the error says where."""
+    saved = save_tokens(codes, tokens_path) if tokens_path is not None else None
+    if out_dir is None:
+        return []
+    try:
+        return save_images(backbone, codes, out_dir, conditions)
+    except Exception as exc:
+        saved = saved or _rescue_tokens(codes, Path(out_dir))
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FlashARError(f"writing the images failed: {reason}; the decoded tokens are saved in {saved} "
+                           f"(int64, shape {list(codes.shape)}; backbone.decode turns them into images)") from exc
+
+
+def _rescue_tokens(codes: torch.Tensor, out_dir: Path) -> Path:
+    import tempfile
+
+    for folder in (out_dir, Path(tempfile.gettempdir())):
+        try:
+            folder = ensure_writable_dir(folder)
+            path = folder / "tokens.npy"
+            if path.exists():
+                path = folder / f"tokens-{time.strftime('%Y%m%d-%H%M%S')}.npy"
+            return save_tokens(codes, path)
+        except (FlashARError, OSError):
+            continue
+    raise FlashARError(f"writing the images failed and the decoded tokens could not be saved in {out_dir} "
+                       f"or the temporary folder either")
 
 
 def check_image_paths(out_dir: str | Path, conditions: Sequence[Any]) -> None:
@@ -280,6 +350,13 @@ def quality_inputs(backbone: Backbone, config, fid_weights=None, reference_dir=N
         raise FlashARError("quality metrics need a feature extractor and real images for this backend; pass --fid-weights FILE "
                            "and --reference-images DIR, or --no-metrics for speed only")
     return extractor, reference
+
+
+def check_quality_files(fid_weights=None, reference_dir=None) -> None:
+    """Before loading: the files ``flashar compare`` reads after decoding exist."""
+    for path, flag, want in ((fid_weights, "--fid-weights", "file"), (reference_dir, "--reference-images", "folder")):
+        if path is not None and not (Path(path).is_file() if want == "file" else Path(path).is_dir()):
+            raise FlashARError(f"{flag} {path} is not a {want}; check the path")
 
 
 def read_prompts(path: str | Path) -> list[str]:

@@ -127,8 +127,11 @@ def generate(ctx: click.Context, **values) -> None:
         api.check_writable_dir(values["out"])  # fail before any work is done, and create nothing yet
     if values["save_tokens"]:
         api.check_tokens_path(values["save_tokens"])
+    options = pick(registry.backend(values["backend"]).options, values)
+    if values["out"]:
+        api.check_image_tokenizer(values["backend"], options, "--out (writing images)", registry)
     runtime = runtime_from(values)
-    backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
+    backbone = api.load_backbone(values["backend"], options, runtime, registry)
     method_cls = registry.method(values["method"])
     method = api.build_method(values["method"], backbone, pick(method_cls.Options, values), compile=runtime.compile_as,
                               registry=registry, own_backbone=True)  # the only method here: adapt the backbone in place
@@ -139,9 +142,7 @@ def generate(ctx: click.Context, **values) -> None:
         api.check_image_paths(values["out"], conditions)
     with _progress(len(conditions), f"{values['method']} decoding", values["as_json"]) as advance:
         result = api.generate(method, conditions, values["image_size"], sampling, values["batch_size"], runtime.seed, advance)
-    paths = api.save_images(method.backbone, result.codes, values["out"], conditions) if values["out"] else []
-    if values["save_tokens"]:
-        api.save_tokens(result.codes, values["save_tokens"])
+    paths = api.write_outputs(method.backbone, result.codes, conditions, values["out"], values["save_tokens"])
     summary = {
         "backend": values["backend"], "method": values["method"], "images": len(conditions),
         "grid": list(result.codes.shape[1:]), "forward_passes_per_batch": result.num_forward_passes,
@@ -189,9 +190,12 @@ def adapt(ctx: click.Context, **values) -> None:
     check_config(config)  # before the model loads and the data is tokenised
     runtime = runtime_from(values)
     api.ensure_output(values["out"], resume=values["resume"])
+    options = pick(registry.backend(values["backend"]).options, values)
+    api.check_data_source(values["backend"], options, values["data_dir"], values["codes_dir"], values["cache_dir"],
+                          values["val_dir"], registry)  # before the model loads
     with session(runtime.device) as (place, device):
         runtime = runtime.model_copy(update={"device": device})  # cuda:LOCAL_RANK under torchrun
-        backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
+        backbone = api.load_backbone(values["backend"], options, runtime, registry)
         config = api.resolve_branch(backbone, config, pick(BranchConfig, values))  # user > backend > library
         with main_first(place):  # the main process tokenises and fills the cache, the others read it
             data = api.load_data(backbone, values["data_dir"], values["codes_dir"], values["image_size"], values["cache_dir"])
@@ -245,12 +249,17 @@ def compare(ctx: click.Context, **values) -> None:
     config = api.validated(CompareConfig, {**pick(CompareConfig, values), "methods": names, "seeds": seeds}, "compare")
     if values["out"]:
         api.check_writable_dir(values["out"])
+    options = pick(registry.backend(values["backend"]).options, values)
+    if values["out"] or config.metrics:
+        api.check_image_tokenizer(values["backend"], options, "--out (sample grids)" if values["out"] else
+                                  "quality metrics (use --no-metrics for speed only)", registry)
+    api.check_quality_files(values["fid_weights"], values["reference_images"])
+    prompts = api.read_prompts(values["prompts_file"]) if values["prompts_file"] else None
     runtime = runtime_from(values)
-    backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
+    backbone = api.load_backbone(values["backend"], options, runtime, registry)
     methods = {n: api.build_method(n, backbone, pick(registry.method(n).Options, values), compile=runtime.compile_as, registry=registry) for n in names}
     sampling = {n: api.resolve_sampling(m.backbone, pick(SamplingConfig, values)) for n, m in methods.items()}
     extractor, reference = api.quality_inputs(backbone, config, values["fid_weights"], values["reference_images"], registry)
-    prompts = api.read_prompts(values["prompts_file"]) if values["prompts_file"] else None
     total = config.num_samples * len(config.seeds) * len(names) if extractor is not None and config.metrics else 0
     with _progress(total, "scoring samples", values["as_json"] or not total) as advance:
         report = api.compare(methods, sampling, config, extractor, reference, prompts, lambda method, n: advance(n))

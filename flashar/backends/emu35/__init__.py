@@ -64,4 +64,6 @@ def flashar_register_backends(register):
         load=load,
         extra="emu35",
         requires=("transformers", "tiktoken"),
+        image_tokenizer="vq_path",
+        condition_kind="text",
     ))

@@ -44,4 +44,5 @@ def flashar_register_backends(register):
         load=load,
         extra="glm_image",
         requires=("transformers",),
+        condition_kind="text",
     ))

@@ -61,6 +61,11 @@ def vq_config_from(path: Path | None):
     return validated(VQConfig, load_json(path), f"VQ config {path}")
 
 
+def _condition_kind(options: LlamaGenOptions) -> str | None:
+    """Text with a text encoder; otherwise only the checkpoint knows (c2i, or a t2i model missing --t5-path)."""
+    return "text" if options.t5_path is not None else None
+
+
 @hookimpl
 def flashar_register_backends(register):
     register(BackendSpec(
@@ -69,4 +74,6 @@ def flashar_register_backends(register):
         options=LlamaGenOptions,
         load=load,
         extra="llamagen",
+        image_tokenizer="vq_checkpoint",
+        condition_kind=_condition_kind,
     ))

@@ -49,4 +49,5 @@ def flashar_register_backends(register):
         description="DeepSeek Janus / Janus-Pro text-to-image (transformers save_pretrained folder).",
         options=JanusOptions,
         load=load,
+        condition_kind="text",
     ))
