@@ -369,8 +369,9 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def compare(methods, sampling, config, extractor, reference, prompts=None, progress=None):
-    """Time and score methods on one backbone (see :mod:`flashar.compare`)."""
+def compare(methods, sampling, config, extractor, reference, prompts=None, progress=None, samples: bool = False):
+    """Time and score methods on one backbone (see :mod:`flashar.compare`); ``samples``: keep decoded
+    samples of every method for the sample grids even when no metric is computed."""
     from flashar.compare import run_compare
 
-    return run_compare(methods, sampling, config, extractor, reference, prompts, progress)
+    return run_compare(methods, sampling, config, extractor, reference, prompts, progress, samples)

@@ -262,7 +262,8 @@ def compare(ctx: click.Context, **values) -> None:
     extractor, reference = api.quality_inputs(backbone, config, values["fid_weights"], values["reference_images"], registry)
     total = config.num_samples * len(config.seeds) * len(names) if extractor is not None and config.metrics else 0
     with _progress(total, "scoring samples", values["as_json"] or not total) as advance:
-        report = api.compare(methods, sampling, config, extractor, reference, prompts, lambda method, n: advance(n))
+        report = api.compare(methods, sampling, config, extractor, reference, prompts, lambda method, n: advance(n),
+                             samples=bool(values["out"]))
     paths = write_report(report, values["out"]) if values["out"] else []
     if values["as_json"]:
         return echo_json({**report.as_json(), "outputs": [str(p) for p in paths]})

@@ -256,11 +256,13 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from rich.text import Text
+
     table = Table(title=title)
     for col in columns:
         table.add_column(col)
-    for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
+    for row in rows:  # plain Text: rich markup would swallow "[digits]" in pip install 'flashar[digits]'
+        table.add_row(*(Text("" if v is None else str(v)) for v in row))
     Console(file=sys.stdout, width=160).print(table)
 
 

@@ -38,7 +38,7 @@ from flashar import grid as G
 from flashar.backbone import Backbone, KVCache, Prefix
 from flashar.compilation import mark_static
 from flashar.config import SamplingConfig
-from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill
+from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill, state_nbytes
 from flashar.sampling import draw, new_uniform, processed_probs, refill_uniform
 
 DRAFT_INITS = ("repeat_horizon", "random")
@@ -245,4 +245,4 @@ class SpeculativeMethod(Method):
                 state.progress.append(committed)
         is_cell = state.forced[: state.num_entries] < 0
         codes = state.tokens[:, : state.num_entries][:, is_cell] - bb.code_offset
-        return Generation(codes.view(-1, *state.grid).cpu(), num_forward_passes=1 + len(state.progress))
+        return Generation(codes.view(-1, *state.grid).cpu(), 1 + len(state.progress), state_nbytes(state))

@@ -71,8 +71,11 @@ def balanced_conditions(backbone: Backbone, count: int, prompts: Sequence[str] |
 
 def run_compare(methods: dict[str, Method], sampling: dict[str, SamplingConfig], config: CompareConfig,
                 extractor: Extractor | None, reference: torch.Tensor | None, prompts: Sequence[str] | None = None,
-                progress: Callable[[str, int], None] | None = None) -> CompareReport:
-    """Time and score every method; ``reference`` (uint8) and ``extractor`` are needed for quality metrics."""
+                progress: Callable[[str, int], None] | None = None, samples: bool = False) -> CompareReport:
+    """Time and score every method; ``reference`` (uint8) and ``extractor`` are needed for quality metrics.
+
+    ``samples``: every method's report also holds decoded samples without metrics (those of its timed
+    throughput batch), for the sample grids."""
     first = next(iter(methods.values())).backbone
     grid = first.grid(config.image_size)
     conditions = balanced_conditions(first, config.num_samples, prompts)
@@ -90,6 +93,9 @@ def run_compare(methods: dict[str, Method], sampling: dict[str, SamplingConfig],
                "peak_memory_mb": None if throughput[name].peak_bytes is None else throughput[name].peak_bytes / 2**20}
         if config.metrics and extractor is not None and reference is not None:
             row.update(score(method, conditions, grid, sampling[name], config, extractor, reference, report, progress))
+        elif samples and throughput[name].codes is not None:
+            codes = throughput[name].codes[:100]
+            report.samples[method.id] = to_uint8(decode_all(method.backbone, codes, config.batch_size))
         report.rows.append(row)
     return report
 

@@ -30,6 +30,7 @@ class Timing:
     peak_bytes: int | None = None  # CUDA only
     graphs: int = 0  # graphs torch.compile built while warming up (a compiled step: 1 per static shape)
     recompiles: int = 0  # graphs built during the timed runs (should be 0: a step compiles once)
+    codes: torch.Tensor | None = None  # (batch, H, W) token grids of the last timed run
 
     @property
     def median(self) -> float:
@@ -84,6 +85,6 @@ def time_methods(methods: dict[str, Method], conditions: Sequence[Any], grid: tu
             t = timings[name]
             t.recompiles += _graphs() - before
             t.seconds.append(elapsed)
-            t.forward_passes, t.state_bytes = result.num_forward_passes, result.state_bytes
+            t.forward_passes, t.state_bytes, t.codes = result.num_forward_passes, result.state_bytes, result.codes
             t.peak_bytes = peak if peak is None or t.peak_bytes is None else max(peak, t.peak_bytes)
     return timings

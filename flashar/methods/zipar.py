@@ -36,7 +36,7 @@ from flashar import grid as G
 from flashar.backbone import KVCache, Prefix
 from flashar.compilation import mark_static
 from flashar.config import Config, SamplingConfig
-from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill
+from flashar.decoding import Generation, Method, guided, image_key_valid, key_mask, prefill, state_nbytes
 from flashar.hookspecs import hookimpl
 from flashar.sampling import new_uniform, refill_uniform, sample
 
@@ -240,7 +240,7 @@ class ZipAR(Method):
                 self.step(state, k, self.key_window(state.slot_index, length, bounds))
         is_cell = state.forced[: state.num_entries] < 0
         codes = state.tokens[:, : state.num_entries][:, is_cell] - bb.code_offset
-        return Generation(codes.view(-1, *state.grid).cpu(), num_forward_passes=1 + len(state.steps))
+        return Generation(codes.view(-1, *state.grid).cpu(), 1 + len(state.steps), state_nbytes(state))
 
 
 @hookimpl
