@@ -52,6 +52,11 @@ class TestEmu35(BackboneConformance):
         self.options = emu35_options
         return load(emu35_options)
 
+    def vocabulary_ids(self, backbone, codes):
+        """Code c is line c of the visual tokens in emu3_vision_tokens.txt, after the text vocabulary and
+        its specials (the tokenizer checks the file's order)."""
+        return codes + backbone.text.ids.first_visual
+
     def save_backbone(self, backbone, folder):
         """The published layout again: the original config.json and tokenizer files, the weights as shards."""
         import shutil
@@ -64,6 +69,16 @@ class TestEmu35(BackboneConformance):
         state = {k: v.contiguous() for k, v in backbone.state_dict().items()}
         write_two_shards(model_dir, state, first=("model.embed_tokens", "model.layers.0."))
         return {"model_path": model_dir, "vq_path": self.options["vq_path"]}
+
+
+def test_conformance_catches_a_code_offset_that_is_only_self_consistent(emu35_options):
+    """One id too low still decodes raster exactly as its own reference does; only the vocabulary says no."""
+    backbone = load(emu35_options)
+    backbone.code_offset -= 1
+    suite = TestEmu35()
+    suite.test_raster_greedy_matches_full_recompute(backbone)
+    with pytest.raises(AssertionError, match="code_ids"):
+        suite.test_embedded_code_ids_are_the_vocabulary_ids(backbone)
 
 
 # --- the published architecture -------------------------------------------------------------------
