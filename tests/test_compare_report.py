@@ -106,3 +106,15 @@ def test_backends_table_shows_the_install_hint_with_its_extra(registry):
     result = CliRunner().invoke(cli, ["backends"], obj=registry, terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "pip install 'flashar[digits]'" in result.output
+
+
+def test_a_class_backbone_without_num_classes_is_named_not_called_text_conditional():
+    from flashar.compare import balanced_conditions
+    from flashar.errors import FlashARError
+
+    backbone = random_gpt()
+    assert balanced_conditions(backbone, 3, None) == [0, 1, 2]
+    backbone.num_classes = None
+    with pytest.raises(FlashARError, match="num_classes") as refused:
+        balanced_conditions(backbone, 3, None)
+    assert "text-conditional" not in str(refused.value)

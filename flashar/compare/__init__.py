@@ -64,8 +64,11 @@ def balanced_conditions(backbone: Backbone, count: int, prompts: Sequence[str] |
     """``count`` conditions: the prompts cycled, or every class id in turn (class-balanced)."""
     if prompts:
         return [prompts[i % len(prompts)] for i in range(count)]
-    if backbone.condition_kind != "class" or not backbone.num_classes:
+    if backbone.condition_kind != "class":
         raise FlashARError("this backend is text-conditional; pass --prompts FILE with one prompt per line")
+    if not backbone.num_classes:
+        raise FlashARError(f"backend '{backbone.backend_id}' is class-conditional but its backbone sets no num_classes, "
+                           f"so compare cannot draw class-balanced conditions; set Backbone.num_classes in the backend")
     return [i % backbone.num_classes for i in range(count)]
 
 
