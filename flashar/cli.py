@@ -19,6 +19,7 @@ from flashar.cliutils import (
     backend_and_method_options,
     check_foreign,
     console,
+    describe_sampling,
     echo_json,
     backend_and_method_options,
     backend_options,
@@ -152,9 +153,9 @@ def generate(ctx: click.Context, **values) -> None:
     if values["as_json"]:
         echo_json(summary)
     else:
-        print_table("flashar generate", ["images", "grid", "forward passes / batch", "seconds", "written to"],
+        print_table("flashar generate", ["images", "grid", "forward passes / batch", "seconds", "sampling", "written to"],
                     [[len(conditions), "x".join(map(str, summary["grid"])), result.num_forward_passes,
-                      f"{result.seconds:.2f}", values["out"] or "-"]])
+                      f"{result.seconds:.2f}", describe_sampling(sampling.model_dump()), values["out"] or "-"]])
 
 
 @cli.command(cls=PluginCommand, plugin_params=backend_options)
@@ -334,12 +335,13 @@ def backends(ctx: click.Context, as_json: bool) -> None:
         missing = spec.missing()
         rows.append({"id": spec.id, "available": not missing, "install": spec.install_hint() if missing else None,
                      "plugin": registry.owners[("backend", spec.id)], "description": spec.description,
-                     "options": sorted(spec.options.model_fields)})
+                     "sampling_defaults": spec.sampling_defaults or None, "options": sorted(spec.options.model_fields)})
     if as_json:
         return echo_json(rows)
-    print_table("flashar backends", ["id", "status", "plugin", "description"],
-                [[r["id"], "available" if r["available"] else f"unavailable: {r['install']}", r["plugin"], r["description"]]
-                 for r in rows])
+    print_table("flashar backends", ["id", "status", "plugin", "sampling defaults", "description"],
+                [[r["id"], "available" if r["available"] else f"unavailable: {r['install']}", r["plugin"],
+                  describe_sampling(r["sampling_defaults"]) if r["sampling_defaults"] else "declared by the backbone once loaded",
+                  r["description"]] for r in rows], no_wrap=("id", "status"))
 
 
 @cli.command()

@@ -48,7 +48,9 @@ class BackendSpec:
     ``image_tokenizer`` names the load option that brings the image tokenizer when it is optional (writing
     images and tokenising data need it), and ``condition_kind`` is ``"class"`` or ``"text"``, or a function
     of the validated options returning one (or None when only the checkpoint knows), so a data folder's
-    layout is checked first.
+    layout is checked first. ``sampling_defaults`` shows in ``--help`` and ``flashar backends`` what the
+    backbone's ``sampling_defaults`` will be: the values (SamplingConfig fields), or, when they are read
+    from the model's files, a short phrase saying from where.
     """
 
     id: str
@@ -59,6 +61,7 @@ class BackendSpec:
     requires: tuple[str, ...] = ()
     image_tokenizer: str | None = None
     condition_kind: str | Callable[[Any], str | None] | None = None
+    sampling_defaults: dict[str, Any] | str = field(default_factory=dict)
 
     def kind_of(self, options: Any) -> str | None:
         """The condition kind the backbone loaded with ``options`` will have, if known before loading."""

@@ -64,7 +64,18 @@ def print_report(report) -> None:
         table.add_column(header, justify="right")
     for row in rows:
         table.add_row(*row)
+    table.caption = sampling_caption(report)
     Console(file=sys.stdout, width=200).print(table)
+
+
+def sampling_caption(report) -> str | None:
+    """The sampling every method ran with (the backend's defaults unless flags were given), once if shared."""
+    from flashar.cliutils import describe_sampling
+
+    used = {r["method"]: describe_sampling(r["sampling"]) for r in report.rows if r.get("sampling")}
+    if len(set(used.values())) == 1:
+        return f"sampling: {next(iter(used.values()))}"
+    return "sampling: " + "; ".join(f"{m} {s}" for m, s in used.items()) if used else None
 
 
 def markdown(headers: list[str], rows: list[list[str]]) -> str:

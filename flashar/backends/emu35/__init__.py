@@ -55,6 +55,10 @@ def load(options: Emu35Options, runtime: RuntimeConfig):
                                options.text_max_length or None, options.prefix_padding)
 
 
+# Emu3.5-Image's recommended t2i sampling (the backbone's sampling_defaults)
+SAMPLING = {"cfg_scale": 5.0, "top_k": 5120, "top_p": 1.0, "temperature": 1.0}
+
+
 @hookimpl
 def flashar_register_backends(register):
     register(BackendSpec(
@@ -66,4 +70,5 @@ def flashar_register_backends(register):
         requires=("transformers", "tiktoken"),
         image_tokenizer="vq_path",
         condition_kind="text",
+        sampling_defaults=SAMPLING,
     ))

@@ -39,6 +39,7 @@ from transformers import Qwen3Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding, apply_rotary_pos_emb
 
 from flashar.backbone import Backbone, KVCache, Prefix, write_kv
+from flashar.backends.emu35 import SAMPLING
 from flashar.backends.emu35.placement import Placement
 from flashar.errors import FlashARError
 
@@ -56,7 +57,7 @@ class Emu35Backbone(Backbone):
     default_image_size = 512
     row_end_token = 151846  # EOL, <|extra_200|>
     native_cfg = "log_softmax"
-    sampling_defaults = {"cfg_scale": 5.0, "top_k": 5120, "top_p": 1.0, "temperature": 1.0}
+    sampling_defaults = SAMPLING
     default_branch = {"num_blocks": 4}  # the released FlashAR recipe: K = 4 vertical blocks, b = L - K (60 of 64)
 
     def __init__(self, config, text=None, vision=None, text_max_length: int | None = 128,

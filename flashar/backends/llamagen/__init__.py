@@ -66,6 +66,10 @@ def _condition_kind(options: LlamaGenOptions) -> str | None:
     return "text" if options.t5_path is not None else None
 
 
+# LlamaGen's sample_c2i.py defaults: CFG 4.0, top-k 2000 (the backbone's sampling_defaults)
+SAMPLING = {"cfg_scale": 4.0, "top_k": 2000, "top_p": 1.0, "temperature": 1.0}
+
+
 @hookimpl
 def flashar_register_backends(register):
     register(BackendSpec(
@@ -76,4 +80,5 @@ def flashar_register_backends(register):
         extra="llamagen",
         image_tokenizer="vq_checkpoint",
         condition_kind=_condition_kind,
+        sampling_defaults=SAMPLING,
     ))

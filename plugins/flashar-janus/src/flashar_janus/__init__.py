@@ -50,4 +50,5 @@ def flashar_register_backends(register):
         options=JanusOptions,
         load=load,
         condition_kind="text",
+        sampling_defaults="CFG, temperature, top-k and top-p from the model's generation_config.json",
     ))
