@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -146,8 +147,11 @@ class GenerateResult:
 
 def generate(method: Method, conditions: Sequence[Any], image_size: int | tuple[int, int] | None = None,
              sampling: SamplingConfig | None = None, batch_size: int = 8, seed: int = 0,
-             on_batch: Callable[[int], None] | None = None) -> GenerateResult:
-    """Generate one token grid per condition, ``batch_size`` at a time, from one seeded generator."""
+             on_batch: Callable[[int], None] | None = None, progress: Callable[[float], None] | None = None) -> GenerateResult:
+    """Generate one token grid per condition, ``batch_size`` at a time, from one seeded generator.
+
+    ``on_batch(n)`` after every batch of n images; ``progress(images)`` also during a batch, with the
+    fraction of images its decode steps have made (increments summing to the number of conditions)."""
     backbone = method.backbone
     check_conditions(backbone, conditions)
     if batch_size < 1:
@@ -156,17 +160,63 @@ def generate(method: Method, conditions: Sequence[Any], image_size: int | tuple[
     sampling = sampling or resolve_sampling(backbone)
     generator = make_generator(seed, backbone.device)
     codes, times, passes = [], [], 0
+    expected = _expected_steps(method, grid)
     for start in range(0, len(conditions), batch_size):
         batch = list(conditions[start : start + batch_size])
         began = time.perf_counter()
-        result = method.generate(batch, grid, sampling, generator)
-        _synchronize(backbone.device)
+        with _step_progress(method, len(batch), expected, progress) as reported:
+            result = method.generate(batch, grid, sampling, generator)
+            _synchronize(backbone.device)
         times.append(time.perf_counter() - began)
         codes.append(result.codes)
         passes = result.num_forward_passes
+        expected = passes - 1  # the steps of this grid, for the next batch's progress
+        if progress:
+            progress(len(batch) - reported[0])
         if on_batch:
             on_batch(len(batch))
     return GenerateResult(torch.cat(codes), passes, sum(times), times)
+
+
+PROGRESS_INTERVAL = 0.1  # seconds between progress reports during a batch
+
+
+def _expected_steps(method: Method, grid: tuple[int, int]) -> int:
+    """Decode steps of one batch (forward passes less the prefill), as far as the method says up front."""
+    try:
+        return max(1, method.num_forward_passes(*grid) - 1)
+    except (NotImplementedError, TypeError):
+        return max(1, grid[0] * grid[1])
+
+
+@contextmanager
+def _step_progress(method: Method, images: int, steps: int, progress: Callable[[float], None] | None):
+    """Report ``images`` x (steps done / ``steps``) while the method decodes, at most ten times a second,
+    by counting calls of its ``step`` (the Python loop's one call per forward pass; nothing inside a
+    compiled region). Yields a one-item list holding what was reported."""
+    reported = [0.0]
+    own = vars(method).get("step")
+    if progress is None or own is None:
+        yield reported
+        return
+    done, last = [0], [time.monotonic()]
+
+    def counted(*args, **kwargs):
+        out = own(*args, **kwargs)
+        done[0] += 1
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_INTERVAL:
+            last[0] = now
+            share = images * min(done[0] / steps, 0.99)  # the step count is an estimate (SJD, GSD)
+            progress(share - reported[0])
+            reported[0] = share
+        return out
+
+    method.step = counted
+    try:
+        yield reported
+    finally:
+        method.step = own
 
 
 def check_conditions(backbone: Backbone, conditions: Sequence[Any]) -> None:
@@ -285,8 +335,10 @@ def ensure_output(out_dir: str | Path, resume: bool = False) -> Path:
 
 
 def load_data(backbone: Backbone, data_dir: str | Path | None = None, codes_dir: str | Path | None = None,
-              image_size: int | tuple[int, int] | None = None, cache_dir: str | Path | None = None):
-    """Adaptation data from an image folder (tokenised once, cached) or from pre-extracted LlamaGen codes."""
+              image_size: int | tuple[int, int] | None = None, cache_dir: str | Path | None = None,
+              progress: Callable[[int, int], None] | None = None):
+    """Adaptation data from an image folder (tokenised once, cached; ``progress(done, total)`` while
+    tokenising) or from pre-extracted LlamaGen codes."""
     from flashar.adapt.data import load_llamagen_codes, tokenize_folder
 
     if (data_dir is None) == (codes_dir is None):
@@ -299,7 +351,7 @@ def load_data(backbone: Backbone, data_dir: str | Path | None = None, codes_dir:
         return data
     if cache_dir is not None:
         check_writable_dir(cache_dir, "--cache-dir")
-    return tokenize_folder(backbone, data_dir, image_size, Path(cache_dir) if cache_dir else None)
+    return tokenize_folder(backbone, data_dir, image_size, Path(cache_dir) if cache_dir else None, progress=progress)
 
 
 def adapt(backbone: Backbone, data, config, out_dir: str | Path, resume: bool = False, on_step=None, place=None,
@@ -369,9 +421,10 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def compare(methods, sampling, config, extractor, reference, prompts=None, progress=None, samples: bool = False):
+def compare(methods, sampling, config, extractor, reference, prompts=None, progress=None, samples: bool = False,
+            on_run=None):
     """Time and score methods on one backbone (see :mod:`flashar.compare`); ``samples``: keep decoded
     samples of every method for the sample grids even when no metric is computed."""
     from flashar.compare import run_compare
 
-    return run_compare(methods, sampling, config, extractor, reference, prompts, progress, samples)
+    return run_compare(methods, sampling, config, extractor, reference, prompts, progress, samples, on_run)

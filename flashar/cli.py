@@ -8,6 +8,7 @@ Backends and methods add their own options (``--checkpoint``, ``--adapter``, ...
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import click
 
@@ -142,7 +143,8 @@ def generate(ctx: click.Context, **values) -> None:
     if values["out"]:
         api.check_image_paths(values["out"], conditions)
     with _progress(len(conditions), f"{values['method']} decoding", values["as_json"]) as advance:
-        result = api.generate(method, conditions, values["image_size"], sampling, values["batch_size"], runtime.seed, advance)
+        result = api.generate(method, conditions, values["image_size"], sampling, values["batch_size"], runtime.seed,
+                              progress=advance)  # per decode step, not per batch
     paths = api.write_outputs(method.backbone, result.codes, conditions, values["out"], values["save_tokens"])
     summary = {
         "backend": values["backend"], "method": values["method"], "images": len(conditions),
@@ -199,8 +201,11 @@ def adapt(ctx: click.Context, **values) -> None:
         backbone = api.load_backbone(values["backend"], options, runtime, registry)
         config = api.resolve_branch(backbone, config, pick(BranchConfig, values))  # user > backend > library
         with main_first(place):  # the main process tokenises and fills the cache, the others read it
-            data = api.load_data(backbone, values["data_dir"], values["codes_dir"], values["image_size"], values["cache_dir"])
-            held = api.load_data(backbone, values["val_dir"], None, values["image_size"], values["cache_dir"]) if values["val_dir"] else None
+            with _Bars(quiet=not place.is_main) as bars:  # shown only when the images are not cached yet
+                data = api.load_data(backbone, values["data_dir"], values["codes_dir"], values["image_size"], values["cache_dir"],
+                                     progress=bars.task("tokenising --data images").update)
+                held = api.load_data(backbone, values["val_dir"], None, values["image_size"], values["cache_dir"],
+                                     progress=bars.task("tokenising --val-data images").update) if values["val_dir"] else None
         total = sum(s.steps for s in (config.stage1, config.stage2) if s is config.stage1 or config.stage2_mode != "none")
         with _train_progress(total, quiet=not place.is_main) as on_step:
             api.adapt(backbone, data, config, values["out"], resume=values["resume"], on_step=on_step, place=place, val_data=held,
@@ -262,9 +267,13 @@ def compare(ctx: click.Context, **values) -> None:
     sampling = {n: api.resolve_sampling(m.backbone, pick(SamplingConfig, values)) for n, m in methods.items()}
     extractor, reference = api.quality_inputs(backbone, config, values["fid_weights"], values["reference_images"], registry)
     total = config.num_samples * len(config.seeds) * len(names) if extractor is not None and config.metrics else 0
-    with _progress(total, "scoring samples", values["as_json"] or not total) as advance:
-        report = api.compare(methods, sampling, config, extractor, reference, prompts, lambda method, n: advance(n),
-                             samples=bool(values["out"]))
+    from flashar.compare import timed_runs
+
+    with _Bars(quiet=values["as_json"]) as bars:
+        timed = bars.task("timing (warm-up and repeats)", timed_runs(config, len(names)), show=True)
+        scored = bars.task("generating samples for the metrics", total)
+        report = api.compare(methods, sampling, config, extractor, reference, prompts, lambda method, n: scored(n),
+                             samples=bool(values["out"]), on_run=lambda method: timed(1))
     paths = write_report(report, values["out"]) if values["out"] else []
     if values["as_json"]:
         return echo_json({**report.as_json(), "outputs": [str(p) for p in paths]})
@@ -302,26 +311,60 @@ class _train_progress:
             self.bar.stop()
 
 
-class _progress:
-    """A rich progress bar on stderr (silent with --json), advanced once per finished image."""
+class _Bars:
+    """One rich progress display on stderr (nothing when ``quiet``), holding one bar per task; a task's
+    bar, and the display, appear on its first report."""
 
-    def __init__(self, total: int, label: str, quiet: bool):
-        self.total, self.label, self.quiet = total, label, quiet
+    def __init__(self, quiet: bool):
+        self.quiet, self.display = quiet, None
 
     def __enter__(self):
-        if self.quiet:
-            return lambda n: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        return self
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=console())
-        self.bar.start()
-        task = self.bar.add_task(self.label, total=self.total)
-        return lambda n: self.bar.advance(task, n)
+    def task(self, label: str, total: int | None = None, show: bool = False) -> Callable[[float], None]:
+        """``advance(n)``; ``advance.update(done, total)`` sets both. ``show``: appear now, not on the first report."""
+        task = []
+
+        def ensure():
+            if self.quiet:
+                return None
+            if self.display is None:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                self.display = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                        TimeElapsedColumn(), console=console())
+                self.display.start()
+            if not task:
+                task.append(self.display.add_task(label, total=total or None))
+            return task[0]
+
+        def advance(n: float) -> None:
+            if (t := ensure()) is not None:
+                self.display.advance(t, n)
+
+        def update(done: float, all_: int) -> None:
+            if (t := ensure()) is not None:
+                self.display.update(t, completed=done, total=all_)
+
+        advance.update = update
+        if show:
+            ensure()
+        return advance
 
     def __exit__(self, *exc):
-        if not self.quiet:
-            self.bar.stop()
+        if self.display is not None:
+            self.display.stop()
+
+
+class _progress(_Bars):
+    """One bar of ``total`` steps, shown at once; the context value advances it (silent with --json)."""
+
+    def __init__(self, total: int, label: str, quiet: bool):
+        super().__init__(quiet)
+        self.total, self.label = total, label
+
+    def __enter__(self):
+        return self.task(self.label, self.total, show=True)
 
 
 @cli.command()

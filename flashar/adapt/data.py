@@ -140,8 +140,9 @@ def default_cache_dir() -> Path:
 
 def tokenize_folder(backbone: Backbone, folder: str | Path, image_size: int | tuple[int, int] | None = None,
                     cache_dir: Path | None = None,
-                    batch_size: int = 32, progress: Callable[[int, int], None] | None = None) -> TokenData:
-    """Encode every image of the folder into a token grid (cached)."""
+                    batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> TokenData:
+    """Encode every image of the folder into a token grid (cached); ``progress(done, total)`` after every
+    batch of ``batch_size`` images (and once at the start)."""
     size = backbone.default_image_size if image_size is None else image_size
     size = size if isinstance(size, int) else tuple(size)
     backbone.grid(size)  # validates the size against the tokenizer's downsampling factor
@@ -150,6 +151,8 @@ def tokenize_folder(backbone: Backbone, folder: str | Path, image_size: int | tu
     if (cache / "codes.safetensors").is_file() and (cache / "conditions.json").is_file():
         return TokenData(load_weights(cache / "codes.safetensors")["codes"].long(), json.loads((cache / "conditions.json").read_text()))
     codes = []
+    if progress:
+        progress(0, len(items))
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
         pixels = torch.stack([_read(path, size) for path, _ in batch])

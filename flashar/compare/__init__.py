@@ -74,8 +74,11 @@ def balanced_conditions(backbone: Backbone, count: int, prompts: Sequence[str] |
 
 def run_compare(methods: dict[str, Method], sampling: dict[str, SamplingConfig], config: CompareConfig,
                 extractor: Extractor | None, reference: torch.Tensor | None, prompts: Sequence[str] | None = None,
-                progress: Callable[[str, int], None] | None = None, samples: bool = False) -> CompareReport:
+                progress: Callable[[str, int], None] | None = None, samples: bool = False,
+                on_run: Callable[[str], None] | None = None) -> CompareReport:
     """Time and score every method; ``reference`` (uint8) and ``extractor`` are needed for quality metrics.
+    ``progress(method, images)`` as samples for the metrics are generated, ``on_run(method)`` after each
+    timed or warm-up run (:func:`timed_runs` of them in all).
 
     ``samples``: every method's report also holds decoded samples without metrics (those of its timed
     throughput batch), for the sample grids."""
@@ -84,9 +87,10 @@ def run_compare(methods: dict[str, Method], sampling: dict[str, SamplingConfig],
     conditions = balanced_conditions(first, config.num_samples, prompts)
     report = CompareReport(first.backend_id, grid, config.model_dump(), environment(first.device, first.dtype),
                            metric_label=extractor.label if extractor else "FID")
-    latency = time_methods(methods, conditions[: config.latency_batch_size], grid, sampling, config.repeats, config.warmup, config.seeds[0])
+    latency = time_methods(methods, conditions[: config.latency_batch_size], grid, sampling, config.repeats, config.warmup,
+                           config.seeds[0], on_run)
     throughput = latency if config.latency_batch_size == config.batch_size else \
-        time_methods(methods, conditions[: config.batch_size], grid, sampling, config.repeats, config.warmup, config.seeds[0])
+        time_methods(methods, conditions[: config.batch_size], grid, sampling, config.repeats, config.warmup, config.seeds[0], on_run)
     for name, method in methods.items():
         row = {"method": name, "forward_passes": latency[name].forward_passes,
                **speed_columns(latency, name, "latency"), **speed_columns(throughput, name, "throughput"),
@@ -102,6 +106,12 @@ def run_compare(methods: dict[str, Method], sampling: dict[str, SamplingConfig],
             report.samples[method.id] = to_uint8(decode_all(method.backbone, codes, config.batch_size))
         report.rows.append(row)
     return report
+
+
+def timed_runs(config: CompareConfig, methods: int) -> int:
+    """Runs the timing makes: warm-up and repeats per method, for the latency and (if another size) the
+    throughput batch."""
+    return methods * (config.warmup + config.repeats) * (1 if config.latency_batch_size == config.batch_size else 2)
 
 
 def speed_columns(timings: dict[str, Timing], name: str, kind: str) -> dict[str, Any]:
@@ -120,7 +130,7 @@ def score(method: Method, conditions: list[Any], grid: tuple[int, int], sampling
     per_seed = []
     for seed in config.seeds:
         result = generate(method, conditions, config.image_size, sampling, config.batch_size, seed,
-                          on_batch=(lambda n, m=method.id: progress(m, n)) if progress else None)
+                          progress=(lambda n, m=method.id: progress(m, n)) if progress else None)
         images = to_uint8(decode_all(method.backbone, result.codes, config.batch_size))
         report.samples.setdefault(method.id, images[:100])
         labels = conditions if method.backbone.condition_kind == "class" else None
