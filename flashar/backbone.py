@@ -8,7 +8,10 @@ A backend subclasses :class:`Backbone` and supplies
   the model's own). The grid is passed because some prefixes spell it out (Emu3.5's ``BOI "H*W" IMG``).
   ``unconditional`` picks the uncond rows: ``"native"`` is the model's own unconditional input (what its
   raster sampler uses), ``"empty"`` the conditional template around an empty condition (what FlashAR
-  adapters are trained and decoded with); backends where the two coincide (a null class) ignore it;
+  adapters are trained and decoded with); backends where the two coincide (a null class) ignore it.
+  Native rows must compute what the model's own sampler computes for each condition alone (pad so that
+  a shorter row keeps its relative positions, e.g. on the left with RoPE): raster with CFG is the
+  baseline every method is measured against;
 * positions: ``cell_positions(cells, prefix_length, grid=(H, W))`` for any set of grid cells, so tokens
   can be fed in any order and keep their raster geometry (2-D RoPE rows, 1-D position ids, which need
   W, ...). The tensor is opaque to methods except that its first axis indexes tokens;
