@@ -35,6 +35,13 @@ def test_declared_defaults_are_the_loaded_backbones(registry, tmp_path):
         assert {k: sampling[k] for k in declared} == declared, backend
 
 
+def test_digits_declares_its_backbones_defaults(registry):
+    """The digits spec copies the dict (importing the backbone at registration would import torch)."""
+    from flashar.backends.digits.backbone import DigitsBackbone
+
+    assert registry.backend("digits").sampling_defaults == DigitsBackbone.sampling_defaults
+
+
 def test_backends_and_generate_tables_show_the_sampling(registry, tmp_path):
     result = CliRunner().invoke(cli, ["backends"], obj=registry, terminal_width=300)
     row = next(line for line in result.output.splitlines() if "llamagen" in line)
