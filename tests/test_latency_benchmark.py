@@ -39,3 +39,38 @@ def test_pass_counter_records_every_matmul_and_attention_call_and_replays_them()
     seconds = counter.kernel_seconds(repeats=1)
     assert seconds > 0 and counter.kernels == []  # the record (and the caches it holds) is freed
     assert counter.ideal_seconds(1e9, 1e9) > 0
+
+
+def test_replayed_linears_are_the_prepacked_kernels_and_compute_f_linear():
+    latency = load_latency()
+    for dtype in (torch.float32, torch.bfloat16):
+        weight, x = torch.randn(48, 32, dtype=dtype), torch.randn(5, 32, dtype=dtype)
+        for varying in (False, True):
+            out = latency.packed_linear(weight, 5, varying)(x)
+            torch.testing.assert_close(out, torch.nn.functional.linear(x, weight), atol=1e-4, rtol=1e-2)
+
+
+def load_tables():
+    spec = importlib.util.spec_from_file_location("tables_benchmark", SCRIPT.parent / "tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_targets_are_judged_against_the_receipts_own_bounds():
+    def row(method, median, ideal, **extra):
+        return {"model": "GPT-B", "dtype": "bfloat16", "grid": "32x32", "batch": 1, "method": method,
+                "median_s": median, "ideal_s": ideal, "graphs": 1, "recompiles": 0, **extra}
+
+    report = {"cpu": "Some CPU", "threads": 1, "rows": [
+        row("raster/eager", 30.0, 10.0), row("raster/compiled", 19.0, 10.0),
+        row("flashar/eager", 3.0, 2.0), row("flashar/compiled", 2.0, 2.0),
+        # a GPU-style row: its launch floor, not the roofline, is the bound
+        row("zipar/compiled", 0.5, 0.01, bound_s=0.3)]}
+    text = load_tables().targets(report)
+    assert "met      GPT-B bfloat16 32x32 batch 1: raster/compiled at 1.90x its bound" in text
+    assert "NOT met  GPT-B bfloat16 32x32 batch 1: flashar/compiled 1.50x faster than eager" not in text  # 1.5 >= 1.2
+    assert "met      GPT-B bfloat16 32x32 batch 1: zipar/compiled at 1.67x its bound" in text
+    # ideal ratio 10 / 2 = 5x on this machine; measured 9.5x >= 0.8 x 5x
+    assert "flashar/compiled vs raster/compiled 9.50x; this machine's ideal 5.00x, target >= 4.00x" in text
+    assert text.splitlines()[-1] == "7 of 7 targets met on Some CPU, 1 threads"
