@@ -47,7 +47,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--attention", choices=["auto", "math", "sdpa"], default=None)
     parser.add_argument("--coordinate-descent", action="store_true")
     parser.add_argument("--buckets", type=int, default=1, help="FlashAR's static diagonal sizes in the ladder")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed generations of each part-1 method")
+    parser.add_argument("--ladder-repeats", type=int, default=1, help="timed generations in the ladder (after a warm-up)")
     parser.add_argument("--tiny", action="store_true", help="tiny models (2 layers, 4x4 grid): checks the flow on CPU")
     return parser.parse_args()
 
@@ -86,6 +87,7 @@ def main() -> None:
     report["rows"] = [row for row, _ in rows]
     save()
     del gpt_b, rows
+    release(device)
 
     configs = [("Emu3.5-34B", 32)] + [(m, g) for g in map(int, args.grids.split(",")) for m in args.ladder.split(",") if m]
     for model, grid_side in configs:
@@ -96,13 +98,24 @@ def main() -> None:
         report["bandwidth_gbs"], report["node_us"] = peaks.bandwidth / 1e9, peaks.node_us
         report["matmul_gflops"] = {k: v / 1e9 for k, v in peaks.matmul.items()}
         save()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release(device)
     report["seconds"] = time.perf_counter() - started
     save()
     for row in report["ladder"]:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     print("skipped:", ", ".join(report["skipped"]) or "none", flush=True)
+
+
+def release(device) -> None:
+    """Drop compiled graphs (and the CUDA-graph pools holding the last model's memory) before the next model."""
+    import gc
+
+    import torch
+
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def tiny_llamagen(device, **sizes):
@@ -186,7 +199,7 @@ def ladder_config(args, registry, model, side, peaks, device) -> list[dict]:
     grid = (side, side)
     sampling = latency.SamplingConfig(cfg_scale=4.0, top_k=min(2000, backbone.codebook_size), temperature=1.0)
     methods = latency.build_methods(registry, ["raster", f"flashar:buckets={args.buckets}"], backbone, grid, ["compiled"])
-    timings = time_methods(methods, conditions, grid, {n: sampling for n in methods}, args.repeats, 1)
+    timings = time_methods(methods, conditions, grid, {n: sampling for n in methods}, args.ladder_repeats, 1)
     rows = []
     for name, t in timings.items():
         row = {"model": model, "grid": f"{side}x{side}", "method": name, "forward_passes": t.forward_passes,

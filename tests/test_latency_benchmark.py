@@ -130,3 +130,4 @@ def test_the_gpu_script_runs_end_to_end_on_cpu_with_tiny_models(tmp_path):
         ("GPT-L", "raster/compiled"), ("GPT-L", "flashar:buckets=1/compiled")]
     assert all(r["graphs"] == 1 and r["recompiles"] == 0 for r in report["ladder"])
     assert report["skipped"] == []
+    assert "Emu3.5-34B" in load_tables().ladder(report)
