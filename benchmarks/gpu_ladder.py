@@ -6,7 +6,9 @@
 1. LlamaGen GPT-B, 32x32, bf16, batch 1 with CFG: every method eager and compiled, through ``latency.py``'s
    ``run_config`` (roofline from the eager run's passes, kernel replay, and on CUDA kernels per step, host us
    per step and the launch floor).
-2. A ladder with random weights, bf16, batch 1 with CFG, raster against FlashAR, both compiled: an
+2. The same GPT-B, raster and FlashAR compiled, through the other attention path (math when the configured
+   one is auto or sdpa): the measurement that decides the CUDA default of ``flashar.backbone.attention``.
+3. A ladder with random weights, bf16, batch 1 with CFG, raster against FlashAR, both compiled: an
    Emu3.5-34B-shaped stack (the real Qwen3 layers of the emu35 backend, 64 layers, 64 query / 8 KV heads of
    128, a stub text tokenizer; FlashAR with one branch block, as part 1) at 32x32, then LlamaGen GPT-L, GPT-XL, GPT-XXL and GPT-3B at 32x32 and
    24x24. Eager runs of these would take minutes, so their bound is analytic: per pass, the weights the pass
@@ -89,12 +91,15 @@ def main() -> None:
     del gpt_b, rows
     release(device)
 
-    configs = [("Emu3.5-34B", 32)] + [(m, g) for g in map(int, args.grids.split(",")) for m in args.ladder.split(",") if m]
-    for model, grid_side in configs:
+    # the other attention path on GPT-B (the A/B that decides the CUDA default), then the ladder
+    other = "math" if report["options"]["attention"] in ("auto", "sdpa") else "sdpa"
+    configs = [("GPT-B", 32, other), ("Emu3.5-34B", 32, None)]
+    configs += [(m, g, None) for g in map(int, args.grids.split(",")) for m in args.ladder.split(",") if m]
+    for model, grid_side, attention in configs:
         if over():
-            report["skipped"].append(f"{model} {grid_side}x{grid_side}")
+            report["skipped"].append(f"{model} {grid_side}x{grid_side}" + (f" ({attention} attention)" if attention else ""))
             continue
-        report["ladder"] += ladder_config(args, registry, model, 4 if args.tiny else grid_side, peaks, device)
+        report["ladder"] += ladder_config(args, registry, model, 4 if args.tiny else grid_side, peaks, device, attention)
         report["bandwidth_gbs"], report["node_us"] = peaks.bandwidth / 1e9, peaks.node_us
         report["matmul_gflops"] = {k: v / 1e9 for k, v in peaks.matmul.items()}
         save()
@@ -181,14 +186,31 @@ def emu35_layers_that_fit(device, wanted: int) -> int:
     return max(1, min(wanted, (free - fixed) // per_layer))
 
 
-def ladder_config(args, registry, model, side, peaks, device) -> list[dict]:
-    """Raster and FlashAR compiled on one model and grid: per step time, kernels, host time, bounds."""
+def ladder_config(args, registry, model, side, peaks, device, attention: str | None = None) -> list[dict]:
+    """Raster and FlashAR compiled on one model and grid: per step time, kernels, host time, bounds.
+    ``attention`` runs it with that attention path instead of the configured one."""
+    import torch
+
+    import flashar.backbone
+
+    torch._dynamo.reset()
+    configured = flashar.backbone.ATTENTION
+    flashar.backbone.ATTENTION = attention or configured  # read while tracing: set before the first compile
+    try:
+        rows = ladder_rows(args, registry, model, side, peaks, device)
+    finally:
+        flashar.backbone.ATTENTION = configured
+    for row in rows:
+        row["attention"] = attention or configured
+    return rows
+
+
+def ladder_rows(args, registry, model, side, peaks, device) -> list[dict]:
     import torch
 
     import latency
     from flashar.compare.timing import time_methods
 
-    torch._dynamo.reset()
     layers_run = None
     if model == "Emu3.5-34B":
         layers_run = emu35_layers_that_fit(device, args.emu35_layers)

@@ -62,7 +62,11 @@ def latency(report: dict) -> str:
 
 def ladder(report: dict) -> str:
     """The GPU model ladder of ``gpu_ladder.py``: per step time, kernels, host time and bounds."""
-    rows = [[r["model"] + (f" ({r['layers_run']} layers run, scaled)" if "layers_run" in r else ""), r["grid"], r["method"],
+    def label(r):
+        return (r["model"] + (f" ({r['layers_run']} layers run, scaled)" if "layers_run" in r else "")
+                + (f", {r['attention']} attention" if r.get("attention", "auto") != report["options"]["attention"] else ""))
+
+    rows = [[label(r), r["grid"], r["method"],
              str(r["forward_passes"]), f"{r['median_s']:.3f}", f"{r['us_per_step']:.0f}",
              f"{r.get('kernels_per_step', float('nan')):.0f}", f"{r.get('host_us_per_step', float('nan')):.0f}",
              f"{r['ideal_s'] / r['forward_passes'] * 1e6:.0f}", f"{r['launch_floor_s'] / r['forward_passes'] * 1e6:.0f}",

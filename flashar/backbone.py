@@ -144,19 +144,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None
 def attention_path(q: Tensor, k: Tensor) -> str:
     """"math" or "sdpa" for these shapes on this device (``ATTENTION`` overrides "auto").
 
-    By measurement (benchmarks/attention.py): on CPU the math path for bf16/fp16 decode chunks without
-    AMX; SDPA everywhere else (on an AMX CPU it reads the cache near the bandwidth bound, in fp32 it beats
-    the math path, and it handles grouped heads natively on CPU; on CUDA it is the default until a GPU
-    receipt says otherwise). Only sizes provably in range count, so that under torch.compile a dynamic
+    By measurement (benchmarks/attention.py), on CPU for decode-sized chunks: the math path for bf16/fp16
+    without AMX, and for fp32 with grouped heads (1.1-1.7x faster at up to 64 rows per KV head); SDPA
+    everywhere else (on an AMX CPU it reads a bf16 cache near the bandwidth bound and ties the math path on
+    grouped heads, for fp32 multi-head attention it is 1.1-1.7x faster; on CUDA it is the default until a
+    GPU receipt says otherwise). Only sizes provably in range count, so that under torch.compile a dynamic
     diagonal length adds no guard.
     """
     if ATTENTION != "auto":
         return ATTENTION
-    rows = q.shape[1] // k.shape[1] * q.shape[2]  # query rows per KV head
-    reduced = q.dtype in (torch.bfloat16, torch.float16)
-    if q.device.type == "cpu" and reduced and not CPU_AMX and statically_known_true(rows <= MATH_ROWS):
-        return "math"
-    return "sdpa"
+    groups = q.shape[1] // k.shape[1]
+    if q.device.type != "cpu" or not statically_known_true(groups * q.shape[2] <= MATH_ROWS):
+        return "sdpa"
+    if q.dtype in (torch.bfloat16, torch.float16):
+        return "sdpa" if CPU_AMX else "math"
+    return "math" if groups > 1 else "sdpa"
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:

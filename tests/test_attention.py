@@ -62,6 +62,9 @@ def test_the_path_follows_device_dtype_shape_and_the_override(monkeypatch):
     assert B.attention_path(q32, k32) == "sdpa"  # fp32
     grouped = qkv(queries=20, kv_heads=1)  # 4 heads per KV head x 20 queries = 80 rows per KV head
     assert B.attention_path(grouped[0].bfloat16(), grouped[1].bfloat16()) == "sdpa"
+    assert B.attention_path(*grouped[:2]) == "sdpa"
+    small = qkv(queries=16, kv_heads=1)  # 64 rows per KV head, fp32: the math path reads each KV head once
+    assert B.attention_path(*small[:2]) == "math"
     monkeypatch.setattr(B, "CPU_AMX", True)
     assert B.attention_path(*bf16) == "sdpa"  # with AMX the stock kernel reads the cache near its bound
     monkeypatch.setattr(B, "ATTENTION", "math")
