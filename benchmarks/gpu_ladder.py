@@ -226,7 +226,7 @@ def ladder_rows(args, registry, model, side, peaks, device) -> list[dict]:
     for name, t in timings.items():
         row = {"model": model, "grid": f"{side}x{side}", "method": name, "forward_passes": t.forward_passes,
                "median_s": t.median, "compile_s": t.compile_seconds, "graphs": t.graphs, "recompiles": t.recompiles,
-               **latency.step_costs(methods[name], conditions, grid, sampling)}
+               **(latency.step_costs(methods[name], conditions, grid, sampling) if device.type == "cuda" else {})}
         ideal = analytic_ideal(backbone, name.startswith("flashar"), grid, t.forward_passes, peaks)
         if layers_run is not None and layers_run < EMU35_34B["num_hidden_layers"] and not args.tiny:
             full = analytic_ideal(backbone, name.startswith("flashar"), grid, t.forward_passes, peaks,

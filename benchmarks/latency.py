@@ -30,7 +30,7 @@ takes the better of MKL's ``a @ a`` and a prepacked oneDNN linear (MKL's square 
 packed kernels reach).
 
 On CUDA each compiled row also gets what bounds a small model's step there: ``kernels_per_step`` (CUDA
-kernels of one profiled generation / its passes), ``host_us_per_step`` (median host time of a step call,
+kernels of 16 profiled step calls of one more generation, per call), ``host_us_per_step`` (median host time of a step call,
 unsynchronised) and ``launch_floor_s`` = passes x kernels per step x the measured time per node of a
 replayed CUDA graph (``node_us``); ``bound_s`` = max(ideal, launch floor) is what the targets judge.
 The JSON and a PNG plot go to ``benchmarks/results/``.
@@ -128,32 +128,45 @@ def node_us(device, nodes: int = 256) -> float:
     return min(seconds(graph.replay, device, 6)[1:]) / nodes * 1e6
 
 
-def step_costs(method, conditions, grid, sampling) -> dict:
-    """CUDA kernels per forward pass and median host microseconds per step call (steps 2-40, before the
-    launch queue fills), from one more generation of a warm method under torch.profiler. Empty off CUDA."""
+def step_costs(method, conditions, grid, sampling, first: int = 8, count: int = 16) -> dict:
+    """CUDA kernels per step (torch.profiler over step calls [first, first + count), or as many as the
+    generation has) and the median host microseconds of a step call (calls 2-40, unsynchronised: before the
+    launch queue fills, that is pure host work), from one more generation of a warm method. Off CUDA the
+    kernel count is 0 (the flow still runs, for tests); ``run_config`` asks only on CUDA."""
     from flashar.sampling import make_generator
 
     device = method.backbone.device
-    if device.type != "cuda":
-        return {}
     step, host = method.step, []
+    activity = torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU
+    prof = torch.profiler.profile(activities=[activity])
+    profiled = []
 
     def timed(*args, **kwargs):
+        if len(host) == first:
+            sync(device)
+            prof.start()
         began = time.perf_counter()
         out = step(*args, **kwargs)
         host.append(time.perf_counter() - began)
+        if first < len(host) <= first + count:
+            profiled.append(len(host))
+            if len(host) == first + count:
+                sync(device)
+                prof.stop()
         return out
 
     method.step = timed
     try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            result = method.generate(conditions, grid, sampling, make_generator(0, device))
-            sync(device)
+        method.generate(conditions, grid, sampling, make_generator(0, device))
+        sync(device)
     finally:
         method.step = step
+    if not profiled:
+        return {"host_us_per_step": statistics.median(host[2:40] or host) * 1e6}
+    if len(profiled) < count:  # a short generation: its last profiled step was its last step
+        prof.stop()
     kernels = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return {"kernels_per_step": kernels / result.num_forward_passes,
-            "host_us_per_step": statistics.median(host[2:40] or host) * 1e6}
+    return {"kernels_per_step": kernels / len(profiled), "host_us_per_step": statistics.median(host[2:40] or host) * 1e6}
 
 
 def random_backbone(preset: str, dtype, device) -> LlamaGenBackbone:
@@ -369,7 +382,7 @@ def run_config(args, registry, names, backbone, preset, dtype_name, grid, batch,
                "vs_raster": raster.median / t.median if raster else float("nan"),
                "kernel_s": kernel_times.get(f"{spec}/eager", float("nan"))}
         row["vs_kernels"] = t.median / row["kernel_s"]
-        if mode != "eager":
+        if mode != "eager" and backbone.device.type == "cuda":
             row |= step_costs(methods[name], conditions, grid, sampling)
         bound = peaks.bound(counter, dtype_name)  # provisional: the final bounds use the run's highest peaks
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "seconds"}

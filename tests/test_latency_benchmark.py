@@ -53,6 +53,15 @@ def test_replayed_linears_are_the_prepacked_kernels_and_compute_f_linear():
             torch.testing.assert_close(out, torch.nn.functional.linear(x, weight), atol=1e-4, rtol=1e-2)
 
 
+def test_step_costs_time_every_step_call_and_profile_a_window_of_them():
+    latency = load_latency()
+    method = Raster(random_gpt(0))
+    with torch.no_grad():
+        costs = latency.step_costs(method, [1], (3, 4), SamplingConfig(cfg_scale=2.0, top_k=5), first=2, count=4)
+    assert costs["kernels_per_step"] == 0 and costs["host_us_per_step"] > 0  # CUDA kernels only; none on CPU
+    assert method.step == method._step  # the wrapper is gone
+
+
 def load_tables():
     spec = importlib.util.spec_from_file_location("tables_benchmark", SCRIPT.parent / "tables.py")
     module = importlib.util.module_from_spec(spec)
