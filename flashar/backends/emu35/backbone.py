@@ -33,12 +33,11 @@ from __future__ import annotations
 from typing import Any, Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Qwen3Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding, apply_rotary_pos_emb
 
-from flashar.backbone import Backbone, KVCache, Prefix, write_kv
+from flashar.backbone import Backbone, KVCache, Prefix, attention, write_kv
 from flashar.backends.emu35 import SAMPLING
 from flashar.backends.emu35.placement import Placement
 from flashar.errors import FlashARError
@@ -208,9 +207,7 @@ class Emu35Backbone(Backbone):
         q, k = apply_rope(q, k, positions.to(x.dtype))
         if kv is not None:
             k, v = write_kv(kv, slots, k, v, mask.shape[-1])  # (B, H_kv, S', hd)
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)  # (B, H, T, hd)
+        y = attention(q, k, v, mask, scale=attn.scaling)  # (B, H, T, hd)
         x = x + attn.o_proj(y.transpose(1, 2).reshape(batch, length, -1))
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
