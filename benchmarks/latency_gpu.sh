@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU latency table (bf16, CUDA graphs through torch.compile), sized to finish within 8 minutes on one
-# H100/H200: LlamaGen-B, 32x32 and 16x16 grids, batch 1 with CFG, every method eager and compiled.
+# The GPU latency receipt, sized to finish within 8 minutes on one H100/H200 (benchmarks/gpu_ladder.py):
+# LlamaGen-B 32x32, batch 1 with CFG, every method eager and compiled (kernels per step, host us per step,
+# launch floor), then raster vs FlashAR compiled on an Emu3.5-34B-shaped stack and LlamaGen GPT-L..GPT-3B.
+# Extra arguments go to gpu_ladder.py (e.g. --attention math, --coordinate-descent, --buckets 4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results/latency_gpu.json}"
-"${PYTHON:-python}" benchmarks/latency.py --device cuda --dtypes bfloat16 --models GPT-B --grids 32,16 --batches 1 \
-    --methods raster,flashar,flashar:buckets=4,zipar,sjd --compile eager,compiled --repeats 3 --out "$out"
+shift || true
+"${PYTHON:-python}" benchmarks/gpu_ladder.py --out "$out" --budget-s 420 "$@"

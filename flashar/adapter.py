@@ -72,10 +72,15 @@ def new_metadata(backbone: Backbone, head: FlashARHead, grid: tuple[int, int], s
 
 def read_metadata(path: str | Path) -> AdapterMetadata:
     path = Path(path)
-    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+    raw = load_json(path / CONFIG) if (path / CONFIG).is_file() else None
+    if isinstance(raw, dict) and "flashar_version" not in raw or raw is not None and not isinstance(raw, dict):
+        kind = f"model_type {raw.get('model_type')!r}" if isinstance(raw, dict) and raw.get("model_type") else "no flashar_version"
+        raise CheckpointError(f"{path} is neither a flashar adapter (its {CONFIG} has {kind}) nor a FlashAR checkpoint "
+                              f"layout this backend reads; check that --adapter names the checkpoint folder itself")
+    if raw is None or not (path / WEIGHTS).is_file():
         raise CheckpointError(f"{path} is not a flashar adapter folder (it needs {CONFIG} and {WEIGHTS}); write one with `flashar adapt`")
     try:
-        return AdapterMetadata(**load_json(path / CONFIG))
+        return AdapterMetadata(**raw)
     except (ValidationError, TypeError) as exc:
         first = exc.errors()[0] if isinstance(exc, ValidationError) else {"loc": ("?",), "msg": str(exc)}
         raise CheckpointError(f"{path / CONFIG} is not valid adapter metadata ({'.'.join(map(str, first['loc']))}: "

@@ -12,6 +12,7 @@ The CLI commands are thin wrappers over these functions.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from flashar.backbone import Backbone
-from flashar.config import Config, RuntimeConfig, SamplingConfig, validated  # noqa: F401 (validated: public here too)
+from flashar.config import Config, RuntimeConfig, SamplingConfig, flag_of, validated  # noqa: F401 (validated: public here too)
 from flashar.decoding import GenerateResult, Method, generate_batches  # noqa: F401 (GenerateResult: public here too)
 from flashar.errors import FlashARError
 from flashar.io import atomic_path, check_writable_dir, ensure_writable_dir, save_png
@@ -34,6 +35,41 @@ def load_backbone(backend: str, options: Mapping[str, Any] | Config, runtime: Ru
     runtime = runtime or RuntimeConfig()
     _check_device(runtime.device)
     return spec.load(validated(spec.options, options, f"backend '{backend}'"), runtime)
+
+
+def check_image_tokenizer(backend: str, options: Mapping[str, Any] | Config, needed_for: str,
+                          registry: Registry | None = None) -> None:
+    """Before loading: refuse when ``needed_for`` (writing images, tokenising data) needs the image tokenizer
+    and the backend's optional tokenizer option (``BackendSpec.image_tokenizer``) was not given."""
+    spec = (registry or get_registry()).backend(backend)
+    name = spec.image_tokenizer
+    given = getattr(options, name, None) if isinstance(options, Config) else dict(options or {}).get(name)
+    if name and given is None:
+        field = spec.options.model_fields.get(name)
+        what = f" ({field.description.split(';')[0].rstrip('.')})" if field is not None and field.description else ""
+        raise FlashARError(f"{needed_for} needs {backend}'s image tokenizer; pass {flag_of(spec.options, (name,))}{what}")
+
+
+def check_data_source(backend: str, options: Mapping[str, Any] | Config, data_dir: str | Path | None = None,
+                      codes_dir: str | Path | None = None, cache_dir: str | Path | None = None,
+                      val_dir: str | Path | None = None, registry: Registry | None = None) -> None:
+    """Before loading: the adaptation data can be read (folder layout, metadata.jsonl, codes folder), the
+    image tokenizer that tokenises it is given, and the token cache is writable."""
+    from flashar.adapt.data import list_images, list_llamagen_codes
+
+    if (data_dir is None) == (codes_dir is None):
+        raise FlashARError("pass exactly one of --data DIR (images) or --codes DIR (pre-extracted codes)")
+    spec = (registry or get_registry()).backend(backend)
+    kind = spec.kind_of(validated(spec.options, options, f"backend '{backend}'"))
+    if codes_dir is not None:
+        list_llamagen_codes(codes_dir)
+    for folder in (data_dir, val_dir):
+        if folder is not None:
+            list_images(folder, kind)
+    if data_dir is not None or val_dir is not None:
+        check_image_tokenizer(backend, options, "tokenising the images of --data/--val-data", registry)
+        if cache_dir is not None:
+            check_writable_dir(cache_dir, "--cache-dir")
 
 
 def _check_device(device: str) -> None:
@@ -73,14 +109,17 @@ def resolve_sampling(backbone: Backbone, overrides: Mapping[str, Any] | None = N
 
 def generate(method: Method, conditions: Sequence[Any], image_size: int | tuple[int, int] | None = None,
              sampling: SamplingConfig | None = None, batch_size: int = 8, seed: int = 0,
-             on_batch: Callable[[int], None] | None = None) -> GenerateResult:
-    """Generate one token grid per condition, ``batch_size`` at a time, from one seeded generator."""
+             on_batch: Callable[[int], None] | None = None, progress: Callable[[float], None] | None = None) -> GenerateResult:
+    """Generate one token grid per condition, ``batch_size`` at a time, from one seeded generator.
+
+    ``on_batch(n)`` after every batch of n images; ``progress(images)`` also during a batch, with the
+    fraction of images its decode steps have made (increments summing to the number of conditions)."""
     backbone = method.backbone
     check_conditions(backbone, conditions)
     if batch_size < 1:
         raise FlashARError(f"batch size must be at least 1, got {batch_size}")
     return generate_batches(method, conditions, backbone.grid(image_size), sampling or resolve_sampling(backbone),
-                            batch_size, seed, on_batch)
+                            batch_size, seed, on_batch, progress)
 
 
 def check_conditions(backbone: Backbone, conditions: Sequence[Any]) -> None:
@@ -114,6 +153,41 @@ def save_images(backbone: Backbone, codes: torch.Tensor, out_dir: str | Path, co
             save_png(image, out_dir / name)
             paths.append(out_dir / name)
     return paths
+
+
+def write_outputs(backbone: Backbone, codes: torch.Tensor, conditions: Sequence[Any], out_dir: str | Path | None = None,
+                  tokens_path: str | Path | None = None) -> list[Path]:
+    """The token grids (``tokens_path``) first, then the images (``out_dir``); returns the image paths.
+
+    Decoding is the expensive part, so its tokens are never lost: when writing the images fails (the image
+    tokenizer, memory, disk), the tokens are saved (``tokens_path``, else ``tokens.npy`` in ``out_dir`` or
+    the temporary folder) and the error says where."""
+    saved = save_tokens(codes, tokens_path) if tokens_path is not None else None
+    if out_dir is None:
+        return []
+    try:
+        return save_images(backbone, codes, out_dir, conditions)
+    except Exception as exc:
+        saved = saved or _rescue_tokens(codes, Path(out_dir))
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FlashARError(f"writing the images failed: {reason}; the decoded tokens are saved in {saved} "
+                           f"(int64, shape {list(codes.shape)}; backbone.decode turns them into images)") from exc
+
+
+def _rescue_tokens(codes: torch.Tensor, out_dir: Path) -> Path:
+    import tempfile
+
+    for folder in (out_dir, Path(tempfile.gettempdir())):
+        try:
+            folder = ensure_writable_dir(folder)
+            path = folder / "tokens.npy"
+            if path.exists():
+                path = folder / f"tokens-{time.strftime('%Y%m%d-%H%M%S')}.npy"
+            return save_tokens(codes, path)
+        except (FlashARError, OSError):
+            continue
+    raise FlashARError(f"writing the images failed and the decoded tokens could not be saved in {out_dir} "
+                       f"or the temporary folder either")
 
 
 def check_image_paths(out_dir: str | Path, conditions: Sequence[Any]) -> None:
@@ -159,8 +233,10 @@ def ensure_output(out_dir: str | Path, resume: bool = False) -> Path:
 
 
 def load_data(backbone: Backbone, data_dir: str | Path | None = None, codes_dir: str | Path | None = None,
-              image_size: int | tuple[int, int] | None = None, cache_dir: str | Path | None = None):
-    """Adaptation data from an image folder (tokenised once, cached) or from pre-extracted LlamaGen codes."""
+              image_size: int | tuple[int, int] | None = None, cache_dir: str | Path | None = None,
+              progress: Callable[[int, int], None] | None = None):
+    """Adaptation data from an image folder (tokenised once, cached; ``progress(done, total)`` while
+    tokenising) or from pre-extracted LlamaGen codes."""
     from flashar.adapt.data import load_llamagen_codes, tokenize_folder
 
     if (data_dir is None) == (codes_dir is None):
@@ -173,7 +249,7 @@ def load_data(backbone: Backbone, data_dir: str | Path | None = None, codes_dir:
         return data
     if cache_dir is not None:
         check_writable_dir(cache_dir, "--cache-dir")
-    return tokenize_folder(backbone, data_dir, image_size, Path(cache_dir) if cache_dir else None)
+    return tokenize_folder(backbone, data_dir, image_size, Path(cache_dir) if cache_dir else None, progress=progress)
 
 
 def adapt(backbone: Backbone, data, config, out_dir: str | Path, resume: bool = False, on_step=None, place=None,
@@ -229,6 +305,13 @@ def quality_inputs(backbone: Backbone, config, fid_weights=None, reference_dir=N
     return extractor, reference
 
 
+def check_quality_files(fid_weights=None, reference_dir=None) -> None:
+    """Before loading: the files ``flashar compare`` reads after decoding exist."""
+    for path, flag, want in ((fid_weights, "--fid-weights", "file"), (reference_dir, "--reference-images", "folder")):
+        if path is not None and not (Path(path).is_file() if want == "file" else Path(path).is_dir()):
+            raise FlashARError(f"{flag} {path} is not a {want}; check the path")
+
+
 def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
@@ -239,8 +322,10 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def compare(methods, sampling, config, extractor, reference, prompts=None, progress=None):
-    """Time and score methods on one backbone (see :mod:`flashar.compare`)."""
+def compare(methods, sampling, config, extractor, reference, prompts=None, progress=None, samples: bool = False,
+            on_run=None):
+    """Time and score methods on one backbone (see :mod:`flashar.compare`); ``samples``: keep decoded
+    samples of every method for the sample grids even when no metric is computed."""
     from flashar.compare import run_compare
 
-    return run_compare(methods, sampling, config, extractor, reference, prompts, progress)
+    return run_compare(methods, sampling, config, extractor, reference, prompts, progress, samples, on_run)

@@ -8,7 +8,10 @@ A backend subclasses :class:`Backbone` and supplies
   the model's own). The grid is passed because some prefixes spell it out (Emu3.5's ``BOI "H*W" IMG``).
   ``unconditional`` picks the uncond rows: ``"native"`` is the model's own unconditional input (what its
   raster sampler uses), ``"empty"`` the conditional template around an empty condition (what FlashAR
-  adapters are trained and decoded with); backends where the two coincide (a null class) ignore it;
+  adapters are trained and decoded with); backends where the two coincide (a null class) ignore it.
+  Native rows must compute what the model's own sampler computes for each condition alone (pad so that
+  a shorter row keeps its relative positions, e.g. on the left with RoPE): raster with CFG is the
+  baseline every method is measured against;
 * positions: ``cell_positions(cells, prefix_length, grid=(H, W))`` for any set of grid cells, so tokens
   can be fed in any order and keep their raster geometry (2-D RoPE rows, 1-D position ids, which need
   W, ...). The tensor is opaque to methods except that its first axis indexes tokens;
@@ -35,6 +38,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from flashar.errors import FlashARError
 
@@ -113,6 +118,73 @@ def write_kv(kv: tuple[Tensor, Tensor], slots: Tensor, k: Tensor, v: Tensor, len
     k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
     v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
     return k_cache[:, :, :length], v_cache[:, :, :length]
+
+
+# Which kernel :func:`attention` runs: "auto" (per device, dtype and shape: :func:`attention_path`), or
+# "math" or "sdpa" everywhere. Read once; benchmarks compare the paths by setting FLASHAR_ATTENTION.
+ATTENTION = os.environ.get("FLASHAR_ATTENTION", "auto")
+# CPUs whose bf16 matmuls run on AMX tiles. There the stock SDPA kernel reads a decode step's KV cache at
+# about the bandwidth bound; without AMX (an AVX512-BF16 EPYC) it ran ~9x slower than the math path at one
+# query and 1.4x slower at 32 (GPT-B shapes, bf16). benchmarks/attention.py measures both on any machine.
+CPU_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+# The math path materialises float32 scores, so it is chosen only for decode-sized chunks: at most this
+# many query rows per KV head (heads per KV head x T).
+MATH_ROWS = 64
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:
+    """softmax(q kᵀ · scale, masked) v: q (B, H, T, hd), k and v (B, H_kv, S, hd), bool mask (B or 1, 1, T, S).
+
+    H may be a multiple of H_kv (grouped queries: query head h reads KV head h // (H / H_kv)). Returns
+    (B, H, T, hd) in q's dtype. Two paths compute the same function: PyTorch's fused SDPA, and an explicit
+    matmul -> float32 masked softmax -> matmul (:func:`math_attention`) that inductor fuses around its two
+    matmuls. :func:`attention_path` picks one.
+    """
+    path = math_attention if attention_path(q, k) == "math" else sdpa_attention
+    return path(q, k, v, mask, scale)
+
+
+def attention_path(q: Tensor, k: Tensor) -> str:
+    """"math" or "sdpa" for these shapes on this device (``ATTENTION`` overrides "auto").
+
+    By measurement (benchmarks/attention.py), on CPU for decode-sized chunks: the math path for bf16/fp16
+    without AMX, and for fp32 with grouped heads (1.1-1.7x faster at up to 64 rows per KV head); SDPA
+    everywhere else (on an AMX CPU it reads a bf16 cache near the bandwidth bound and ties the math path on
+    grouped heads, for fp32 multi-head attention it is 1.1-1.7x faster; on CUDA it is the default until a
+    GPU receipt says otherwise). Only sizes provably in range count, so that under torch.compile a dynamic
+    diagonal length adds no guard.
+    """
+    if ATTENTION != "auto":
+        return ATTENTION
+    groups = q.shape[1] // k.shape[1]
+    if q.device.type != "cpu" or not statically_known_true(groups * q.shape[2] <= MATH_ROWS):
+        return "sdpa"
+    if q.dtype in (torch.bfloat16, torch.float16):
+        return "sdpa" if CPU_AMX else "math"
+    return "math" if groups > 1 else "sdpa"
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:
+    """:func:`attention` through ``F.scaled_dot_product_attention`` (grouped heads natively on CPU)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and q.device.type != "cpu":  # CUDA's fused kernels take no grouped heads together with a mask
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:
+    """:func:`attention` as matmul -> float32 masked softmax -> matmul (scores and weights in float32,
+    the two matmuls in the inputs' dtype, as the fused kernels do). A row with no visible key averages all
+    keys instead of returning NaN."""
+    batch, heads, length, head_dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    groups = heads // kv_heads
+    scale = head_dim**-0.5 if scale is None else scale
+    q = q.reshape(batch, kv_heads, groups * length, head_dim)  # a KV head's query heads side by side
+    scores = (q @ k.transpose(-1, -2)).view(batch, kv_heads, groups, length, keys)
+    scores = scores.float().mul(scale).masked_fill(~mask.unsqueeze(2), torch.finfo(torch.float32).min)
+    weights = scores.softmax(-1).to(v.dtype).view(batch, kv_heads, groups * length, keys)
+    return (weights @ v).view(batch, heads, length, head_dim)
 
 
 def copy_module(module: nn.Module, meta: bool = False) -> nn.Module:

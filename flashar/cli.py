@@ -8,6 +8,7 @@ Backends and methods add their own options (``--checkpoint``, ``--adapter``, ...
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import click
 
@@ -19,6 +20,7 @@ from flashar.cliutils import (
     backend_and_method_options,
     check_foreign,
     console,
+    describe_sampling,
     echo_json,
     backend_and_method_options,
     backend_options,
@@ -127,8 +129,11 @@ def generate(ctx: click.Context, **values) -> None:
         api.check_writable_dir(values["out"])  # fail before any work is done, and create nothing yet
     if values["save_tokens"]:
         api.check_tokens_path(values["save_tokens"])
+    options = pick(registry.backend(values["backend"]).options, values)
+    if values["out"]:
+        api.check_image_tokenizer(values["backend"], options, "--out (writing images)", registry)
     runtime = runtime_from(values)
-    backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
+    backbone = api.load_backbone(values["backend"], options, runtime, registry)
     method_cls = registry.method(values["method"])
     method = api.build_method(values["method"], backbone, pick(method_cls.Options, values), compile=runtime.compile_as,
                               registry=registry, own_backbone=True)  # the only method here: adapt the backbone in place
@@ -138,10 +143,9 @@ def generate(ctx: click.Context, **values) -> None:
     if values["out"]:
         api.check_image_paths(values["out"], conditions)
     with _progress(len(conditions), f"{values['method']} decoding", values["as_json"]) as advance:
-        result = api.generate(method, conditions, values["image_size"], sampling, values["batch_size"], runtime.seed, advance)
-    paths = api.save_images(method.backbone, result.codes, values["out"], conditions) if values["out"] else []
-    if values["save_tokens"]:
-        api.save_tokens(result.codes, values["save_tokens"])
+        result = api.generate(method, conditions, values["image_size"], sampling, values["batch_size"], runtime.seed,
+                              progress=advance)  # per decode step, not per batch
+    paths = api.write_outputs(method.backbone, result.codes, conditions, values["out"], values["save_tokens"])
     summary = {
         "backend": values["backend"], "method": values["method"], "images": len(conditions),
         "grid": list(result.codes.shape[1:]), "forward_passes_per_batch": result.num_forward_passes,
@@ -151,9 +155,9 @@ def generate(ctx: click.Context, **values) -> None:
     if values["as_json"]:
         echo_json(summary)
     else:
-        print_table("flashar generate", ["images", "grid", "forward passes / batch", "seconds", "written to"],
+        print_table("flashar generate", ["images", "grid", "forward passes / batch", "seconds", "sampling", "written to"],
                     [[len(conditions), "x".join(map(str, summary["grid"])), result.num_forward_passes,
-                      f"{result.seconds:.2f}", values["out"] or "-"]])
+                      f"{result.seconds:.2f}", describe_sampling(sampling.model_dump()), values["out"] or "-"]])
 
 
 @cli.command(cls=PluginCommand, plugin_params=backend_options)
@@ -189,13 +193,19 @@ def adapt(ctx: click.Context, **values) -> None:
     check_config(config)  # before the model loads and the data is tokenised
     runtime = runtime_from(values)
     api.ensure_output(values["out"], resume=values["resume"])
+    options = pick(registry.backend(values["backend"]).options, values)
+    api.check_data_source(values["backend"], options, values["data_dir"], values["codes_dir"], values["cache_dir"],
+                          values["val_dir"], registry)  # before the model loads
     with session(runtime.device) as (place, device):
         runtime = runtime.model_copy(update={"device": device})  # cuda:LOCAL_RANK under torchrun
-        backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
+        backbone = api.load_backbone(values["backend"], options, runtime, registry)
         config = api.resolve_branch(backbone, config, pick(BranchConfig, values))  # user > backend > library
         with main_first(place):  # the main process tokenises and fills the cache, the others read it
-            data = api.load_data(backbone, values["data_dir"], values["codes_dir"], values["image_size"], values["cache_dir"])
-            held = api.load_data(backbone, values["val_dir"], None, values["image_size"], values["cache_dir"]) if values["val_dir"] else None
+            with _Bars(quiet=not place.is_main) as bars:  # shown only when the images are not cached yet
+                data = api.load_data(backbone, values["data_dir"], values["codes_dir"], values["image_size"], values["cache_dir"],
+                                     progress=bars.task("tokenising --data images").update)
+                held = api.load_data(backbone, values["val_dir"], None, values["image_size"], values["cache_dir"],
+                                     progress=bars.task("tokenising --val-data images").update) if values["val_dir"] else None
         total = sum(s.steps for s in (config.stage1, config.stage2) if s is config.stage1 or config.stage2_mode != "none")
         with _train_progress(total, quiet=not place.is_main) as on_step:
             api.adapt(backbone, data, config, values["out"], resume=values["resume"], on_step=on_step, place=place, val_data=held,
@@ -245,15 +255,25 @@ def compare(ctx: click.Context, **values) -> None:
     config = api.validated(CompareConfig, {**pick(CompareConfig, values), "methods": names, "seeds": seeds}, "compare")
     if values["out"]:
         api.check_writable_dir(values["out"])
+    options = pick(registry.backend(values["backend"]).options, values)
+    if values["out"] or config.metrics:
+        api.check_image_tokenizer(values["backend"], options, "--out (sample grids)" if values["out"] else
+                                  "quality metrics (use --no-metrics for speed only)", registry)
+    api.check_quality_files(values["fid_weights"], values["reference_images"])
+    prompts = api.read_prompts(values["prompts_file"]) if values["prompts_file"] else None
     runtime = runtime_from(values)
-    backbone = api.load_backbone(values["backend"], pick(registry.backend(values["backend"]).options, values), runtime, registry)
+    backbone = api.load_backbone(values["backend"], options, runtime, registry)
     methods = {n: api.build_method(n, backbone, pick(registry.method(n).Options, values), compile=runtime.compile_as, registry=registry) for n in names}
     sampling = {n: api.resolve_sampling(m.backbone, pick(SamplingConfig, values)) for n, m in methods.items()}
     extractor, reference = api.quality_inputs(backbone, config, values["fid_weights"], values["reference_images"], registry)
-    prompts = api.read_prompts(values["prompts_file"]) if values["prompts_file"] else None
     total = config.num_samples * len(config.seeds) * len(names) if extractor is not None and config.metrics else 0
-    with _progress(total, "scoring samples", values["as_json"] or not total) as advance:
-        report = api.compare(methods, sampling, config, extractor, reference, prompts, lambda method, n: advance(n))
+    from flashar.compare import timed_runs
+
+    with _Bars(quiet=values["as_json"]) as bars:
+        timed = bars.task("timing (warm-up and repeats)", timed_runs(config, len(names)), show=True)
+        scored = bars.task("generating samples for the metrics", total)
+        report = api.compare(methods, sampling, config, extractor, reference, prompts, lambda method, n: scored(n),
+                             samples=bool(values["out"]), on_run=lambda method: timed(1))
     paths = write_report(report, values["out"]) if values["out"] else []
     if values["as_json"]:
         return echo_json({**report.as_json(), "outputs": [str(p) for p in paths]})
@@ -291,26 +311,60 @@ class _train_progress:
             self.bar.stop()
 
 
-class _progress:
-    """A rich progress bar on stderr (silent with --json), advanced once per finished image."""
+class _Bars:
+    """One rich progress display on stderr (nothing when ``quiet``), holding one bar per task; a task's
+    bar, and the display, appear on its first report."""
 
-    def __init__(self, total: int, label: str, quiet: bool):
-        self.total, self.label, self.quiet = total, label, quiet
+    def __init__(self, quiet: bool):
+        self.quiet, self.display = quiet, None
 
     def __enter__(self):
-        if self.quiet:
-            return lambda n: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        return self
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=console())
-        self.bar.start()
-        task = self.bar.add_task(self.label, total=self.total)
-        return lambda n: self.bar.advance(task, n)
+    def task(self, label: str, total: int | None = None, show: bool = False) -> Callable[[float], None]:
+        """``advance(n)``; ``advance.update(done, total)`` sets both. ``show``: appear now, not on the first report."""
+        task = []
+
+        def ensure():
+            if self.quiet:
+                return None
+            if self.display is None:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                self.display = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                        TimeElapsedColumn(), console=console())
+                self.display.start()
+            if not task:
+                task.append(self.display.add_task(label, total=total or None))
+            return task[0]
+
+        def advance(n: float) -> None:
+            if (t := ensure()) is not None:
+                self.display.advance(t, n)
+
+        def update(done: float, all_: int) -> None:
+            if (t := ensure()) is not None:
+                self.display.update(t, completed=done, total=all_)
+
+        advance.update = update
+        if show:
+            ensure()
+        return advance
 
     def __exit__(self, *exc):
-        if not self.quiet:
-            self.bar.stop()
+        if self.display is not None:
+            self.display.stop()
+
+
+class _progress(_Bars):
+    """One bar of ``total`` steps, shown at once; the context value advances it (silent with --json)."""
+
+    def __init__(self, total: int, label: str, quiet: bool):
+        super().__init__(quiet)
+        self.total, self.label = total, label
+
+    def __enter__(self):
+        return self.task(self.label, self.total, show=True)
 
 
 @cli.command()
@@ -324,12 +378,13 @@ def backends(ctx: click.Context, as_json: bool) -> None:
         missing = spec.missing()
         rows.append({"id": spec.id, "available": not missing, "install": spec.install_hint() if missing else None,
                      "plugin": registry.owners[("backend", spec.id)], "description": spec.description,
-                     "options": sorted(spec.options.model_fields)})
+                     "sampling_defaults": spec.sampling_defaults or None, "options": sorted(spec.options.model_fields)})
     if as_json:
         return echo_json(rows)
-    print_table("flashar backends", ["id", "status", "plugin", "description"],
-                [[r["id"], "available" if r["available"] else f"unavailable: {r['install']}", r["plugin"], r["description"]]
-                 for r in rows])
+    print_table("flashar backends", ["id", "status", "plugin", "sampling defaults", "description"],
+                [[r["id"], "available" if r["available"] else f"unavailable: {r['install']}", r["plugin"],
+                  describe_sampling(r["sampling_defaults"]) if r["sampling_defaults"] else "declared by the backbone once loaded",
+                  r["description"]] for r in rows], no_wrap=("id", "status"))
 
 
 @cli.command()

@@ -7,6 +7,7 @@ with ``json_schema_extra={"flag": "model-config"}``. Backends and methods contri
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import re
@@ -18,7 +19,7 @@ from typing import Any, Callable, Iterable
 import click
 from pydantic import BaseModel, ValidationError
 
-from flashar.config import ImageSize
+from flashar.config import ImageSize, SamplingConfig, describe_sampling  # noqa: F401 (describe_sampling: public here too)
 from flashar.errors import FlashARError
 from flashar.plugins import Registry, get_registry
 
@@ -201,13 +202,32 @@ class PluginCommand(click.Command):
         return selected
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        params = super().get_params(ctx)
+        registry = registry_of(ctx)
+        params = [with_backend_defaults(p, registry) for p in super().get_params(ctx)]
         seen = {opt for p in params for opt in p.opts}
-        for param in self.plugin_params(registry_of(ctx), ctx.meta.get("flashar.selected", {})):
+        for param in self.plugin_params(registry, ctx.meta.get("flashar.selected", {})):
             if not seen.intersection(param.opts):
                 params.append(param)
                 seen.update(param.opts)
         return params
+
+
+def with_backend_defaults(param: click.Parameter, registry: Registry) -> click.Parameter:
+    """A sampling option whose help names what each backend runs with unless the flag is given (a
+    backend's ``sampling_defaults`` beat the library default shown by the field)."""
+    field = SamplingConfig.model_fields.get(param.name or "")
+    if field is None or not isinstance(param, click.Option):
+        return param
+    specs = sorted(registry.backends.values(), key=lambda s: s.id)
+    own = [f"{s.id} {s.sampling_defaults[param.name]}" for s in specs
+           if isinstance(s.sampling_defaults, dict) and s.sampling_defaults.get(param.name, field.default) != field.default]
+    read = [s.id for s in specs if isinstance(s.sampling_defaults, str)]
+    if not own and not read:
+        return param
+    notes = own + ([f"{', '.join(read)}: the model's (see `flashar backends`)"] if read else [])
+    param = copy.copy(param)
+    param.help = f"{field.description}  [default: {field.default}; backends: {'; '.join(notes)}]"
+    return param
 
 
 def backend_options(registry: Registry, selected: dict[str, list[str]] | None = None) -> list[click.Option]:
@@ -282,15 +302,17 @@ def console():
     return Console(stderr=True)
 
 
-def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+def print_table(title: str, columns: list[str], rows: list[list[Any]], no_wrap: Iterable[str] = ()) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from rich.text import Text
+
     table = Table(title=title)
     for col in columns:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
+        table.add_column(col, no_wrap=col in no_wrap)
+    for row in rows:  # plain Text: rich markup would swallow "[digits]" in pip install 'flashar[digits]'
+        table.add_row(*(Text("" if v is None else str(v)) for v in row))
     Console(file=sys.stdout, width=160).print(table)
 
 

@@ -45,6 +45,17 @@ class SamplingConfig(Config):
         return self.temperature == 0.0 or self.top_k == 1
 
 
+SAMPLING_LABELS = {"cfg_scale": "cfg", "top_k": "top-k", "top_p": "top-p", "temperature": "temperature",
+                   "cfg_interval": "cfg-interval"}
+
+
+def describe_sampling(values: dict[str, Any] | str) -> str:
+    """``{"cfg_scale": 4.0, "top_k": 2000}`` -> "cfg 4.0, top-k 2000"; a phrase stays as it is."""
+    if isinstance(values, str):
+        return values
+    return ", ".join(f"{SAMPLING_LABELS.get(k, k)} {v}" for k, v in values.items()) or "flashar's defaults"
+
+
 class RuntimeConfig(Config):
     """Where and how the model runs."""
 

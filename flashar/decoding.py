@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 import time
 from dataclasses import dataclass, field
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
@@ -231,19 +232,69 @@ def synchronize(device: torch.device) -> None:
 
 
 def generate_batches(method: Method, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig,
-                     batch_size: int, seed: int = 0, on_batch: Callable[[int], None] | None = None) -> GenerateResult:
-    """One token grid per condition, ``batch_size`` at a time, from one generator seeded with ``seed``."""
+                     batch_size: int, seed: int = 0, on_batch: Callable[[int], None] | None = None,
+                     progress: Callable[[float], None] | None = None) -> GenerateResult:
+    """One token grid per condition, ``batch_size`` at a time, from one generator seeded with ``seed``.
+
+    ``on_batch(n)`` after every batch of n images; ``progress(images)`` also during a batch, with the
+    fraction of images its decode steps have made (increments summing to the number of conditions)."""
     device = method.backbone.device
     generator = make_generator(seed, device)
     codes, times, passes = [], [], 0
+    expected = _expected_steps(method, grid)
     for start in range(0, len(conditions), batch_size):
         batch = list(conditions[start : start + batch_size])
         began = time.perf_counter()
-        result = method.generate(batch, grid, sampling, generator)
-        synchronize(device)
+        with _step_progress(method, len(batch), expected, progress) as reported:
+            result = method.generate(batch, grid, sampling, generator)
+            synchronize(device)
         times.append(time.perf_counter() - began)
         codes.append(result.codes)
         passes = result.num_forward_passes
+        expected = max(1, passes - 1)  # the steps of this grid, for the next batch's progress
+        if progress:
+            progress(len(batch) - reported[0])
         if on_batch:
             on_batch(len(batch))
     return GenerateResult(torch.cat(codes), passes, sum(times), times)
+
+
+PROGRESS_INTERVAL = 0.1  # seconds between progress reports during a batch
+
+
+def _expected_steps(method: Method, grid: tuple[int, int]) -> int:
+    """Decode steps of one batch (forward passes less the prefill), as far as the method says up front."""
+    try:
+        return max(1, method.num_forward_passes(*grid) - 1)
+    except (NotImplementedError, TypeError):
+        return max(1, grid[0] * grid[1])
+
+
+@contextmanager
+def _step_progress(method: Method, images: int, steps: int, progress: Callable[[float], None] | None):
+    """Report ``images`` x (steps done / ``steps``) while the method decodes, at most ten times a second,
+    by counting calls of its ``step`` (the one call per step of :meth:`Method.decode`'s loop, from outside
+    the compiled region). Yields a one-item list holding what was reported."""
+    reported = [0.0]
+    own = vars(method).get("step")
+    if progress is None or own is None:
+        yield reported
+        return
+    done, last = [0], [time.monotonic()]
+
+    def counted(*args, **kwargs):
+        out = own(*args, **kwargs)
+        done[0] += 1
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_INTERVAL:
+            last[0] = now
+            share = images * min(done[0] / steps, 0.99)  # the step count is an estimate (SJD, GSD)
+            progress(share - reported[0])
+            reported[0] = share
+        return out
+
+    method.step = counted
+    try:
+        yield reported
+    finally:
+        method.step = own

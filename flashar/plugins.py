@@ -43,6 +43,14 @@ class BackendSpec:
     ``options`` is a pydantic model of the backend's load options (each field becomes a CLI flag);
     ``load(options, device, dtype)`` returns a :class:`flashar.backbone.Backbone`. ``requires`` names the
     modules the backend imports, and ``extra`` the pip extra that installs them.
+
+    Two optional fields let the commands refuse bad input before the (possibly huge) model loads:
+    ``image_tokenizer`` names the load option that brings the image tokenizer when it is optional (writing
+    images and tokenising data need it), and ``condition_kind`` is ``"class"`` or ``"text"``, or a function
+    of the validated options returning one (or None when only the checkpoint knows), so a data folder's
+    layout is checked first. ``sampling_defaults`` shows in ``--help`` and ``flashar backends`` what the
+    backbone's ``sampling_defaults`` will be: the values (SamplingConfig fields), or, when they are read
+    from the model's files, a short phrase saying from where.
     """
 
     id: str
@@ -51,6 +59,13 @@ class BackendSpec:
     load: Callable[..., Any]
     extra: str | None = None
     requires: tuple[str, ...] = ()
+    image_tokenizer: str | None = None
+    condition_kind: str | Callable[[Any], str | None] | None = None
+    sampling_defaults: dict[str, Any] | str = field(default_factory=dict)
+
+    def kind_of(self, options: Any) -> str | None:
+        """The condition kind the backbone loaded with ``options`` will have, if known before loading."""
+        return self.condition_kind(options) if callable(self.condition_kind) else self.condition_kind
 
     def missing(self) -> list[str]:
         return [m for m in self.requires if importlib.util.find_spec(m) is None]

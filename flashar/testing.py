@@ -19,7 +19,10 @@ out-of-tree), subclass :class:`BackboneConformance` and
 3. for an out-of-tree plugin, list its plugin module(s) in ``plugins`` so :meth:`registry` can find it
    without relying on installed entry points;
 4. optionally implement ``save_backbone(backbone, folder)``: write a loaded backbone back in the official
-   format and return the load options; the round-trip test then loads it again and compares.
+   format and return the load options; the round-trip test then loads it again and compares;
+5. when image tokens share the text vocabulary (``code_offset`` > 0), implement
+   ``vocabulary_ids(backbone, codes)``: the ids the official tokenizer files give the codes, looked up
+   without ``code_offset`` (Emu3.5: the order of ``emu3_vision_tokens.txt``).
 
 Then run ``python -m pytest <your test file>``. Every check below runs on CPU in about a second:
 
@@ -33,7 +36,14 @@ Then run ``python -m pytest <your test file>``. Every check below runs on CPU in
 * the layer tap (the hidden state entering layer b), cloned layers, and ``logits(h, head)`` honouring a
   copy of ``output`` (how the FlashAR vertical head reuses the backbone's head);
 * raster decoding equals a greedy full-recompute reference of the native layout, and its decode step
-  traces with ``fullgraph=True`` into one graph (``slow``: inductor);
+  traces with ``fullgraph=True`` into one graph (``slow``: inductor); with CFG, a batch of conditions
+  decodes as each condition alone (the baseline is the model's own sampler, whatever the padding);
+* the other methods on this backbone: FlashAR (a random head and gates) decodes greedily the argmax of its
+  teacher-forced fused logits in H + W - 1 passes, ZipAR with a full-row window and greedy speculative
+  Jacobi decoding give raster's tokens, ZipAR with a one-token window its pass count;
+* the ids ``code_ids`` gives codes are the ids the model's own vocabulary gives them (implement
+  :meth:`BackboneConformance.vocabulary_ids` when image tokens share the text vocabulary, ``code_offset``
+  > 0; a wrong offset is otherwise self-consistent);
 * ``decode`` gives images in [0, 1] and ``encode`` gives codes of the grid's shape;
 * save -> load round trip of the official format (when ``save_backbone`` is implemented).
 
@@ -186,6 +196,11 @@ class BackboneConformance:
 
     def save_backbone(self, backbone: Backbone, folder: Path) -> Mapping[str, Any] | None:
         """Write ``backbone`` in the official format under ``folder``; return its load options (None: skip)."""
+        return None
+
+    def vocabulary_ids(self, backbone: Backbone, codes: torch.Tensor) -> torch.Tensor | None:
+        """The vocabulary ids of ``codes`` as the official tokenizer files define them, found without
+        ``backbone.code_offset``; None when image tokens have an embedding table of their own (id = code)."""
         return None
 
     def registry(self):
@@ -344,6 +359,18 @@ class BackboneConformance:
         assert torch.equal(result.codes, expected)
         assert result.codes.min() >= 0 and result.codes.max() < backbone.codebook_size
 
+    def test_raster_with_cfg_decodes_each_condition_as_alone(self, backbone):
+        """Native rows of a batch (prompts of different lengths) compute what each computes alone, as the
+        model's own unbatched sampler does: padding must not shift a row's positions."""
+        from flashar.methods.raster import Raster
+
+        sampling = SamplingConfig(cfg_scale=self.cfg_scale, top_k=1)
+        method = Raster(backbone)
+        batched = method.generate(self.conditions, self.grid, sampling, make_generator(0, backbone.device)).codes
+        alone = torch.cat([method.generate([c], self.grid, sampling, make_generator(0, backbone.device)).codes
+                           for c in self.conditions])
+        assert torch.equal(batched, alone), "a native prefix row must not depend on the other rows of its batch"
+
     def test_raster_step_compiles_once(self, backbone):
         from flashar.methods.raster import Raster
 
@@ -366,6 +393,73 @@ class BackboneConformance:
         got = Raster(backbone, compile=True).generate(self.conditions, self.grid, sampling, make_generator(0, backbone.device))
         eager = Raster(backbone).generate(self.conditions, self.grid, sampling, make_generator(0, backbone.device))
         assert torch.equal(got.codes, eager.codes)
+
+    # --- the other methods on this backbone -----------------------------------------------------
+    def _greedy(self):
+        return SamplingConfig(cfg_scale=self.cfg_scale, top_k=1)
+
+    def _raster_codes(self, backbone: Backbone) -> torch.Tensor:
+        from flashar.methods.raster import Raster
+
+        return Raster(backbone).generate(self.conditions, self.grid, self._greedy(), make_generator(0, backbone.device)).codes
+
+    def test_flashar_greedy_is_the_argmax_of_its_teacher_forced_logits(self, backbone):
+        """FlashAR's cached anti-diagonal decoder (a random vertical block and gates) on this backbone
+        equals the teacher-forced forward of the same parts, in H + W - 1 passes."""
+        from flashar.adapter import Adapter, new_metadata
+        from flashar.branch import FlashARHead
+        from flashar.config import BranchConfig
+        from flashar.methods.flashar import FlashAR
+        from flashar.teacher import flashar_logits
+
+        torch.manual_seed(0)
+        head = FlashARHead(backbone, BranchConfig(num_blocks=1))
+        with torch.no_grad():  # trained gates are not 0.5: make them depend on the position
+            for name, p in head.named_parameters():
+                if "gate" in name or "mix" in name:
+                    p.normal_(0, 0.3)
+        method = FlashAR(backbone, adapter=Adapter(new_metadata(backbone, head, self.grid), head, backbone))
+        result = method.generate(self.conditions, self.grid, self._greedy(), make_generator(0, backbone.device))
+        assert result.num_forward_passes == sum(self.grid) - 1
+        with torch.no_grad():
+            prefix = backbone.prefix(self.conditions, cfg=True, grid=self.grid, unconditional="empty")
+            cond, uncond = flashar_logits(backbone, head, prefix, result.codes).fused.chunk(2)
+        expected = (uncond + self.cfg_scale * (cond - uncond)).argmax(-1).view(len(self.conditions), *self.grid)
+        assert torch.equal(result.codes, expected.cpu())
+
+    def test_zipar_with_a_full_row_window_is_raster_and_counts_its_passes(self, backbone):
+        from flashar.methods.zipar import ZipAR, ZipAROptions, num_passes
+
+        height, width = self.grid
+        full = ZipAR(backbone, ZipAROptions(window=width)).generate(self.conditions, self.grid, self._greedy(),
+                                                                    make_generator(0, backbone.device))
+        assert torch.equal(full.codes, self._raster_codes(backbone))
+        narrow = ZipAR(backbone, ZipAROptions(window=1)).generate(self.conditions, self.grid, self._greedy(),
+                                                                  make_generator(0, backbone.device))
+        cells, _ = G.raster_sequence(height, width, backbone.row_end_token is not None)
+        assert narrow.num_forward_passes == num_passes(torch.bincount(cells[:, 0]).tolist(), 1)  # rows hold their row ends
+        assert narrow.codes.shape == (len(self.conditions), *self.grid)
+        assert narrow.codes.min() >= 0 and narrow.codes.max() < backbone.codebook_size
+
+    def test_greedy_speculative_decoding_gives_raster_tokens(self, backbone):
+        from flashar.methods.sjd import SJD, SJDOptions
+
+        result = SJD(backbone, SJDOptions(draft_length=3)).generate(self.conditions, self.grid, self._greedy(),
+                                                                     make_generator(0, backbone.device))
+        assert torch.equal(result.codes, self._raster_codes(backbone))
+        assert result.num_forward_passes <= self.grid[0] * self.grid[1] + self.grid[0]  # at most raster's passes
+
+    def test_embedded_code_ids_are_the_vocabulary_ids(self, backbone):
+        codes = torch.tensor([0, 1, backbone.codebook_size - 1])
+        official = self.vocabulary_ids(backbone, codes)
+        if official is None:
+            assert backbone.code_offset == 0, ("image tokens share the vocabulary (code_offset > 0): implement "
+                                               "vocabulary_ids from the official tokenizer files to check the offset")
+            official = codes
+        assert torch.equal(backbone.code_ids(codes).cpu(), torch.as_tensor(official).cpu()), \
+            "code_ids must give each code the id the model's own tokenizer gives it"
+        x = backbone.embed(backbone.code_ids(codes[None]).to(backbone.device))  # every code id is embeddable
+        assert x.shape == (1, 3, backbone.dim)
 
     def test_encode_gives_codes_of_the_grid(self, backbone):
         height, width = self.grid

@@ -1,4 +1,5 @@
-"""The CLI reference in docs/cli.md is generated from the CLI and must be current."""
+"""The CLI reference in docs/cli.md is generated from the CLI and must be current; the plugin guide documents
+everything the methods and compare call on a backend."""
 
 from __future__ import annotations
 
@@ -13,6 +14,25 @@ def test_cli_reference_is_regenerated():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert (DOCS / "cli.md").read_text() == module.render(), "run: python docs/generate_cli_docs.py"
+
+
+def test_the_plugin_guide_documents_every_backbone_member_and_the_metric_hooks():
+    """Every public member of Backbone, every BackendSpec and MetricSpec field, the keywords methods pass to
+    prefix and cell_positions, and the metrics hook appear in docs/writing-a-backend-plugin.md (in code)."""
+    import dataclasses
+    import re
+
+    from flashar.backbone import Backbone
+    from flashar.plugins import BackendSpec, MetricSpec
+
+    text = (DOCS / "writing-a-backend-plugin.md").read_text()
+    fenced = re.sub(r"```[^\n]*\n(.*?)```", lambda m: "`" + m.group(1).replace("`", "") + "`", text, flags=re.S)
+    code = " ".join(re.findall(r"`([^`]+)`", fenced))  # inline code and code blocks
+    members = {n for n in [*vars(Backbone), *Backbone.__annotations__] if not n.startswith("_")}
+    fields = {f.name for spec in (BackendSpec, MetricSpec) for f in dataclasses.fields(spec)}
+    wanted = members | fields | {"grid=", "unconditional=", "native=", "flashar_register_metrics", "MetricSpec"}
+    missing = sorted(n for n in wanted if not re.search(r"(?<!\w)" + re.escape(n) + (r"(?!\w)" if n[-1].isalnum() else ""), code))
+    assert missing == [], f"docs/writing-a-backend-plugin.md does not mention {missing}"
 
 
 def readme_commands(section: str) -> list[list[str]]:

@@ -1,4 +1,5 @@
-"""benchmarks/latency.py: the pass counter records the bound's bytes and FLOPs and the kernels it replays."""
+"""The latency benchmarks: latency.py's pass counter and prepacked kernel replay, tables.py's machine-relative
+targets, and gpu_ladder.py's Emu3.5-shaped stack, analytic bound and whole flow (tiny models on CPU)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import importlib.util
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import random_gpt
 
 from flashar.config import SamplingConfig
 from flashar.methods.raster import Raster
+from flashar.sampling import make_generator
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "latency.py"
 
@@ -39,3 +42,104 @@ def test_pass_counter_records_every_matmul_and_attention_call_and_replays_them()
     seconds = counter.kernel_seconds(repeats=1)
     assert seconds > 0 and counter.kernels == []  # the record (and the caches it holds) is freed
     assert counter.ideal_seconds(1e9, 1e9) > 0
+
+
+def test_replayed_linears_are_the_prepacked_kernels_and_compute_f_linear():
+    latency = load_latency()
+    for dtype in (torch.float32, torch.bfloat16):
+        weight, x = torch.randn(48, 32, dtype=dtype), torch.randn(5, 32, dtype=dtype)
+        for varying in (False, True):
+            out = latency.packed_linear(weight, 5, varying)(x)
+            torch.testing.assert_close(out, torch.nn.functional.linear(x, weight), atol=1e-4, rtol=1e-2)
+
+
+def test_step_costs_time_every_step_call_and_profile_a_window_of_them():
+    latency = load_latency()
+    method = Raster(random_gpt(0))
+    with torch.no_grad():
+        costs = latency.step_costs(method, [1], (3, 4), SamplingConfig(cfg_scale=2.0, top_k=5), first=2, count=4)
+    assert costs["kernels_per_step"] == 0 and costs["host_us_per_step"] > 0  # CUDA kernels only; none on CPU
+    assert method.step == method._step  # the wrapper is gone
+
+
+def load_tables():
+    spec = importlib.util.spec_from_file_location("tables_benchmark", SCRIPT.parent / "tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_targets_are_judged_against_the_receipts_own_bounds():
+    def row(method, median, ideal, **extra):
+        return {"model": "GPT-B", "dtype": "bfloat16", "grid": "32x32", "batch": 1, "method": method,
+                "median_s": median, "ideal_s": ideal, "graphs": 1, "recompiles": 0, **extra}
+
+    report = {"cpu": "Some CPU", "threads": 1, "rows": [
+        row("raster/eager", 30.0, 10.0), row("raster/compiled", 19.0, 10.0),
+        row("flashar/eager", 3.0, 2.0), row("flashar/compiled", 2.0, 2.0),
+        # a GPU-style row: its launch floor, not the roofline, is the bound
+        row("zipar/compiled", 0.5, 0.01, bound_s=0.3)]}
+    text = load_tables().targets(report)
+    assert "met      GPT-B bfloat16 32x32 batch 1: raster/compiled at 1.90x its bound" in text
+    assert "NOT met  GPT-B bfloat16 32x32 batch 1: flashar/compiled 1.50x faster than eager" not in text  # 1.5 >= 1.2
+    assert "met      GPT-B bfloat16 32x32 batch 1: zipar/compiled at 1.67x its bound" in text
+    # ideal ratio 10 / 2 = 5x on this machine; measured 9.5x >= 0.8 x 5x
+    assert "flashar/compiled vs raster/compiled 9.50x; this machine's ideal 5.00x, target >= 4.00x" in text
+    assert text.splitlines()[-1] == "7 of 7 targets met on Some CPU, 1 threads"
+
+
+LADDER = SCRIPT.parent / "gpu_ladder.py"
+
+
+def load_ladder():
+    spec = importlib.util.spec_from_file_location("gpu_ladder", LADDER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_emu35_shaped_stack_runs_the_real_qwen3_layers_with_a_stub_prompt():
+    ladder = load_ladder()
+    backbone = ladder.emu35_stack(torch.device("cpu"), layers=2, tiny=True)
+    assert backbone.backend_id == "emu35" and backbone.num_layers == 2 and backbone.dtype == torch.bfloat16
+    assert (backbone.num_kv_heads, backbone.layers[0].self_attn.q_proj.weight.shape) == (2, (128, 64))  # grouped heads
+    with torch.no_grad():
+        codes = Raster(backbone).generate(["a photo"], (2, 2), SamplingConfig(cfg_scale=2.0, top_k=5),
+                                         make_generator(0, "cpu")).codes
+    assert codes.shape == (1, 2, 2)
+
+
+def test_the_analytic_bound_is_weight_bound_for_raster_and_counts_flashars_extra_reads():
+    ladder = load_ladder()
+    latency = load_latency()
+    backbone = random_gpt(0)
+    peaks = latency.Peaks(torch.device("cpu"))
+    peaks.bandwidth, peaks.matmul = 1e9, {"bfloat16": 1e15}  # bandwidth-bound
+    raster = ladder.analytic_ideal(backbone, False, (4, 4), 16, peaks)
+    flashar = ladder.analytic_ideal(backbone, True, (4, 4), 7, peaks)
+    per_layer = sum(p.numel() for p in backbone.layers[0].parameters() if p.ndim > 1)
+    weights = 2 * (backbone.num_layers * per_layer + backbone.codebook_size * backbone.dim)
+    assert 16 * weights / 1e9 < raster < 1.5 * 16 * weights / 1e9
+    assert flashar < raster and flashar > 7 * weights / 1e9  # fewer passes, each reading more
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_end_to_end_on_cpu_with_tiny_models(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ladder.json"
+    subprocess.run([sys.executable, str(LADDER), "--tiny", "--device", "cpu", "--methods", "raster,flashar", "--ladder",
+                    "GPT-L", "--grids", "4", "--repeats", "1", "--budget-s", "1e9", "--out", str(out)], check=True, timeout=3600,
+                   env={**os.environ, "FLASHAR_CPP_WRAPPER": "0"})  # the C++ wrapper only slows compiling here
+    report = json.loads(out.read_text())
+    assert {r["method"] for r in report["rows"]} == {"raster/eager", "raster/compiled", "flashar/eager", "flashar/compiled"}
+    assert [(r["model"], r["method"]) for r in report["ladder"]] == [
+        ("GPT-B", "raster/compiled"), ("GPT-B", "flashar:buckets=1/compiled"),  # through the other attention path
+        ("Emu3.5-34B", "raster/compiled"), ("Emu3.5-34B", "flashar:buckets=1/compiled"),
+        ("GPT-L", "raster/compiled"), ("GPT-L", "flashar:buckets=1/compiled")]
+    assert all(r["graphs"] == 1 and r["recompiles"] == 0 for r in report["ladder"])
+    assert report["skipped"] == [] and report["ladder"][0]["attention"] == "math"
+    assert "Emu3.5-34B" in load_tables().ladder(report)

@@ -91,24 +91,33 @@ def list_caption_folder(folder: Path) -> list[tuple[Path, str]]:
             name, text = row.get("file_name") or row["image"], str(row.get("text") or row["caption"])
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise DataError(f"{folder / 'metadata.jsonl'} line {n} needs a JSON object with 'file_name' and 'text'") from None
-        items.append((file_in(folder, name, f"{folder / 'metadata.jsonl'} line {n}", DataError), text))
+        path = file_in(folder, name, f"{folder / 'metadata.jsonl'} line {n}", DataError)
+        if not path.is_file():
+            raise DataError(f"{folder / 'metadata.jsonl'} line {n} names {name!r}, which is not a file in {folder}")
+        items.append((path, text))
     return items
 
 
-def list_images(folder: str | Path, condition_kind: str) -> list[tuple[Path, Any]]:
+def list_images(folder: str | Path, condition_kind: str | None) -> list[tuple[Path, Any]]:
+    """(image, condition) pairs of a data folder: class subfolders, or images + metadata.jsonl for text.
+
+    ``condition_kind=None`` (not known before the model loads) accepts either layout."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise DataError(f"--data {folder} is a file, not a folder; pass a folder of class subfolders (or images + metadata.jsonl)")
     if not folder.is_dir():
         raise DataError(f"data folder not found: {folder}; check the --data path")
-    if condition_kind == "text":
-        if not (folder / "metadata.jsonl").is_file():
+    text = condition_kind == "text" or (condition_kind is None and (folder / "metadata.jsonl").exists())
+    try:
+        if text and not (folder / "metadata.jsonl").is_file():
             raise DataError(f"{folder} needs a metadata.jsonl with one {{\"file_name\": ..., \"text\": ...}} line per image for a text-conditional backend")
-        items = list_caption_folder(folder)
-    else:
-        items = list_class_folder(folder)
+        items = list_caption_folder(folder) if text else list_class_folder(folder)
+    except OSError as exc:
+        raise DataError(f"cannot read the data folder {folder} ({exc.strerror or exc}: {exc.filename or folder}); "
+                        f"check its permissions") from None
     if not items:
-        layout = "metadata.jsonl + images" if condition_kind == "text" else "one subfolder of images per class"
+        layout = {"text": "metadata.jsonl + images", "class": "one subfolder of images per class"}.get(
+            condition_kind, "one subfolder of images per class, or images + metadata.jsonl")
         raise DataError(f"no images found in {folder}; expected {layout}")
     return items
 
@@ -131,8 +140,9 @@ def default_cache_dir() -> Path:
 
 def tokenize_folder(backbone: Backbone, folder: str | Path, image_size: int | tuple[int, int] | None = None,
                     cache_dir: Path | None = None,
-                    batch_size: int = 32, progress: Callable[[int, int], None] | None = None) -> TokenData:
-    """Encode every image of the folder into a token grid (cached)."""
+                    batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> TokenData:
+    """Encode every image of the folder into a token grid (cached); ``progress(done, total)`` after every
+    batch of ``batch_size`` images (and once at the start)."""
     size = backbone.default_image_size if image_size is None else image_size
     size = size if isinstance(size, int) else tuple(size)
     backbone.grid(size)  # validates the size against the tokenizer's downsampling factor
@@ -141,6 +151,8 @@ def tokenize_folder(backbone: Backbone, folder: str | Path, image_size: int | tu
     if (cache / "codes.safetensors").is_file() and (cache / "conditions.json").is_file():
         return TokenData(load_weights(cache / "codes.safetensors")["codes"].long(), json.loads((cache / "conditions.json").read_text()))
     codes = []
+    if progress:
+        progress(0, len(items))
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
         pixels = torch.stack([_read(path, size) for path, _ in batch])
@@ -164,21 +176,32 @@ def _read(path: Path, size: int | tuple[int, int]) -> Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
 
+def list_llamagen_codes(folder: str | Path) -> tuple[Path, Path, list[Path]]:
+    """The codes folder, the labels folder and the .npy code files of an ``extract_codes_c2i.py`` output."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"--codes {folder} is not a folder; point --codes at LlamaGen's --code-path")
+    try:
+        code_dirs = sorted(folder.glob("*_codes"))
+        if not code_dirs:
+            raise DataError(f"no '*_codes' folder in {folder}; point --codes at LlamaGen's --code-path")
+        code_dir = code_dirs[0]
+        label_dir = code_dir.with_name(code_dir.name[: -len("_codes")] + "_labels")
+        files = sorted(code_dir.glob("*.npy"), key=lambda p: int(p.stem) if p.stem.isdigit() else p.stem)
+    except OSError as exc:
+        raise DataError(f"cannot read the codes folder {folder} ({exc.strerror or exc}); check its permissions") from None
+    if not files or not label_dir.is_dir():
+        raise DataError(f"{code_dir} has no .npy codes or {label_dir} is missing")
+    return code_dir, label_dir, files
+
+
 def load_llamagen_codes(folder: str | Path, grid: tuple[int, int] | None = None) -> TokenData:
     """Codes written by LlamaGen's ``extract_codes_c2i.py`` (every augmentation a sample).
 
     A file holds (1, num_aug, N) flat codes, or (..., H, W) grids. Flat codes form ``grid`` (H, W) when
     H * W = N, else a square grid.
     """
-    folder = Path(folder)
-    code_dirs = sorted(folder.glob("*_codes"))
-    if not code_dirs:
-        raise DataError(f"no '*_codes' folder in {folder}; point --codes at LlamaGen's --code-path")
-    code_dir = code_dirs[0]
-    label_dir = code_dir.with_name(code_dir.name[: -len("_codes")] + "_labels")
-    files = sorted(code_dir.glob("*.npy"), key=lambda p: int(p.stem) if p.stem.isdigit() else p.stem)
-    if not files or not label_dir.is_dir():
-        raise DataError(f"{code_dir} has no .npy codes or {label_dir} is missing")
+    code_dir, label_dir, files = list_llamagen_codes(folder)
     codes, labels = [], []
     for path in files:
         array = _read_npy(path, "codes")

@@ -80,7 +80,8 @@ class AdaptModel(nn.Module):
         """Summed NLL (nats) of a batch of held-out grids (B, H, W) under their conditions, teacher-forced:
         under the fused FlashAR decoder in its anti-diagonal order, and under the raster model (the current
         backbone, causal mask)."""
-        prefix = self.backbone.prefix(conditions, cfg=False, grid=tuple(codes.shape[1:]))
+        # the FlashAR decoder's rows (for Emu3.5 padded as in training), for both NLLs alike
+        prefix = self.backbone.prefix(conditions, cfg=False, grid=tuple(codes.shape[1:]), unconditional="empty")
         target = codes.flatten().to(self.backbone.device)
         fused = flashar_logits(self.backbone, self.head, prefix, codes).fused
         raster = raster_logits(self.backbone, prefix, codes)

@@ -64,34 +64,54 @@ def balanced_conditions(backbone: Backbone, count: int, prompts: Sequence[str] |
     """``count`` conditions: the prompts cycled, or every class id in turn (class-balanced)."""
     if prompts:
         return [prompts[i % len(prompts)] for i in range(count)]
-    if backbone.condition_kind != "class" or not backbone.num_classes:
+    if backbone.condition_kind != "class":
         raise FlashARError("this backend is text-conditional; pass --prompts FILE with one prompt per line")
+    if not backbone.num_classes:
+        raise FlashARError(f"backend '{backbone.backend_id}' is class-conditional but its backbone sets no num_classes, "
+                           f"so compare cannot draw class-balanced conditions; set Backbone.num_classes in the backend")
     return [i % backbone.num_classes for i in range(count)]
 
 
 def run_compare(methods: dict[str, Method], sampling: dict[str, SamplingConfig], config: CompareConfig,
                 extractor: Extractor | None, reference: torch.Tensor | None, prompts: Sequence[str] | None = None,
-                progress: Callable[[str, int], None] | None = None) -> CompareReport:
-    """Time and score every method; ``reference`` (uint8) and ``extractor`` are needed for quality metrics."""
+                progress: Callable[[str, int], None] | None = None, samples: bool = False,
+                on_run: Callable[[str], None] | None = None) -> CompareReport:
+    """Time and score every method; ``reference`` (uint8) and ``extractor`` are needed for quality metrics.
+    ``progress(method, images)`` as samples for the metrics are generated, ``on_run(method)`` after each
+    timed or warm-up run (:func:`timed_runs` of them in all).
+
+    ``samples``: every method's report also holds decoded samples without metrics (those of its timed
+    throughput batch), for the sample grids."""
     first = next(iter(methods.values())).backbone
     grid = first.grid(config.image_size)
     conditions = balanced_conditions(first, config.num_samples, prompts)
     report = CompareReport(first.backend_id, grid, config.model_dump(), environment(first.device, first.dtype),
                            metric_label=extractor.label if extractor else "FID")
-    latency = time_methods(methods, conditions[: config.latency_batch_size], grid, sampling, config.repeats, config.warmup, config.seeds[0])
+    latency = time_methods(methods, conditions[: config.latency_batch_size], grid, sampling, config.repeats, config.warmup,
+                           config.seeds[0], on_run)
     throughput = latency if config.latency_batch_size == config.batch_size else \
-        time_methods(methods, conditions[: config.batch_size], grid, sampling, config.repeats, config.warmup, config.seeds[0])
+        time_methods(methods, conditions[: config.batch_size], grid, sampling, config.repeats, config.warmup, config.seeds[0], on_run)
     for name, method in methods.items():
         row = {"method": name, "forward_passes": latency[name].forward_passes,
                **speed_columns(latency, name, "latency"), **speed_columns(throughput, name, "throughput"),
                "latency_per_image_ms": 1000 * latency[name].median / config.latency_batch_size,
                "images_per_second": config.batch_size / throughput[name].median,
                "compile_seconds": latency[name].compile_seconds, "decode_state_mb": throughput[name].state_bytes / 2**20,
-               "peak_memory_mb": None if throughput[name].peak_bytes is None else throughput[name].peak_bytes / 2**20}
+               "peak_memory_mb": None if throughput[name].peak_bytes is None else throughput[name].peak_bytes / 2**20,
+               "sampling": sampling[name].model_dump()}
         if config.metrics and extractor is not None and reference is not None:
             row.update(score(method, conditions, grid, sampling[name], config, extractor, reference, report, progress))
+        elif samples and throughput[name].codes is not None:
+            codes = throughput[name].codes[:100]
+            report.samples[method.id] = to_uint8(decode_all(method.backbone, codes, config.batch_size))
         report.rows.append(row)
     return report
+
+
+def timed_runs(config: CompareConfig, methods: int) -> int:
+    """Runs the timing makes: warm-up and repeats per method, for the latency and (if another size) the
+    throughput batch."""
+    return methods * (config.warmup + config.repeats) * (1 if config.latency_batch_size == config.batch_size else 2)
 
 
 def speed_columns(timings: dict[str, Timing], name: str, kind: str) -> dict[str, Any]:
@@ -108,7 +128,7 @@ def score(method: Method, conditions: list[Any], grid: tuple[int, int], sampling
     per_seed = []
     for seed in config.seeds:
         result = generate_batches(method, conditions, grid, sampling, config.batch_size, seed,
-                                  on_batch=(lambda n, m=method.id: progress(m, n)) if progress else None)
+                                  progress=(lambda n, m=method.id: progress(m, n)) if progress else None)
         images = to_uint8(decode_all(method.backbone, result.codes, config.batch_size))
         report.samples.setdefault(method.id, images[:100])
         labels = conditions if method.backbone.condition_kind == "class" else None

@@ -10,16 +10,25 @@ import torch
 
 from flashar.io import atomic_path, save_json, save_png
 
-COLUMNS = [  # (key, header, format)
+def significant(value: float) -> str:
+    """A speed or size with at least 3 significant digits for small values: a slow run's 0.04 images/s
+    is not printed as 0.0."""
+    if value == 0 or abs(value) >= 10:
+        return f"{value:.1f}"
+    digits = max(1, 2 - math.floor(math.log10(abs(value))))
+    return f"{value:.{digits}f}"
+
+
+COLUMNS = [  # (key, header, format: a format string or a function)
     ("method", "method", "{}"),
     ("forward_passes", "passes", "{}"),
-    ("latency_per_image_ms", "ms / image (batch {latency_batch})", "{:.2f}"),
+    ("latency_per_image_ms", "ms / image (batch {latency_batch})", significant),
     ("latency_speedup_vs_raster", "speedup", "{:.2f}x"),
-    ("images_per_second", "images / s (batch {throughput_batch})", "{:.1f}"),
+    ("images_per_second", "images / s (batch {throughput_batch})", significant),
     ("throughput_speedup_vs_raster", "speedup", "{:.2f}x"),
     ("compile_seconds", "compile s", "{:.1f}"),
     ("peak_memory_mb", "peak MB", "{:.1f}"),
-    ("decode_state_mb", "state MB", "{:.2f}"),
+    ("decode_state_mb", "state MB", significant),
     ("fid", "{fid}", "{:.2f}"),
     ("kid", "KID", "{:.4f}"),
     ("inception_score", "IS", "{:.2f}"),
@@ -35,8 +44,12 @@ def table_rows(report) -> tuple[list[str], list[list[str]]]:
     first = report.rows[0] if report.rows else {}
     labels = {"fid": report.metric_label, "latency_batch": first.get("latency_batch"), "throughput_batch": first.get("throughput_batch")}
     headers = [h.format(**labels) for _, h, _ in present]
-    rows = [[fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in present] for row in report.rows]
+    rows = [[_format(fmt, row[key]) if row.get(key) is not None else "-" for key, _, fmt in present] for row in report.rows]
     return headers, rows
+
+
+def _format(fmt, value) -> str:
+    return fmt(value) if callable(fmt) else fmt.format(value)
 
 
 def print_report(report) -> None:
@@ -51,7 +64,18 @@ def print_report(report) -> None:
         table.add_column(header, justify="right")
     for row in rows:
         table.add_row(*row)
+    table.caption = sampling_caption(report)
     Console(file=sys.stdout, width=200).print(table)
+
+
+def sampling_caption(report) -> str | None:
+    """The sampling every method ran with (the backend's defaults unless flags were given), once if shared."""
+    from flashar.config import describe_sampling
+
+    used = {r["method"]: describe_sampling(r["sampling"]) for r in report.rows if r.get("sampling")}
+    if len(set(used.values())) == 1:
+        return f"sampling: {next(iter(used.values()))}"
+    return "sampling: " + "; ".join(f"{m} {s}" for m, s in used.items()) if used else None
 
 
 def markdown(headers: list[str], rows: list[list[str]]) -> str:
@@ -72,26 +96,48 @@ def sample_grid(images: torch.Tensor, columns: int = 10, scale: int = 4) -> torc
     return canvas
 
 
-def plot(report, path: Path) -> None:
+def figure(report):
+    """Speed against quality (the metric over images/s, log scale) when the rows have a metric, else the
+    speed of each method alone (images/s bars); tick labels are plain numbers that do not overlap."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     rows = [r for r in report.rows if r.get("fid") is not None]
-    if not rows:
-        return
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    for row in rows:
-        ax.scatter(row["images_per_second"], row["fid"], s=40)
-        ax.annotate(f"{row['method']} ({row['forward_passes']} passes)", (row["images_per_second"], row["fid"]),
-                    textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("images / second (log)")
-    ax.set_ylabel(f"{report.metric_label} (lower is better)")
-    ax.set_title(f"speed vs quality: {report.backend}")
+    plain = FuncFormatter(lambda x, _: f"{x:g}")
+    if rows:
+        for row in rows:
+            ax.scatter(row["images_per_second"], row["fid"], s=40)
+            ax.annotate(f"{row['method']} ({row['forward_passes']} passes)", (row["images_per_second"], row["fid"]),
+                        textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0), numticks=6))
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels (2x10^1, 3x10^1, ...) collide
+        ax.yaxis.set_major_locator(MaxNLocator(6))
+        ax.set_xlabel("images / second (log)")
+        ax.set_ylabel(f"{report.metric_label} (lower is better)")
+        ax.set_title(f"speed vs quality: {report.backend}")
+    else:
+        names = [f"{r['method']} ({r['forward_passes']} passes)" for r in report.rows]
+        ax.barh(range(len(names)), [r["images_per_second"] for r in report.rows])
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.set_xlabel("images / second (higher is better)")
+        ax.set_title(f"speed: {report.backend} (no quality metrics)")
+    ax.xaxis.set_major_formatter(plain)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def plot(report, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(report)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
@@ -104,7 +150,7 @@ def write_report(report, out_dir: Path) -> list[Path]:
     for method, images in report.samples.items():
         save_png(sample_grid(images), out_dir / f"samples_{method}.png")
         written.append(out_dir / f"samples_{method}.png")
-    if any(r.get("fid") is not None for r in report.rows):
+    if report.rows:
         plot(report, out_dir / "speed_vs_quality.png")
         written.append(out_dir / "speed_vs_quality.png")
     return written

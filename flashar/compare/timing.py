@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -30,6 +30,7 @@ class Timing:
     peak_bytes: int | None = None  # CUDA only
     graphs: int = 0  # graphs torch.compile built while warming up (a compiled step: 1 per static shape)
     recompiles: int = 0  # graphs built during the timed runs (should be 0: a step compiles once)
+    codes: torch.Tensor | None = None  # (batch, H, W) token grids of the last timed run
 
     @property
     def median(self) -> float:
@@ -61,8 +62,10 @@ def _graphs() -> int:
 
 
 def time_methods(methods: dict[str, Method], conditions: Sequence[Any], grid: tuple[int, int],
-                 sampling: dict[str, SamplingConfig], repeats: int, warmup: int, seed: int = 0) -> dict[str, Timing]:
-    """Warm up each method, then time ``repeats`` interleaved rounds; returns per-method timings."""
+                 sampling: dict[str, SamplingConfig], repeats: int, warmup: int, seed: int = 0,
+                 on_run: Callable[[str], None] | None = None) -> dict[str, Timing]:
+    """Warm up each method, then time ``repeats`` interleaved rounds; returns per-method timings.
+    ``on_run(method)`` after every run, warm-up or timed (for progress)."""
     timings = {name: Timing(batch=len(conditions)) for name in methods}
     for name, method in methods.items():
         for _ in range(warmup):
@@ -70,6 +73,8 @@ def time_methods(methods: dict[str, Method], conditions: Sequence[Any], grid: tu
             result, elapsed, _ = timed_run(method, conditions, grid, sampling[name], seed)
             timings[name].warmup_seconds.append(elapsed)
             timings[name].graphs += _graphs() - before
+            if on_run:
+                on_run(name)
     names = list(methods)
     for round_index in range(repeats):
         order = names[round_index % len(names):] + names[: round_index % len(names)]
@@ -79,6 +84,8 @@ def time_methods(methods: dict[str, Method], conditions: Sequence[Any], grid: tu
             t = timings[name]
             t.recompiles += _graphs() - before
             t.seconds.append(elapsed)
-            t.forward_passes, t.state_bytes = result.num_forward_passes, result.state_bytes
+            t.forward_passes, t.state_bytes, t.codes = result.num_forward_passes, result.state_bytes, result.codes
             t.peak_bytes = peak if peak is None or t.peak_bytes is None else max(peak, t.peak_bytes)
+            if on_run:
+                on_run(name)
     return timings

@@ -52,6 +52,11 @@ class TestEmu35(BackboneConformance):
         self.options = emu35_options
         return load(emu35_options)
 
+    def vocabulary_ids(self, backbone, codes):
+        """Code c is line c of the visual tokens in emu3_vision_tokens.txt, after the text vocabulary and
+        its specials (the tokenizer checks the file's order)."""
+        return codes + backbone.text.ids.first_visual
+
     def save_backbone(self, backbone, folder):
         """The published layout again: the original config.json and tokenizer files, the weights as shards."""
         import shutil
@@ -64,6 +69,16 @@ class TestEmu35(BackboneConformance):
         state = {k: v.contiguous() for k, v in backbone.state_dict().items()}
         write_two_shards(model_dir, state, first=("model.embed_tokens", "model.layers.0."))
         return {"model_path": model_dir, "vq_path": self.options["vq_path"]}
+
+
+def test_conformance_catches_a_code_offset_that_is_only_self_consistent(emu35_options):
+    """One id too low still decodes raster exactly as its own reference does; only the vocabulary says no."""
+    backbone = load(emu35_options)
+    backbone.code_offset -= 1
+    suite = TestEmu35()
+    suite.test_raster_greedy_matches_full_recompute(backbone)
+    with pytest.raises(AssertionError, match="code_ids"):
+        suite.test_embedded_code_ids_are_the_vocabulary_ids(backbone)
 
 
 # --- the published architecture -------------------------------------------------------------------
@@ -178,9 +193,11 @@ def native_greedy(reference, text, prompt: str, grid: tuple[int, int], cfg_scale
     return torch.tensor(codes).view(height, width)
 
 
-def test_raster_with_native_cfg_equals_emu35_unbatched_sampler(emu35_options, text):
-    """Batched [cond; uncond] rows with left padding reproduce the reference's two unbatched contexts exactly."""
-    backbone = load(emu35_options, prefix_padding="left")
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_raster_with_native_cfg_equals_emu35_unbatched_sampler(emu35_options, text, padding):
+    """Batched [cond; uncond] rows reproduce the reference's two unbatched contexts exactly, whatever
+    --prefix-padding says (it pads the FlashAR decoder's rows only)."""
+    backbone = load(emu35_options, prefix_padding=padding)
     reference = transformers_reference(emu35_options, backbone)
     grid = (2, 3)
     sampling = SamplingConfig(cfg_scale=5.0, top_k=1)
@@ -191,14 +208,19 @@ def test_raster_with_native_cfg_equals_emu35_unbatched_sampler(emu35_options, te
 
 
 def test_right_padding_starts_every_grid_at_the_padded_length(emu35_options):
+    """--prefix-padding pads the FlashAR decoder's rows (``unconditional="empty"``); native rows (raster,
+    the training-free methods) are left-padded whatever it says."""
     backbone = load(emu35_options)
-    prefix = backbone.prefix(PROMPTS, cfg=True, grid=(2, 3))
+    prefix = backbone.prefix(PROMPTS, cfg=True, grid=(2, 3), unconditional="empty")
     lengths = prefix.valid.sum(1)
     assert torch.equal(prefix.last, lengths - 1) and prefix.valid[:, 0].all()  # valid tokens first
-    assert int(lengths.max()) == prefix.length and int(lengths[-1]) == 16 + 5  # "no_text" + BOI "2*3" IMG
-    left = load(emu35_options, prefix_padding="left").prefix(PROMPTS, cfg=True, grid=(2, 3))
+    assert int(lengths.max()) == prefix.length and int(lengths[-1]) == 21 + 5  # t2i template of "" + BOI "2*3" IMG
+    left = load(emu35_options, prefix_padding="left").prefix(PROMPTS, cfg=True, grid=(2, 3), unconditional="empty")
     assert (left.last == left.length - 1).all() and left.valid[:, -1].all()
     assert torch.equal(left.valid.sum(1), lengths)
+    native = backbone.prefix(PROMPTS, cfg=True, grid=(2, 3))
+    assert (native.last == native.length - 1).all() and native.valid[:, -1].all()
+    assert int(native.valid.sum(1)[-1]) == 16 + 5  # "no_text" + BOI "2*3" IMG
 
 
 def test_emu35_recommends_the_published_t2i_sampling(emu35_options):

@@ -9,6 +9,7 @@ decoder itself is benchmarks/parity_emu35_flashar.py.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,9 +123,9 @@ def test_flashar_guides_with_the_empty_prompt_and_raster_with_no_text(method):
             for name, m in (("flashar", method), ("raster", Raster(backbone)))}
     for name, uncond in (("flashar", text.template("") + image), ("raster", text.template(None) + image)):
         prefix = rows[name]
-        assert int(prefix.last[1]) == len(uncond) - 1
-        expected = backbone.embed(torch.tensor([uncond]))[0]
-        assert torch.equal(prefix.embeds[1, : len(uncond)], expected), name
+        row = prefix.embeds[1, prefix.valid[1]]  # right-padded for flashar, left-padded for raster
+        assert int(prefix.last[1]) == (len(uncond) - 1 if name == "flashar" else prefix.length - 1)
+        assert torch.equal(row, backbone.embed(torch.tensor([uncond]))[0]), name
 
 
 # --- a checkpoint that does not fit is named in one line ----------------------------------------------
@@ -233,3 +234,30 @@ def test_flashar_step_traces_whole_and_compiles_once(files):
     assert counter.frames == 1
     compiled.step = compiled._step  # the same weights with the eager step
     assert torch.equal(got.codes, compiled.generate(PROMPTS, GRID, sampling, make_generator(3, "cpu")).codes)
+
+
+def test_a_released_folder_without_model_type_loads_like_the_release(files, tmp_path):
+    """The official loaders build Emuflashar directly, so a config.json without model_type is a valid release."""
+    import shutil
+
+    options, released = files
+    bare = Path(shutil.copytree(released, tmp_path / "bare"))
+    config = json.loads((bare / "config.json").read_text())
+    del config["model_type"]
+    (bare / "config.json").write_text(json.dumps(config))
+    sampling = SamplingConfig(cfg_scale=3.0, top_k=1)
+    got = [FlashAR(load(options), adapter=load_adapter(folder, load(options))).generate(PROMPTS, GRID, sampling,
+                                                                                   make_generator(0, "cpu")).codes
+           for folder in (released, bare)]
+    assert torch.equal(got[0], got[1])
+
+
+def test_a_foreign_config_is_refused_without_sending_the_user_to_flashar_adapt(files, tmp_path):
+    import shutil
+
+    options, released = files
+    other = Path(shutil.copytree(released, tmp_path / "other"))
+    (other / "config.json").write_text(json.dumps({"model_type": "emu3", "architectures": ["Emu3ForCausalLM"]}))
+    with pytest.raises(CheckpointError, match="neither a flashar adapter") as refused:
+        load_adapter(other, load(options))
+    assert "`flashar adapt`" not in str(refused.value) and "model_type 'emu3'" in str(refused.value)

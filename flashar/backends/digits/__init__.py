@@ -53,6 +53,7 @@ def flashar_register_backends(register):
         load=load,
         extra="digits",
         requires=("sklearn",),
+        sampling_defaults={"cfg_scale": 1.5, "top_k": 0, "top_p": 1.0, "temperature": 1.0},  # = DigitsBackbone's (test_sampling_defaults)
     ))
 
 

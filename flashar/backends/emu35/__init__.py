@@ -27,9 +27,10 @@ class Emu35Options(Config):
                                                "visible GPU (embedding on the first, lm_head on the last); --device is then ignored.")
     text_max_length: int = Field(128, ge=0, description="Cut the prompt so the text template is at most this many "
                                  "tokens (FlashAR's training length); 0 = no limit.")
-    prefix_padding: Literal["right", "left"] = Field("right", description="Pad shorter prompt rows on the right "
-                                                     "(the released FlashAR code) or on the left (every row then computes "
-                                                     "exactly what Emu3.5's unbatched sampler computes).")
+    prefix_padding: Literal["right", "left"] = Field("right", description="Pad the FlashAR decoder's shorter prompt rows "
+                                                     "(adapt and --method flashar) on the right (the released FlashAR code) "
+                                                     "or on the left (every row then computes what it would alone). Raster and "
+                                                     "the training-free methods always pad left: they are Emu3.5's own sampler.")
 
 
 def load(options: Emu35Options, runtime: RuntimeConfig):
@@ -54,6 +55,10 @@ def load(options: Emu35Options, runtime: RuntimeConfig):
                                options.text_max_length or None, options.prefix_padding)
 
 
+# Emu3.5-Image's recommended t2i sampling (the backbone's sampling_defaults)
+SAMPLING = {"cfg_scale": 5.0, "top_k": 5120, "top_p": 1.0, "temperature": 1.0}
+
+
 @hookimpl
 def flashar_register_backends(register):
     register(BackendSpec(
@@ -63,4 +68,7 @@ def flashar_register_backends(register):
         load=load,
         extra="emu35",
         requires=("transformers", "tiktoken"),
+        image_tokenizer="vq_path",
+        condition_kind="text",
+        sampling_defaults=SAMPLING,
     ))

@@ -15,9 +15,11 @@ Protocol choices (spec §4-§6):
   prefix token);
 * the prefix is ``t2i template + BOI "H*W" IMG``, so it depends on the grid: ``prefix`` and
   ``cell_positions`` take ``grid=(H, W)``. Rows are [cond; uncond] (the reference runs uncond separately),
-  padded with the pad id (right by default, as the released FlashAR code; ``prefix_padding="left"`` makes
-  batched rows exactly equal to the unbatched reference, see :func:`pad_rows`); every row's grid starts
-  at the padded length P;
+  padded with the pad id; every row's grid starts at the padded length P. The native rows (raster and the
+  training-free methods, ``unconditional="native"``) are always left-padded, so a batched row computes
+  exactly what Emu3.5's unbatched sampler computes (see :func:`pad_rows`); the FlashAR decoder's rows
+  (``unconditional="empty"``) are padded on the ``prefix_padding`` side (right by default, as the released
+  FlashAR code trains and decodes);
 * only the visual rows [151854, 151854 + 131072) of ``lm_head`` are ever multiplied (``Backbone.logits``);
 * native CFG mixes log-probabilities; the raster baseline forces EOL after every row but the last and
   stops when the grid is complete (the EOI the native model then emits is neither sampled nor fed);
@@ -31,12 +33,12 @@ from __future__ import annotations
 from typing import Any, Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Qwen3Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding, apply_rotary_pos_emb
 
-from flashar.backbone import Backbone, KVCache, Prefix, write_kv
+from flashar.backbone import Backbone, KVCache, Prefix, attention, write_kv
+from flashar.backends.emu35 import SAMPLING
 from flashar.backends.emu35.placement import Placement
 from flashar.errors import FlashARError
 
@@ -54,7 +56,7 @@ class Emu35Backbone(Backbone):
     default_image_size = 512
     row_end_token = 151846  # EOL, <|extra_200|>
     native_cfg = "log_softmax"
-    sampling_defaults = {"cfg_scale": 5.0, "top_k": 5120, "top_p": 1.0, "temperature": 1.0}
+    sampling_defaults = SAMPLING
     default_branch = {"num_blocks": 4}  # the released FlashAR recipe: K = 4 vertical blocks, b = L - K (60 of 64)
 
     def __init__(self, config, text=None, vision=None, text_max_length: int | None = 128,
@@ -123,7 +125,8 @@ class Emu35Backbone(Backbone):
                unconditional: Literal["native", "empty"] = "native") -> Prefix:
         """Rows ``[template(prompt) + BOI "H*W" IMG]`` for every prompt, then (``cfg``) the unconditional rows:
         Emu3.5's "no_text" template (``native``, its own sampler) or the t2i template around an empty prompt
-        (``empty``, what the released FlashAR code decodes with, spec §5.1, emu35_glm.md §6)."""
+        (``empty``, what the released FlashAR code decodes with, spec §5.1, emu35_glm.md §6). Native rows
+        are left-padded whatever ``prefix_padding`` says: the raster baseline is Emu3.5's own sampler."""
         height, width = self._grid(grid)
         text = self._text()
         image = text.image_prefix(height, width)
@@ -131,7 +134,8 @@ class Emu35Backbone(Backbone):
         if cfg:
             uncond = text.template(None if unconditional == "native" else "")
             rows += [uncond + image] * len(conditions)
-        ids, valid, last = pad_rows(rows, text.ids.pad, self.prefix_padding)  # (B, P), (B, P), (B,)
+        side = "left" if unconditional == "native" else self.prefix_padding
+        ids, valid, last = pad_rows(rows, text.ids.pad, side)  # (B, P), (B, P), (B,)
         positions = self.rope(torch.arange(ids.shape[1], device=self.device))
         return Prefix(self.embed(ids.to(self.device)), valid.to(self.device), positions, last.to(self.device))
 
@@ -203,9 +207,7 @@ class Emu35Backbone(Backbone):
         q, k = apply_rope(q, k, positions.to(x.dtype))
         if kv is not None:
             k, v = write_kv(kv, slots, k, v, mask.shape[-1])  # (B, H_kv, S', hd)
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)  # (B, H, T, hd)
+        y = attention(q, k, v, mask, scale=attn.scaling)  # (B, H, T, hd)
         x = x + attn.o_proj(y.transpose(1, 2).reshape(batch, length, -1))
         return x + layer.mlp(layer.post_attention_layernorm(x))
 

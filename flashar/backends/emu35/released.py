@@ -46,6 +46,7 @@ from flashar.io import check_keys, load_json
 
 MODEL_TYPE = "emu3_flashar"
 META_FILE = "checkpoint_meta.json"
+RELEASED_FIELDS = ("vertical_layers", "vertical_start_layer", "use_vertical_block", "visual_token_offset")
 VERTICAL_KEY = re.compile(r"vertical_block\.(\d+)\.")
 
 
@@ -57,12 +58,19 @@ class ReleasedConfig:
 
 
 def is_released(path: Path) -> bool:
-    """True when ``path`` is a folder whose config.json says ``model_type: "emu3_flashar"``."""
+    """True when ``path`` is a folder whose config.json is the reference trainer's: ``model_type:
+    "emu3_flashar"``, or no ``model_type`` at all (the official loaders build ``Emuflashar`` directly and do
+    not need it) with the ``Emuflashar`` architecture or the vertical-branch fields. flashar's own adapter
+    metadata (``flashar_version``) is not."""
     try:
         raw = json.loads((Path(path) / "config.json").read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
-    return isinstance(raw, dict) and raw.get("model_type") == MODEL_TYPE
+    if not isinstance(raw, dict) or "flashar_version" in raw:
+        return False
+    if raw.get("model_type") is not None:
+        return raw["model_type"] == MODEL_TYPE
+    return "Emuflashar" in (raw.get("architectures") or []) or any(k in raw for k in RELEASED_FIELDS)
 
 
 def read_config(path: Path, backbone: Emu35Backbone) -> ReleasedConfig:

@@ -44,4 +44,6 @@ def flashar_register_backends(register):
         load=load,
         extra="glm_image",
         requires=("transformers",),
+        condition_kind="text",
+        sampling_defaults="temperature, top-k and top-p from the model's generation_config.json; CFG off",
     ))

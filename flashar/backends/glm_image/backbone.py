@@ -31,13 +31,12 @@ from __future__ import annotations
 from typing import Any, Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.models.glm_image.modeling_glm_image import (
     GlmImageTextModel, GlmImageTextRotaryEmbedding, apply_rotary_pos_emb,
 )
 
-from flashar.backbone import Backbone, KVCache, Prefix, write_kv
+from flashar.backbone import Backbone, KVCache, Prefix, attention, write_kv
 from flashar.backends.glm_image.prompt import GlmImagePrompts, preview_grid
 from flashar.errors import FlashARError
 
@@ -241,9 +240,7 @@ class GlmImageBackbone(Backbone):
         q, k = apply_rotary_pos_emb(q, k, table[None, :, 0], table[None, :, 1])  # rotates the first rotary_dim dims
         if kv is not None:
             k, v = write_kv(kv, slots, k, v, mask.shape[-1])  # (B, H_kv, S', hd)
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)  # (B, H, T, hd)
+        y = attention(q, k, v, mask, scale=attn.scaling)  # (B, H, T, hd)
         x = x + layer.post_self_attn_layernorm(attn.o_proj(y.transpose(1, 2).reshape(batch, length, -1)))
         return x + layer.post_mlp_layernorm(layer.mlp(layer.post_attention_layernorm(x)))
 

@@ -61,6 +61,15 @@ def vq_config_from(path: Path | None):
     return validated(VQConfig, load_json(path), f"VQ config {path}")
 
 
+def _condition_kind(options: LlamaGenOptions) -> str | None:
+    """Text with a text encoder; otherwise only the checkpoint knows (c2i, or a t2i model missing --t5-path)."""
+    return "text" if options.t5_path is not None else None
+
+
+# LlamaGen's sample_c2i.py defaults: CFG 4.0, top-k 2000 (the backbone's sampling_defaults)
+SAMPLING = {"cfg_scale": 4.0, "top_k": 2000, "top_p": 1.0, "temperature": 1.0}
+
+
 @hookimpl
 def flashar_register_backends(register):
     register(BackendSpec(
@@ -69,4 +78,7 @@ def flashar_register_backends(register):
         options=LlamaGenOptions,
         load=load,
         extra="llamagen",
+        image_tokenizer="vq_checkpoint",
+        condition_kind=_condition_kind,
+        sampling_defaults=SAMPLING,
     ))

@@ -22,12 +22,13 @@ from flashar.backends.llamagen.model import (
     preset_of,
     rope_table,
 )
+from flashar.backends.llamagen import SAMPLING
 from flashar.errors import FlashARError
 
 
 class LlamaGenBackbone(Backbone):
     backend_id = "llamagen"
-    sampling_defaults = {"cfg_scale": 4.0, "top_k": 2000, "top_p": 1.0, "temperature": 1.0}
+    sampling_defaults = SAMPLING
     tokenizer_hint = "pass --vq-checkpoint (e.g. vq_ds16_c2i.pt)"
 
     def __init__(self, cfg: GPTConfig, preset: str | None = None, tokenizer=None, text_encoder=None):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from flashar.backbone import write_kv
+from flashar.backbone import attention, write_kv
 
 
 class GPTConfig(BaseModel):
@@ -124,10 +124,7 @@ class Attention(nn.Module):
         v = v.view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
         if kv is not None:
             k, v = write_kv(kv, slots, k, v, mask.shape[-1])  # (B, H_kv, S', hd)
-        if self.n_kv_head != self.n_head:
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
+        y = attention(q, k, v, mask)  # (B, H, T, hd)
         return self.wo(y.transpose(1, 2).reshape(batch, seq, dim))
 
 

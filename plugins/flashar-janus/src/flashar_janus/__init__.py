@@ -49,4 +49,6 @@ def flashar_register_backends(register):
         description="DeepSeek Janus / Janus-Pro text-to-image (transformers save_pretrained folder).",
         options=JanusOptions,
         load=load,
+        condition_kind="text",
+        sampling_defaults="CFG, temperature, top-k and top-p from the model's generation_config.json",
     ))

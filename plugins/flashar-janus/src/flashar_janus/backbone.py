@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flashar.backbone import Backbone, Prefix, write_kv
+from flashar.backbone import Backbone, Prefix, attention, write_kv
 from flashar.errors import FlashARError
 
 
@@ -148,10 +148,7 @@ class JanusBackbone(Backbone):
         v = attn.v_proj(h).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         if kv is not None:
             k, v = write_kv(kv, slots, k, v, mask.shape[-1])  # rotated keys, (B, H_kv, S', hd)
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=attn.scaling)
+        y = attention(q, k.to(q.dtype), v.to(q.dtype), mask, scale=attn.scaling)  # (B, H, T, hd)
         x = x + attn.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
         return x + layer.mlp(layer.post_attention_layernorm(x))
 

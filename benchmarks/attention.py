@@ -1,0 +1,145 @@
+"""Attention at decode shapes: each path of ``flashar.backbone.attention``, side by side, eager and compiled.
+
+    python benchmarks/attention.py                                  # CPU, 1 thread, bf16 and fp32
+    python benchmarks/attention.py --device cuda --dtypes bfloat16  # on a GPU
+
+Paths: ``sdpa`` (``flashar.backbone.sdpa_attention``, PyTorch's fused ``scaled_dot_product_attention``: on
+CPU its flash kernel, grouped heads native), ``math`` (the explicit matmul -> float32 masked softmax ->
+matmul of ``flashar.backbone.math_attention``), ``sdpa_math`` (SDPA forced onto its math backend, which
+inductor decomposes into its own kernels) and, for grouped heads only, ``sdpa_repeat`` (SDPA over KV heads
+copied per query head, as the backends called it before). Shapes
+are the attention calls of LlamaGen GPT-B decode steps with CFG (2 rows, 12 heads, head dim 64: raster's
+one query, FlashAR's diagonals of 32 and 64 cells, a 1,025-token prefill) and of an Emu3.5-shaped grouped-query
+stack scaled to 8 heads per KV head. Every call times all paths in turn (interleaved), ``--repeats`` times;
+on CPU the clock is the calling thread's CPU time (robust to a shared machine's descheduling; pin threads),
+on CUDA wall time between synchronisations. Medians; ``x sdpa`` = sdpa's median / the path's; ``auto`` is the
+path ``attention_path`` picks, ``best`` the fastest measured. The JSON goes to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from flashar.backbone import attention_path, math_attention, sdpa_attention
+from flashar.compare import cpu_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# label: (batch rows, heads, KV heads, queries T, keys S, head dim)
+SHAPES = {
+    "raster 16x16": (2, 12, 12, 1, 257, 64),
+    "raster 32x32": (2, 12, 12, 1, 1025, 64),
+    "flashar T=32": (2, 12, 12, 32, 1057, 64),
+    "flashar T=64": (2, 12, 12, 64, 1057, 64),
+    "T=128": (2, 12, 12, 128, 1057, 64),
+    "prefill 1025": (2, 12, 12, 1025, 1025, 64),
+    "gqa x8 T=1": (2, 16, 2, 1, 1025, 128),
+    "gqa x8 T=8": (2, 16, 2, 8, 1057, 128),
+    "gqa x8 T=32": (2, 16, 2, 32, 1057, 128),
+}
+
+
+def sdpa_math(q, k, v, mask):
+    with sdpa_kernel(SDPBackend.MATH):
+        return sdpa_attention(q, k, v, mask)
+
+
+def sdpa_repeated(q, k, v, mask):
+    """SDPA over KV heads copied per query head (what the backends did before grouped heads went native)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+PATHS = {"sdpa": sdpa_attention, "math": math_attention, "sdpa_math": sdpa_math, "sdpa_repeat": sdpa_repeated}
+
+
+def inputs(shape, dtype, device):
+    """q (B, H, T, hd), a KV cache (B, H_kv, S, hd) and a causal-style mask (1, 1, T, S) over its last T slots."""
+    batch, heads, kv_heads, queries, keys, head_dim = shape
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, h, n, head_dim, generator=g).to(device, dtype)
+               for h, n in ((heads, queries), (kv_heads, keys), (kv_heads, keys)))
+    mask = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)[None, None].to(device)
+    return q, k, v, mask
+
+
+def clock(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.thread_time()
+
+
+def measure(fns: dict, args: tuple, device, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, called in turn ``repeats`` times after two warm-ups."""
+    for fn in fns.values():
+        fn(*args), fn(*args)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            began = clock(device)
+            fn(*args)
+            times[name].append(clock(device) - began)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    torch.set_grad_enabled(False)
+    torch._dynamo.config.cache_size_limit = 256
+    report = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(), "cpu": cpu_model(),
+              "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+              "clock": "wall" if device.type == "cuda" else "thread CPU time", "rows": []}
+    shapes = {k: v for k, v in SHAPES.items() if not args.shapes or k in args.shapes.split(",")}
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        for label, shape in shapes.items():
+            q, k, v, mask = inputs(shape, dtype, device)
+            reference = sdpa_repeated(q.float(), k.float(), v.float(), mask)
+            for mode in args.modes.split(","):
+                torch._dynamo.reset()
+                paths = [p for p in args.paths.split(",") if p != "sdpa_repeat" or shape[1] != shape[2]]
+                fns = {p: PATHS[p] if mode == "eager" else torch.compile(PATHS[p], fullgraph=True, dynamic=False)
+                       for p in paths}
+                medians = measure(fns, (q, k, v, mask), device, args.repeats)
+                error = {p: (fn(q, k, v, mask).float() - reference).abs().max().item() for p, fn in fns.items()}
+                row = {"dtype": dtype_name, "shape": label, "sizes": shape, "mode": mode, "us": {p: t * 1e6 for p, t in medians.items()},
+                       "x_sdpa": {p: medians["sdpa"] / t for p, t in medians.items()} if "sdpa" in medians else {},
+                       "max_abs_error_vs_fp32": error, "auto": attention_path(q, k), "best": min(medians, key=medians.get)}
+                report["rows"].append(row)
+                print(line(row), flush=True)
+    return report
+
+
+def line(row: dict) -> str:
+    times = "  ".join(f"{p} {us:9.1f} us ({row['x_sdpa'].get(p, float('nan')):5.2f}x)" for p, us in row["us"].items())
+    return f"{row['dtype']:9} {row['mode']:8} {row['shape']:14} {times}  auto {row['auto']}, best {row['best']}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--paths", default="sdpa,math,sdpa_math,sdpa_repeat", help=f"of {', '.join(PATHS)}; sdpa first for the ratios")
+    parser.add_argument("--shapes", default="", help=f"labels to run (default all): {', '.join(SHAPES)}")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU); the receipt records it")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", default=str(RESULTS / "attention_cpu.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    report = run(args)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
