@@ -198,6 +198,32 @@ def copy_module(module: nn.Module, meta: bool = False) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+class PublishedModules:
+    """Mixin for a backbone that is a published transformers model: the protocol names ``layers``, ``norm``
+    and ``output`` are views of the model's own modules, at the attribute paths ``ALIASES`` names, so the
+    weights keep their published keys. Assigning a protocol name replaces the module at its published place
+    (``nn.Module.__setattr__`` would register a second child and duplicate its keys in the state dict).
+    List it before :class:`Backbone`: ``class MyBackbone(PublishedModules, Backbone)``."""
+
+    ALIASES: dict[str, tuple[str, ...]] = {}  # protocol name -> attribute path in the published module tree
+
+    def _at(self, path: Sequence[str]):
+        owner = self
+        for part in path:
+            owner = getattr(owner, part)
+        return owner
+
+    layers = property(lambda self: self._at(self.ALIASES["layers"]))
+    norm = property(lambda self: self._at(self.ALIASES["norm"]))
+    output = property(lambda self: self._at(self.ALIASES["output"]))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.ALIASES:
+            *path, leaf = self.ALIASES[name]
+            return setattr(self._at(path), leaf, value)
+        super().__setattr__(name, value)
+
+
 class Backbone(nn.Module, ABC):
     """A pretrained raster-scan AR image model, seen through the protocol of the module docstring."""
 

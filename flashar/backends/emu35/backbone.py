@@ -37,18 +37,16 @@ from torch import Tensor, nn
 from transformers import Qwen3Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding, apply_rotary_pos_emb
 
-from flashar.backbone import Backbone, KVCache, Prefix, attention, write_kv
+from flashar.backbone import Backbone, KVCache, Prefix, PublishedModules, attention, write_kv
 from flashar.backends.emu35 import SAMPLING
 from flashar.backends.emu35.placement import Placement
 from flashar.errors import FlashARError
 
-# Where a protocol name lives in the published module tree.
-ALIASES = {"layers": ("model", "layers"), "norm": ("model", "norm"), "output": ("lm_head",)}
 
-
-class Emu35Backbone(Backbone):
+class Emu35Backbone(PublishedModules, Backbone):
     tokenizer_hint = "pass --vq-path (the Emu3.5-VisionTokenizer folder)"
     backend_id = "emu35"
+    ALIASES = {"layers": ("model", "layers"), "norm": ("model", "norm"), "output": ("lm_head",)}
     condition_kind = "text"
     code_offset = 151854
     codebook_size = 131072
@@ -81,30 +79,6 @@ class Emu35Backbone(Backbone):
             return super().new_cache(batch, length, num_layers)
         devices = self.placement.layer_devices[-(num_layers or self.num_layers) :]
         return KVCache(len(devices), batch, self.num_kv_heads, (length + 7) // 8 * 8, self.head_dim, self.dtype, devices)
-
-    # --- protocol names as views of the published modules ----------------------------------------
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers
-
-    @property
-    def norm(self) -> nn.Module:
-        return self.model.norm
-
-    @property
-    def output(self) -> nn.Linear:
-        return self.lm_head
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # nn.Module.__setattr__ would register ``backbone.layers = ...`` as a new child (duplicating keys in
-        # the state dict); route assignments to the published location instead.
-        if name in ALIASES:
-            *path, leaf = ALIASES[name]
-            owner = self
-            for part in path:
-                owner = getattr(owner, part)
-            return setattr(owner, leaf, value)
-        super().__setattr__(name, value)
 
     @property
     def num_kv_heads(self) -> int:

@@ -36,16 +36,14 @@ from transformers.models.glm_image.modeling_glm_image import (
     GlmImageTextModel, GlmImageTextRotaryEmbedding, apply_rotary_pos_emb,
 )
 
-from flashar.backbone import Backbone, KVCache, Prefix, attention, write_kv
+from flashar.backbone import Backbone, KVCache, Prefix, PublishedModules, attention, write_kv
 from flashar.backends.glm_image.prompt import GlmImagePrompts, preview_grid
 from flashar.errors import FlashARError
 
-# Where a protocol name lives in the published module tree.
-ALIASES = {"layers": ("language_model", "layers"), "norm": ("language_model", "norm"), "output": ("lm_head",)}
 
-
-class GlmImageBackbone(Backbone):
+class GlmImageBackbone(PublishedModules, Backbone):
     backend_id = "glm_image"
+    ALIASES = {"layers": ("language_model", "layers"), "norm": ("language_model", "norm"), "output": ("lm_head",)}
     condition_kind = "text"
     code_offset = 0
     downsample = 32
@@ -78,29 +76,6 @@ class GlmImageBackbone(Backbone):
         text = self.config.text_config
         self.language_model.rotary_emb = GlmImageTextRotaryEmbedding(text).to(self.device)
         self.__dict__["_rotary"] = GlmImageTextRotaryEmbedding(text)
-
-    # --- protocol names as views of the published modules ----------------------------------------
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.language_model.layers
-
-    @property
-    def norm(self) -> nn.Module:
-        return self.language_model.norm
-
-    @property
-    def output(self) -> nn.Linear:
-        return self.lm_head
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # route ``backbone.layers = ...`` to the published location instead of registering a new child
-        if name in ALIASES:
-            *path, leaf = ALIASES[name]
-            owner = self
-            for part in path:
-                owner = getattr(owner, part)
-            return setattr(owner, leaf, value)
-        super().__setattr__(name, value)
 
     @property
     def num_kv_heads(self) -> int:
