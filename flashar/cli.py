@@ -301,6 +301,10 @@ class _train_progress:
             if "val_nll_flashar" in r:  # a held-out evaluation
                 self.bar.console.print(f"stage {r['stage']} step {r['step']}: held-out NLL flashar {r['val_nll_flashar']:.4f}  "
                                        f"raster {r['val_nll_raster']:.4f}" + ("  (stopped early)" if r["stopped_early"] else ""))
+            elif "diagonal_coupling" in r:  # the copula fit after training
+                self.bar.console.print(f"diagonal coupling {r['diagonal_coupling']:.2f} fitted on {r['coupling_grids']} "
+                                       f"{'held-out' if r['held_out'] else 'training'} grids "
+                                       f"(+{r['coupling_gain_nats_per_pair']:.4f} nats per neighbour pair over independent draws)")
             else:
                 self.bar.update(task, completed=r["step"], stage=r["stage"], loss=r["loss"], gate=r["gate_mean"])
 

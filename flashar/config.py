@@ -153,6 +153,10 @@ class AdaptConfig(Config):
                             "model every N optimizer steps, and at the start and end of each stage.")
     patience: int = Field(0, ge=0, description="With held-out data: stop a stage early after this many evaluations without "
                           "a better FlashAR NLL (0 = never); each stage ends with its best weights either way.")
+    fit_coupling: bool = Field(True, description="After training, fit the Gaussian copula that couples the draws of "
+                               "neighbouring cells on one anti-diagonal (flashar.coupling) on the held-out grids (the training "
+                               "grids when none are held out) and store its correlation in the adapter.")
+    coupling_grids: int = Field(512, gt=0, description="Grids the coupling fit reads at most.")
     seed: Seed = Field(0, description="Seed for data order and initialisation.")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="Under torchrun: replicate the model in every process (ddp) or shard weights, gradients and "
@@ -182,6 +186,9 @@ class AdapterMetadata(Config):
     step: int = Field(0, ge=0, description="Optimizer steps taken in total.")
     backbone_weights: Literal["none", "full", "lora"] = Field("none", description="What the adapter holds of the backbone.")
     lora_scaling: float | None = Field(None, description="alpha / rank of the stored LoRA factors.")
+    diagonal_coupling: float = Field(0.0, ge=0.0, lt=1.0, description="Correlation of the Gaussian copula that couples "
+                                     "the draws of neighbouring cells on one anti-diagonal, fitted by `flashar adapt` "
+                                     "on held-out grids (0: independent draws, the paper's sampler).")
 
 
 class CompareConfig(Config):

@@ -79,6 +79,29 @@ def draw(weights: Tensor, uniform: Tensor) -> Tensor:
     return torch.minimum(drawn, last)
 
 
+def ar1_mixing(length: int, rho: float) -> Tensor:
+    """(length, length) lower-triangular L with z = L @ eps a stationary AR(1) of unit variance and lag-1
+    correlation ``rho`` for eps ~ N(0, I): z_0 = eps_0, z_k = rho z_(k-1) + sqrt(1 - rho^2) eps_k."""
+    k = torch.arange(length)
+    lag = (k[:, None] - k[None, :]).clamp(min=0).double()
+    mixing = torch.where(k[:, None] >= k[None, :], rho ** lag, torch.zeros(()).double())
+    mixing[:, 1:] *= (1 - rho * rho) ** 0.5
+    return mixing.float()
+
+
+def refill_coupled(uniform: Tensor, mixing: Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> None:
+    """Like :func:`refill_uniform` for a slot-first buffer (T, B), but the uniforms of neighbouring slots
+    are coupled by a Gaussian copula: u = Phi(L @ eps) with ``mixing`` L from :func:`ar1_mixing`.
+
+    Each u is still U[0, 1), so every code keeps its own distribution; where the code ids are ordered
+    (gray levels) neighbouring draws land on the same side of their distributions more often."""
+    if generator is None or sampling.is_greedy:
+        return
+    eps = torch.empty_like(uniform).normal_(generator=generator)
+    length = uniform.shape[0]
+    uniform.copy_(torch.special.ndtr(mixing[:length, :length] @ eps))
+
+
 def new_uniform(shape: tuple[int, ...], device: torch.device | str) -> Tensor:
     """A buffer of uniforms, one per code a step draws; refill it before each step with :func:`refill_uniform`.
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from flashar.backbone import Backbone, Prefix
 from flashar.branch import FlashARHead
 from flashar.config import AdaptConfig, StageConfig
+from flashar.coupling import latent_intervals
 from flashar.lora import inject_lora, lora_state
 from flashar.teacher import (IGNORE, cross_entropy, distillation_kl, flashar_logits, horizontal_distillation_kl, raster_logits,
                              vertical_cross_entropy)
@@ -34,12 +35,15 @@ class AdaptModel(nn.Module):
         object.__setattr__(self, "teacher", teacher)
 
     def forward(self, codes: Tensor, conditions: list, dropped: Tensor | None = None, cfg: StageConfig | None = None,
-                stage: int = 1, inputs: Tensor | None = None) -> tuple[Tensor, dict[str, float]] | tuple[float, float]:
+                stage: int = 1, inputs: Tensor | None = None, intervals: bool = False):
         """The loss and metrics of a stage for one micro-batch; without ``cfg`` the held-out NLL sums of
         :meth:`nll_sums` (evaluated through ``forward`` so FSDP's root hooks gather the weights).
 
         ``inputs`` are the grids the model reads when they differ from the targets ``codes`` (context noise):
-        the cross-entropies skip the cells whose input token was replaced."""
+        the cross-entropies skip the cells whose input token was replaced. ``intervals``: instead, the
+        latent intervals of the held-out grids under the fused decoder (:func:`flashar.coupling.latent_intervals`)."""
+        if intervals:
+            return latent_intervals(self._fused(codes, conditions), codes)
         if cfg is None:
             return self.nll_sums(codes, conditions)
         inputs = codes if inputs is None else inputs
@@ -80,12 +84,18 @@ class AdaptModel(nn.Module):
         """Summed NLL (nats) of a batch of held-out grids (B, H, W) under their conditions, teacher-forced:
         under the fused FlashAR decoder in its anti-diagonal order, and under the raster model (the current
         backbone, causal mask)."""
-        # the FlashAR decoder's rows (for Emu3.5 padded as in training), for both NLLs alike
-        prefix = self.backbone.prefix(conditions, cfg=False, grid=tuple(codes.shape[1:]), unconditional="empty")
         target = codes.flatten().to(self.backbone.device)
-        fused = flashar_logits(self.backbone, self.head, prefix, codes).fused
-        raster = raster_logits(self.backbone, prefix, codes)
+        fused = self._fused(codes, conditions)
+        raster = raster_logits(self.backbone, self._prefix(codes, conditions), codes)
         return tuple(F.cross_entropy(logits.flatten(0, 1).float(), target, reduction="sum").item() for logits in (fused, raster))
+
+
+    def _prefix(self, codes: Tensor, conditions: list) -> Prefix:
+        """The FlashAR decoder's rows (for Emu3.5 padded as in training), for held-out evaluation."""
+        return self.backbone.prefix(conditions, cfg=False, grid=tuple(codes.shape[1:]), unconditional="empty")
+
+    def _fused(self, codes: Tensor, conditions: list) -> Tensor:
+        return flashar_logits(self.backbone, self.head, self._prefix(codes, conditions), codes).fused
 
 
 def dropout_prefix(both: Prefix, dropped: Tensor) -> Prefix:

@@ -35,7 +35,7 @@ from flashar.config import Config, SamplingConfig
 from flashar.errors import FlashARError
 from flashar.decoding import DecodeState, Generation, Method, guided, image_key_valid, key_mask, prefill
 from flashar.hookspecs import hookimpl
-from flashar.sampling import new_uniform, sample
+from flashar.sampling import ar1_mixing, new_uniform, refill_coupled, sample
 
 
 class FlashAROptions(Config):
@@ -44,6 +44,9 @@ class FlashAROptions(Config):
                                 "N pads each to the nearest of N sizes, cutting padded compute at the cost of N graphs. "
                                 "Default: every diagonal at its own length (eager, or compiled on CPU with the length as the one dynamic "
                                 "dimension); 1 when compiled for CUDA graphs, which need static shapes.")
+    coupling: float | None = Field(None, ge=0.0, lt=1.0, description="Correlation of the Gaussian copula coupling the draws of "
+                                   "neighbouring cells on one anti-diagonal (0: independent, as in the paper). Default: the "
+                                   "value `flashar adapt` fitted on held-out grids and stored in the adapter (0 if none).")
 
 
 NEVER = 1 << 30  # step id of scratch slots: never visible
@@ -63,6 +66,7 @@ class FlashARState(DecodeState):
     vertical: Tensor  # (B', N + 1, D) vertical-branch output of every appended cell
     tokens: Tensor  # (B, N + 1) sampled codes (index N is scratch)
     uniform: Tensor  # (T, B) U[0, 1) for the draws of a diagonal's cells (slot first: a diagonal's slice is contiguous)
+    mixing: Tensor | None  # (T, T) the copula's AR(1) mixing along a diagonal (None: independent draws)
 
 
 class FlashAR(Method):
@@ -82,6 +86,8 @@ class FlashAR(Method):
             adapter = load_adapter(path, backbone, copy_backbone=not own_backbone)
         super().__init__(adapter.backbone, options, compile=compile, compile_backend=compile_backend)
         self.adapter, self.head = adapter, adapter.head
+        own = self.options.coupling
+        self.coupling = own if own is not None else adapter.metadata.diagonal_coupling
 
     @staticmethod
     def num_forward_passes(height: int, width: int) -> int:
@@ -132,6 +138,7 @@ class FlashAR(Method):
             vertical=torch.zeros(rows, num_cells + 1, bb.dim, dtype=bb.dtype, device=device),
             tokens=torch.zeros(batch, num_cells + 1, dtype=torch.long, device=device),
             uniform=new_uniform((diagonals.shape[1], batch), device),
+            mixing=ar1_mixing(diagonals.shape[1], self.coupling).to(device) if self.coupling > 0 else None,
         )
         mark_static(state.hidden, state.vertical, state.tokens, state.uniform)  # mutated by the step / the loop
         return state
@@ -139,6 +146,11 @@ class FlashAR(Method):
     def reset(self, state: FlashARState) -> None:
         for buffer in (state.hidden, state.vertical, state.tokens, state.uniform):
             buffer.zero_()
+
+    def refill(self, state: FlashARState, draws: int, generator: torch.Generator | None) -> None:
+        if state.mixing is None:
+            return super().refill(state, draws, generator)
+        refill_coupled(state.uniform[:draws] if draws else state.uniform, state.mixing, state.sampling, generator)
 
     # --- the compiled step --------------------------------------------------------------------------
     def _append(self, st: FlashARState, cells: Tensor, s: Tensor, keys: Tensor) -> None:

@@ -44,7 +44,9 @@ def assert_same_adapter(a: Path, b: Path) -> None:
 
 
 def steps_logged(out: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """The steps of the training records (not the held-out evaluations or the coupling fit)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if "loss" in r]
 
 
 def free_port() -> int:

@@ -28,7 +28,7 @@ def config(steps1=3, steps2=3, **kw):
 
 def test_loss_falls_on_a_tiny_model(tmp_path):
     losses = []
-    adapt(random_gpt(), Run(stripes(), config(steps1=20, steps2=20), tmp_path, on_step=lambda r: losses.append(r["ce"])))
+    adapt(random_gpt(), Run(stripes(), config(steps1=20, steps2=20), tmp_path, on_step=lambda r: "ce" in r and losses.append(r["ce"])))
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
 
 
@@ -106,7 +106,11 @@ def test_adapt_then_generate_from_an_image_folder(tmp_path, registry):
     result = runner.invoke(cli, [str(a) for a in args], obj=registry)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "adapter" / "config.json").is_file() and (tmp_path / "cache").is_dir()
-    assert len((tmp_path / "adapter" / "metrics.jsonl").read_text().splitlines()) == 4
+    records = [json.loads(line) for line in (tmp_path / "adapter" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    fit = records[-1]  # then the coupling fit, on the training grids (none held out), stored in the adapter
+    assert fit["held_out"] is False and fit["coupling_grids"] == len(list((tmp_path / "images").rglob("*.png")))
+    assert json.loads((tmp_path / "adapter" / "config.json").read_text())["diagonal_coupling"] == fit["diagonal_coupling"]
     again = runner.invoke(cli, [str(a) for a in args], obj=registry)
     assert again.exit_code == 1 and "pass --resume" in again.output
     gen = runner.invoke(cli, [str(a) for a in ["generate", "-b", "llamagen", *cli_args(options), "--image-size", 8,
