@@ -14,6 +14,8 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -154,7 +156,25 @@ class Registry:
         reg._collect("backend", pm.hook.flashar_register_backends, reg.backends)
         reg._collect("method", pm.hook.flashar_register_methods, reg.methods)
         reg._collect("metric", pm.hook.flashar_register_metrics, reg.metrics)
+        reg._check_flags()
         return reg
+
+    def _check_flags(self) -> None:
+        """A method's option shares its CLI flag with every other method's and with the backend's (several
+        methods run in one command), so an option name a method and another method or a backend declare
+        must parse the same way; otherwise one would silently read the other's value. Backends may differ
+        among themselves: only one is selected, and its own declaration of a shared flag is parsed."""
+        methods = [(f"method '{cls.id}'", ("method", cls.id), cls.Options) for cls in self.methods.values()]
+        backends = [(f"backend '{spec.id}'", ("backend", spec.id), spec.options) for spec in self.backends.values()]
+        declared: dict[str, tuple[str, tuple, Any]] = {}  # option name -> its first method's declaration
+        for owner, key, model in methods + backends:
+            for name, field in model.model_fields.items():
+                kind = _flag_kind(field.annotation)
+                first = declared.get(name) if key[0] == "backend" else declared.setdefault(name, (owner, key, kind))
+                if first is not None and first[2] != kind:
+                    raise PluginError(f"option --{name.replace('_', '-')} is declared as {_describe(first[2])} by {first[0]} "
+                                      f"(plugin '{self.owners[first[1]]}') and as {_describe(kind)} by {owner} (plugin "
+                                      f"'{self.owners[key]}'); one flag cannot mean both: rename one of them")
 
     def _collect(self, kind: str, hook, table: dict) -> None:
         for impl in hook.get_hookimpls():
@@ -190,6 +210,22 @@ class Registry:
 
     def method(self, name: str) -> type:
         return _lookup("method", name, self.methods, "flashar methods")
+
+
+def _flag_kind(annotation: Any) -> Any:
+    """How the CLI parses an option of this type: the type without ``None``, a Literal as its choices."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = rest[0] if len(rest) == 1 else tuple(rest)
+    if typing.get_origin(annotation) is typing.Literal:
+        return ("one of", tuple(sorted(map(str, typing.get_args(annotation)))))
+    return annotation
+
+
+def _describe(kind: Any) -> str:
+    if isinstance(kind, tuple) and kind and kind[0] == "one of":
+        return "one of " + "|".join(kind[1])
+    return getattr(kind, "__name__", str(kind))
 
 
 def _lookup(kind: str, name: str, table: dict, command: str):

@@ -168,3 +168,53 @@ def test_a_flag_two_backends_declare_is_resolved_per_selected_backend(registry):
     assert "Emu3.5(-Image) folder" in emu.output and "Toy's own model path" not in emu.output
     wrong = CliRunner().invoke(cli, ["generate", "-b", "toy", "--model-path", "x", "--classes", "1"], obj=reg)
     assert wrong.exit_code == 2 and "'x' is not a valid integer" in wrong.output  # toy's type, not emu35's Path
+
+
+def _method_with(option_type, id="toy-method"):
+    from pydantic import Field
+
+    from flashar.methods.raster import Raster
+
+    class ToyOptions(Config):
+        draft_length: option_type = Field(None, description="toy")
+
+    return type("ToyMethod", (Raster,), {"id": id, "Options": ToyOptions})
+
+
+def test_a_method_flag_declared_with_another_type_fails_registration_naming_both():
+    """SJD's --draft-length is an int; a method plugin declaring it as a path would read SJD's value under
+    `compare --methods sjd,toy-method`: registration refuses it in one line naming both owners."""
+    from pathlib import Path
+
+    class Plugin:
+        @hookimpl
+        def flashar_register_methods(self, register):
+            register(_method_with(Path | None))
+
+    with pytest.raises(PluginError, match=r"option --draft-length is declared as int by method '(sjd|gsd)' \(plugin "
+                       r"'flashar.methods.(sjd|gsd)'\) and as Path by method 'toy-method' \(plugin 'test-plugin-0'\)"):
+        registry_with(Plugin())
+
+
+def test_a_method_flag_declared_with_the_same_type_is_shared():
+    class Plugin:
+        @hookimpl
+        def flashar_register_methods(self, register):
+            register(_method_with(int | None))
+
+    assert "toy-method" in registry_with(Plugin()).methods
+
+
+def test_a_backend_flag_that_clashes_with_a_method_flag_fails_registration():
+    from pydantic import Field
+
+    class ClashOptions(Config):
+        buckets: str = Field("x", description="not FlashAR's --buckets")
+
+    class Plugin:
+        @hookimpl
+        def flashar_register_backends(self, register):
+            register(BackendSpec(id="clash", description="clash", options=ClashOptions, load=lambda o, r: None))
+
+    with pytest.raises(PluginError, match=r"--buckets is declared as int by method 'flashar' .* and as str by backend 'clash'"):
+        registry_with(Plugin())

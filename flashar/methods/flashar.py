@@ -44,7 +44,7 @@ class FlashAROptions(Config):
                                 "N pads each to the nearest of N sizes, cutting padded compute at the cost of N graphs. "
                                 "Default: every diagonal at its own length (eager, or compiled on CPU with the length as the one dynamic "
                                 "dimension); 1 when compiled for CUDA graphs, which need static shapes.")
-    coupling: float | None = Field(None, ge=0.0, lt=1.0, description="Correlation of the Gaussian copula coupling the draws of "
+    diagonal_coupling: float | None = Field(None, ge=0.0, lt=1.0, description="Correlation of the Gaussian copula coupling the draws of "
                                    "neighbouring cells on one anti-diagonal (0: independent, as in the paper). Default: the "
                                    "value `flashar adapt` fitted on held-out grids and stored in the adapter (0 if none).")
 
@@ -86,7 +86,7 @@ class FlashAR(Method):
             adapter = load_adapter(path, backbone, copy_backbone=not own_backbone)
         super().__init__(adapter.backbone, options, compile=compile, compile_backend=compile_backend)
         self.adapter, self.head = adapter, adapter.head
-        own = self.options.coupling
+        own = self.options.diagonal_coupling
         self.coupling = own if own is not None else adapter.metadata.diagonal_coupling
 
     @staticmethod

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import random_gpt
@@ -178,3 +180,50 @@ def test_bucket_sizes_cover_every_step():
     for t, (width, (_, table, _)) in enumerate(zip(plan.widths, plan.args), start=1):
         assert width >= lengths[t] and width >= lengths[t - 1] and table.shape[1] == width
         assert torch.equal(table[t][: lengths[t]], index[t][: lengths[t]])
+
+
+
+def test_coupled_draws_follow_the_diagonal():
+    """With ``diagonal_coupling`` rho, the uniforms that draw neighbouring cells of one diagonal, (r, c) and
+    (r + 1, c - 1), are Phi of an AR(1) with lag-1 correlation rho, each still U[0, 1); cells of different
+    diagonals stay independent. ``diagonal_coupling=0`` keeps the independent draws."""
+    from flashar.methods.flashar import FlashAROptions
+
+    grid, rho = (6, 7), 0.6
+    method = make_method(grid=grid)
+    method.options = FlashAROptions(diagonal_coupling=rho)
+    method.coupling = rho
+    pairs, draws = [], []
+    store = method._store
+
+    def recording_store(st, cells, logits):
+        u = st.uniform[: cells.shape[0], 0].clone()
+        valid = cells < grid[0] * grid[1]
+        draws.append(u[valid])
+        for k in range(len(cells) - 1):
+            if valid[k] and valid[k + 1]:
+                (r1, c1), (r2, c2) = divmod(cells[k].item(), grid[1]), divmod(cells[k + 1].item(), grid[1])
+                assert (r2, c2) == (r1 + 1, c1 - 1)  # consecutive slots are diagonal neighbours
+                pairs.append(u[k : k + 2])
+        return store(st, cells, logits)
+
+    method._store = recording_store
+    generator = make_generator(0, "cpu")
+    for _ in range(300):
+        method.generate([1], grid, SamplingConfig(), generator)
+    z = math.sqrt(2) * torch.erfinv(2 * torch.stack(pairs).double() - 1)
+    assert torch.corrcoef(z.T)[0, 1].item() == pytest.approx(rho, abs=0.05)
+    counts = torch.histc(torch.cat(draws), bins=5, min=0, max=1)
+    assert (counts / counts.sum() - 0.2).abs().max() < 0.02
+
+
+def test_the_adapters_fitted_coupling_is_the_default_and_the_option_overrides_it():
+    from flashar import api
+    from flashar.methods.flashar import FlashAROptions
+
+    backbone = api.load_backbone("digits", {})
+    shipped = FlashAR(backbone)
+    assert shipped.coupling == shipped.adapter.metadata.diagonal_coupling > 0.3  # fitted on the digits' held-out grids
+    assert FlashAR(backbone, FlashAROptions(diagonal_coupling=0.0)).coupling == 0.0
+    state = shipped.setup([3], (16, 16), api.resolve_sampling(backbone, {}))
+    assert state.mixing is not None and FlashAR(backbone, FlashAROptions(diagonal_coupling=0.0)).setup([3], (16, 16), state.sampling).mixing is None
