@@ -41,7 +41,7 @@ from flashar.compare.metrics import Extractor, quality, to_uint8
 from flashar.compare.report import sample_grid
 from flashar.compare.timing import time_methods
 from flashar.config import BranchConfig, SamplingConfig
-from flashar.methods.flashar import FlashAR
+from flashar.methods.flashar import FlashAR, FlashAROptions
 from flashar.io import save_png
 from flashar.methods.raster import Raster
 from flashar.plugins import get_registry
@@ -61,21 +61,28 @@ def held_out_nll(backbone, codes, labels, head=None, batch: int = 100) -> float:
     return total / codes.numel()
 
 
+GRID_NAMES = {"flashar (independent draws)": "flashar_independent", "flashar (stage 1 only)": "flashar_stage1",
+              "naive diagonal (unadapted)": "naive"}
+
+
 def grid_path(receipt: Path, name: str) -> Path:
     """benchmarks/results/digits_quality.json -> digits_quality_<name>.png beside it (the README shows them)."""
-    return receipt.with_name(f"{receipt.stem}_{name.split(' ')[0]}{'_stage1' if 'stage 1' in name else ''}.png")
+    return receipt.with_name(f"{receipt.stem}_{GRID_NAMES.get(name, name)}.png")
 
 
-def variants(backbone):
-    """name -> (method, head or None) for raster, flashar, flashar after stage 1 only, naive diagonal."""
-    adapted = load_adapter(WEIGHTS / "flashar", backbone)
-    stage1 = load_adapter(WEIGHTS / "flashar-stage1", backbone)
+def variants(backbone, adapters: Path = WEIGHTS):
+    """name -> (method, head or None, backbone) for raster, flashar (with its adapter's diagonal coupling,
+    and with independent draws, the paper's sampler), flashar after stage 1 only, naive diagonal."""
+    adapted = load_adapter(adapters / "flashar", backbone)
+    stage1 = load_adapter(adapters / "flashar-stage1", backbone)
     torch.manual_seed(0)
     naive_head = FlashARHead(backbone, BranchConfig(num_blocks=adapted.metadata.num_blocks)).eval()
     naive = Adapter(new_metadata(backbone, naive_head, adapted.metadata.grid), naive_head, backbone)
     return {
         "raster": (Raster(backbone), None, backbone),
         "flashar": (FlashAR(backbone, adapter=adapted), adapted.head, adapted.backbone),
+        "flashar (independent draws)": (FlashAR(backbone, FlashAROptions(diagonal_coupling=0.0), adapter=adapted),
+                                        adapted.head, adapted.backbone),
         "flashar (stage 1 only)": (FlashAR(backbone, adapter=stage1), stage1.head, stage1.backbone),
         "naive diagonal (unadapted)": (FlashAR(backbone, adapter=naive), naive_head, backbone),
     }
@@ -89,6 +96,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cfg-scale", type=float, default=None, help="default: the backend's")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/digits_quality.json"))
+    parser.add_argument("--adapters", type=Path, default=WEIGHTS, help="folder holding flashar/ and flashar-stage1/ [default: the shipped ones]")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     backbone = api.load_backbone("digits", {})
@@ -111,7 +119,7 @@ def main() -> None:
         report["real"][f"validation, {rung}"] = score(codes, val_labels)
     for name, values in report["real"].items():
         print(name, json.dumps({k: round(v, 4) for k, v in values.items()}), flush=True)
-    for name, (method, head, bb) in variants(backbone).items():
+    for name, (method, head, bb) in variants(backbone, args.adapters).items():
         per_seed = []
         for seed in seeds:
             result = api.generate(method, conditions, None, sampling, args.batch_size, seed)
@@ -125,7 +133,8 @@ def main() -> None:
         print(name, json.dumps({k: round(v, 4) for k, v in averaged.items()}), flush=True)
     report["timing"] = {}
     for kind, batch, compile in (("latency", 1, False), ("throughput", args.batch_size, False), ("latency, compiled", 1, True)):
-        methods = {"raster": Raster(backbone, compile=compile), "flashar": FlashAR(backbone, compile=compile)}
+        methods = {"raster": Raster(backbone, compile=compile),
+                   "flashar": FlashAR(backbone, compile=compile, adapter=load_adapter(args.adapters / "flashar", backbone))}
         timed = time_methods(methods, conditions[:batch], backbone.grid(), {m: sampling for m in methods}, args.repeats, warmup=1)
         report["timing"][kind] = {"batch": batch, "speedup": timed["raster"].median / timed["flashar"].median, **{
             m: {"median_seconds": t.median, "seconds": t.seconds, "forward_passes": t.forward_passes} for m, t in timed.items()}}
