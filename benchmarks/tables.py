@@ -23,7 +23,8 @@ def digits(report: dict) -> str:
     columns = ("fid", "kid", "inception_score", "precision", "recall", "class_accuracy", "two_sample_accuracy")
     formats = ("{:.1f}", "{:.0f}", "{:.2f}", "{:.3f}", "{:.3f}", "{:.3f}", "{:.3f}")
     row = lambda name, passes, m, nll: [name, passes, *(f.format(m[c]) for c, f in zip(columns, formats)), nll]
-    rows = [row(name, str(m["forward_passes"]), m, f"{m['held_out_nll']:.4f}") for name, m in report["methods"].items()]
+    nll = lambda m: f"{m['held_out_nll']:.4f}" + (f" ({m['held_out_nll_coupled']:.4f} coupled)" if "held_out_nll_coupled" in m else "")
+    rows = [row(name, str(m["forward_passes"]), m, nll(m)) for name, m in report["methods"].items()]
     rows += [row(f"real {name}", "-", m, "-") for name, m in report["real"].items()]
     table = markdown(["method", "passes", "FID-digits", "KID", "IS", "precision", "recall", "class acc", "2-sample acc",
                       "held-out NLL"], rows)

@@ -303,8 +303,8 @@ class _train_progress:
                                        f"raster {r['val_nll_raster']:.4f}" + ("  (stopped early)" if r["stopped_early"] else ""))
             elif "diagonal_coupling" in r:  # the copula fit after training
                 self.bar.console.print(f"diagonal coupling {r['diagonal_coupling']:.2f} fitted on {r['coupling_grids']} "
-                                       f"{'held-out' if r['held_out'] else 'training'} grids "
-                                       f"(+{r['coupling_gain_nats_per_pair']:.4f} nats per neighbour pair over independent draws)")
+                                       f"{'held-out' if r['held_out'] else 'training'} grids: their NLL under the FlashAR "
+                                       f"sampler {r['nll_coupled']:.4f} nats/token coupled, {r['nll_independent']:.4f} independent")
             else:
                 self.bar.update(task, completed=r["step"], stage=r["stage"], loss=r["loss"], gate=r["gate_mean"])
 

@@ -24,9 +24,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flashar import grid as G
+
 RHOS = tuple(round(0.05 * i, 2) for i in range(20))  # 0, 0.05, ..., 0.95: the candidates the fit compares
 _NODES, _WEIGHTS = (torch.from_numpy(x) for x in np.polynomial.legendre.leggauss(32))  # quadrature on [-1, 1]
-_CLIP = 8.0  # |z| beyond this has probability < 1e-15: the intervals are clipped there
+_SPAN = 8.0  # integrals over an interval reaching past +-8 stop there (the mass beyond is < 1e-15)
+_TAIL = 1e-300  # the smallest cell probability represented (|z| <= 37)
 
 
 @dataclass(frozen=True)
@@ -38,14 +41,42 @@ class CouplingFit:
 
 def latent_intervals(logits: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
     """Standard-normal interval (lo, hi), each (B, H, W) float64 on CPU, of every cell's observed code under
-    its distribution softmax(logits): logits (B, H*W, V) in raster order, codes (B, H, W)."""
+    its distribution softmax(logits): logits (B, H*W, V) in raster order, codes (B, H, W).
+
+    [Phi^-1(P(code < x)), Phi^-1(P(code <= x))], each end computed from the tail where its probability is
+    small, so a code far in a tail keeps the interval of its own probability (to about 1 % at 1e-25; much
+    further out the interval is narrower than float64 resolves at its place)."""
     probs = torch.softmax(logits.double(), dim=-1)
     target = codes.flatten(1).to(probs.device)[..., None]
-    upper = probs.cumsum(-1).gather(-1, target)[..., 0].clamp(0, 1)
-    lower = (upper - probs.gather(-1, target)[..., 0]).clamp(0, 1)
-    normal = torch.distributions.Normal(0.0, 1.0)
-    to_z = lambda u: normal.icdf(u.clamp(1e-300, 1.0)).clamp(-_CLIP, _CLIP)  # icdf(1) = inf -> the clip
-    return tuple(to_z(u).view(codes.shape).cpu() for u in (lower, upper))
+    own = probs.gather(-1, target)[..., 0]
+    below = (probs.cumsum(-1) - probs).gather(-1, target)[..., 0]
+    above = (probs.flip(-1).cumsum(-1).flip(-1) - probs).gather(-1, target)[..., 0]
+    z = lambda u: torch.special.ndtri(u.clamp(_TAIL, 1.0))  # accurate in the tails (erfinv(2u - 1) is not)
+    upper = above < below  # the code sits in the upper half: measure from the top
+    lo = torch.where(upper, -z(above + own), z(below))
+    hi = torch.where(upper, -z(above), z(below + own))
+    return lo.view(codes.shape).cpu(), hi.view(codes.shape).cpu()
+
+
+def interval_mass(lo: Tensor, hi: Tensor) -> Tensor:
+    """P(z in [lo, hi]) for z ~ N(0, 1): on the side of 0 where it does not cancel, by the midpoint rule
+    where the interval is too narrow for a difference of two Phi values."""
+    ndtr = torch.special.ndtr
+    mid, width = (lo + hi) / 2, hi - lo
+    narrow = _density(mid) * width * (1 + (mid * mid - 1) * width * width / 24)
+    return torch.where(width < 1e-4, narrow, torch.where(lo > 0, ndtr(-lo) - ndtr(-hi), ndtr(hi) - ndtr(lo)))
+
+
+def _density(z: Tensor) -> Tensor:
+    return torch.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+
+
+def _nodes(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """Gauss-Legendre nodes and weights (..., Q) on [lo, hi], cut at +-_SPAN where the interval reaches past it."""
+    lo = torch.where(hi > -_SPAN, lo.clamp(min=-_SPAN), lo)
+    hi = torch.where(lo < _SPAN, hi.clamp(max=_SPAN), hi)
+    half, mid = (hi - lo) / 2, (hi + lo) / 2
+    return mid[..., None] + half[..., None] * _NODES.to(mid), half[..., None] * _WEIGHTS.to(mid)
 
 
 def diagonal_pairs(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -58,13 +89,40 @@ def diagonal_pairs(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
 def pair_log_likelihood(lo1: Tensor, hi1: Tensor, lo2: Tensor, hi2: Tensor, rho: float) -> Tensor:
     """log P(z1 in [lo1, hi1], z2 in [lo2, hi2]) for (z1, z2) standard bivariate normal with correlation rho:
     the integral over z1 of phi(z1) * P(z2 in [lo2, hi2] | z1), by Gauss-Legendre quadrature."""
-    half, mid = (hi1 - lo1) / 2, (hi1 + lo1) / 2
-    z1 = mid[:, None] + half[:, None] * _NODES.to(mid)[None]
+    z1, weights = _nodes(lo1, hi1)
     spread = math.sqrt(1 - rho * rho)
-    ndtr = torch.special.ndtr
-    given = ndtr((hi2[:, None] - rho * z1) / spread) - ndtr((lo2[:, None] - rho * z1) / spread)
-    density = torch.exp(-z1 * z1 / 2) / math.sqrt(2 * math.pi)
-    return (half * (_WEIGHTS.to(mid)[None] * density * given).sum(-1)).clamp(min=1e-300).log()
+    given = interval_mass((lo2[:, None] - rho * z1) / spread, (hi2[:, None] - rho * z1) / spread)
+    return (weights * _density(z1) * given).sum(-1).clamp(min=_TAIL).log()
+
+
+def chain_log_likelihood(lo: Tensor, hi: Tensor, rho: float) -> Tensor:
+    """log P(z_k in [lo_k, hi_k] for every k) for z a stationary AR(1) of lag-1 correlation rho (the latent
+    of one diagonal's draws, in slot order): lo, hi (B, n) -> (B,). A forward recursion over quadrature
+    nodes inside each interval, rescaled at every cell."""
+    if rho == 0:
+        return interval_mass(lo, hi).clamp(min=_TAIL).log().sum(-1)
+    spread = math.sqrt(1 - rho * rho)
+    z, weights = _nodes(lo, hi)  # (B, n, Q)
+    alpha, log_scale = _density(z[:, 0]), torch.zeros(lo.shape[0], dtype=lo.dtype)
+    for k in range(1, lo.shape[1]):
+        step = _density((z[:, k, None, :] - rho * z[:, k - 1, :, None]) / spread) / spread  # (B, Q_prev, Q)
+        alpha = torch.einsum("bi,bij->bj", weights[:, k - 1] * alpha, step)
+        peak = alpha.amax(-1, keepdim=True).clamp(min=1e-300)
+        alpha, log_scale = alpha / peak, log_scale + peak[:, 0].log()
+    return (weights[:, -1] * alpha).sum(-1).clamp(min=_TAIL).log() + log_scale
+
+
+def grid_log_likelihood(lo: Tensor, hi: Tensor, rho: float) -> Tensor:
+    """log-likelihood (B,) of whole grids under the coupled sampler: each cell's distribution is the
+    decoder's (given the diagonals before it, which the intervals (B, H, W) already condition on), and the
+    draws of one diagonal are coupled at rho. rho = 0 gives the sum of the cells' own log-probabilities."""
+    height, width = lo.shape[1:]
+    slots, valid = G.diagonal_slots(height, width)
+    flat_lo, flat_hi = lo.flatten(1), hi.flatten(1)
+    total = torch.zeros(lo.shape[0], dtype=lo.dtype)
+    for cells, ok in zip(slots, valid):
+        total += chain_log_likelihood(flat_lo[:, cells[ok]], flat_hi[:, cells[ok]], rho)
+    return total
 
 
 def fit_coupling(lo: Tensor, hi: Tensor, chunk: int = 65536) -> CouplingFit:

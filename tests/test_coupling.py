@@ -8,7 +8,8 @@ import torch
 
 from flashar import grid as G
 from flashar.config import SamplingConfig
-from flashar.coupling import RHOS, fit_coupling, latent_intervals, pair_log_likelihood
+from flashar.coupling import (RHOS, chain_log_likelihood, fit_coupling, grid_log_likelihood, latent_intervals,
+                              pair_log_likelihood)
 from flashar.sampling import ar1_mixing, draw, refill_coupled
 
 SAMPLING = SamplingConfig()
@@ -107,3 +108,51 @@ def test_a_grid_without_diagonal_neighbours_fits_zero():
     lo = hi = torch.zeros(5, 1, 7)
     assert fit_coupling(lo, hi).rho == 0.0 and fit_coupling(lo, hi).pairs == 0
     assert RHOS[0] == 0.0
+
+
+def test_chain_likelihood_of_two_cells_is_the_pair_likelihood():
+    generator = torch.Generator().manual_seed(5)
+    lo = torch.randn(200, 2, generator=generator, dtype=torch.float64)
+    hi = lo + torch.rand(200, 2, generator=generator, dtype=torch.float64) * 2
+    for rho in (0.3, 0.7):
+        chain = chain_log_likelihood(lo, hi, rho)
+        pair = pair_log_likelihood(lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1], rho)
+        torch.testing.assert_close(chain, pair, atol=1e-6, rtol=1e-6)
+
+
+def test_chain_likelihood_agrees_with_monte_carlo():
+    """P(z in a box) for a 4-cell AR(1), against the fraction of 2 million simulated chains in the box."""
+    lo = torch.tensor([[-0.5, 0.0, -1.0, 0.3]], dtype=torch.float64)
+    hi = torch.tensor([[0.8, 1.5, 0.2, 2.0]], dtype=torch.float64)
+    rho, n = 0.6, 2_000_000
+    eps = torch.randn(4, n, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    z = ar1_mixing(4, rho).double() @ eps
+    inside = ((z >= lo.T) & (z <= hi.T)).all(0).double().mean().item()
+    exact = chain_log_likelihood(lo, hi, rho).exp().item()
+    assert exact == pytest.approx(inside, abs=4 * math.sqrt(inside * (1 - inside) / n))
+
+
+def test_uncoupled_grid_likelihood_is_the_sum_of_the_cells_log_probabilities():
+    """Also for a code deep in a tail (probability 2e-25): each interval keeps its own probability."""
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 20, 5, generator=generator, dtype=torch.float64) * 3
+    logits[0, 0] = torch.tensor([0.0, 30.0, -27.0, 0.0, 0.0])  # code 2 has probability ~2e-25
+    codes = torch.randint(0, 5, (3, 4, 5), generator=generator)
+    codes[0, 0, 0] = 2
+    lo, hi = latent_intervals(logits, codes)
+    expected = torch.log_softmax(logits, -1).gather(-1, codes.flatten(1)[..., None])[..., 0].sum(-1)
+    torch.testing.assert_close(grid_log_likelihood(lo, hi, 0.0)[1:], expected[1:], atol=1e-6, rtol=1e-9)
+    assert grid_log_likelihood(lo, hi, 0.0)[0].item() == pytest.approx(expected[0].item(), abs=0.02)  # the tail code
+    assert grid_log_likelihood(lo, hi, 0.5)[0].item() > expected[0].item() - 20  # coupled: not lost to the tail either
+
+
+def test_grids_drawn_coupled_are_likelier_under_their_coupling():
+    """The exact likelihood prefers the coupling the grids were drawn with, and at rho -> 0 it tends to the
+    independent likelihood."""
+    height, width, vocab = 6, 7, 9
+    logits = torch.randn(height * width, vocab, generator=torch.Generator().manual_seed(8)).double() * 1.5
+    codes = ordinal_grids(latent_grids(200, height, width, 0.6, seed=9), logits.float())
+    lo, hi = latent_intervals(logits[None].expand(len(codes), -1, -1), codes)
+    totals = {rho: grid_log_likelihood(lo, hi, rho).sum().item() for rho in (0.0, 0.3, 0.6, 0.9)}
+    assert max(totals, key=totals.get) == 0.6
+    assert grid_log_likelihood(lo, hi, 1e-4).sum().item() == pytest.approx(totals[0.0], rel=1e-4)

@@ -75,7 +75,7 @@ from flashar.adapter import Adapter, AdapterMetadata, new_metadata, save_adapter
 from flashar.backbone import Backbone
 from flashar.branch import FlashARHead
 from flashar.config import AdaptConfig, StageConfig
-from flashar.coupling import fit_coupling
+from flashar.coupling import fit_coupling, grid_log_likelihood
 from flashar.errors import CheckpointError, DataError, FlashARError, require
 from flashar.io import atomic_path, ensure_writable_dir, folder_lock
 from flashar.lora import lora_state
@@ -453,10 +453,13 @@ def _fit_coupling(model: AdaptModel, run: Run, place: Distributed, position: Pos
             end = min(start + batch, count)
             parts.append(model(data.codes[start:end], data.conditions[start:end], intervals=True))
     model.train()
-    fit = fit_coupling(torch.cat([lo for lo, _ in parts]), torch.cat([hi for _, hi in parts]))
-    if place.is_main:
+    lo, hi = torch.cat([lo for lo, _ in parts]), torch.cat([hi for _, hi in parts])
+    fit = fit_coupling(lo, hi)
+    if place.is_main:  # the NLL per token of the grids under the coupled sampler, against independent draws
+        nll = {f"nll_{name}": -grid_log_likelihood(lo, hi, rho).sum().item() / lo.numel() for name, rho in
+               (("independent", 0.0), ("coupled", fit.rho))}
         _log(run, {"step": position.step, "stage": position.stage, "diagonal_coupling": fit.rho,
-                   "coupling_gain_nats_per_pair": round(fit.gain, 6), "coupling_pairs": fit.pairs,
+                   "coupling_gain_nats_per_pair": round(fit.gain, 6), "coupling_pairs": fit.pairs, **nll,
                    "coupling_grids": count, "held_out": run.val_data is not None, "seconds": round(time.perf_counter() - began, 4)})
     return fit.rho
 
