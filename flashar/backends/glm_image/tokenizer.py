@@ -18,14 +18,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from flashar.backends.glm_image.pixels import DitSettings
+from flashar.backends.glm_image import pixels
 from flashar.errors import FlashARError
 
 
 class GlmImageTokenizer:
     """Codes <-> images for GLM-Image's large grid (see the module docstring)."""
 
-    def __init__(self, config, shards: dict[str, Path], image_processor, root: Path, dtype: torch.dtype, dit: DitSettings):
+    def __init__(self, config, shards: dict[str, Path], image_processor, root: Path, dtype: torch.dtype,
+                 dit: pixels.DitSettings):
         """``dtype`` is the DiT's, VAE's and glyph encoder's (the encoder side always runs in float32)."""
         self.config, self.shards, self.image_processor, self.root = config, shards, image_processor, root
         self.dtype, self.dit = dtype, dit
@@ -79,12 +80,10 @@ class GlmImageTokenizer:
 
         ``captions`` are the prompts the codes were drawn for; the DiT reads only their quoted text (glyphs),
         so without them it decodes as for a prompt without quotes."""
-        from flashar.backends.glm_image import pixels
-
-        if self.pipeline is None:
-            self.pipeline = pixels.load_pipeline(self.root, self.dtype, self.device)
         captions = [""] * len(codes) if captions is None else list(captions)
         if len(captions) != len(codes):
             raise FlashARError(f"{len(codes)} code grids but {len(captions)} captions; pass one caption per grid")
+        if self.pipeline is None:
+            self.pipeline = pixels.load_pipeline(self.root, self.dtype, self.device)
         return pixels.decode(self.pipeline, codes, captions, self.dit, self.device)
 
