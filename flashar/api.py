@@ -147,7 +147,7 @@ def save_images(backbone: Backbone, codes: torch.Tensor, out_dir: str | Path, co
     """Decode codes (N, H, W) to pixels and write one PNG per image."""
     paths = []
     for start in range(0, len(codes), batch_size):
-        images = backbone.decode(codes[start : start + batch_size])
+        images = backbone.decode(codes[start : start + batch_size], conditions[start : start + batch_size])
         out_dir = ensure_writable_dir(out_dir)  # after the first decode: a missing tokenizer leaves no folder
         for image, name in zip(images, image_names(conditions)[start : start + batch_size]):
             save_png(image, out_dir / name)

@@ -308,8 +308,11 @@ class Backbone(nn.Module, ABC):
         ``mask`` (B, 1, T, S') covers the first S' slots of the cache: attention reads only those
         (``write_kv(kv, slots, k, v, mask.shape[-1])``)."""
 
-    def decode(self, codes: Tensor) -> Tensor:
-        """Codes (B, H, W) in [0, V) -> images (B, 3, h, w) in [0, 1], through ``tokenizer``."""
+    def decode(self, codes: Tensor, conditions: Sequence[Any] | None = None) -> Tensor:
+        """Codes (B, H, W) in [0, V) -> images (B, 3, h, w) in [0, 1], through ``tokenizer``.
+
+        ``conditions`` are the classes or prompts the codes were drawn for; a backend whose pixel decoder
+        reads them (GLM-Image's DiT) overrides this, the others ignore them."""
         return self._image_tokenizer().decode(codes)
 
     def encode(self, images: Tensor) -> Tensor:

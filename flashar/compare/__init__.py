@@ -103,7 +103,7 @@ def run_compare(methods: dict[str, Method], sampling: dict[str, SamplingConfig],
             row.update(score(method, conditions, grid, sampling[name], config, extractor, reference, report, progress))
         elif samples and throughput[name].codes is not None:
             codes = throughput[name].codes[:100]
-            report.samples[method.id] = to_uint8(decode_all(method.backbone, codes, config.batch_size))
+            report.samples[method.id] = to_uint8(decode_all(method.backbone, codes, config.batch_size, conditions))
         report.rows.append(row)
     return report
 
@@ -129,7 +129,7 @@ def score(method: Method, conditions: list[Any], grid: tuple[int, int], sampling
     for seed in config.seeds:
         result = generate_batches(method, conditions, grid, sampling, config.batch_size, seed,
                                   progress=(lambda n, m=method.id: progress(m, n)) if progress else None)
-        images = to_uint8(decode_all(method.backbone, result.codes, config.batch_size))
+        images = to_uint8(decode_all(method.backbone, result.codes, config.batch_size, conditions))
         report.samples.setdefault(method.id, images[:100])
         labels = conditions if method.backbone.condition_kind == "class" else None
         per_seed.append(quality(images, reference, extractor, labels))
@@ -138,5 +138,7 @@ def score(method: Method, conditions: list[Any], grid: tuple[int, int], sampling
     return {**averaged, "per_seed": per_seed}
 
 
-def decode_all(backbone: Backbone, codes: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([backbone.decode(codes[i : i + batch_size]) for i in range(0, len(codes), batch_size)])
+def decode_all(backbone: Backbone, codes: torch.Tensor, batch_size: int, conditions: list[Any]) -> torch.Tensor:
+    """Images of codes (N, H, W) drawn for ``conditions`` (at least N)."""
+    return torch.cat([backbone.decode(codes[i : i + batch_size], conditions[i : i + batch_size])
+                      for i in range(0, len(codes), batch_size)])

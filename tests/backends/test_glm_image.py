@@ -8,15 +8,17 @@ prompt -> preview -> large grid path can be compared with ``GlmImageForCondition
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import sys
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from tiny_glm_image import CODEBOOK, random_model, tiny_config, write_tiny_glm_image, write_two_shards, write_vle
+from tiny_glm_image import (
+    CODEBOOK, has_glm_image_diffusers, random_model, tiny_config, write_tiny_glm_image, write_two_shards, write_vle,
+)
 
 from flashar import api
 from flashar.cli import cli
@@ -30,7 +32,8 @@ from flashar.testing import BackboneConformance, raster_hidden
 
 PROMPTS = ["a red fox", "two cats on the sofa in the snow"]
 GRID = (3, 4)  # 96 x 128 pixels; the preview is 13 x 18
-HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
+HAS_DIFFUSERS = has_glm_image_diffusers()
+needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers with GLM-Image (GlmImagePipeline) is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +59,18 @@ class TestGlmImage(BackboneConformance):
     def backbone(self, root):
         return load(root)
 
+    @needs_diffusers
     def test_decode_gives_images(self, backbone):
-        if HAS_DIFFUSERS:
-            pytest.skip("diffusers is installed; pixels go through its GlmImagePipeline")
-        with pytest.raises(MissingExtraError, match="diffusers"):
+        super().test_decode_gives_images(backbone)
+
+    def test_decode_without_diffusers_names_the_pip_command(self, backbone, monkeypatch):
+        monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now fails as if not installed
+        with pytest.raises(MissingExtraError, match=r"needs the Python package 'diffusers'.*pip install 'diffusers>="):
             backbone.decode(self.random_codes(backbone))
 
     def test_save_then_load_gives_the_same_backbone(self, backbone, tmp_path):
         """The AR prior written back into the published layout (the vision tower and VQ as they were) loads to
-        the same weights and the same forward (pixels need diffusers; see test_decode_gives_images)."""
+        the same weights and the same forward (the pixel decoder is diffusers'; see test_pixels_equal_glm_image_pipeline)."""
         import shutil
 
         source = backbone.tokenizer.root
@@ -285,16 +291,69 @@ def test_cli_compare_runs_raster_and_flashar(root, registry, tmp_path):
     assert rows["raster"]["forward_passes"] == 9 and rows["flashar"]["forward_passes"] == 5  # 3 x 3 grid
 
 
-def test_cli_out_without_diffusers_is_one_line(root, registry, tmp_path):
-    if HAS_DIFFUSERS:
-        pytest.skip("diffusers is installed")
+def test_cli_out_without_diffusers_is_one_line(root, registry, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now fails as if not installed
     args = ["generate", "-b", "glm_image", "--model-path", root, "--preview", "greedy", "--prompt", "a red fox",
             "--image-size", "96", "--out", tmp_path / "png"]
     result = CliRunner().invoke(cli, [str(a) for a in args], obj=registry)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output  # a ClickException
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and "pip install diffusers" in errors[0] and "Traceback" not in result.output
+    assert len(errors) == 1 and "pip install 'diffusers>=" in errors[0] and "Traceback" not in result.output
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["tokens.npy"]  # the decoded tokens are kept
+
+
+# --- pixels: GLM-Image's DiT + VAE through diffusers ---------------------------------------------------------------
+
+DIT = {"dit_steps": 3, "dit_guidance_scale": 2.0, "dit_seed": 7}
+
+
+@needs_diffusers
+def test_pixels_equal_glm_image_pipeline(root):
+    """flashar's decode of given codes is what diffusers' GlmImagePipeline, loaded whole from the same folder, makes
+    of the same large grid (upsampled by the pipeline's own rule), prompt, seed and DiT settings."""
+    from diffusers import GlmImagePipeline
+
+    backbone = load(root, **DIT)
+    codes = torch.randint(0, CODEBOOK, (2, *GRID), generator=torch.Generator().manual_seed(0))
+    prompts = ['a sign that says "open"', "a red fox"]  # the DiT's glyph encoder reads the quoted text
+    ours = backbone.decode(codes, prompts)
+    assert ours.shape == (2, 3, 96, 128) and ours.dtype == torch.float32
+
+    pipeline = GlmImagePipeline.from_pretrained(root)  # the AR model and processor too, as a diffusers user loads it
+    pipeline.set_progress_bar_config(disable=True)
+    for image, grid, prompt in zip(ours, codes, prompts):
+        prior = GlmImagePipeline._upsample_token_ids(grid, *GRID)  # (1, 2H * 2W), the pipeline's own upsampling
+        theirs = pipeline(prompt=prompt, prior_token_ids=prior, height=96, width=128, num_inference_steps=3,
+                          guidance_scale=2.0, generator=torch.Generator().manual_seed(7), output_type="pt").images[0]
+        assert torch.equal(image, theirs)
+    assert not torch.equal(ours[0], backbone.decode(codes[:1], ["a red fox"])[0])  # the glyphs condition the DiT
+
+
+@needs_diffusers
+def test_pixels_name_the_missing_published_folders(root, tmp_path):
+    import shutil
+
+    shutil.copytree(root, tmp_path / "partial", ignore=shutil.ignore_patterns("transformer", "vae"))
+    backbone = load(tmp_path / "partial")
+    with pytest.raises(CheckpointError, match=r"lacks transformer/, vae/; download all of zai-org/GLM-Image"):
+        backbone.decode(torch.zeros(1, *GRID, dtype=torch.long), ["a red fox"])
+
+
+@needs_diffusers
+def test_cli_generate_out_writes_the_dit_images(root, registry, tmp_path):
+    """`flashar generate --out` end to end: AR tokens, then the DiT + VAE under each image's own prompt."""
+    prompts = ['a sign that says "open"', "a red fox"]
+    args = ["generate", "-b", "glm_image", "--model-path", root, "--preview", "greedy", "--image-size", "96x128",
+            "--top-k", 1, "--dit-steps", 3, "--dit-guidance-scale", 2.0, "--dit-seed", 7, "--out", tmp_path / "png",
+            "--save-tokens", tmp_path / "tokens.npy", *[a for p in prompts for a in ("--prompt", p)]]
+    result = CliRunner().invoke(cli, [str(a) for a in args], obj=registry)
+    assert result.exit_code == 0, result.output
+    pngs = sorted((tmp_path / "png").glob("*.png"))
+    assert [p.name[:4] for p in pngs] == ["0000", "0001"]
+    codes = torch.from_numpy(np.load(tmp_path / "tokens.npy"))
+    expected = (load(root, **DIT).decode(codes, prompts) * 255).round().to(torch.uint8)
+    for png, image in zip(pngs, expected):
+        assert torch.equal(torch.from_numpy(np.array(Image.open(png))).permute(2, 0, 1), image)
 
 
 def test_adapt_from_captioned_images_then_generate_with_flashar(root, tmp_path, registry):

@@ -5,6 +5,7 @@
                                    model-0000{1,2}-of-00002.safetensors, model.safetensors.index.json
     <root>/processor/tokenizer.json, tokenizer_config.json, chat_template.jinja,
                      preprocessor_config.json, processor_config.json
+    <root>/transformer/, vae/, scheduler/, text_encoder/, tokenizer/   (where diffusers has GLM-Image)
 
 The AR prior is transformers' ``GlmImageForConditionalGeneration`` with a 3-layer, 64-wide GLM text model
 (4 query heads of 16 over 2 KV heads, M-RoPE over half of each head), a 1-block vision tower with
@@ -12,6 +13,10 @@ The AR prior is transformers' ``GlmImageForConditionalGeneration`` with a 3-laye
 0..63, image start / end are 64 / 65 (the first two of the 80 vision-vocabulary rows ``lm_head`` outputs),
 and text sits above the vision vocabulary. The tokenizer is word-level over a few words plus GLM's
 special tokens; the chat template is a small stand-in (the published one is not reproduced here).
+
+The pixel side is diffusers' own classes, saved with ``save_pretrained``: a 2-layer DiT (2 heads of 8) over
+the 64 codes, a 4-level VAE (8x, 4 latent channels, so DiT patch 2 x VAE 8 = the 16 pixels of an upsampled
+code), a flow-matching scheduler with the resolution-dependent shift, a 1-layer T5 glyph encoder and the byte-level ByT5 tokenizer.
 """
 
 from __future__ import annotations
@@ -115,13 +120,52 @@ def write_processor(folder: Path) -> Path:
     return folder
 
 
-def write_tiny_glm_image(root: Path, seed: int = 0) -> Path:
-    """The whole published layout under ``root`` (the AR prior and its processor; no DiT or VAE)."""
+PIXEL_PARTS = {"text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "ByT5Tokenizer"],
+               "transformer": ["diffusers", "GlmImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+               "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+
+
+def write_pixel_parts(root: Path, seed: int = 0) -> None:
+    """The DiT, VAE, scheduler and glyph encoder as diffusers' ``GlmImagePipeline`` loads them."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, GlmImageTransformer2DModel
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    glyphs = T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                     feed_forward_proj="gated-gelu"))
+    dit = GlmImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                                     num_attention_heads=2, text_embed_dim=32, time_embed_dim=16, condition_dim=8,
+                                     prior_vq_quantizer_codebook_size=CODEBOOK)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(4, 8, 16, 16), latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                        norm_num_groups=4, sample_size=128, latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 1.2])
+    parts = {"text_encoder": glyphs, "tokenizer": ByT5Tokenizer(), "transformer": dit, "vae": vae,
+             "scheduler": FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.25, max_shift=0.75)}
+    for name, part in parts.items():
+        part.save_pretrained(root / name)
+
+
+def write_tiny_glm_image(root: Path, seed: int = 0, pixels: bool | None = None) -> Path:
+    """The whole published layout under ``root``; the DiT, VAE and glyph encoder only with ``pixels`` (by default:
+    when the installed diffusers has GLM-Image)."""
     root.mkdir(parents=True, exist_ok=True)
     model = random_model(seed)
     write_vle(root / "vision_language_encoder", model.state_dict())
     write_processor(root / "processor")
+    if pixels is None:
+        pixels = has_glm_image_diffusers()
+    if pixels:
+        write_pixel_parts(root, seed)
     (root / "model_index.json").write_text(json.dumps({
         "_class_name": "GlmImagePipeline", "processor": ["transformers", "GlmImageProcessor"],
-        "vision_language_encoder": ["transformers", "GlmImageForConditionalGeneration"]}))
+        "vision_language_encoder": ["transformers", "GlmImageForConditionalGeneration"],
+        **(PIXEL_PARTS if pixels else {})}))
     return root
+
+
+def has_glm_image_diffusers() -> bool:
+    try:
+        from diffusers import GlmImagePipeline  # noqa: F401
+    except ImportError:
+        return False
+    return True

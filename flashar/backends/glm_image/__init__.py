@@ -24,14 +24,22 @@ class GlmImageOptions(Config):
                                                  "large grid is drawn: sampled with the model's generation_config values, "
                                                  "or greedy. Drawn once per prompt, so every method sees the same preview.")
     preview_seed: int = Field(0, description="Seed of the preview grid's sampling (the large grid follows --seed).")
+    dit_steps: int = Field(50, ge=1, description="Flow-matching steps of GLM-Image's DiT when it turns the large grid into "
+                           "pixels (--out; GlmImagePipeline's num_inference_steps).")
+    dit_guidance_scale: float = Field(1.5, ge=0.0, description="Classifier-free guidance scale of the DiT (GlmImagePipeline's "
+                                      "guidance_scale; 1 turns it off).")
+    dit_seed: int = Field(0, description="Seed of the DiT's starting noise, the same for every image: an image depends on "
+                          "its codes, prompt and this seed only.")
 
 
 def load(options: GlmImageOptions, runtime: RuntimeConfig):
     import torch
 
     from flashar.backends.glm_image.loader import load_glm_image
+    from flashar.backends.glm_image.pixels import DitSettings
 
-    return load_glm_image(options.model_path, getattr(torch, runtime.dtype), runtime.device, options.preview,
+    dit = DitSettings(options.dit_steps, options.dit_guidance_scale, options.dit_seed)
+    return load_glm_image(options.model_path, getattr(torch, runtime.dtype), runtime.device, dit, options.preview,
                           options.preview_seed)
 
 

@@ -50,7 +50,7 @@ class GlmImageBackbone(PublishedModules, Backbone):
     default_image_size = 1024
     native_cfg = "logits"
     default_branch = {"num_blocks": 4}  # the official port: K = 4 vertical blocks at b = L - K (36 of 40)
-    tokenizer_hint = "install diffusers for GLM-Image's DiT + VAE decoder (pip install diffusers)"
+    tokenizer_hint = "pass the GLM-Image download folder as --model-path"
 
     def __init__(self, config, prompts: GlmImagePrompts | None = None, tokenizer=None,
                  preview: Literal["sample", "greedy"] = "sample", preview_seed: int = 0,
@@ -167,6 +167,11 @@ class GlmImageBackbone(PublishedModules, Backbone):
                             torch.tensor([slot], device=self.device))
                 h = h[:, 0]
         return codes
+
+    def decode(self, codes: Tensor, conditions: Sequence[Any] | None = None) -> Tensor:
+        """Codes (B, H, W) -> images (B, 3, 32H, 32W) through the DiT + VAE, under the prompts ``conditions``."""
+        captions = None if conditions is None else [self._caption(c) for c in conditions]
+        return self._image_tokenizer().decode(codes, captions)
 
     def _caption(self, condition: Any) -> str:
         if not isinstance(condition, str):

@@ -13,7 +13,8 @@
 
 * ``processor/``: transformers' ``GlmImageProcessor`` (tokenizer, chat template, image processor).
 
-The DiT (``transformer/``), VAE (``vae/``) and glyph encoder (``text_encoder/``) belong to diffusers.
+The DiT (``transformer/``), VAE (``vae/``), ``scheduler/`` and glyph encoder (``text_encoder/``, ``tokenizer/``)
+belong to diffusers; the image tokenizer loads them through ``GlmImagePipeline`` on its first decode (:mod:`.pixels`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from flashar.backends.glm_image.backbone import GlmImageBackbone
+from flashar.backends.glm_image.pixels import DitSettings
 from flashar.backends.glm_image.prompt import GlmImagePrompts
 from flashar.backends.glm_image.tokenizer import GlmImageTokenizer
 from flashar.errors import CheckpointError
@@ -59,9 +61,11 @@ def sampling_defaults(folder: Path) -> dict[str, Any]:
     return {"cfg_scale": 1.0, **values}
 
 
-def load_glm_image(root: str | Path, dtype: torch.dtype, device: str | torch.device, preview: str = "sample",
-                   preview_seed: int = 0) -> GlmImageBackbone:
-    """The backbone from a published GLM-Image folder: config, strict key/shape check, the AR prior's tensors."""
+def load_glm_image(root: str | Path, dtype: torch.dtype, device: str | torch.device, dit: DitSettings,
+                   preview: str = "sample", preview_seed: int = 0) -> GlmImageBackbone:
+    """The backbone from a published GLM-Image folder: config, strict key/shape check, the AR prior's tensors.
+
+    ``dit`` is how the image tokenizer's DiT samples when it makes pixels (read on first decode)."""
     from transformers import GlmImageForConditionalGeneration
 
     from flashar.backends.emu35.loader import iter_shard_tensors, shard_map, shard_shapes
@@ -90,7 +94,7 @@ def load_glm_image(root: str | Path, dtype: torch.dtype, device: str | torch.dev
     state = {names[k]: v.to(device=device, dtype=dtype) for k, v in iter_shard_tensors({k: shards[k] for k in names})}
     model.load_state_dict(state, strict=True, assign=True)
     model.reset_rotary()
-    model.tokenizer = GlmImageTokenizer(config, shards, processor.image_processor, root).to(device)
+    model.tokenizer = GlmImageTokenizer(config, shards, processor.image_processor, root, dtype, dit).to(device)
     return model.eval()
 
 

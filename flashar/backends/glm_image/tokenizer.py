@@ -6,9 +6,9 @@
   ``quant_conv`` and nearest l2-normalised code (``GlmImageVQVAE.encode``). An H*32 x W*32 image gives the
   (H, W) large grid. The vision tower and VQ (``model.visual.*``, ``model.vqmodel.*`` of the checkpoint)
   are read from the shards on first use, so generating never holds them.
-* Decoding needs GLM-Image's 7 B DiT and VAE, which only diffusers implements (``GlmImagePipeline``): the
-  large grid is upsampled 2x (nearest) and denoised under the prompt. Without diffusers this raises one
-  line naming the missing package; flashar then works on tokens only.
+* Decoding runs GLM-Image's 7 B DiT and VAE through diffusers' own ``GlmImagePipeline`` (:mod:`.pixels`),
+  loaded from the published folder on first use: the large grid, upsampled 2x, is denoised under the
+  caption. Without diffusers this raises one line naming the pip command; flashar then works on tokens only.
 """
 
 from __future__ import annotations
@@ -18,20 +18,24 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from flashar.errors import FlashARError, MissingExtraError
+from flashar.backends.glm_image import pixels
+from flashar.errors import FlashARError
 
 
 class GlmImageTokenizer:
     """Codes <-> images for GLM-Image's large grid (see the module docstring)."""
 
-    def __init__(self, config, shards: dict[str, Path], image_processor, root: Path):
+    def __init__(self, config, shards: dict[str, Path], image_processor, root: Path, dtype: torch.dtype,
+                 dit: pixels.DitSettings):
+        """``dtype`` is the DiT's, VAE's and glyph encoder's (the encoder side always runs in float32)."""
         self.config, self.shards, self.image_processor, self.root = config, shards, image_processor, root
-        self.visual = self.vqmodel = None
+        self.dtype, self.dit = dtype, dit
+        self.visual = self.vqmodel = self.pipeline = None
         self.device = torch.device("cpu")
 
     def to(self, device) -> GlmImageTokenizer:
         self.device = torch.device(device)
-        for module in (self.visual, self.vqmodel):
+        for module in (self.visual, self.vqmodel, self.pipeline):
             if module is not None:
                 module.to(self.device)
         return self
@@ -71,13 +75,15 @@ class GlmImageTokenizer:
             codes.append(self.vqmodel.encode(features).image_tokens.view(height, width))
         return torch.stack(codes).long().cpu()
 
-    def decode(self, codes: Tensor) -> Tensor:
-        """The DiT + VAE live in diffusers; without it GLM-Image yields tokens only."""
-        import importlib.util
+    def decode(self, codes: Tensor, captions: list[str] | None = None) -> Tensor:
+        """Large-grid codes (B, H, W) -> images (B, 3, H*32, W*32) in [0, 1] through the DiT and VAE.
 
-        if importlib.util.find_spec("diffusers") is None:
-            raise MissingExtraError("writing GLM-Image pixels needs the Python package 'diffusers' (GLM-Image's DiT "
-                                    "and VAE), which is not installed; run: pip install diffusers, or drop --out to keep tokens only")
-        raise FlashARError("decoding GLM-Image tokens to pixels through diffusers' GlmImagePipeline is not wired into "
-                           "flashar yet; keep the codes (flashar writes them beside the report) and run the DiT yourself")
+        ``captions`` are the prompts the codes were drawn for; the DiT reads only their quoted text (glyphs),
+        so without them it decodes as for a prompt without quotes."""
+        captions = [""] * len(codes) if captions is None else list(captions)
+        if len(captions) != len(codes):
+            raise FlashARError(f"{len(codes)} code grids but {len(captions)} captions; pass one caption per grid")
+        if self.pipeline is None:
+            self.pipeline = pixels.load_pipeline(self.root, self.dtype, self.device)
+        return pixels.decode(self.pipeline, codes, captions, self.dit, self.device)
 
