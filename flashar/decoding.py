@@ -178,6 +178,10 @@ class Method(ABC):
         """Sequential forward passes for an H x W grid (prefill included)."""
         raise NotImplementedError
 
+    def settings(self) -> dict[str, Any]:
+        """The options this method runs with, as a report shows them (defaults resolved where a method can)."""
+        return self.options.model_dump(mode="json", exclude_none=True)
+
 
 def key_mask(key_valid: Tensor, key_ok: Tensor) -> Tensor:
     """(B, S) validity & (T, S) per-query visibility -> (B, 1, T, S) boolean attention mask."""

@@ -118,3 +118,16 @@ def test_a_class_backbone_without_num_classes_is_named_not_called_text_condition
     with pytest.raises(FlashARError, match="num_classes") as refused:
         balanced_conditions(backbone, 3, None)
     assert "text-conditional" not in str(refused.value)
+
+
+def test_the_report_names_each_methods_settings_and_flashars_diagonal_coupling(registry):
+    """The digits default, tiny: the caption under the table names FlashAR's diagonal coupling (the adapter's
+    fitted value, or --diagonal-coupling), and report.json carries every method's settings."""
+    base = ["compare", "--methods", "raster,flashar", "--no-metrics", "--num-samples", 2, "--batch-size", 2,
+            "--repeats", 1, "--warmup", 0]
+    shown = CliRunner().invoke(cli, [str(a) for a in base], obj=registry)
+    assert shown.exit_code == 0, shown.output
+    assert "flashar: diagonal-coupling 0.45" in shown.output.replace("\n", " ")
+    typed = CliRunner().invoke(cli, [str(a) for a in base + ["--diagonal-coupling", 0, "--json"]], obj=registry)
+    rows = {r["method"]: r for r in json.loads(typed.output)["methods"]}
+    assert rows["flashar"]["settings"] == {"diagonal_coupling": 0.0} and rows["raster"]["settings"] == {}

@@ -98,7 +98,7 @@ def run_compare(methods: dict[str, Method], sampling: dict[str, SamplingConfig],
                "images_per_second": config.batch_size / throughput[name].median,
                "compile_seconds": latency[name].compile_seconds, "decode_state_mb": throughput[name].state_bytes / 2**20,
                "peak_memory_mb": None if throughput[name].peak_bytes is None else throughput[name].peak_bytes / 2**20,
-               "sampling": sampling[name].model_dump()}
+               "sampling": sampling[name].model_dump(), "settings": method.settings()}
         if config.metrics and extractor is not None and reference is not None:
             row.update(score(method, conditions, grid, sampling[name], config, extractor, reference, report, progress))
         elif samples and throughput[name].codes is not None:

@@ -74,8 +74,12 @@ def sampling_caption(report) -> str | None:
 
     used = {r["method"]: describe_sampling(r["sampling"]) for r in report.rows if r.get("sampling")}
     if len(set(used.values())) == 1:
-        return f"sampling: {next(iter(used.values()))}"
-    return "sampling: " + "; ".join(f"{m} {s}" for m, s in used.items()) if used else None
+        caption = f"sampling: {next(iter(used.values()))}"
+    else:
+        caption = "sampling: " + "; ".join(f"{m} {s}" for m, s in used.items()) if used else None
+    own = [f"{r['method']}: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in r["settings"].items())
+           for r in report.rows if r.get("settings")]
+    return "\n".join(filter(None, [caption, "; ".join(own)])) or None
 
 
 def markdown(headers: list[str], rows: list[list[str]]) -> str:

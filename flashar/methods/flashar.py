@@ -93,6 +93,9 @@ class FlashAR(Method):
     def num_forward_passes(height: int, width: int) -> int:
         return height + width - 1
 
+    def settings(self) -> dict:
+        return {**super().settings(), "diagonal_coupling": self.coupling}  # the adapter's fitted value unless overridden
+
     # --- setup: everything allocated once per shape ---------------------------------------------------
     def prefix(self, conditions, grid, sampling) -> Prefix:
         self.adapter.check_grid(grid)
