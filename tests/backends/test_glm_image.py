@@ -9,9 +9,11 @@ prompt -> preview -> large grid path can be compared with ``GlmImageForCondition
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import numpy as np
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -336,6 +338,30 @@ def test_pixels_name_the_missing_published_folders(root, tmp_path):
     shutil.copytree(root, tmp_path / "partial", ignore=shutil.ignore_patterns("transformer", "vae"))
     backbone = load(tmp_path / "partial")
     with pytest.raises(CheckpointError, match=r"lacks transformer/, vae/; download all of zai-org/GLM-Image"):
+        backbone.decode(torch.zeros(1, *GRID, dtype=torch.long), ["a red fox"])
+
+
+@needs_diffusers
+@pytest.mark.parametrize("change", ["drop", "reshape"])
+def test_pixels_refuse_a_dit_folder_with_other_weights(root, tmp_path, change):
+    """The DiT, VAE and glyph encoder load strictly: a missing or mis-shaped weight is a one-line error naming it
+    (diffusers itself would only warn and leave the weight random)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(root, tmp_path / "edited")
+    path = next((tmp_path / "edited" / "transformer").glob("*.safetensors"))
+    weights = load_file(path)
+    name = sorted(weights)[0]
+    if change == "drop":
+        del weights[name]
+    else:
+        weights[name] = torch.zeros(3, *weights[name].shape)
+    save_file(weights, path, metadata={"format": "pt"})
+    backbone = load(tmp_path / "edited")
+    found = f"missing keys {name}" if change == "drop" else f"{name} expected shape"
+    with pytest.raises(CheckpointError, match=re.escape(f"transformer does not hold the weights of GlmImageTransformer2DModel ({found}")):
         backbone.decode(torch.zeros(1, *GRID, dtype=torch.long), ["a red fox"])
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from flashar.errors import CheckpointError, MissingExtraError
+from flashar.io import load_json
 
 PARTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
 MIN_DIFFUSERS = "0.42"  # the release these calls were written and tested against (0.42.1)
@@ -65,9 +66,38 @@ def load_pipeline(root: Path, dtype: torch.dtype, device: torch.device):
     if missing:
         raise CheckpointError(f"GLM-Image pixels need the diffusers parts of the published folder, but {root} lacks "
                               f"{', '.join(missing)}; download all of zai-org/GLM-Image, or drop --out to keep tokens only")
-    pipeline = GlmImagePipeline.from_pretrained(root, vision_language_encoder=None, processor=None, dtype=dtype)
+    classes = load_json(root / "model_index.json")
+    parts = {part: _load_part(root, part, classes.get(part), dtype) for part in PARTS}
+    pipeline = GlmImagePipeline(**parts, vision_language_encoder=None, processor=None)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
+
+
+def _load_part(root: Path, part: str, named: list | None, dtype: torch.dtype):
+    """One published part by the class ``model_index.json`` names for it, loaded strictly: a weight the
+    class lacks, one it needs that the folder lacks, or one of another shape is an error, not a warning."""
+    import importlib
+
+    if not (isinstance(named, list) and len(named) == 2 and named[0] in ("diffusers", "transformers")):
+        raise CheckpointError(f"{root / 'model_index.json'} names no diffusers or transformers class for {part!r} "
+                              f"(got {named!r}); download all of zai-org/GLM-Image")
+    cls = getattr(importlib.import_module(named[0]), named[1], None)
+    if cls is None:
+        raise CheckpointError(f"{root / 'model_index.json'} names {named[0]}.{named[1]} for {part!r}, which the installed "
+                              f"{named[0]} lacks; upgrade it")
+    if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):  # tokenizer, scheduler: no weights
+        return cls.from_pretrained(root / part)
+    refuse = lambda found: CheckpointError(f"{root / part} does not hold the weights of {named[1]} ({found}); "
+                                           f"re-download zai-org/GLM-Image")
+    try:
+        model, info = cls.from_pretrained(root / part, dtype=dtype, output_loading_info=True)
+    except (ValueError, RuntimeError) as exc:  # diffusers refuses a mis-shaped weight itself, at length
+        raise refuse(str(exc).split(". ")[0].replace("Cannot load  because ", "")) from None
+    problems = {kind.replace("_", " "): info.get(kind) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {kind: sorted(map(str, keys)) for kind, keys in problems.items() if keys}
+    if problems:
+        raise refuse("; ".join(f"{kind} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for kind, keys in problems.items()))
+    return model.eval()
 
 
 def upsample(codes: Tensor) -> Tensor:
