@@ -15,14 +15,19 @@ from flashar.config import SamplingConfig
 from flashar.methods.raster import Raster
 from flashar.sampling import make_generator
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "latency.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def load_latency():
-    spec = importlib.util.spec_from_file_location("latency_benchmark", SCRIPT)
+def load_script(name: str):
+    """A script of benchmarks/ imported as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_latency():
+    return load_script("latency")
 
 
 def test_pass_counter_records_every_matmul_and_attention_call_and_replays_them():
@@ -63,10 +68,7 @@ def test_step_costs_time_every_step_call_and_profile_a_window_of_them():
 
 
 def load_tables():
-    spec = importlib.util.spec_from_file_location("tables_benchmark", SCRIPT.parent / "tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tables")
 
 
 def test_targets_are_judged_against_the_receipts_own_bounds():
@@ -88,14 +90,11 @@ def test_targets_are_judged_against_the_receipts_own_bounds():
     assert text.splitlines()[-1] == "7 of 7 targets met on Some CPU, 1 threads"
 
 
-LADDER = SCRIPT.parent / "gpu_ladder.py"
+LADDER = BENCHMARKS / "gpu_ladder.py"
 
 
 def load_ladder():
-    spec = importlib.util.spec_from_file_location("gpu_ladder", LADDER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_ladder")
 
 
 def test_the_emu35_shaped_stack_runs_the_real_qwen3_layers_with_a_stub_prompt():
