@@ -89,19 +89,6 @@ def ar1_mixing(length: int, rho: float) -> Tensor:
     return mixing.float()
 
 
-def refill_coupled(uniform: Tensor, mixing: Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> None:
-    """Like :func:`refill_uniform` for a slot-first buffer (T, B), but the uniforms of neighbouring slots
-    are coupled by a Gaussian copula: u = Phi(L @ eps) with ``mixing`` L from :func:`ar1_mixing`.
-
-    Each u is still U[0, 1), so every code keeps its own distribution; where the code ids are ordered
-    (gray levels) neighbouring draws land on the same side of their distributions more often."""
-    if generator is None or sampling.is_greedy:
-        return
-    eps = torch.empty_like(uniform).normal_(generator=generator)
-    length = uniform.shape[0]
-    uniform.copy_(torch.special.ndtr(mixing[:length, :length] @ eps))
-
-
 def new_uniform(shape: tuple[int, ...], device: torch.device | str) -> Tensor:
     """A buffer of uniforms, one per code a step draws; refill it before each step with :func:`refill_uniform`.
 
@@ -109,12 +96,23 @@ def new_uniform(shape: tuple[int, ...], device: torch.device | str) -> Tensor:
     return torch.zeros(shape, dtype=torch.float32, device=device)
 
 
-def refill_uniform(uniform: Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> None:
+def refill_uniform(uniform: Tensor, sampling: SamplingConfig, generator: torch.Generator | None,
+                   mixing: Tensor | None = None) -> None:
     """Draw fresh U[0, 1) into ``uniform`` from ``generator`` (nothing to draw when greedy or teacher forcing).
 
-    The one random draw of a decode step, done by the plain loop outside the compiled step."""
-    if generator is not None and not sampling.is_greedy:
+    The one random draw of a decode step, done by the plain loop outside the compiled step. With ``mixing``
+    L (from :func:`ar1_mixing`), the uniforms of neighbouring rows of a slot-first buffer (T, B) are coupled
+    by a Gaussian copula, u = Phi(L @ eps): each u is still U[0, 1), so every code keeps its own
+    distribution, and where code ids are ordered (gray levels) neighbouring draws land on the same side of
+    their distributions more often."""
+    if generator is None or sampling.is_greedy:
+        return
+    if mixing is None:
         uniform.uniform_(generator=generator)
+    else:
+        eps = torch.empty_like(uniform).normal_(generator=generator)
+        length = uniform.shape[0]
+        uniform.copy_(torch.special.ndtr(mixing[:length, :length] @ eps))
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:

@@ -10,21 +10,21 @@ from flashar import grid as G
 from flashar.config import SamplingConfig
 from flashar.coupling import (RHOS, chain_log_likelihood, fit_coupling, grid_log_likelihood, latent_intervals,
                               pair_log_likelihood)
-from flashar.sampling import ar1_mixing, draw, refill_coupled
+from flashar.sampling import ar1_mixing, draw, refill_uniform
 
 SAMPLING = SamplingConfig()
 
 
 def latent_grids(count: int, height: int, width: int, rho: float, seed: int) -> torch.Tensor:
     """(count, H, W) standard normals, an AR(1) of lag-1 correlation rho along each anti-diagonal (rows
-    ascending) and independent across diagonals: what :func:`refill_coupled` feeds the draws."""
+    ascending) and independent across diagonals: what :func:`refill_uniform` feeds the draws with a mixing."""
     generator = torch.Generator().manual_seed(seed)
     slots, valid = G.diagonal_slots(height, width)
     z = torch.zeros(count, height * width + 1)
     for cells, ok in zip(slots, valid):
         cells = cells[ok]
         uniform = torch.zeros(len(cells), count)
-        refill_coupled(uniform, ar1_mixing(len(cells), rho), SAMPLING, generator)
+        refill_uniform(uniform, SAMPLING, generator, ar1_mixing(len(cells), rho))
         z[:, cells] = math.sqrt(2) * torch.erfinv(2 * uniform.double().clamp(1e-7, 1 - 1e-7) - 1).float().T
     return z[:, :-1].view(count, height, width)
 
@@ -45,7 +45,7 @@ def test_mixing_is_a_unit_variance_ar1():
 
 def test_coupled_uniforms_are_uniform_and_correlated():
     uniform = torch.zeros(8, 20000)
-    refill_coupled(uniform, ar1_mixing(8, 0.7), SAMPLING, torch.Generator().manual_seed(0))
+    refill_uniform(uniform, SAMPLING, torch.Generator().manual_seed(0), ar1_mixing(8, 0.7))
     assert 0 <= uniform.min() and uniform.max() < 1
     counts = torch.histc(uniform.flatten(), bins=10, min=0, max=1)
     assert (counts / counts.sum() - 0.1).abs().max() < 0.005  # each u is U[0, 1): marginals unchanged
@@ -57,8 +57,8 @@ def test_coupled_uniforms_are_uniform_and_correlated():
 
 def test_greedy_and_teacher_forcing_draw_nothing():
     uniform = torch.zeros(4, 3)
-    refill_coupled(uniform, ar1_mixing(4, 0.5), SamplingConfig(temperature=0), torch.Generator().manual_seed(0))
-    refill_coupled(uniform, ar1_mixing(4, 0.5), SAMPLING, None)
+    refill_uniform(uniform, SamplingConfig(temperature=0), torch.Generator().manual_seed(0), ar1_mixing(4, 0.5))
+    refill_uniform(uniform, SAMPLING, None, ar1_mixing(4, 0.5))
     assert not uniform.any()
 
 

@@ -35,7 +35,7 @@ from flashar.config import Config, SamplingConfig
 from flashar.errors import FlashARError
 from flashar.decoding import DecodeState, Generation, Method, guided, image_key_valid, key_mask, prefill
 from flashar.hookspecs import hookimpl
-from flashar.sampling import ar1_mixing, new_uniform, refill_coupled, sample
+from flashar.sampling import ar1_mixing, new_uniform, refill_uniform, sample
 
 
 class FlashAROptions(Config):
@@ -151,9 +151,7 @@ class FlashAR(Method):
             buffer.zero_()
 
     def refill(self, state: FlashARState, draws: int, generator: torch.Generator | None) -> None:
-        if state.mixing is None:
-            return super().refill(state, draws, generator)
-        refill_coupled(state.uniform[:draws] if draws else state.uniform, state.mixing, state.sampling, generator)
+        refill_uniform(state.uniform[:draws] if draws else state.uniform, state.sampling, generator, state.mixing)
 
     # --- the compiled step --------------------------------------------------------------------------
     def _append(self, st: FlashARState, cells: Tensor, s: Tensor, keys: Tensor) -> None:
