@@ -89,7 +89,6 @@ class AdaptModel(nn.Module):
         raster = raster_logits(self.backbone, self._prefix(codes, conditions), codes)
         return tuple(F.cross_entropy(logits.flatten(0, 1).float(), target, reduction="sum").item() for logits in (fused, raster))
 
-
     def _prefix(self, codes: Tensor, conditions: list) -> Prefix:
         """The FlashAR decoder's rows (for Emu3.5 padded as in training), for held-out evaluation."""
         return self.backbone.prefix(conditions, cfg=False, grid=tuple(codes.shape[1:]), unconditional="empty")

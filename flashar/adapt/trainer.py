@@ -357,14 +357,8 @@ def _evaluate(model: AdaptModel, run: Run, place: Distributed, position: Positio
     count evaluations without improvement. Every process evaluates every grid (so all decide alike)."""
     config, data, best = run.config, run.val_data, position.best
     device, began = model.backbone.device, time.perf_counter()
-    batch = config.batch_size // config.grad_accum
-    sums = [0.0, 0.0]
-    model.eval()
-    with torch.random.fork_rng(devices=[]), _autocast(device, config.precision):  # draws nothing; guards the stream anyway
-        for start in range(0, len(data), batch):
-            part = model(data.codes[start : start + batch], data.conditions[start : start + batch])
-            sums = [a + b for a, b in zip(sums, part)]
-    model.train()
+    parts = _held_out_passes(model, run, data, len(data))
+    sums = [sum(part[i] for part in parts) for i in range(2)]
     tokens = data.codes.numel()
     values = mean_over_processes({"val_nll_flashar": sums[0] / tokens, "val_nll_raster": sums[1] / tokens}, place, device)
     if best.nll is None or values["val_nll_flashar"] < best.nll:
@@ -379,6 +373,19 @@ def _evaluate(model: AdaptModel, run: Run, place: Distributed, position: Positio
     if place.is_main:
         _log(run, {"step": position.step, "stage": position.stage, "in_stage": position.in_stage, **values,
                    "best_step": best.step, "stopped_early": best.stopped, "seconds": round(time.perf_counter() - began, 4)})
+
+
+def _held_out_passes(model: AdaptModel, run: Run, data: TokenData, count: int, **kwargs) -> list:
+    """``model``'s outputs for the first ``count`` grids of ``data``, a micro-batch at a time, in eval mode
+    (``kwargs`` pick the output: NLL sums by default). Through ``forward``, so FSDP gathers the weights."""
+    config = run.config
+    batch = config.batch_size // config.grad_accum
+    model.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), _autocast(model.backbone.device, config.precision):
+        parts = [model(data.codes[start : min(start + batch, count)], data.conditions[start : min(start + batch, count)], **kwargs)
+                 for start in range(0, count, batch)]  # draws nothing; fork_rng guards the stream anyway
+    model.train()
+    return parts
 
 
 def _restore_best(model: AdaptModel, run: Run, position: Position) -> None:
@@ -445,14 +452,8 @@ def _fit_coupling(model: AdaptModel, run: Run, place: Distributed, position: Pos
     if not config.fit_coupling:
         return 0.0
     data = run.val_data if run.val_data is not None else run.data
-    count, batch = min(len(data), config.coupling_grids), config.batch_size // config.grad_accum
-    began, parts = time.perf_counter(), []
-    model.eval()
-    with torch.no_grad(), _autocast(model.backbone.device, config.precision):
-        for start in range(0, count, batch):
-            end = min(start + batch, count)
-            parts.append(model(data.codes[start:end], data.conditions[start:end], intervals=True))
-    model.train()
+    count, began = min(len(data), config.coupling_grids), time.perf_counter()
+    parts = _held_out_passes(model, run, data, count, intervals=True)
     lo, hi = torch.cat([lo for lo, _ in parts]), torch.cat([hi for _, hi in parts])
     fit = fit_coupling(lo, hi)
     if place.is_main:  # the NLL per token of the grids under the coupled sampler, against independent draws
