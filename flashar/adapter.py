@@ -44,6 +44,9 @@ class Adapter:
                 f"this adapter was trained for a {height}x{width} token grid, not {grid[0]}x{grid[1]}; generate at "
                 f"image size {height * self.backbone.downsample}x{width * self.backbone.downsample} or adapt for this size"
             )
+        if self.head.config.row_lag > grid[1]:
+            raise FlashARError(f"this adapter's row lag {self.head.config.row_lag} exceeds the grid's width {grid[1]}; "
+                               f"generate a grid at least that wide or adapt with a smaller --row-lag")
 
 
 def save_adapter(path: str | Path, metadata: AdapterMetadata, head_state: dict[str, torch.Tensor],

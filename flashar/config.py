@@ -104,6 +104,9 @@ class BranchConfig(Config):
         "per-position MLP on the detached logit pair, one learned scalar, or a fixed 0.5 average.",
     )
     gate_hidden: int | None = Field(None, gt=0, description="Gate MLP width; default max(64, d/8) for 'hidden', max(32, V/512) for 'logits'.")
+    row_lag: int = Field(1, ge=1, description="Steps between the starts of consecutive rows in decoding and in the training mask: 1 is the "
+                         "paper's anti-diagonal (H+W-1 passes); k > 1 lets each cell also see the k-1 cells above and to its "
+                         "right, for k*(H-1)+W passes.")
 
 
 class StageConfig(Config):

@@ -79,10 +79,10 @@ def _nodes(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     return mid[..., None] + half[..., None] * _NODES.to(mid), half[..., None] * _WEIGHTS.to(mid)
 
 
-def diagonal_pairs(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The intervals of every pair of diagonal neighbours (r, c), (r + 1, c - 1), flattened."""
-    first = (slice(None), slice(None, -1), slice(1, None))
-    second = (slice(None), slice(1, None), slice(None, -1))
+def diagonal_pairs(lo: Tensor, hi: Tensor, lag: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The intervals of every pair of diagonal neighbours (r, c), (r + 1, c - k) for row lag k, flattened."""
+    first = (slice(None), slice(None, -1), slice(lag, None))
+    second = (slice(None), slice(1, None), slice(None, -lag))
     return lo[first].flatten(), hi[first].flatten(), lo[second].flatten(), hi[second].flatten()
 
 
@@ -112,12 +112,13 @@ def chain_log_likelihood(lo: Tensor, hi: Tensor, rho: float) -> Tensor:
     return (weights[:, -1] * alpha).sum(-1).clamp(min=_TAIL).log() + log_scale
 
 
-def grid_log_likelihood(lo: Tensor, hi: Tensor, rho: float) -> Tensor:
+def grid_log_likelihood(lo: Tensor, hi: Tensor, rho: float, lag: int = 1) -> Tensor:
     """log-likelihood (B,) of whole grids under the coupled sampler: each cell's distribution is the
     decoder's (given the diagonals before it, which the intervals (B, H, W) already condition on), and the
-    draws of one diagonal are coupled at rho. rho = 0 gives the sum of the cells' own log-probabilities."""
+    draws of one diagonal (of row lag ``lag``) are coupled at rho. rho = 0 gives the sum of the cells' own
+    log-probabilities."""
     height, width = lo.shape[1:]
-    slots, valid = G.diagonal_slots(height, width)
+    slots, valid = G.diagonal_slots(height, width, lag)
     flat_lo, flat_hi = lo.flatten(1), hi.flatten(1)
     total = torch.zeros(lo.shape[0], dtype=lo.dtype)
     for cells, ok in zip(slots, valid):
@@ -125,10 +126,10 @@ def grid_log_likelihood(lo: Tensor, hi: Tensor, rho: float) -> Tensor:
     return total
 
 
-def fit_coupling(lo: Tensor, hi: Tensor, chunk: int = 65536) -> CouplingFit:
-    """The rho of RHOS with the highest pairwise likelihood of the diagonal neighbours in the intervals
-    (B, H, W) from :func:`latent_intervals`; 0 when the grid has no diagonal neighbours."""
-    pairs = diagonal_pairs(lo, hi)
+def fit_coupling(lo: Tensor, hi: Tensor, lag: int = 1, chunk: int = 65536) -> CouplingFit:
+    """The rho of RHOS with the highest pairwise likelihood of the diagonal neighbours (row lag ``lag``) in
+    the intervals (B, H, W) from :func:`latent_intervals`; 0 when the grid has no diagonal neighbours."""
+    pairs = diagonal_pairs(lo, hi, lag)
     count = pairs[0].numel()
     if count == 0:
         return CouplingFit(0.0, 0.0, 0)

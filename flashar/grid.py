@@ -1,7 +1,10 @@
 """Pure geometry of the token grid, in the paper's vocabulary (FlashAR, arXiv 2605.09430 §2).
 
 * H, W: the token grid (rows, columns); a cell is (r, c); its raster index is i = r * W + c.
-* s = r + c: the step id (anti-diagonal) of a cell; D = H + W - 1 diagonals.
+* s = r + c: the step id (anti-diagonal) of a cell; D = H + W - 1 diagonals. With a row lag k > 1 (each row
+  starts k steps after the row above) the step id is s = k * r + c and D = k * (H - 1) + W; the cell above
+  and to the right, (r - 1, c + j) for j < k, is then decoded before (r, c). k = 1 is the paper's wavefront,
+  k = W is raster order. Every function below takes ``lag`` (default 1) and calls a step's cells its diagonal.
 * P: prefix length (conditioning positions before the grid).
 * b: the branch layer; K: the number of vertical blocks.
 * The horizontal head at (r, c) predicts (r, c + 1); the vertical head at (r, c) predicts (r + 1, c).
@@ -22,32 +25,41 @@ def raster_cells(height: int, width: int) -> Tensor:
     return torch.stack([rows, cols], dim=1)
 
 
-def step_ids(height: int, width: int) -> Tensor:
-    """s = r + c for every cell in raster order, (H*W,) int64."""
+def step_ids(height: int, width: int, lag: int = 1) -> Tensor:
+    """s = k * r + c for every cell in raster order, (H*W,) int64."""
     cells = raster_cells(height, width)
-    return cells[:, 0] + cells[:, 1]
+    return lag * cells[:, 0] + cells[:, 1]
 
 
-def num_diagonals(height: int, width: int) -> int:
-    return height + width - 1
+def num_diagonals(height: int, width: int, lag: int = 1) -> int:
+    return lag * (height - 1) + width
 
 
-def diagonal_slots(height: int, width: int) -> tuple[Tensor, Tensor]:
-    """Raster indices of every anti-diagonal, padded to min(H, W) slots.
+def diagonal_width(height: int, width: int, lag: int = 1) -> int:
+    """T: the most cells one diagonal holds, min(H, ceil(W / k))."""
+    return min(height, -(-width // lag))
 
-    Returns ``index`` (D, T) int64 and ``valid`` (D, T) bool with T = min(H, W). Within a diagonal the
-    cells are ordered by increasing row (top-right to bottom-left); padded slots hold index H*W (one past
-    the grid, a scratch cell) and valid False.
+
+def diagonal_slots(height: int, width: int, lag: int = 1) -> tuple[Tensor, Tensor]:
+    """Raster indices of every diagonal, padded to T = :func:`diagonal_width` slots.
+
+    Returns ``index`` (D, T) int64 and ``valid`` (D, T) bool. Within a diagonal the cells are ordered by
+    increasing row (top-right to bottom-left); padded slots hold index H*W (one past the grid, a scratch
+    cell) and valid False.
     """
-    s = torch.arange(num_diagonals(height, width))[:, None]
-    rows = (s - width + 1).clamp(min=0) + torch.arange(min(height, width))[None, :]  # from the top row of diagonal s
-    valid = rows <= s.clamp(max=height - 1)
-    return torch.where(valid, rows * width + (s - rows), height * width), valid
+    if not 1 <= lag <= width:
+        raise ValueError(f"row lag {lag} must lie in [1, {width}] for a grid {width} cells wide")
+    s = torch.arange(num_diagonals(height, width, lag))[:, None]
+    top = (s - width + lag).clamp(min=0) // lag  # the first row whose cell on diagonal s lies inside the grid
+    rows = top + torch.arange(diagonal_width(height, width, lag))[None, :]
+    cols = s - lag * rows
+    valid = (rows < height) & (cols >= 0)
+    return torch.where(valid, rows * width + cols, height * width), valid
 
 
-def proximity_mask(height: int, width: int) -> Tensor:
-    """Image-to-image training mask (H*W, H*W) bool: (r, c) may attend (r', c') iff r' + c' <= r + c."""
-    s = step_ids(height, width)
+def proximity_mask(height: int, width: int, lag: int = 1) -> Tensor:
+    """Image-to-image training mask (H*W, H*W) bool: (r, c) may attend (r', c') iff s' <= s (k*r' + c' <= k*r + c)."""
+    s = step_ids(height, width, lag)
     return s[None, :] <= s[:, None]
 
 

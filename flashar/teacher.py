@@ -56,11 +56,12 @@ class FlashAROutput:
 
 
 def flashar_logits(backbone: Backbone, head: FlashARHead, prefix: Prefix, codes: Tensor) -> FlashAROutput:
-    """Teacher-forced FlashAR forward under the proximity mask (r'+c' <= r+c), spec §6.1 and §4."""
+    """Teacher-forced FlashAR forward under the proximity mask (r'+c' <= r+c, or k*r'+c' <= k*r+c for the
+    head's row lag k), spec §6.1 and §4."""
     batch, height, width = prefix.batch_size, *codes.shape[1:]
     num_cells = height * width
     x, positions, cell_positions = grid_inputs(backbone, prefix, codes)
-    proximity = G.proximity_mask(height, width).to(backbone.device)
+    proximity = G.proximity_mask(height, width, head.config.row_lag).to(backbone.device)
     h, h_tap = backbone(x, positions, G.sequence_mask(prefix.valid, proximity), tap=head.branch_layer)
     image_mask = proximity[None, None].expand(batch, 1, num_cells, num_cells)
     v = head.vertical(backbone, h_tap[:, prefix.length :], cell_positions, image_mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -48,6 +49,35 @@ def test_diagonals_cover_every_cell_once_in_row_order(height, width):
         rows = row[ok] // width
         assert torch.all(rows[1:] > rows[:-1])  # top-right to bottom-left
         assert (row[~ok] == height * width).all()
+
+
+@given(st.integers(1, 7), st.integers(1, 7), st.data())
+@settings(max_examples=60, deadline=None)
+def test_a_row_lag_orders_cells_by_k_r_plus_c_and_keeps_both_sources_earlier(height, width, data):
+    lag = data.draw(st.integers(1, width))
+    index, valid = G.diagonal_slots(height, width, lag)
+    assert index.shape[0] == G.num_diagonals(height, width, lag) == lag * (height - 1) + width
+    assert sorted(index[valid].tolist()) == list(range(height * width)) and valid.any(1).all()  # no empty diagonal
+    assert torch.equal(valid, torch.arange(valid.shape[1]) < valid.sum(1, keepdim=True))  # a diagonal's cells come first
+    steps = G.step_ids(height, width, lag)
+    for s, (row, ok) in enumerate(zip(index, valid)):
+        assert (steps[row[ok]] == s).all() and torch.all(row[ok][1:] // width > row[ok][:-1] // width)
+    left, up = G.neighbour_index(height, width)
+    has = lambda i: i < height * width  # noqa: E731
+    cells = torch.arange(height * width)
+    assert (steps[left[has(left)]] == steps[cells[has(left)]] - 1).all()  # the left source: the diagonal before
+    assert (steps[up[has(up)]] == steps[cells[has(up)]] - lag).all()  # the upper one: k diagonals before
+    mask = G.proximity_mask(height, width, lag)
+    q, k = data.draw(st.integers(0, height * width - 1)), data.draw(st.integers(0, height * width - 1))
+    (r, c), (r2, c2) = divmod(q, width), divmod(k, width)
+    assert bool(mask[q, k]) == (lag * r2 + c2 <= lag * r + c)
+
+
+def test_a_row_lag_of_the_width_is_raster_order():
+    assert torch.equal(G.proximity_mask(3, 4, 4), G.causal_mask(12))
+    assert G.diagonal_slots(3, 4, 4)[0].flatten().tolist() == list(range(12))
+    with pytest.raises(ValueError, match="row lag 5"):
+        G.diagonal_slots(3, 4, 5)
 
 
 def test_native_sequence_with_row_ends():

@@ -455,9 +455,10 @@ def _fit_coupling(model: AdaptModel, run: Run, place: Distributed, position: Pos
     count, began = min(len(data), config.coupling_grids), time.perf_counter()
     parts = _held_out_passes(model, run, data, count, intervals=True)
     lo, hi = torch.cat([lo for lo, _ in parts]), torch.cat([hi for _, hi in parts])
-    fit = fit_coupling(lo, hi)
+    lag = model.head.config.row_lag
+    fit = fit_coupling(lo, hi, lag)
     if place.is_main:  # the NLL per token of the grids under the coupled sampler, against independent draws
-        nll = {f"nll_{name}": -grid_log_likelihood(lo, hi, rho).sum().item() / lo.numel() for name, rho in
+        nll = {f"nll_{name}": -grid_log_likelihood(lo, hi, rho, lag).sum().item() / lo.numel() for name, rho in
                (("independent", 0.0), ("coupled", fit.rho))}
         _log(run, {"step": position.step, "stage": position.stage, "diagonal_coupling": fit.rho,
                    "coupling_gain_nats_per_pair": round(fit.gain, 6), "coupling_pairs": fit.pairs, **nll,
@@ -499,6 +500,9 @@ def check_run(backbone: Backbone, run: Run, place: Distributed = SINGLE) -> None
                            f"{place.world_size} process(es); use a multiple of {shares}")
     check_config(config)
     _check_data(backbone, run.data)
+    if config.branch.row_lag > run.data.grid[1]:
+        raise DataError(f"--row-lag {config.branch.row_lag} exceeds the grid's width {run.data.grid[1]}; use a row lag of at most "
+                        f"the width (equal to it is raster order)")
     if run.val_data is not None:
         _check_data(backbone, run.val_data, "held-out ")
         if run.val_data.grid != run.data.grid:

@@ -7,13 +7,18 @@ then each step appends the diagonal just sampled (one backbone forward over its 
 run on the layer-b hidden states) and samples the whole next diagonal, every cell independently.
 An H x W grid costs 1 prefill + (H + W - 2) steps = H + W - 1 forward passes.
 
+An adapter trained with a row lag k > 1 (``BranchConfig.row_lag``) decodes the diagonals s = k*r + c
+instead, k*(H-1) + W passes: each row starts k steps after the row above, so a cell's left neighbour is on
+the diagonal before and its upper neighbour k diagonals before (its vertical output waits in ``vertical``),
+and every cell also sees the k-1 cells above and to its right. Nothing below depends on k but the tables.
+
 Both caches store cells diagonal by diagonal (the backbone at slot P + rank, the branch at slot rank,
 rank = a cell's place in diagonal order), so the keys a query on diagonal s sees, those of diagonals
 <= s, are a prefix of the cache.
 
 Shapes: a step takes diagonal t at its own length and attends to that prefix only, eager or compiled
 on CPU (where the two lengths are the dynamic dimensions of the one graph). CUDA graphs need static
-shapes, so there every diagonal is padded to T = min(H, W) slots and attention masks the whole cache;
+shapes, so there every diagonal is padded to T = min(H, ceil(W / k)) slots and attention masks the whole cache;
 padded slots read and write a scratch cell (index H*W) and a scratch cache slot that no query ever sees,
 so one compiled step serves all steps (``buckets`` trades padded compute for graphs).
 """
@@ -40,7 +45,7 @@ from flashar.sampling import ar1_mixing, new_uniform, refill_uniform, sample
 
 class FlashAROptions(Config):
     adapter: Path | None = Field(None, description="Adapter folder written by `flashar adapt` (or a released FlashAR checkpoint the backend can read).")
-    buckets: int | None = Field(None, ge=1, description="Static diagonal sizes: 1 pads every diagonal to min(H, W) (one compiled graph); "
+    buckets: int | None = Field(None, ge=1, description="Static diagonal sizes: 1 pads every diagonal to the longest (one compiled graph); "
                                 "N pads each to the nearest of N sizes, cutting padded compute at the cost of N graphs. "
                                 "Default: every diagonal at its own length (eager, or compiled on CPU with the length as the one dynamic "
                                 "dimension); 1 when compiled for CUDA graphs, which need static shapes.")
@@ -90,8 +95,8 @@ class FlashAR(Method):
         self.coupling = own if own is not None else adapter.metadata.diagonal_coupling
 
     @staticmethod
-    def num_forward_passes(height: int, width: int) -> int:
-        return height + width - 1
+    def num_forward_passes(height: int, width: int, row_lag: int = 1) -> int:
+        return G.num_diagonals(height, width, row_lag)
 
     def settings(self) -> dict:
         return {**super().settings(), "diagonal_coupling": self.coupling}  # the adapter's fitted value unless overridden
@@ -107,12 +112,13 @@ class FlashAR(Method):
         height, width = grid
         num_cells, rows = height * width, prefix.batch_size
         cache = bb.new_cache(rows, prefix.length + num_cells + 1)
-        diagonals, valid = G.diagonal_slots(height, width)
+        lag = self.head.config.row_lag
+        diagonals, valid = G.diagonal_slots(height, width, lag)
         counts = valid.sum(1).tolist()  # cells of diagonal t
         order = torch.cat([diagonals[valid], torch.tensor([num_cells])])  # raster index by slot, scratch last
         rank = torch.empty_like(order)
         rank[order] = torch.arange(num_cells + 1)
-        steps = torch.cat([G.step_ids(height, width), torch.tensor([NEVER])])[order]  # (N + 1,) by slot
+        steps = torch.cat([G.step_ids(height, width, lag), torch.tensor([NEVER])])[order]  # (N + 1,) by slot
         slot_step = torch.full((cache.length,), NEVER)
         slot_step[: prefix.length] = -1
         slot_step[prefix.length : prefix.length + num_cells + 1] = steps

@@ -121,6 +121,27 @@ def test_adapt_then_generate_from_an_image_folder(tmp_path, registry):
     assert summary["forward_passes_per_batch"] == 7 and len(summary["outputs"]) == 3
 
 
+def test_a_row_lag_is_trained_stored_and_decoded(tmp_path, registry):
+    """``--row-lag 2``: the adapter records it, the coupling is fitted along its diagonals, and generation
+    takes 2 * (H - 1) + W passes; a lag wider than the grid is refused before any work."""
+    options = write_llamagen(tmp_path / "model")
+    write_class_folder(tmp_path / "images")
+    runner = CliRunner()
+    common = ["-b", "llamagen", *cli_args(options), "--image-size", 8]
+    args = ["adapt", *common, "--data", tmp_path / "images", "--out", tmp_path / "adapter", "--stage1-steps", 2,
+            "--stage2-steps", 1, "--batch-size", 2, "--row-lag"]
+    wide = runner.invoke(cli, [str(a) for a in [*args, 5]], obj=registry)
+    assert wide.exit_code == 1 and "--row-lag 5 exceeds the grid's width 4" in wide.output
+    assert not (tmp_path / "adapter").exists()
+    result = runner.invoke(cli, [str(a) for a in [*args, 2]], obj=registry)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "adapter" / "config.json").read_text())["branch"]["row_lag"] == 2
+    gen = runner.invoke(cli, [str(a) for a in ["generate", *common, "--classes", "0,1", "--method", "flashar",
+                                                 "--adapter", tmp_path / "adapter", "--json"]], obj=registry)
+    assert gen.exit_code == 0, gen.output
+    assert json.loads(gen.output)["forward_passes_per_batch"] == 2 * 3 + 4
+
+
 def test_empty_data_folder_is_reported(tmp_path, registry):
     options = write_llamagen(tmp_path / "model")
     (tmp_path / "empty").mkdir()

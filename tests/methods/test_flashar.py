@@ -13,14 +13,15 @@ from flashar.adapter import Adapter, new_metadata
 from flashar.branch import INTERIOR, FlashARHead
 from flashar.compilation import CompileCounter
 from flashar.config import BranchConfig, SamplingConfig
+from flashar.errors import FlashARError
 from flashar.methods.flashar import FlashAR
 from flashar.sampling import make_generator
 from flashar.teacher import flashar_logits, grid_inputs
 
 
-def make_method(gate="hidden", grid=(3, 4), num_blocks=1, randomise=True, **kwargs):
+def make_method(gate="hidden", grid=(3, 4), num_blocks=1, randomise=True, row_lag=1, **kwargs):
     backbone = random_gpt()
-    head = FlashARHead(backbone, BranchConfig(gate=gate, num_blocks=num_blocks))
+    head = FlashARHead(backbone, BranchConfig(gate=gate, num_blocks=num_blocks, row_lag=row_lag))
     if randomise:  # trained gates are not 0.5; make them position dependent
         with torch.no_grad():
             for name, p in head.named_parameters():
@@ -39,6 +40,39 @@ def test_cached_decoder_logits_equal_teacher_forced_logits(gate, grid):
         cached = method.teacher_logits([1, 2], codes, SamplingConfig(cfg_scale=2.0))
         teacher = flashar_logits(method.backbone, method.head, method.backbone.prefix([1, 2], cfg=True), codes).fused
     torch.testing.assert_close(cached, teacher, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("row_lag", [2, 3])
+@pytest.mark.parametrize("buckets", [1, None])
+def test_a_row_lag_decodes_k_r_plus_c_diagonals_with_the_teacher_forced_logits(row_lag, buckets):
+    """With a row lag k the cached decoder computes the teacher-forced logits under the k*r+c mask, in
+    k*(H-1)+W passes, and its greedy draws are their argmax."""
+    from flashar.methods.flashar import FlashAROptions
+
+    grid = (4, 5)
+    method = make_method(grid=grid, row_lag=row_lag)
+    method.options = FlashAROptions(buckets=buckets)
+    codes = torch.randint(0, 64, (2, *grid), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cached = method.teacher_logits([1, 2], codes, SamplingConfig(cfg_scale=2.0))
+        teacher = flashar_logits(method.backbone, method.head, method.backbone.prefix([1, 2], cfg=True), codes).fused
+        lag1 = flashar_logits(method.backbone, make_method(grid=grid).head, method.backbone.prefix([1, 2], cfg=True), codes).fused
+    torch.testing.assert_close(cached, teacher, atol=2e-4, rtol=1e-4)
+    assert not torch.allclose(teacher, lag1, atol=1e-3)  # the mask differs from the anti-diagonal one
+    calls = []
+    method.backbone.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[1]))
+    result = method.generate([0, 9], grid, SamplingConfig(cfg_scale=2.5, top_k=1), make_generator(0, "cpu"))
+    assert result.num_forward_passes == len(calls) == FlashAR.num_forward_passes(*grid, row_lag) == row_lag * 3 + 5
+    with torch.no_grad():
+        fused = flashar_logits(method.backbone, method.head, method.backbone.prefix([0, 9], cfg=True), result.codes).fused
+    cond, uncond = fused.chunk(2)
+    assert torch.equal((uncond + 2.5 * (cond - uncond)).argmax(-1).view(2, *grid), result.codes)
+
+
+def test_an_adapter_refuses_a_grid_narrower_than_its_row_lag():
+    method = make_method(grid=(3, 2), row_lag=3)
+    with pytest.raises(FlashARError, match="row lag 3 exceeds the grid's width 2"):
+        method.generate([1], (3, 2), SamplingConfig(), make_generator(0, "cpu"))
 
 
 @pytest.mark.parametrize("buckets", [1, None])
