@@ -29,6 +29,11 @@ A backend subclasses :class:`Backbone` and supplies
   which reads a FlashAR checkpoint published in a backend-specific layout (``load_adapter`` asks it before
   reading flashar's own format).
 
+Decoding methods call only the compute members (``Backbone``'s own); the descriptive ones that the CLI,
+``compare`` and ``adapt`` read (ids, image sizes, sampling defaults, tokenizer, metrics, adapters,
+``architecture``) form :class:`BackendCard`, which ``Backbone`` inherits; the conformance suite decodes
+with the card hidden.
+
 Shapes: B batch rows, T tokens in a chunk, S cache slots, D width, V codebook size.
 Masks are boolean, ``True`` = may attend, shape (B, 1, T, S) with a cache or (B, 1, T, T) without.
 """
@@ -224,18 +229,16 @@ class PublishedModules:
         super().__setattr__(name, value)
 
 
-class Backbone(nn.Module, ABC):
-    """A pretrained raster-scan AR image model, seen through the protocol of the module docstring."""
+class BackendCard(ABC):
+    """What a backend says about itself: read by the CLI, ``compare`` and ``adapt``, never while decoding
+    (``BackboneConformance`` runs every method with these members hidden). :class:`Backbone` inherits it,
+    so a backend sets them on its backbone class as before."""
 
     backend_id: str = ""
     condition_kind: Literal["class", "text"] = "class"
     num_classes: int | None = None
-    codebook_size: int
-    code_offset: int = 0
     downsample: int = 16
     default_image_size: int | tuple[int, int] = 256  # pixels: one side, or (height, width) for a non-square native size
-    row_end_token: int | None = None
-    native_cfg: Literal["logits", "log_softmax"] = "logits"
     sampling_defaults: dict[str, Any] = {}
     default_adapter: Any = None  # a FlashAR adapter folder shipped with the backend, if any
     tokenizer: Any = None  # codes <-> pixels (an object with decode/encode; never part of the state dict)
@@ -247,27 +250,6 @@ class Backbone(nn.Module, ABC):
         """Real images (N, 3, h, w) uint8 to compare generated samples against, if the backend ships some."""
         return None
 
-    layers: nn.ModuleList
-    norm: nn.Module
-    output: nn.Linear
-
-    # --- geometry -------------------------------------------------------------------------------
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def dim(self) -> int:
-        return self.output.weight.shape[1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.output.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.output.weight.device
-
     def grid(self, image_size: int | tuple[int, int] | None = None) -> tuple[int, int]:
         """Token grid (H, W) for an image of ``image_size`` pixels (one side, or (height, width))."""
         size = self.default_image_size if image_size is None else image_size
@@ -278,35 +260,6 @@ class Backbone(nn.Module, ABC):
                 f"{self.downsample}; use e.g. {_spelled(self.default_image_size)}"
             )
         return height // self.downsample, width // self.downsample
-
-    # --- what a backend implements --------------------------------------------------------------
-    @abstractmethod
-    def prefix(self, conditions: Sequence[Any], *, cfg: bool, grid: tuple[int, int] | None = None,
-               unconditional: Literal["native", "empty"] = "native") -> Prefix:
-        """Embed the conditions (class ids or prompts) for an (H, W) ``grid``; with ``cfg`` append the
-        ``unconditional`` rows (see the module docstring). Backends whose prefix does not depend on the
-        grid ignore it."""
-
-    @abstractmethod
-    def cell_positions(self, cells: Tensor, prefix_length: int, native: bool = False,
-                       grid: tuple[int, int] | None = None) -> Tensor:
-        """Position encoding (T, ...) of grid cells ``cells`` (T, 2) = (row, col) of an (H, W) ``grid``.
-
-        ``native=True`` asks for the model's own raster layout, where a column index equal to W denotes
-        the ``row_end_token`` slot; otherwise cells sit at prefix_length + row * W + col.
-        """
-
-    @abstractmethod
-    def embed(self, ids: Tensor) -> Tensor:
-        """Token ids (B, T) of the model's vocabulary -> embeddings (B, T, D)."""
-
-    @abstractmethod
-    def layer_forward(self, layer: nn.Module, x: Tensor, positions: Tensor, mask: Tensor,
-                      kv: tuple[Tensor, Tensor] | None, slots: Tensor | None) -> Tensor:
-        """Run one block (of ``layers``, or a clone of one) on x (B, T, D); write its K/V at ``slots``.
-
-        ``mask`` (B, 1, T, S') covers the first S' slots of the cache: attention reads only those
-        (``write_kv(kv, slots, k, v, mask.shape[-1])``)."""
 
     def decode(self, codes: Tensor, conditions: Sequence[Any] | None = None) -> Tensor:
         """Codes (B, H, W) in [0, V) -> images (B, 3, h, w) in [0, 1], through ``tokenizer``.
@@ -337,6 +290,87 @@ class Backbone(nn.Module, ABC):
         reads flashar's own format.
         """
         return None
+
+    def fsdp_units(self, blocks: nn.ModuleList) -> list[nn.Module]:
+        """The modules FSDP2 shards one by one among ``blocks`` (``layers``, or the FlashAR clones of them).
+
+        FSDP gathers a unit's weights in its forward hooks, so each unit must be entered through its
+        ``__call__`` while the model runs. The default is the blocks themselves, for backends whose
+        ``layer_forward`` calls the block; a backend that runs a block's sub-modules itself names those.
+        """
+        return list(blocks)
+
+    def fingerprint(self) -> str:
+        """Identity of the architecture and weights: a hash of ``architecture()`` and sampled weight values."""
+        digest = hashlib.sha256(json.dumps(self.architecture(), sort_keys=True).encode())
+        with torch.no_grad():
+            for tensor in (self.output.weight, self.layers[0].state_dict()[next(iter(self.layers[0].state_dict()))]):
+                sample = tensor.detach().flatten()[:: max(1, tensor.numel() // 4096)][:4096]
+                digest.update(sample.float().cpu().numpy().round(5).tobytes())
+        return digest.hexdigest()[:16]
+
+
+CARD_MEMBERS = frozenset(name for name in vars(BackendCard) if not name.startswith("_"))
+
+
+class Backbone(nn.Module, BackendCard):
+    """A pretrained raster-scan AR image model, seen through the protocol of the module docstring: the
+    compute members below, which decoding methods and the FlashAR parts call, and the card it inherits."""
+
+    codebook_size: int
+    code_offset: int = 0
+    row_end_token: int | None = None
+    native_cfg: Literal["logits", "log_softmax"] = "logits"
+
+    layers: nn.ModuleList
+    norm: nn.Module
+    output: nn.Linear
+
+    # --- geometry -------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def dim(self) -> int:
+        return self.output.weight.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.output.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.output.weight.device
+
+    # --- what a backend implements --------------------------------------------------------------
+    @abstractmethod
+    def prefix(self, conditions: Sequence[Any], *, cfg: bool, grid: tuple[int, int] | None = None,
+               unconditional: Literal["native", "empty"] = "native") -> Prefix:
+        """Embed the conditions (class ids or prompts) for an (H, W) ``grid``; with ``cfg`` append the
+        ``unconditional`` rows (see the module docstring). Backends whose prefix does not depend on the
+        grid ignore it."""
+
+    @abstractmethod
+    def cell_positions(self, cells: Tensor, prefix_length: int, native: bool = False,
+                       grid: tuple[int, int] | None = None) -> Tensor:
+        """Position encoding (T, ...) of grid cells ``cells`` (T, 2) = (row, col) of an (H, W) ``grid``.
+
+        ``native=True`` asks for the model's own raster layout, where a column index equal to W denotes
+        the ``row_end_token`` slot; otherwise cells sit at prefix_length + row * W + col.
+        """
+
+    @abstractmethod
+    def embed(self, ids: Tensor) -> Tensor:
+        """Token ids (B, T) of the model's vocabulary -> embeddings (B, T, D)."""
+
+    @abstractmethod
+    def layer_forward(self, layer: nn.Module, x: Tensor, positions: Tensor, mask: Tensor,
+                      kv: tuple[Tensor, Tensor] | None, slots: Tensor | None) -> Tensor:
+        """Run one block (of ``layers``, or a clone of one) on x (B, T, D); write its K/V at ``slots``.
+
+        ``mask`` (B, 1, T, S') covers the first S' slots of the cache: attention reads only those
+        (``write_kv(kv, slots, k, v, mask.shape[-1])``)."""
 
     # --- shared machinery -----------------------------------------------------------------------
     def forward(self, x: Tensor, positions: Tensor, mask: Tensor, cache: KVCache | None = None,
@@ -389,15 +423,6 @@ class Backbone(nn.Module, ABC):
             )
         return nn.ModuleList(copy_module(self.layers[i], meta) for i in range(start, start + count))
 
-    def fsdp_units(self, blocks: nn.ModuleList) -> list[nn.Module]:
-        """The modules FSDP2 shards one by one among ``blocks`` (``layers``, or the FlashAR clones of them).
-
-        FSDP gathers a unit's weights in its forward hooks, so each unit must be entered through its
-        ``__call__`` while the model runs. The default is the blocks themselves, for backends whose
-        ``layer_forward`` calls the block; a backend that runs a block's sub-modules itself names those.
-        """
-        return list(blocks)
-
     def new_norm(self, meta: bool = False) -> nn.Module:
         """A fresh final-norm-like module with unit weights (the vertical branch's norm)."""
         norm = copy_module(self.norm, meta)
@@ -405,15 +430,6 @@ class Backbone(nn.Module, ABC):
             with torch.no_grad():
                 norm.weight.fill_(1.0)
         return norm
-
-    def fingerprint(self) -> str:
-        """Identity of the architecture and weights: a hash of ``architecture()`` and sampled weight values."""
-        digest = hashlib.sha256(json.dumps(self.architecture(), sort_keys=True).encode())
-        with torch.no_grad():
-            for tensor in (self.output.weight, self.layers[0].state_dict()[next(iter(self.layers[0].state_dict()))]):
-                sample = tensor.detach().flatten()[:: max(1, tensor.numel() // 4096)][:4096]
-                digest.update(sample.float().cpu().numpy().round(5).tobytes())
-        return digest.hexdigest()[:16]
 
 
 def _spelled(size: int | tuple[int, int]) -> str:

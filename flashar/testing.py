@@ -38,6 +38,8 @@ Then run ``python -m pytest <your test file>``. Every check below runs on CPU in
 * raster decoding equals a greedy full-recompute reference of the native layout, and its decode step
   traces with ``fullgraph=True`` into one graph (``slow``: inductor); with CFG, a batch of conditions
   decodes as each condition alone (the baseline is the model's own sampler, whatever the padding);
+* every registered method decodes with the backend card hidden (``card_hidden``): methods read only the
+  compute members of :class:`~flashar.backbone.Backbone`, never its :class:`~flashar.backbone.BackendCard`;
 * the other methods on this backbone: FlashAR (a random head and gates) decodes greedily the argmax of its
   teacher-forced fused logits in H + W - 1 passes, ZipAR with a full-row window and greedy speculative
   Jacobi decoding give raster's tokens, ZipAR with a one-token window its pass count;
@@ -74,14 +76,15 @@ Example (the Janus plugin, ``plugins/flashar-janus/tests/test_janus.py``)::
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import pytest
 import torch
 
 from flashar import grid as G
-from flashar.backbone import Backbone
+from flashar.backbone import CARD_MEMBERS, Backbone
 from flashar.compilation import CompileCounter
 from flashar.config import SamplingConfig
 from flashar.decoding import key_mask, prefill
@@ -180,6 +183,25 @@ def raster_hidden(backbone: Backbone, codes: torch.Tensor) -> torch.Tensor:
     positions = backbone.cell_positions(G.raster_cells(*grid).to(backbone.device), 0, grid=grid)
     mask = G.causal_mask(num_cells).to(backbone.device)[None, None].expand(len(codes), 1, num_cells, num_cells)
     return backbone(x, positions, mask)[0]
+
+
+@contextmanager
+def card_hidden(backbone: Backbone) -> Iterator[Backbone]:
+    """Within the block, reading any :class:`~flashar.backbone.BackendCard` member of ``backbone`` raises
+    an AssertionError naming it: what a decoding method may not need."""
+    base = type(backbone)
+
+    class Hidden(base):
+        def __getattribute__(self, name: str):
+            if name in CARD_MEMBERS:
+                raise AssertionError(f"decoding read the backend card's {name!r}; a method may call only the compute protocol")
+            return super().__getattribute__(name)
+
+    backbone.__class__ = Hidden
+    try:
+        yield backbone
+    finally:
+        backbone.__class__ = base
 
 
 class BackboneConformance:
@@ -403,29 +425,46 @@ class BackboneConformance:
 
         return Raster(backbone).generate(self.conditions, self.grid, self._greedy(), make_generator(0, backbone.device)).codes
 
-    def test_flashar_greedy_is_the_argmax_of_its_teacher_forced_logits(self, backbone):
-        """FlashAR's cached anti-diagonal decoder (a random vertical block and gates) on this backbone
-        equals the teacher-forced forward of the same parts, in H + W - 1 passes."""
+    def _random_flashar(self, backbone: Backbone):
+        """FlashAR with a random vertical block and position-dependent gates (trained gates are not 0.5)."""
         from flashar.adapter import Adapter, new_metadata
         from flashar.branch import FlashARHead
         from flashar.config import BranchConfig
         from flashar.methods.flashar import FlashAR
-        from flashar.teacher import flashar_logits
 
         torch.manual_seed(0)
         head = FlashARHead(backbone, BranchConfig(num_blocks=1))
-        with torch.no_grad():  # trained gates are not 0.5: make them depend on the position
+        with torch.no_grad():
             for name, p in head.named_parameters():
                 if "gate" in name or "mix" in name:
                     p.normal_(0, 0.3)
-        method = FlashAR(backbone, adapter=Adapter(new_metadata(backbone, head, self.grid), head, backbone))
+        return FlashAR(backbone, adapter=Adapter(new_metadata(backbone, head, self.grid), head, backbone))
+
+    def test_flashar_greedy_is_the_argmax_of_its_teacher_forced_logits(self, backbone):
+        """FlashAR's cached anti-diagonal decoder (a random vertical block and gates) on this backbone
+        equals the teacher-forced forward of the same parts, in H + W - 1 passes."""
+        from flashar.teacher import flashar_logits
+
+        method = self._random_flashar(backbone)
         result = method.generate(self.conditions, self.grid, self._greedy(), make_generator(0, backbone.device))
         assert result.num_forward_passes == sum(self.grid) - 1
         with torch.no_grad():
             prefix = backbone.prefix(self.conditions, cfg=True, grid=self.grid, unconditional="empty")
-            cond, uncond = flashar_logits(backbone, head, prefix, result.codes).fused.chunk(2)
+            cond, uncond = flashar_logits(backbone, method.head, prefix, result.codes).fused.chunk(2)
         expected = (uncond + self.cfg_scale * (cond - uncond)).argmax(-1).view(len(self.conditions), *self.grid)
         assert torch.equal(result.codes, expected.cpu())
+
+    def test_every_method_decodes_with_the_card_hidden(self, backbone):
+        """Decoding methods talk only to the compute protocol: every registered method (FlashAR with a random
+        head) decodes this backbone while reading any BackendCard member raises."""
+        methods = [cls(backbone) for cls in self.registry().methods.values() if not cls.requires_adapter]
+        methods.append(self._random_flashar(backbone))
+        sampling = SamplingConfig(cfg_scale=self.cfg_scale)
+        with card_hidden(backbone):
+            for method in methods:
+                result = method.generate(self.conditions, self.grid, sampling, make_generator(0, backbone.device))
+                assert result.codes.shape == (len(self.conditions), *self.grid), method.id
+        assert isinstance(backbone.backend_id, str)  # visible again
 
     def test_zipar_with_a_full_row_window_is_raster_and_counts_its_passes(self, backbone):
         from flashar.methods.zipar import ZipAR, ZipAROptions, num_passes

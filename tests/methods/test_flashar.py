@@ -261,3 +261,15 @@ def test_the_adapters_fitted_coupling_is_the_default_and_the_option_overrides_it
     assert FlashAR(backbone, FlashAROptions(diagonal_coupling=0.0)).coupling == 0.0
     state = shipped.setup([3], (16, 16), api.resolve_sampling(backbone, {}))
     assert state.mixing is not None and FlashAR(backbone, FlashAROptions(diagonal_coupling=0.0)).setup([3], (16, 16), state.sampling).mixing is None
+
+
+def test_card_hidden_names_a_card_member_read_while_decoding():
+    """The conformance suite's guard can fail: a method whose setup asks the card for the grid is caught."""
+    from flashar.testing import card_hidden
+
+    method = make_method(grid=(3, 4))
+    build = method.build
+    method.build = lambda prefix, batch, grid, sampling: (method.backbone.grid(), build(prefix, batch, grid, sampling))[1]
+    with card_hidden(method.backbone), pytest.raises(AssertionError, match="card's 'grid'"):
+        method.generate([1], (3, 4), SamplingConfig(), make_generator(0, "cpu"))
+    assert method.backbone.grid(32) == (2, 2)  # and the card is back afterwards
