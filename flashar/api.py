@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from flashar.backbone import Backbone
+from flashar.backbone import Backbone, decode_images
 from flashar.config import Config, RuntimeConfig, SamplingConfig, flag_of, validated  # noqa: F401 (validated: public here too)
 from flashar.decoding import GenerateResult, Method, generate_batches  # noqa: F401 (GenerateResult: public here too)
 from flashar.errors import FlashARError
@@ -147,7 +147,7 @@ def save_images(backbone: Backbone, codes: torch.Tensor, out_dir: str | Path, co
     """Decode codes (N, H, W) to pixels and write one PNG per image."""
     paths = []
     for start in range(0, len(codes), batch_size):
-        images = backbone.decode(codes[start : start + batch_size], conditions[start : start + batch_size])
+        images = decode_images(backbone, codes[start : start + batch_size], conditions[start : start + batch_size])
         out_dir = ensure_writable_dir(out_dir)  # after the first decode: a missing tokenizer leaves no folder
         for image, name in zip(images, image_names(conditions)[start : start + batch_size]):
             save_png(image, out_dir / name)

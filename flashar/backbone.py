@@ -42,8 +42,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import os
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,6 +313,16 @@ class BackendCard(ABC):
 
 
 CARD_MEMBERS = frozenset(name for name in vars(BackendCard) if not name.startswith("_"))
+
+
+def decode_images(card: BackendCard, codes: Tensor, conditions: Sequence[Any]) -> Tensor:
+    """``card.decode(codes, conditions)``; a backend written when ``decode`` took the codes alone still
+    works, with a one-line deprecation warning naming the new parameter."""
+    if len(inspect.signature(card.decode).parameters) >= 2:
+        return card.decode(codes, conditions)
+    warnings.warn(f"{type(card).__name__}.decode(codes) should also take the conditions the codes were drawn for: "
+                  f"decode(codes, conditions=None); it is called without them for now", DeprecationWarning, stacklevel=2)
+    return card.decode(codes)
 
 
 class Backbone(nn.Module, BackendCard):

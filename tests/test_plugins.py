@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+import warnings
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from flashar.cli import cli
@@ -218,3 +220,34 @@ def test_a_backend_flag_that_clashes_with_a_method_flag_fails_registration():
 
     with pytest.raises(PluginError, match=r"--buckets is declared as int by method 'flashar' .* and as str by backend 'clash'"):
         registry_with(Plugin())
+
+
+def test_a_backend_decode_without_conditions_still_writes_images_with_a_deprecation(tmp_path):
+    """A plugin written when ``Backbone.decode`` took the codes alone keeps working (one-line warning);
+    the current signature receives the conditions."""
+    from helpers import random_gpt
+
+    from flashar.api import save_images
+
+    seen = []
+
+    class Old(type(random_gpt())):
+        def decode(self, codes):
+            return torch.zeros(len(codes), 3, 8, 8)
+
+    class New(type(random_gpt())):
+        def decode(self, codes, conditions=None):
+            seen.append(list(conditions))
+            return torch.zeros(len(codes), 3, 8, 8)
+
+    codes = torch.zeros(2, 2, 2, dtype=torch.long)
+    old = random_gpt()
+    old.__class__ = Old
+    with pytest.warns(DeprecationWarning, match=r"Old.decode\(codes\) should also take the conditions"):
+        assert len(save_images(old, codes, tmp_path / "old", [3, 4])) == 2
+    new = random_gpt()
+    new.__class__ = New
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(save_images(new, codes, tmp_path / "new", [3, 4])) == 2
+    assert seen == [[3, 4]]

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from flashar import __version__
-from flashar.backbone import Backbone
+from flashar.backbone import Backbone, decode_images
 from flashar.compare.metrics import Extractor, quality, to_uint8
 from flashar.compare.timing import Timing, time_methods
 from flashar.config import CompareConfig, SamplingConfig
@@ -140,5 +140,5 @@ def score(method: Method, conditions: list[Any], grid: tuple[int, int], sampling
 
 def decode_all(backbone: Backbone, codes: torch.Tensor, batch_size: int, conditions: list[Any]) -> torch.Tensor:
     """Images of codes (N, H, W) drawn for ``conditions`` (at least N)."""
-    return torch.cat([backbone.decode(codes[i : i + batch_size], conditions[i : i + batch_size])
+    return torch.cat([decode_images(backbone, codes[i : i + batch_size], conditions[i : i + batch_size])
                       for i in range(0, len(codes), batch_size)])
