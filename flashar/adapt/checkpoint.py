@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -55,21 +55,14 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 def save_checkpoint(out_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict,
                     state: dict[str, Any]) -> Path:
     """Write ``checkpoints/step-<step>/`` from full (gathered) weights and ``optimizer.state_dict()``-style state."""
-    root = out_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
-    try:
+    def write(staging: Path) -> None:
         save_safetensors(weights, staging / "weights.safetensors")
         opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
         save_safetensors(opt_tensors, staging / "optimizer.safetensors")
         save_json({**state, "optimizer": opt_meta}, staging / "state.json")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+
+    final = _staged(out_dir / "checkpoints", f"step-{step:08d}", write)
+    root = final.parent
     for old in sorted(root.glob("step-*"))[:-KEEP]:
         doomed = root / f".pruning-{old.name}"
         os.replace(old, doomed)  # out of sight first: a kill mid-delete never leaves a half checkpoint named step-*
@@ -140,18 +133,27 @@ def optimizer_state(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> 
 
 def save_best(out_dir: Path, stage: int, step: int, weights: dict[str, torch.Tensor]) -> Path:
     """Write ``checkpoints/best-stage<stage>/`` (staged, then renamed into place) from full weights."""
-    root = out_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"best-stage{stage}"
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
-    try:
+    def write(staging: Path) -> None:
         save_safetensors(weights, staging / "weights.safetensors")
         save_json({"stage": stage, "step": step}, staging / "best.json")
-        doomed = root / f".pruning-{final.name}"
-        if final.exists():
-            os.replace(final, doomed)  # a kill mid-delete never leaves half the weights named best-stage<N>
+
+    return _staged(out_dir / "checkpoints", f"best-stage{stage}", write)
+
+
+def _staged(root: Path, name: str, write: Callable[[Path], None]) -> Path:
+    """``write`` a folder into a staging folder under ``root``, then rename it to ``root / name`` (an older
+    one is renamed out of sight first): a kill at any moment leaves either the old folder or the new one."""
+    root.mkdir(parents=True, exist_ok=True)
+    final, doomed = root / name, root / f".pruning-{name}"
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
+    try:
+        write(staging)
+        replaced = final.exists()
+        if replaced:
+            os.replace(final, doomed)
         os.replace(staging, final)
-        shutil.rmtree(doomed, ignore_errors=True)
+        if replaced:
+            shutil.rmtree(doomed, ignore_errors=True)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
