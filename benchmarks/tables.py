@@ -28,13 +28,18 @@ def digits(report: dict) -> str:
     rows += [row(f"real {name}", "-", m, "-") for name, m in report["real"].items()]
     table = markdown(["method", "passes", "FID-digits", "KID", "IS", "precision", "recall", "class acc", "2-sample acc",
                       "held-out NLL"], rows)
-    timing = report["timing"]
-    speed = "; ".join(f"{kind} (batch {t['batch']}): raster {t['raster']['median_seconds']:.3f} s, "
-                      f"flashar {t['flashar']['median_seconds']:.3f} s, {t['speedup']:.2f}x" for kind, t in timing.items())
-    checks = ", ".join(f"{name} {'yes' if ok else 'NO'}" for name, ok in report["checks"].items())
+    def speed(t: dict) -> str:
+        timed = [m for m in t if isinstance(t[m], dict) and m != "raster"]
+        speedup = lambda m: t[m].get("speedup", t["speedup"] if m == "flashar" else None)  # older receipts: flashar's only
+        return f"raster {t['raster']['median_seconds']:.3f} s, " + ", ".join(
+            f"{m} {t[m]['median_seconds']:.3f} s ({speedup(m):.2f}x)" for m in timed)
+
+    speeds = "; ".join(f"{kind} (batch {t['batch']}): {speed(t)}" for kind, t in report["timing"].items())
+    checks = "\n".join(f"Checks{label}: " + ", ".join(f"{name} {'yes' if ok else 'NO'}" for name, ok in report[key].items()) + "."
+                       for key, label in (("checks", ""), ("checks_row_lag_2", " (row lag 2)")) if key in report)
     return (f"{table}\n\n{report['samples_per_seed']} class-balanced samples per seed, seeds {report['seeds']}, "
             f"sampling {report['sampling']}; {env['cpu']}, {env['threads']} threads, torch {env['torch']}.\n"
-            f"Speed, medians: {speed}.\nChecks: {checks}.")
+            f"Speed, medians: {speeds}.\n{checks}")
 
 
 def latency(report: dict) -> str:

@@ -11,8 +11,9 @@
 3. The FlashAR adapters are produced from the raster weights by the real CLI: ``--adapt-augment``
    randomly shifted copies of the train split (the raster model saw only shifted digits) are written as
    a class-folder of PNGs and
-   ``flashar adapt --backend digits`` runs on it, once with both stages (``flashar/``) and once with
-   stage 1 only (``flashar-stage1/``, for the ablation in the README), with 2 shifted copies of the
+   ``flashar adapt --backend digits`` runs on it, once with both stages (``flashar/``), once with
+   stage 1 only (``flashar-stage1/``, for the ablation in the README) and once with both stages and
+   ``--row-lag 2`` (``flashar-lag2/``: 46 passes, each cell also sees the cell above-right), with 2 shifted copies of the
    validation split held out: each stage ends with its best held-out weights, stops after 3 evaluations
    without improvement, stage 2 distils from the frozen raster model, and the diagonal coupling is fitted
    on the held-out grids at the end (each adapter's ``metrics.jsonl`` has the curves and the fit).
@@ -174,7 +175,7 @@ def main() -> None:
     parser.add_argument("--adapt-augment", type=int, default=8,
                         help="randomly shifted copies of each training image for adaptation (the raster model saw only shifted digits)")
     parser.add_argument("--adapt-args", default=ADAPT_ARGS, help="flags for `flashar adapt` [default: %(default)s]")
-    parser.add_argument("--adapters", default="flashar,flashar-stage1", help="which adapters to build [default: %(default)s]")
+    parser.add_argument("--adapters", default="flashar,flashar-stage1,flashar-lag2", help="which adapters to build [default: %(default)s]")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     log = lambda msg: print(msg, flush=True)
@@ -204,7 +205,7 @@ def adapt(args, splits, log) -> None:
         for (codes, labels), folder, copies in ((splits.train, "train", args.adapt_augment), (splits.val, "val", 2)):
             augmented = torch.cat([shift(codes, gen) for _ in range(copies)])  # shifted as the raster model saw them
             write_png_folder(augmented, labels.repeat(copies), Path(tmp) / folder)
-        variants = {"flashar": [], "flashar-stage1": ["--stage2-mode", "none"]}
+        variants = {"flashar": [], "flashar-stage1": ["--stage2-mode", "none"], "flashar-lag2": ["--row-lag", "2"]}
         for name in args.adapters.split(","):
             target = args.out / name
             shutil.rmtree(target, ignore_errors=True)

@@ -142,3 +142,23 @@ def test_the_gpu_script_runs_end_to_end_on_cpu_with_tiny_models(tmp_path):
     assert all(r["graphs"] == 1 and r["recompiles"] == 0 for r in report["ladder"])
     assert report["skipped"] == [] and report["ladder"][0]["attention"] == "math"
     assert "Emu3.5-34B" in load_tables().ladder(report)
+
+
+def test_the_digits_table_speaks_for_every_timed_flashar_adapter():
+    """tables.py digits: each timed FlashAR variant gets its own time and speedup, and each checks block a line
+    (a receipt from before row lag, with flashar's speedup only at the top, still renders)."""
+    metrics = {"fid": 1.0, "kid": 1.0, "inception_score": 1.0, "precision": 0.5, "recall": 0.5, "class_accuracy": 0.5,
+               "two_sample_accuracy": 0.5, "held_out_nll": 0.5, "forward_passes": 31}
+    timing = {"latency": {"batch": 1, "speedup": 4.0, "raster": {"median_seconds": 0.4, "speedup": 1.0},
+                          "flashar": {"median_seconds": 0.1, "speedup": 4.0},
+                          "flashar (row lag 2)": {"median_seconds": 0.125, "speedup": 3.2}}}
+    report = {"environment": {"cpu": "Some CPU", "threads": 2, "torch": "2"}, "samples_per_seed": 10, "seeds": [0],
+              "sampling": {}, "methods": {"raster": metrics, "flashar": metrics}, "real": {}, "timing": timing,
+              "checks": {"at_least_4x_faster": True}, "checks_row_lag_2": {"at_least_4x_faster": False}}
+    text = load_tables().digits(report)
+    assert "raster 0.400 s, flashar 0.100 s (4.00x), flashar (row lag 2) 0.125 s (3.20x)" in text
+    assert text.splitlines()[-2:] == ["Checks: at_least_4x_faster yes.", "Checks (row lag 2): at_least_4x_faster NO."]
+    old = {**report, "timing": {"latency": {"batch": 1, "speedup": 4.0, "raster": {"median_seconds": 0.4},
+                                            "flashar": {"median_seconds": 0.1}}}}
+    del old["checks_row_lag_2"]
+    assert "raster 0.400 s, flashar 0.100 s (4.00x)" in load_tables().digits(old)
