@@ -175,8 +175,12 @@ class Method(ABC):
 
     @staticmethod
     def num_forward_passes(height: int, width: int) -> int:
-        """Sequential forward passes for an H x W grid (prefill included)."""
+        """Sequential forward passes for an H x W grid (prefill included), with the default options."""
         raise NotImplementedError
+
+    def passes(self, grid: tuple[int, int]) -> int:
+        """Sequential forward passes of this instance (its options and adapter) for a grid."""
+        return self.num_forward_passes(*grid)
 
     def settings(self) -> dict[str, Any]:
         """The options this method runs with, as a report shows them (defaults resolved where a method can)."""
@@ -269,7 +273,7 @@ PROGRESS_INTERVAL = 0.1  # seconds between progress reports during a batch
 def _expected_steps(method: Method, grid: tuple[int, int]) -> int:
     """Decode steps of one batch (forward passes less the prefill), as far as the method says up front."""
     try:
-        return max(1, method.num_forward_passes(*grid) - 1)
+        return max(1, method.passes(grid) - 1)
     except (NotImplementedError, TypeError):
         return max(1, grid[0] * grid[1])
 

@@ -98,6 +98,9 @@ class FlashAR(Method):
     def num_forward_passes(height: int, width: int, row_lag: int = 1) -> int:
         return G.num_diagonals(height, width, row_lag)
 
+    def passes(self, grid: tuple[int, int]) -> int:
+        return self.num_forward_passes(*grid, self.head.config.row_lag)
+
     def settings(self) -> dict:
         return {**super().settings(), "diagonal_coupling": self.coupling}  # the adapter's fitted value unless overridden
 

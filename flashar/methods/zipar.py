@@ -166,6 +166,9 @@ class ZipAR(Method):
     def num_forward_passes(height: int, width: int, window: int | None = None) -> int:
         return num_passes([width] * height, ZipAROptions().window if window is None else window)
 
+    def passes(self, grid: tuple[int, int]) -> int:
+        return self.num_forward_passes(*grid, self.options.window)
+
     def build(self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig) -> ZipARState:
         bb, device = self.backbone, self.backbone.device
         cells, is_cell = G.raster_sequence(*grid, bb.row_end_token is not None)

@@ -63,6 +63,7 @@ def test_a_row_lag_decodes_k_r_plus_c_diagonals_with_the_teacher_forced_logits(r
     method.backbone.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[1]))
     result = method.generate([0, 9], grid, SamplingConfig(cfg_scale=2.5, top_k=1), make_generator(0, "cpu"))
     assert result.num_forward_passes == len(calls) == FlashAR.num_forward_passes(*grid, row_lag) == row_lag * 3 + 5
+    assert method.passes(grid) == result.num_forward_passes  # the instance's own count (progress bars read it)
     with torch.no_grad():
         fused = flashar_logits(method.backbone, method.head, method.backbone.prefix([0, 9], cfg=True), result.codes).fused
     cond, uncond = fused.chunk(2)

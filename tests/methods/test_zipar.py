@@ -28,8 +28,9 @@ def formula(height: int, width: int, window: int) -> int:
 @pytest.mark.parametrize("window", [1, 2, 3, 8])
 def test_step_count_matches_the_formula(grid, window):
     backbone = random_gpt()
-    result = ZipAR(backbone, ZipAR.Options(window=window)).generate([3], grid, SamplingConfig(top_k=4), make_generator(0, "cpu"))
-    assert result.num_forward_passes == formula(*grid, window) == ZipAR.num_forward_passes(*grid, window)
+    method = ZipAR(backbone, ZipAR.Options(window=window))
+    result = method.generate([3], grid, SamplingConfig(top_k=4), make_generator(0, "cpu"))
+    assert result.num_forward_passes == formula(*grid, window) == ZipAR.num_forward_passes(*grid, window) == method.passes(grid)
     assert result.codes.shape == (1, *grid)
 
 
