@@ -187,6 +187,8 @@ class AdapterMetadata(Config):
     num_blocks: int = Field(..., ge=1, description="K.")
     stage: int = Field(0, ge=0, le=2, description="Last completed adaptation stage.")
     step: int = Field(0, ge=0, description="Optimizer steps taken in total.")
+    weights_step: int | None = Field(None, ge=0, description="Optimizer step whose weights the adapter holds: the best "
+                                     "held-out evaluation of its last stage, else the last step (None: not recorded).")
     backbone_weights: Literal["none", "full", "lora"] = Field("none", description="What the adapter holds of the backbone.")
     lora_scaling: float | None = Field(None, description="alpha / rank of the stored LoRA factors.")
     diagonal_coupling: float = Field(0.0, ge=0.0, lt=1.0, description="Correlation of the Gaussian copula that couples "

@@ -471,7 +471,9 @@ def _finish(model: AdaptModel, run: Run, place: Distributed, metadata: AdapterMe
     """Write the adapter from the main process (after gathering FSDP shards); return it unless sharded."""
     config, keep = run.config, place.is_main
     mode = "none" if position.stage < 2 or config.stage2_mode == "none" or config.stage2.steps == 0 else config.stage2_mode
-    meta = metadata.model_copy(update={"stage": position.stage, "step": position.step, "backbone_weights": mode,
+    weights_step = position.step if position.best.step is None else position.best.step  # _restore_best loaded it
+    meta = metadata.model_copy(update={"stage": position.stage, "step": position.step, "weights_step": weights_step,
+                                       "backbone_weights": mode,
                                        "lora_scaling": config.lora_alpha / config.lora_rank if mode == "lora" else None,
                                        "diagonal_coupling": _fit_coupling(model, run, place, position)})
     head = full_tensors(model.head.state_dict(), keep)

@@ -16,7 +16,7 @@ from flashar.adapt.data import TokenData
 from flashar.adapt.trainer import Run, adapt
 from flashar.cli import cli
 from flashar.config import AdaptConfig, StageConfig
-from flashar.io import load_weights
+from flashar.io import load_json, load_weights
 from flashar.teacher import flashar_logits, horizontal_distillation_kl, raster_logits
 
 
@@ -77,6 +77,8 @@ def test_early_stopping_ends_the_stage_with_its_best_weights(tmp_path):
     adapter = load_weights(tmp_path / "model.safetensors")
     assert {f"head.{k}" for k in adapter} == set(best)
     assert all(torch.equal(adapter[k], best[f"head.{k}"]) for k in adapter)
+    metadata = load_json(tmp_path / "config.json")
+    assert (metadata["step"], metadata["weights_step"]) == (last["step"], last["best_step"])
 
 
 def test_held_out_evaluation_does_not_change_training(tmp_path):
