@@ -1,7 +1,9 @@
 """CLI plumbing: pydantic fields as click options, plugin-defined options, one-line errors, rendering.
 
 Options map one-to-one to config fields (``--cfg-scale`` sets ``cfg_scale``); a field may name its flag
-with ``json_schema_extra={"flag": "model-config"}``. Backends and methods contribute options from their
+with ``json_schema_extra={"flag": "model-config"}``, and limit it to some commands with
+``json_schema_extra={"commands": ["generate", "compare"]}`` (e.g. a pixel decoder's settings, which
+``adapt`` never uses). Backends and methods contribute options from their
 ``Options`` models, resolved lazily from the registry in the click context so tests can pass their own.
 """
 
@@ -149,9 +151,11 @@ def field_options(model: type[BaseModel], skip: Iterable[str] = (), prefix: str 
         shown = (defaults is not None or not field.is_required()) and default is not None
         help_text = (field.description or "") + (f"  [default: {default}]" if shown else "")
         if ctype is bool:
-            options.append(click.Option([f"--{flag}/--no-{flag}", dest], default=None, help=help_text))
+            option = click.Option([f"--{flag}/--no-{flag}", dest], default=None, help=help_text)
         else:
-            options.append(click.Option([f"--{flag}", dest], type=ctype, default=None, help=help_text))
+            option = click.Option([f"--{flag}", dest], type=ctype, default=None, help=help_text)
+        option.commands = (field.json_schema_extra or {}).get("commands")  # None: every command
+        options.append(option)
     return options
 
 
@@ -206,6 +210,8 @@ class PluginCommand(click.Command):
         params = [with_backend_defaults(p, registry) for p in super().get_params(ctx)]
         seen = {opt for p in params for opt in p.opts}
         for param in self.plugin_params(registry, ctx.meta.get("flashar.selected", {})):
+            if getattr(param, "commands", None) is not None and self.name not in param.commands:
+                continue  # the owner scoped this option to other commands
             if not seen.intersection(param.opts):
                 params.append(param)
                 seen.update(param.opts)

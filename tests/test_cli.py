@@ -99,3 +99,13 @@ def test_listings_as_json(run):
 def test_help_lists_backend_options(run):
     result = run("generate", "--help")
     assert "--gpt-model" in result.output and "--vq-checkpoint" in result.output and "--cfg-scale" in result.output
+
+
+def test_an_option_scoped_to_some_commands_is_only_offered_there(run):
+    """GLM-Image's DiT settings turn codes into pixels: `generate` and `compare` take them, `adapt` neither
+    shows nor parses them."""
+    for command in ("generate", "compare"):
+        assert "--dit-steps" in run(command, "--help").output
+    assert "--dit-steps" not in run("adapt", "--help").output and "--model-path" in run("adapt", "--help").output
+    result = run("adapt", "--backend", "glm-image", "--dit-steps", 3)
+    assert result.exit_code == 2 and "No such option '--dit-steps'" in result.output
