@@ -46,15 +46,7 @@ from flashar.backends.llamagen.model import GPTConfig
 from flashar.adapt.model import dropout_prefix
 from flashar.teacher import raster_logits
 
-
-def nll(model: LlamaGenBackbone, codes: torch.Tensor, labels: torch.Tensor, batch: int = 100) -> float:
-    """Mean negative log-likelihood per token (nats) of held-out grids under the raster model."""
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, len(codes), batch):
-            logits = raster_logits(model, model.prefix(labels[i : i + batch].tolist(), cfg=False, grid=(16, 16)), codes[i : i + batch])
-            total += F.cross_entropy(logits.flatten(0, 1), codes[i : i + batch].flatten(), reduction="sum").item()
-    return total / codes.numel()
+from digits_quality import held_out_nll  # benchmarks/ (this script's folder)
 
 
 # Adaptation recipe for the tiny model (the library defaults are Emu3.5's, for a 34B backbone).
@@ -103,7 +95,7 @@ def train_raster(args, splits, log) -> tuple[LlamaGenBackbone, dict]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
         model.eval()
-        val = nll(model, *splits.val)
+        val = held_out_nll(model, *splits.val)
         plateau.step(val)
         curve.append({"epoch": epoch, "val_nll": val, "train_loss": loss.item(), "lr": opt.param_groups[0]["lr"],
                       "seconds": time.perf_counter() - began})
