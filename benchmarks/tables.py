@@ -35,8 +35,9 @@ def digits(report: dict) -> str:
             f"{m} {t[m]['median_seconds']:.3f} s ({speedup(m):.2f}x)" for m in timed)
 
     speeds = "; ".join(f"{kind} (batch {t['batch']}): {speed(t)}" for kind, t in report["timing"].items())
-    checks = "\n".join(f"Checks{label}: " + ", ".join(f"{name} {'yes' if ok else 'NO'}" for name, ok in report[key].items()) + "."
-                       for key, label in (("checks", ""), ("checks_row_lag_2", " (row lag 2)")) if key in report)
+    label = lambda key: "" if key == "checks" else f" (row lag {key.removeprefix('checks_row_lag_')})"  # checks_row_lag_K
+    checks = "\n".join(f"Checks{label(key)}: " + ", ".join(f"{name} {'yes' if ok else 'NO'}" for name, ok in report[key].items()) + "."
+                       for key in report if key == "checks" or key.startswith("checks_row_lag_"))
     return (f"{table}\n\n{report['samples_per_seed']} class-balanced samples per seed, seeds {report['seeds']}, "
             f"sampling {report['sampling']}; {env['cpu']}, {env['threads']} threads, torch {env['torch']}.\n"
             f"Speed, medians: {speeds}.\n{checks}")

@@ -158,6 +158,9 @@ def test_the_digits_table_speaks_for_every_timed_flashar_adapter():
     text = load_tables().digits(report)
     assert "raster 0.400 s, flashar 0.100 s (4.00x), flashar (row lag 2) 0.125 s (3.20x)" in text
     assert text.splitlines()[-2:] == ["Checks: at_least_4x_faster yes.", "Checks (row lag 2): at_least_4x_faster NO."]
+    lag1 = {**report, "checks_row_lag_1": report["checks_row_lag_2"]}  # today's receipts: the default is lag 2
+    del lag1["checks_row_lag_2"]
+    assert load_tables().digits(lag1).splitlines()[-1] == "Checks (row lag 1): at_least_4x_faster NO."
     old = {**report, "timing": {"latency": {"batch": 1, "speedup": 4.0, "raster": {"median_seconds": 0.4},
                                             "flashar": {"median_seconds": 0.1}}}}
     del old["checks_row_lag_2"]

@@ -118,7 +118,7 @@ def test_compare_on_the_default_writes_table_json_grids_and_plot(tmp_path, regis
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     rows = {row["method"]: row for row in report["methods"]}
-    assert rows["raster"]["forward_passes"] == 256 and rows["flashar"]["forward_passes"] == 31
+    assert rows["raster"]["forward_passes"] == 256 and rows["flashar"]["forward_passes"] == 46  # the default adapter: row lag 2
     for row in rows.values():
         for key in ("fid", "kid", "precision", "recall", "class_accuracy", "two_sample_accuracy", "latency_per_image_ms", "images_per_second",
                     "latency_speedup_vs_raster", "throughput_speedup_vs_raster"):
