@@ -254,9 +254,8 @@ def test_coupled_draws_follow_the_diagonal():
 
 def test_the_adapters_fitted_coupling_is_the_default_and_the_option_overrides_it():
     from flashar import api
-    from flashar.methods.flashar import FlashAROptions
-
     from flashar.backends.digits import WEIGHTS_DIR
+    from flashar.methods.flashar import FlashAROptions
 
     backbone = api.load_backbone("digits", {})
     shipped = FlashAR(backbone)
