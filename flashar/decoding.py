@@ -18,10 +18,11 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from flashar import grid as G
 from flashar.backbone import Backbone, KVCache, Prefix
 from flashar.compilation import compile_step
 from flashar.config import CompileMode, Config, SamplingConfig
-from flashar.sampling import cfg_mix, make_generator, refill_uniform
+from flashar.sampling import cfg_mix, make_generator, refill_uniform, sample
 from flashar.shapes import Plan, Shapes
 
 
@@ -223,14 +224,90 @@ def image_key_valid(prefix: Prefix, cache_length: int) -> Tensor:
     return valid
 
 
-def guided(logits: Tensor, sampling: SamplingConfig, space: str = "logits", use_cfg: Tensor | None = None) -> Tensor:
-    """Apply CFG to (2B, ..., V) rows [cond; uncond] when enabled; ``use_cfg`` (0-d bool) can switch it off."""
+def guided(logits: Tensor, sampling: SamplingConfig, space: str = "logits", entries: Tensor | None = None) -> Tensor:
+    """Apply CFG to (2B, ..., V) rows [cond; uncond] when enabled. ``entries`` (0-d, or one per logit row
+    (..., T)): the native-sequence entries the logits predict; guidance then applies to the first
+    ``cfg_interval + 2`` entries only (LlamaGen's interval; -1: all), the conditional logits elsewhere."""
     if not sampling.use_cfg:
         return logits
     mixed = cfg_mix(logits, sampling.cfg_scale, space)
-    if use_cfg is None:
+    if entries is None or sampling.cfg_interval < 0:
         return mixed
-    return torch.where(use_cfg, mixed, logits.chunk(2, dim=0)[0])
+    return torch.where((entries <= sampling.cfg_interval + 1)[..., None], mixed, logits.chunk(2, dim=0)[0])
+
+
+def feed(backbone: Backbone, state: DecodeState, ids: Tensor, positions: Tensor, visible: Tensor, slots: Tensor,
+         tap: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """One backbone forward over a chunk of T token ids (B, T) (both CFG halves get them) at ``positions``,
+    writing cache ``slots`` (T,); query t sees the slots where ``visible`` (T, S') is True, S' the key window."""
+    if state.sampling.use_cfg:
+        ids = torch.cat([ids, ids])
+    mask = key_mask(state.key_valid[:, : visible.shape[-1]], visible)
+    return backbone(backbone.embed(ids), positions, mask, state.cache, slots, tap=tap)
+
+
+# --- the native raster sequence (raster, SJD and GSD, ZipAR) ------------------------------------------------
+@dataclass
+class SequenceState(DecodeState):
+    """A state over the backbone's own raster sequence: M entries, the cells, plus a forced row-end entry after
+    every row but the last on backbones that have a ``row_end_token`` (Emu3.5's EOL); entry j at slot P + j."""
+
+    num_entries: int  # M
+    positions: Tensor  # (M + pad, ...) native position of every entry (padding repeats the last cell's)
+    slots: Tensor  # (M + pad,) cache slot of every entry, P + j
+    forced: Tensor  # (M + pad,) token id forced at entry j (row ends), -1 where sampled
+    tokens: Tensor  # (B, M + pad) token ids
+
+
+def native_sequence(backbone: Backbone, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Cells (M, 2) of the native sequence and the token forced at each entry (M,), -1 where sampled."""
+    cells, is_cell = G.raster_sequence(*grid, backbone.row_end_token is not None)
+    return cells, torch.where(is_cell, -1, -1 if backbone.row_end_token is None else backbone.row_end_token)
+
+
+def sequence_fields(backbone: Backbone, prefix: Prefix, grid: tuple[int, int], batch: int,
+                    pad: int = 0) -> tuple[Tensor, dict[str, Any]]:
+    """The cells (M, 2) and :class:`SequenceState`'s fields for ``batch`` rows, with ``pad`` entries past
+    the sequence (never forced, never committed)."""
+    cells, forced = native_sequence(backbone, grid)
+    num_entries, device = len(cells), backbone.device
+    entry = torch.arange(num_entries + pad)
+    return cells, dict(
+        num_entries=num_entries,
+        positions=backbone.cell_positions(cells[entry.clamp(max=num_entries - 1)].to(device), prefix.length,
+                                          native=True, grid=grid),
+        slots=(prefix.length + entry).to(device),
+        forced=torch.cat([forced, forced.new_full((pad,), -1)]).to(device),
+        tokens=torch.zeros(batch, num_entries + pad, dtype=torch.long, device=device))
+
+
+def causal_chunk(backbone: Backbone, state: SequenceState, entries: Tensor, keys: Tensor) -> Tensor:
+    """Final hidden states (B', T, D) of the entries (T,) fed in one chunk, each query seeing the slots up to
+    its own (later, stale slots hidden); ``keys`` (S',) is the window of slot indices attention reads."""
+    slots = state.slots.index_select(0, entries)
+    return feed(backbone, state, state.tokens.index_select(1, entries), state.positions.index_select(0, entries),
+                keys[None, :] <= slots[:, None], slots)[0]
+
+
+def commit(backbone: Backbone, state: DecodeState, entries: Tensor, codes: Tensor) -> None:
+    """Store codes (B, T) at the entries (T,) of ``state.tokens`` as token ids, the token ``state.forced`` holds
+    (a row end) where an entry has one. (Here and below: a :class:`SequenceState`, or ZipAR's, which has
+    ``tokens``, ``forced`` and ``num_entries`` too.)"""
+    forced = state.forced.index_select(0, entries)[None, :]
+    state.tokens.index_copy_(1, entries, torch.where(forced >= 0, forced, backbone.code_ids(codes)))
+
+
+def start_sequence(backbone: Backbone, state: DecodeState, uniform: Tensor) -> None:
+    """Prefill, then sample entry 0 (cell (0, 0)) with the uniforms (B,)."""
+    h, _ = prefill(backbone, state.prefix, state.cache)
+    code = sample(guided(backbone.logits(h), state.sampling, backbone.native_cfg), uniform, state.sampling)
+    state.tokens[:, 0] = backbone.code_ids(code)
+
+
+def sequence_codes(backbone: Backbone, state: DecodeState) -> Tensor:
+    """The grid (B, H, W) of codes on CPU, read from the sequence's sampled entries."""
+    forced, tokens = state.forced[: state.num_entries], state.tokens[:, : state.num_entries]
+    return (tokens[:, forced < 0] - backbone.code_offset).view(-1, *state.grid).cpu()
 
 
 def synchronize(device: torch.device) -> None:

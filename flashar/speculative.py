@@ -34,26 +34,22 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from flashar import grid as G
 from flashar.backbone import Backbone, Prefix
 from flashar.compilation import mark_static
 from flashar.config import SamplingConfig
-from flashar.decoding import DecodeState, Generation, Method, guided, image_key_valid, key_mask, prefill
+from flashar.decoding import (Generation, Method, SequenceState, causal_chunk, commit, guided, image_key_valid, prefill,
+                              sequence_codes, sequence_fields)
 from flashar.shapes import Shapes
 from flashar.sampling import draw, new_uniform, processed_probs, refill_uniform
 
+
 @dataclass
-class SpeculativeState(DecodeState):
-    num_entries: int  # M, entries of the native sequence
+class SpeculativeState(SequenceState):  # the sequence padded by 2L entries that repeat the last cell's position
     draft_init: str  # "repeat_horizon" | "random"
     coupled: bool  # SCD maximal coupling of the Jacobi update
-    positions: Tensor  # (M + 2L, ...) native positions; entries >= M repeat the last cell (never committed)
-    slots: Tensor  # (M + 2L,) cache slot of each entry, P + j
-    forced: Tensor  # (M + 2L,) forced token id (row ends), -1 where sampled
     auto_accept: Tensor  # (M + 2L,) bool: forced entries and the padding past M always pass verification
     row_start: Tensor  # (M + 2L,) first entry of each entry's row (padding: itself)
     offsets: Tensor  # (T,) arange(L + 1), window positions
-    tokens: Tensor  # (B, M + 2L) token ids: committed entries, then the draft window
     draft_probs: Tensor  # (B, L, V) q of the drafts in the window
     accepted: Tensor  # 0-d int64: n, committed entries
     uniform: Tensor  # (B, L) U[0, 1) for verification, refilled every iteration
@@ -70,30 +66,22 @@ class SpeculativeState(DecodeState):
 def build(backbone: Backbone, shapes: Shapes, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig,
           draft_length: int, draft_init: str, coupled: bool) -> SpeculativeState:
     """Allocate every buffer of a speculative generation (cache, window, randomness)."""
-    height, width = grid
-    cells, is_cell = G.raster_sequence(height, width, backbone.row_end_token is not None)
-    num_entries, length = len(cells), draft_length
-    padded = num_entries + 2 * length  # the window and the next one may run past the last entry
+    length, device = draft_length, backbone.device
+    # the window and the next one may run past the last entry
+    cells, sequence = sequence_fields(backbone, prefix, grid, batch, pad=2 * length)
+    num_entries = sequence["num_entries"]
     cache = backbone.new_cache(prefix.batch_size, prefix.length + num_entries + length)
-    device, vocab = backbone.device, backbone.codebook_size
-    entry = torch.arange(padded)
-    last_cell = entry.clamp(max=num_entries - 1)
-    row_end = -1 if backbone.row_end_token is None else backbone.row_end_token
-    forced = torch.where(entry < num_entries, torch.where(is_cell[last_cell], -1, row_end), -1)
+    entry = torch.arange(num_entries + 2 * length, device=device)
     # a window reads the slots before P + n + L, for n committed entries, 1 <= n < M
     plan = shapes.plan(None, torch.arange(cache.length, device=device),
                        [prefix.length + length + 1, prefix.length + length + num_entries - 1])
     state = SpeculativeState(
         prefix=prefix, grid=grid, sampling=sampling, cache=cache, key_valid=image_key_valid(prefix, cache.length),
-        plan=plan, num_entries=num_entries, draft_init=draft_init, coupled=coupled,
-        positions=backbone.cell_positions(cells[last_cell].to(device), prefix.length, native=True, grid=grid),
-        slots=(prefix.length + entry).to(device),
-        forced=forced.to(device),
-        auto_accept=((forced >= 0) | (entry >= num_entries)).to(device),
-        row_start=_row_starts(cells, padded).to(device),
+        plan=plan, **sequence, draft_init=draft_init, coupled=coupled,
+        auto_accept=(sequence["forced"] >= 0) | (entry >= num_entries),
+        row_start=_row_starts(cells, len(entry)).to(device),
         offsets=torch.arange(length + 1, device=device),
-        tokens=torch.empty(batch, padded, dtype=torch.long, device=device),
-        draft_probs=torch.zeros(batch, length, vocab, device=device),
+        draft_probs=torch.zeros(batch, length, backbone.codebook_size, device=device),
         accepted=torch.zeros((), dtype=torch.long, device=device),
         uniform=torch.zeros(batch, length, device=device),
         init_codes=torch.zeros(batch, length, dtype=torch.long, device=device),
@@ -118,18 +106,11 @@ def token_mass(state: SpeculativeState, logits: Tensor, probs: Tensor, draft_pro
 
 
 def window_logits(backbone: Backbone, state: SpeculativeState, entries: Tensor, keys: Tensor) -> Tensor:
-    """Feed entries (T,) in one causal chunk -> guided logits (B, T, V) predicting entries + 1.
-
-    ``keys`` (S',) are the cache slots attention reads, at least up to the window's last slot."""
-    ids = state.tokens.index_select(1, entries)  # (B, T)
-    if state.sampling.use_cfg:
-        ids = torch.cat([ids, ids])  # both CFG halves see the same drafts (C7)
-    slots = state.slots.index_select(0, entries)
-    mask = key_mask(state.key_valid[:, : keys.shape[0]], keys[None, :] <= slots[:, None])  # stale slots > query are hidden
-    h, _ = backbone(backbone.embed(ids), state.positions.index_select(0, entries), mask, state.cache, slots)
-    interval = state.sampling.cfg_interval
-    use_cfg = ((entries + 1 <= interval + 1) | (interval < 0))[:, None]  # (T, 1), raster's cfg_interval per entry
-    return guided(backbone.logits(h), state.sampling, backbone.native_cfg, use_cfg)
+    """Feed entries (T,) in one causal chunk (both CFG halves see the same drafts, C7) -> guided logits
+    (B, T, V) predicting entries + 1. ``keys`` (S',) are the cache slots attention reads, at least up to
+    the window's last slot."""
+    h = causal_chunk(backbone, state, entries, keys)
+    return guided(backbone.logits(h), state.sampling, backbone.native_cfg, entries=entries + 1)
 
 
 def step(backbone: Backbone, state: SpeculativeState, rule: Callable, keys: Tensor) -> None:
@@ -145,7 +126,7 @@ def step(backbone: Backbone, state: SpeculativeState, rule: Callable, keys: Tens
     codes = jacobi_update(state, probs, drafts, accept, num_accepted)  # (B, T) entries n .. n+L
     first_new = state.accepted + state.draft_length + 1  # entries past the window need initial drafts
     init = initial_drafts(state, first_new, codes[:, -1])  # (B, L) entries n+L+1 .. n+2L
-    _write(backbone, state, state.accepted + torch.arange(2 * state.draft_length + 1, device=codes.device),
+    commit(backbone, state, state.accepted + torch.arange(2 * state.draft_length + 1, device=codes.device),
            torch.cat([codes, init], dim=1))
     source = num_accepted + 1 + state.offsets[:-1]  # (L,) next window j <- this window position a+1+j
     from_probs = (source <= state.draft_length)[None, :, None]
@@ -184,19 +165,13 @@ def initial_drafts(state: SpeculativeState, first: Tensor, left: Tensor) -> Tens
     return torch.where((row_start < first)[None, :], left[:, None], state.init_codes.index_select(1, own_start))
 
 
-def _write(backbone: Backbone, state: SpeculativeState, entries: Tensor, codes: Tensor) -> None:
-    """Store codes (B, len) at entries (len,) as token ids, forced tokens respected."""
-    forced = state.forced.index_select(0, entries)[None, :]
-    state.tokens.index_copy_(1, entries, torch.where(forced >= 0, forced, backbone.code_ids(codes)))
-
-
 def start(backbone: Backbone, state: SpeculativeState, h: Tensor) -> None:
     """Commit entry 0 from the prefill state h (B', D) and fill the first window with initial drafts."""
     logits = guided(backbone.logits(h), state.sampling, backbone.native_cfg)  # (B, V)
     first = draw(processed_probs(logits, state.sampling), state.draw_uniform[:, 0])  # (B,)
     one = torch.ones((), dtype=torch.long, device=first.device)
     init = initial_drafts(state, one, first)  # (B, L) entries 1 .. L
-    _write(backbone, state, torch.arange(state.draft_length + 1, device=first.device), torch.cat([first[:, None], init], 1))
+    commit(backbone, state, torch.arange(state.draft_length + 1, device=first.device), torch.cat([first[:, None], init], 1))
     state.draft_probs.zero_().scatter_(-1, init[..., None], 1.0)
     state.accepted.fill_(1)
 
@@ -237,6 +212,4 @@ class SpeculativeMethod(Method):
             state.progress.append(committed)
 
     def codes(self, state: SpeculativeState) -> Generation:
-        is_cell = state.forced[: state.num_entries] < 0
-        codes = state.tokens[:, : state.num_entries][:, is_cell] - self.backbone.code_offset
-        return Generation(codes.view(-1, *state.grid).cpu(), num_forward_passes=1 + len(state.progress))
+        return Generation(sequence_codes(self.backbone, state), num_forward_passes=1 + len(state.progress))

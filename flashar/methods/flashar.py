@@ -38,7 +38,7 @@ from flashar.branch import CORNER, cell_kinds
 from flashar.compilation import mark_static
 from flashar.config import Config, SamplingConfig
 from flashar.errors import FlashARError
-from flashar.decoding import DecodeState, Generation, Method, guided, image_key_valid, key_mask, prefill
+from flashar.decoding import DecodeState, Generation, Method, feed, guided, image_key_valid, prefill
 from flashar.hookspecs import hookimpl
 from flashar.sampling import ar1_mixing, new_uniform, refill_uniform, sample
 
@@ -168,15 +168,11 @@ class FlashAR(Method):
 
         ``keys`` (S',) is the window of ``slot_step`` attention reads, P + the cells of diagonals <= s at least."""
         bb = self.backbone
-        ids = bb.code_ids(st.tokens.index_select(1, cells))  # (B, T)
-        if st.sampling.use_cfg:
-            ids = torch.cat([ids, ids])  # both CFG halves see the same tokens
-        positions = st.positions.index_select(0, cells)
-        slots = st.rank.index_select(0, cells)
-        length = keys.shape[0]
-        mask = key_mask(st.key_valid[:, :length], (keys <= s)[None, :].expand(len(cells), -1))
-        h, h_tap = bb(bb.embed(ids), positions, mask, st.cache, st.prefix.length + slots, tap=self.head.branch_layer)
-        branch_keys = st.branch_step[: length - st.prefix.length]
+        positions, slots = st.positions.index_select(0, cells), st.rank.index_select(0, cells)
+        visible = (keys <= s)[None, :].expand(len(cells), -1)
+        h, h_tap = feed(bb, st, bb.code_ids(st.tokens.index_select(1, cells)), positions, visible, st.prefix.length + slots,
+                        tap=self.head.branch_layer)
+        branch_keys = st.branch_step[: keys.shape[0] - st.prefix.length]
         branch_mask = (branch_keys <= s)[None, None, None, :].expand(1, 1, len(cells), -1)  # broadcast over rows
         v = self.head.vertical(bb, h_tap, positions, branch_mask, st.branch_cache, slots)
         st.hidden.index_copy_(1, cells, h)
@@ -193,13 +189,18 @@ class FlashAR(Method):
         codes = sample(guided(logits, st.sampling), st.uniform[: cells.shape[0]].transpose(0, 1), st.sampling)  # (B, T)
         st.tokens.index_copy_(1, cells, codes)
 
-    def _step(self, st: FlashARState, t: Tensor, diagonals: Tensor, keys: Tensor) -> None:
-        """Append diagonal t-1, predict diagonal t (t is a 0-d tensor).
+    def _advance(self, st: FlashARState, t: Tensor, diagonals: Tensor, keys: Tensor) -> Tensor:
+        """Append diagonal t-1 (t is a 0-d tensor); return the cells (T',) of diagonal t.
 
         ``diagonals`` (D, T') is the diagonal table of the width this step uses, ``keys`` the window of
         ``slot_step`` its attention reads."""
         previous, current = diagonals.index_select(0, torch.stack([t - 1, t])).unbind(0)  # (T',) each
         self._append(st, previous, t - 1, keys)
+        return current
+
+    def _step(self, st: FlashARState, t: Tensor, diagonals: Tensor, keys: Tensor) -> None:
+        """Append diagonal t-1, predict and sample diagonal t."""
+        current = self._advance(st, t, diagonals, keys)
         self._store(st, current, self._predict(st, current))
 
     # --- the loop's ends ----------------------------------------------------------------------------
@@ -225,9 +226,8 @@ class FlashAR(Method):
         with torch.no_grad():
             corner, corner_logits = self._corner(st)
             logits[:, :1] = corner_logits
-            for t, diagonals, keys in st.plan.args:
-                previous, current = diagonals.index_select(0, torch.stack([t - 1, t])).unbind(0)
-                self._append(st, previous, t - 1, keys)
+            for args in st.plan.args:
+                current = self._advance(st, *args)
                 logits.index_copy_(1, current, self._predict(st, current))
         return logits[:, :-1]
 

@@ -16,22 +16,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flashar import grid as G
 from flashar.backbone import Prefix
 from flashar.compilation import mark_static
 from flashar.config import SamplingConfig
-from flashar.decoding import DecodeState, Generation, Method, guided, image_key_valid, key_mask, prefill
+from flashar.decoding import (Generation, Method, SequenceState, causal_chunk, commit, guided, image_key_valid,
+                              sequence_codes, sequence_fields, start_sequence)
 from flashar.hookspecs import hookimpl
 from flashar.sampling import new_uniform, sample
 
 
 @dataclass
-class RasterState(DecodeState):
-    positions: Tensor  # (M, ...) native position encoding of every sequence entry
-    slots: Tensor  # (M,) cache slot of every sequence entry: P + j
-    forced: Tensor  # (M,) token id forced at entry j (row ends), -1 where sampled
-    is_cell: Tensor  # (M,) bool, True for grid cells
-    tokens: Tensor  # (B, M) generated token ids (model vocabulary)
+class RasterState(SequenceState):
     uniform: Tensor  # (B,) U[0, 1) for the step's draw, refilled every step
 
 
@@ -45,21 +40,14 @@ class Raster(Method):
 
     def build(self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig) -> RasterState:
         bb, device = self.backbone, self.backbone.device
-        cells, is_cell = G.raster_sequence(*grid, bb.row_end_token is not None)
-        num_entries = len(cells)
+        _, sequence = sequence_fields(bb, prefix, grid, batch)
+        num_entries = sequence["num_entries"]
         cache = bb.new_cache(prefix.batch_size, prefix.length + num_entries)
-        forced = torch.where(is_cell, -1, bb.row_end_token if bb.row_end_token is not None else -1)
         # step j feeds entry j-1 and reads the P + j slots written so far
         plan = self.shapes.plan(torch.arange(num_entries, device=device)[1:], torch.arange(cache.length, device=device),
                                 [prefix.length + j for j in range(1, num_entries)])
-        state = RasterState(
-            prefix=prefix, grid=grid, sampling=sampling, cache=cache, key_valid=image_key_valid(prefix, cache.length), plan=plan,
-            positions=bb.cell_positions(cells.to(device), prefix.length, native=True, grid=grid),
-            slots=prefix.length + torch.arange(num_entries, device=device),
-            forced=forced.to(device), is_cell=is_cell.to(device),
-            tokens=torch.zeros(batch, num_entries, dtype=torch.long, device=device),
-            uniform=new_uniform((batch,), device),
-        )
+        state = RasterState(prefix=prefix, grid=grid, sampling=sampling, cache=cache, plan=plan,
+                            key_valid=image_key_valid(prefix, cache.length), **sequence, uniform=new_uniform((batch,), device))
         mark_static(state.tokens, state.uniform)  # mutated by the step / refilled by the loop
         return state
 
@@ -67,36 +55,20 @@ class Raster(Method):
         state.tokens.zero_()
         state.uniform.zero_()
 
-    def _draw(self, state: RasterState, logits: Tensor, j: Tensor) -> Tensor:
-        """Guided, sampled code for sequence entry j (0-d), as a token id, forced tokens respected."""
-        sampling = state.sampling
-        use_cfg = (j <= sampling.cfg_interval + 1) | (sampling.cfg_interval < 0)
-        code = sample(guided(logits, sampling, self.backbone.native_cfg, use_cfg), state.uniform, sampling)
-        forced = state.forced.index_select(0, j.view(1))  # (1,); not forced[j], which torch may read as an int
-        return torch.where(forced >= 0, forced, self.backbone.code_ids(code))
-
     def start(self, state: RasterState) -> None:
-        h, _ = prefill(self.backbone, state.prefix, state.cache)
-        state.tokens[:, 0] = self._draw(state, self.backbone.logits(h), state.slots.new_zeros(()))
+        start_sequence(self.backbone, state, state.uniform)
 
     def _step(self, state: RasterState, j: Tensor, keys: Tensor) -> None:
-        """Feed entry j-1, predict entry j, write it into ``state.tokens``.
+        """Feed entry j-1, predict entry j (0-d), write it into ``state.tokens``.
 
         ``keys`` (S',) are the cache slots attention reads: a window of the slot indices, at least the
         P + j slots written so far."""
-        prev = (j - 1).view(1)
-        ids = state.tokens.index_select(1, prev)  # (B, 1)
-        if state.sampling.use_cfg:
-            ids = torch.cat([ids, ids])  # both CFG halves consume the same token
-        slot = state.slots.index_select(0, prev)
-        mask = key_mask(state.key_valid[:, : keys.shape[0]], keys[None, :] <= slot[:, None])
-        h, _ = self.backbone(self.backbone.embed(ids), state.positions.index_select(0, prev), mask, state.cache, slot)
-        token = self._draw(state, self.backbone.logits(h[:, 0]), j)
-        state.tokens.index_copy_(1, j.view(1), token[:, None])
+        h = causal_chunk(self.backbone, state, (j - 1).view(1), keys)  # (B', 1, D)
+        logits = guided(self.backbone.logits(h[:, 0]), state.sampling, self.backbone.native_cfg, entries=j)
+        commit(self.backbone, state, j.view(1), sample(logits, state.uniform, state.sampling)[:, None])
 
     def codes(self, state: RasterState) -> Generation:
-        codes = state.tokens[:, state.is_cell] - self.backbone.code_offset
-        return Generation(codes.view(-1, *state.grid).cpu(), len(state.slots))
+        return Generation(sequence_codes(self.backbone, state), state.num_entries)
 
 
 @hookimpl

@@ -32,11 +32,11 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from flashar import grid as G
 from flashar.backbone import Prefix
 from flashar.compilation import mark_static
 from flashar.config import Config, SamplingConfig
-from flashar.decoding import DecodeState, Generation, Method, guided, image_key_valid, key_mask, prefill
+from flashar.decoding import (DecodeState, Generation, Method, commit, feed, guided, image_key_valid, native_sequence,
+                              sequence_codes, start_sequence)
 from flashar.hookspecs import hookimpl
 from flashar.sampling import new_uniform, sample
 
@@ -171,16 +171,14 @@ class ZipAR(Method):
 
     def build(self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig) -> ZipARState:
         bb, device = self.backbone, self.backbone.device
-        cells, is_cell = G.raster_sequence(*grid, bb.row_end_token is not None)
+        cells, forced = native_sequence(bb, grid)
         row_lengths = torch.bincount(cells[:, 0]).tolist()
-        steps = schedule(row_lengths, is_cell.tolist(), self.options.window)
+        steps = schedule(row_lengths, (forced < 0).tolist(), self.options.window)
         num_entries, width = len(cells), max(len(chunk) for chunk in steps) if steps else 1
         cache = bb.new_cache(prefix.batch_size, prefix.length + width + num_entries + 1)  # the last slot is never read
         table = _tables(steps, num_entries, width, prefix.length, self.options.mask_unwritten)
         slot_raster, slot_written = _slot_tables(table, cache.length, num_entries, width, prefix.length, self.options.mask_unwritten)
-        forced = torch.full((num_entries + width,), -1, dtype=torch.long)
-        if bb.row_end_token is not None:
-            forced[:num_entries][~is_cell] = bb.row_end_token
+        forced = torch.cat([forced, forced.new_full((width,), -1)])  # the scratch entries are never forced
         at_cells = torch.where(table["real"][..., None], cells[table["at"].clamp(max=num_entries - 1)], 0)
         # step k reads the prefix, the T scratch slots and the entries up to its last query's raster index
         plan = self.shapes.plan(torch.arange(len(steps), device=device), torch.arange(cache.length, device=device),
@@ -205,11 +203,7 @@ class ZipAR(Method):
         state.uniform.zero_()
 
     def start(self, state: ZipARState) -> None:
-        """Prefill: it predicts entry 0."""
-        bb, sampling = self.backbone, state.sampling
-        h, _ = prefill(bb, state.prefix, state.cache)
-        code = sample(guided(bb.logits(h), sampling, bb.native_cfg), state.uniform[:, 0], sampling)
-        state.tokens[:, 0] = bb.code_ids(code)
+        start_sequence(self.backbone, state, state.uniform[:, 0])  # the prefill predicts entry 0
 
     def _step(self, state: ZipARState, k: Tensor, keys: Tensor) -> None:
         """Feed chunk k, sample every row's next token, write them into ``state.tokens`` (static shapes).
@@ -218,22 +212,15 @@ class ZipAR(Method):
         bb, sampling = self.backbone, state.sampling
         row = k.view(1)  # index_select, not t[k]: a 0-d tensor index would become a data-dependent int
         src, dst, slots, raster = (t.index_select(0, row)[0] for t in (state.src, state.dst, state.slots, state.query_raster))
-        ids = state.tokens.index_select(1, src)  # (B, T)
-        if sampling.use_cfg:
-            ids = torch.cat([ids, ids])  # both CFG halves consume the same tokens
         length = keys.shape[0]
         visible = (state.slot_raster[None, :length] <= raster[:, None]) & (state.slot_written[None, :length] <= k)
-        mask = key_mask(state.key_valid[:, :length], visible | (keys[None, :] == slots[:, None]))  # (B', 1, T, S')
-        h, _ = bb(bb.embed(ids), state.positions.index_select(0, state.position_index.index_select(0, row)[0]), mask, state.cache, slots)
-        use_cfg = ((dst <= sampling.cfg_interval + 1) | (sampling.cfg_interval < 0))[:, None]  # raster's entries
-        codes = sample(guided(bb.logits(h), sampling, bb.native_cfg, use_cfg), state.uniform, sampling)  # (B, T)
-        forced = state.forced.index_select(0, dst)[None, :]
-        state.tokens.index_copy_(1, dst, torch.where(forced >= 0, forced, bb.code_ids(codes)))
+        positions = state.positions.index_select(0, state.position_index.index_select(0, row)[0])
+        h, _ = feed(bb, state, state.tokens.index_select(1, src), positions, visible | (keys[None, :] == slots[:, None]), slots)
+        codes = sample(guided(bb.logits(h), sampling, bb.native_cfg, entries=dst), state.uniform, sampling)  # (B, T)
+        commit(bb, state, dst, codes)
 
     def codes(self, state: ZipARState) -> Generation:
-        is_cell = state.forced[: state.num_entries] < 0
-        codes = state.tokens[:, : state.num_entries][:, is_cell] - self.backbone.code_offset
-        return Generation(codes.view(-1, *state.grid).cpu(), num_forward_passes=1 + len(state.plan.args))
+        return Generation(sequence_codes(self.backbone, state), num_forward_passes=1 + len(state.plan.args))
 
 
 @hookimpl
