@@ -1,8 +1,8 @@
 """Markdown tables of the benchmark receipts in ``benchmarks/results/``, as quoted in the README.
 
     python benchmarks/tables.py digits benchmarks/results/digits_quality.json
-    python benchmarks/tables.py latency benchmarks/results/latency_cpu.json
-    python benchmarks/tables.py targets benchmarks/results/latency_cpu.json   # the targets, on the receipt's machine
+    python benchmarks/tables.py latency benchmarks/results/latency_cpu_bf16.json
+    python benchmarks/tables.py targets benchmarks/results/latency_cpu_fp32.json   # the targets, on the receipt's machine
     python benchmarks/tables.py ladder benchmarks/results/latency_gpu.json    # gpu_ladder.py's model ladder
 
 Nothing here measures: it only formats what ``digits_quality.py`` and ``latency.py`` wrote, with the
