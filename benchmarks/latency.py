@@ -15,13 +15,15 @@ catch a slow moment and make every bound too loose; the final bounds use the hig
 for each row computes an ideal time = sum over the method's forward passes of max(bytes read / bandwidth,
 FLOPs / matmul throughput), where bytes are the weights plus the KV cache read by the step and FLOPs are
 2 x matmul parameters x tokens fed by the eager run (padded slots included where it pads, as with
-``flashar:buckets=N``) plus attention. ``vs roofline`` = measured /
-ideal.
+``flashar:buckets=N``) plus attention. ``vs roofline`` = measured / ideal. ``ideal_s_by_kind`` is the same
+bound for the linears alone and for attention alone (its FLOPs are the two matmuls: the softmax's
+exponentials, one per query and visible key, are in no bound).
 
 Kernel time: the same eager run also records every matmul of the layers and heads and every attention
 call, with their shapes, weights and cache slices, in order; replaying just those calls through the kernels
 a compiled step runs (median of 3 replays) gives the time this machine's kernels need for the method's work
-with nothing around them (no norms, RoPE, sampling, step dispatch). On CPU the linears are prepacked as
+with nothing around them (no norms, RoPE, sampling, step dispatch); ``kernel_s_by_kind`` replays the
+linears alone and the attention calls alone, so each kind can be set against its own bound. On CPU the linears are prepacked as
 inductor's freezing packs them (oneDNN for bf16 and for a weight fed varying row counts, MKL for fp32 at
 one row count), on CUDA they are ``F.linear``; attention is ``flashar.backbone.attention``, the path the
 backbones take on this device. ``vs kernels`` = measured / kernel time: what a method adds on top of its
@@ -45,6 +47,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +63,7 @@ from flashar.config import BranchConfig, SamplingConfig
 from flashar.plugins import Registry, build_manager
 
 RESULTS = Path(__file__).resolve().parent / "results"
+KINDS = ("linear", "attention")  # the kernels the pass counter records, bounded and replayed apart too
 
 
 def sync(device):
@@ -218,7 +222,7 @@ class PassCounter:
         self._forward, self._layer, self._logits = bb.forward, bb.layer_forward, bb.logits
 
         def forward(*args, **kwargs):
-            self.passes.append({"bytes": 0.0, "flops": 0.0})
+            self.passes.append({kind: {"bytes": 0.0, "flops": 0.0} for kind in KINDS})
             return self._forward(*args, **kwargs)
 
         def layer_forward(layer, x, positions, mask, kv, slots):
@@ -228,9 +232,11 @@ class PassCounter:
             params = sum(w.numel() for w in weights)
             elt = x.element_size()
             kv_dim = 2 * bb.num_kv_heads * bb.head_dim
-            step = self.passes[-1]
-            step["bytes"] += params * elt + (rows * keys * kv_dim * elt if kv is not None else 0)
-            step["flops"] += 2 * params * rows * tokens + 4 * rows * tokens * keys * dim
+            linear, attention = self.passes[-1]["linear"], self.passes[-1]["attention"]
+            linear["bytes"] += params * elt
+            linear["flops"] += 2 * params * rows * tokens
+            attention["bytes"] += rows * keys * kv_dim * elt if kv is not None else 0
+            attention["flops"] += 4 * rows * tokens * keys * dim
             self.kernels += [("linear", w, rows * tokens) for w in weights]
             self.kernels.append(("attention", (rows, dim // bb.head_dim, tokens, bb.head_dim), mask, kv))
             return self._layer(layer, x, positions, mask, kv, slots)
@@ -239,8 +245,8 @@ class PassCounter:
             weight = (head or bb.output).weight
             rows = h.numel() // h.shape[-1]
             if self.passes:
-                self.passes[-1]["bytes"] += bb.codebook_size * weight.shape[1] * h.element_size()
-                self.passes[-1]["flops"] += 2 * rows * bb.codebook_size * weight.shape[1]
+                self.passes[-1]["linear"]["bytes"] += bb.codebook_size * weight.shape[1] * h.element_size()
+                self.passes[-1]["linear"]["flops"] += 2 * rows * bb.codebook_size * weight.shape[1]
                 self.kernels.append(("linear", weight[bb.code_offset : bb.code_offset + bb.codebook_size], rows))
             return self._logits(h, head)
 
@@ -251,22 +257,26 @@ class PassCounter:
         for name in ("forward", "layer_forward", "logits"):
             delattr(self.backbone, name)  # drop the instance overrides
 
-    def ideal_seconds(self, bandwidth: float, flops_per_second: float) -> float:
-        return sum(max(p["bytes"] / bandwidth, p["flops"] / flops_per_second) for p in self.passes)
+    def ideal_seconds(self, bandwidth: float, flops_per_second: float, kinds: tuple[str, ...] = KINDS) -> float:
+        """Sum over passes of max(bytes / bandwidth, FLOPs / throughput) of the calls of these kinds."""
+        def cost(p: dict, key: str) -> float:
+            return sum(p[kind][key] for kind in kinds)
 
-    def kernel_seconds(self, repeats: int = 3) -> float:
-        """Median time of replaying the recorded matmul and attention calls in order, alone; frees the record."""
+        return sum(max(cost(p, "bytes") / bandwidth, cost(p, "flops") / flops_per_second) for p in self.passes)
+
+    def kernel_seconds(self, repeats: int = 3) -> dict[str, float]:
+        """Median time of replaying the recorded matmul and attention calls in order, alone ("all"), and of
+        each kind's calls alone (``KINDS``); frees the record."""
         calls, self.kernels = self._replay_calls(), []
+        times = {}
+        for kind in ("all", *KINDS):
+            chosen = [call for call_kind, call in calls if kind in ("all", call_kind)]
+            times[kind] = statistics.median(seconds(lambda: [call() for call in chosen], self.backbone.device, repeats))
+        return times
 
-        def replay():
-            for call in calls:
-                call()
-
-        return statistics.median(seconds(replay, self.backbone.device, repeats))
-
-    def _replay_calls(self) -> list:
-        """Zero-argument calls of the recorded kernels on the real weights and cache slices, inputs made up
-        front, each weight prepacked once (for the most rows it is fed, as a dynamic length's hint)."""
+    def _replay_calls(self) -> list[tuple[str, Callable]]:
+        """(kind, zero-argument call) of every recorded kernel, on the real weights and cache slices, inputs made
+        up front, each weight prepacked once (for the most rows it is fed, as a dynamic length's hint)."""
         bb, inputs = self.backbone, {}
 
         def made(*shape):  # one random input per shape, shared by the calls of that shape
@@ -288,12 +298,12 @@ class PassCounter:
                 seen = rows_of[key(weight)]
                 if key(weight) not in linears:
                     linears[key(weight)] = packed_linear(weight, max(seen), varying=len(seen) > 1)
-                calls.append(functools.partial(linears[key(weight)], made(rows, weight.shape[1])))
+                calls.append(("linear", functools.partial(linears[key(weight)], made(rows, weight.shape[1]))))
                 continue
             shape, mask, kv = args
             q = made(*shape)
             k, v = (t[:, :, : mask.shape[-1]] for t in kv) if kv is not None else (q, q)
-            calls.append(functools.partial(attention, q, k, v, mask))
+            calls.append(("attention", functools.partial(attention, q, k, v, mask)))
         return calls
 
 
@@ -318,8 +328,8 @@ class Peaks:
             self.node_us = min(self.node_us, node_us(self.device))
         self.matmul[dtype_name] = max(self.matmul.get(dtype_name, 0.0), measure_matmul(self.device, getattr(torch, dtype_name)))
 
-    def bound(self, counter: PassCounter | None, dtype_name: str) -> float:
-        return float("nan") if counter is None else counter.ideal_seconds(self.bandwidth, self.matmul[dtype_name])
+    def bound(self, counter: PassCounter | None, dtype_name: str, kinds: tuple[str, ...] = KINDS) -> float:
+        return float("nan") if counter is None else counter.ideal_seconds(self.bandwidth, self.matmul[dtype_name], kinds)
 
 
 def apply_bounds(report: dict, rows: list[tuple[dict, PassCounter | None]], peaks: Peaks) -> None:
@@ -329,6 +339,7 @@ def apply_bounds(report: dict, rows: list[tuple[dict, PassCounter | None]], peak
     report["node_us"] = peaks.node_us
     for row, counter in rows:
         row["ideal_s"] = peaks.bound(counter, row["dtype"])
+        row["ideal_s_by_kind"] = {kind: peaks.bound(counter, row["dtype"], (kind,)) for kind in KINDS}
         row["vs_roofline"] = row["median_s"] / row["ideal_s"]
         floor = row["forward_passes"] * row.get("kernels_per_step", float("nan")) * peaks.node_us * 1e-6
         row["launch_floor_s"] = floor
@@ -380,7 +391,8 @@ def run_config(args, registry, names, backbone, preset, dtype_name, grid, batch,
                "forward_passes": t.forward_passes, "median_s": t.median, "seconds": t.seconds,
                "compile_s": t.compile_seconds, "graphs": t.graphs, "recompiles": t.recompiles,
                "vs_raster": raster.median / t.median if raster else float("nan"),
-               "kernel_s": kernel_times.get(f"{spec}/eager", float("nan"))}
+               "kernel_s": kernel_times.get(f"{spec}/eager", {}).get("all", float("nan")),
+               "kernel_s_by_kind": {kind: kernel_times.get(f"{spec}/eager", {}).get(kind, float("nan")) for kind in KINDS}}
         row["vs_kernels"] = t.median / row["kernel_s"]
         if mode != "eager" and backbone.device.type == "cuda":
             row |= step_costs(methods[name], conditions, grid, sampling)

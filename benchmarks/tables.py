@@ -56,6 +56,9 @@ def latency(report: dict) -> str:
     where = report.get("gpu") or f"{report['cpu']}, {report['threads']} threads"
     peaks = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in report["matmul_gflops"].items())
     text = f"{table}\n\n{where}, torch {report['torch']}; peak read bandwidth {report['bandwidth_gbs']:.1f} GB/s, matmul {peaks} (best probes)."
+    split = kernels_by_kind(report["rows"])
+    if split:
+        text += "\n\n" + split
     steps = [r for r in report["rows"] if "kernels_per_step" in r]
     if steps:  # CUDA receipts: what bounds a small model's step there
         rows = [[r["model"], r["grid"], r["method"], f"{r['median_s'] / r['forward_passes'] * 1e6:.0f}",
@@ -96,6 +99,25 @@ def expected_graphs(method: str) -> int:
     """Graphs a compiled method may build: one, or one per static diagonal size with flashar:buckets=N."""
     options = dict(item.split("=") for item in method.split("/")[0].partition(":")[2].split(";") if "=" in item)
     return int(options.get("buckets", 1))
+
+
+def kernels_by_kind(rows: list[dict]) -> str:
+    """Where the replayed kernels' time goes: the linears alone and attention alone, each against its own
+    roofline, one line per method and configuration (the replay is the eager run's, shared by every mode)."""
+    lines, seen = [], set()
+    for r in rows:
+        spec = r["method"].rsplit("/", 1)[0]
+        key = (r["model"], r["dtype"], r["grid"], r["batch"], spec)
+        if "kernel_s_by_kind" not in r or key in seen:
+            continue
+        seen.add(key)
+        cells = []
+        for kind in ("linear", "attention"):
+            measured, ideal = r["kernel_s_by_kind"][kind], r["ideal_s_by_kind"][kind]
+            cells += [f"{measured:.3f}", f"{ideal:.3f}", f"{measured / ideal:.2f}"]
+        lines.append([*map(str, key), *cells])
+    return markdown(["model", "dtype", "grid", "batch", "method", "linears s", "linears ideal s", "linears / ideal",
+                     "attention s", "attention ideal s", "attention / ideal"], lines) if lines else ""
 
 
 def bound(row: dict) -> float:

@@ -44,9 +44,17 @@ def test_pass_counter_records_every_matmul_and_attention_call_and_replays_them()
     assert {shape for shape, _, _ in steps} == {(2, backbone.dim // backbone.head_dim, 1, backbone.head_dim)}  # CFG rows
     assert all(kv is not None and mask.shape[-1] <= kv[0].shape[2] for _, mask, kv in steps)
 
+    # the bound, whole and per kind: bandwidth-bound at 1 byte/s, so each is its kind's bytes and they add up
+    ideal = {kinds: counter.ideal_seconds(1.0, 1e30, kinds) for kinds in (("linear",), ("attention",), latency.KINDS)}
+    weights = sum(p.numel() * p.element_size() for layer in backbone.layers for p in layer.parameters() if p.ndim > 1)
+    head = backbone.codebook_size * backbone.dim * 4
+    assert ideal[("linear",)] == pytest.approx(9 * (weights + head))
+    assert ideal[("attention",)] > 0
+    assert ideal[latency.KINDS] == pytest.approx(ideal[("linear",)] + ideal[("attention",)])
+
     seconds = counter.kernel_seconds(repeats=1)
-    assert seconds > 0 and counter.kernels == []  # the record (and the caches it holds) is freed
-    assert counter.ideal_seconds(1e9, 1e9) > 0
+    assert set(seconds) == {"all", *latency.KINDS} and all(t > 0 for t in seconds.values())
+    assert counter.kernels == []  # the record (and the caches it holds) is freed
 
 
 def test_replayed_linears_are_the_prepacked_kernels_and_compute_f_linear():
@@ -88,6 +96,18 @@ def test_targets_are_judged_against_the_receipts_own_bounds():
     # ideal ratio 10 / 2 = 5x on this machine; measured 9.5x >= 0.8 x 5x
     assert "flashar/compiled vs raster/compiled 9.50x; this machine's ideal 5.00x, target >= 4.00x" in text
     assert text.splitlines()[-1] == "7 of 7 targets met on Some CPU, 1 threads"
+
+
+def test_the_latency_table_sets_each_kind_of_replayed_kernel_against_its_own_bound():
+    row = {"model": "GPT-B", "dtype": "float32", "grid": "32x32", "batch": 1, "forward_passes": 63, "median_s": 3.0,
+           "vs_raster": 6.0, "ideal_s": 1.0, "vs_roofline": 3.0, "kernel_s": 2.5, "vs_kernels": 1.2, "compile_s": 9.0,
+           "graphs": 1, "kernel_s_by_kind": {"linear": 1.5, "attention": 0.9},
+           "ideal_s_by_kind": {"linear": 0.75, "attention": 0.3}}
+    report = {"cpu": "Some CPU", "threads": 2, "torch": "2.x", "bandwidth_gbs": 20.0, "matmul_gflops": {"float32": 300.0},
+              "rows": [row | {"method": "flashar/eager"}, row | {"method": "flashar/compiled"}]}
+    text = load_tables().latency(report)
+    split = [line for line in text.splitlines() if line.startswith("| GPT-B | float32 | 32x32 | 1 | flashar |")]
+    assert split == ["| GPT-B | float32 | 32x32 | 1 | flashar | 1.500 | 0.750 | 2.00 | 0.900 | 0.300 | 3.00 |"]  # once per method
 
 
 LADDER = BENCHMARKS / "gpu_ladder.py"
