@@ -80,9 +80,10 @@ class CompileCounter:
 
 
 def mark_static(*tensors: torch.Tensor) -> None:
-    """Mark decode-state buffers that a compiled step mutates in place, or that the loop refills between
-    steps, as static addresses: CUDA graphs then replay into them instead of copying or skipping the graph.
-    A no-op off CUDA."""
+    """Mark decode-state tensors (tables the compiled step reads, buffers it mutates or the loop refills) as
+    static addresses: CUDA graphs then read and replay into them in place instead of copying them in (or
+    skipping the graph). They must outlive the graph: methods keep their states across generations. A no-op
+    off CUDA."""
     for tensor in tensors:
         if tensor.device.type == "cuda":
             torch._dynamo.mark_static_address(tensor)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from flashar import grid as G
 from flashar.backbone import Backbone, KVCache, Prefix
-from flashar.compilation import compile_step
+from flashar.compilation import compile_step, mark_static
 from flashar.config import CompileMode, Config, SamplingConfig
 from flashar.sampling import cfg_mix, make_generator, refill_uniform, sample
 from flashar.shapes import Plan, Shapes
@@ -45,13 +45,16 @@ class Generation:
     state_bytes: int = 0  # memory the method allocated for decoding (caches, buffers)
 
 
+def state_tensors(state: Any) -> list[Tensor]:
+    """The tensors a method's state dataclass holds directly (its tables and buffers; caches hold their own)."""
+    return [value for value in vars(state).values() if isinstance(value, Tensor)]
+
+
 def state_nbytes(state: Any) -> int:
     """Bytes held by the tensors and caches of a method's state dataclass."""
-    total = 0
+    total = sum(t.numel() * t.element_size() for t in state_tensors(state))
     for value in vars(state).values():
-        if isinstance(value, Tensor):
-            total += value.numel() * value.element_size()
-        elif isinstance(value, KVCache):
+        if isinstance(value, KVCache):
             total += value.nbytes
         elif isinstance(value, Prefix):
             total += value.embeds.numel() * value.embeds.element_size()
@@ -105,7 +108,8 @@ class Method(ABC):
 
     @abstractmethod
     def build(self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig) -> DecodeState:
-        """Allocate the state of a generation of ``batch`` rows (tables filled, buffers reset by ``reset``)."""
+        """Allocate the state of a generation of ``batch`` rows (tables filled, buffers reset by ``reset``);
+        every tensor must be an attribute of the state, where the engine finds it (:func:`state_tensors`)."""
 
     def reset(self, state: DecodeState) -> None:
         """Put the buffers a generation mutates back to their start (caches and ``key_valid`` are done)."""
@@ -133,8 +137,15 @@ class Method(ABC):
     # --- the engine ---------------------------------------------------------------------------------
     def setup(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> DecodeState:
         """A fresh state for these conditions."""
-        state = self.build(self.prefix(conditions, grid, sampling), len(conditions), tuple(grid), sampling)
+        state = self._allocate(self.prefix(conditions, grid, sampling), len(conditions), tuple(grid), sampling)
         self.reset(state)
+        return state
+
+    def _allocate(self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig) -> DecodeState:
+        """``build``, then every tensor of the state marked as a static address: the state is kept across
+        generations, so a CUDA graph reads its tables and mutates its buffers in place, with no input copies."""
+        state = self.build(prefix, batch, grid, sampling)
+        mark_static(*state_tensors(state))
         return state
 
     def state_for(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> DecodeState:
@@ -144,7 +155,7 @@ class Method(ABC):
                tuple(prefix.positions.shape), bool(prefix.valid.all()))
         state = self._states.pop(key, None)
         if state is None:
-            state = self.build(prefix, len(conditions), tuple(grid), sampling)
+            state = self._allocate(prefix, len(conditions), tuple(grid), sampling)
         else:
             state.prefix = prefix
             state.key_valid.copy_(image_key_valid(prefix, state.key_valid.shape[1]))

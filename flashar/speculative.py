@@ -35,7 +35,6 @@ import torch
 from torch import Tensor
 
 from flashar.backbone import Backbone, Prefix
-from flashar.compilation import mark_static
 from flashar.config import SamplingConfig
 from flashar.decoding import (Generation, Method, SequenceState, causal_chunk, commit, guided, image_key_valid, prefill,
                               sequence_codes, sequence_fields)
@@ -87,7 +86,6 @@ def build(backbone: Backbone, shapes: Shapes, prefix: Prefix, batch: int, grid: 
         init_codes=torch.zeros(batch, length, dtype=torch.long, device=device),
         draw_uniform=new_uniform((batch, length + 1), device),  # zeros when greedy: draws of one-hot p are its argmax
     )
-    mark_static(state.tokens, state.draft_probs, state.accepted, state.uniform, state.init_codes, state.draw_uniform)
     return state
 
 

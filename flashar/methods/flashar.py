@@ -35,7 +35,6 @@ from torch import Tensor
 from flashar import grid as G
 from flashar.backbone import KVCache, Prefix
 from flashar.branch import CORNER, cell_kinds
-from flashar.compilation import mark_static
 from flashar.config import Config, SamplingConfig
 from flashar.errors import FlashARError
 from flashar.decoding import DecodeState, Generation, Method, feed, guided, image_key_valid, prefill
@@ -152,7 +151,6 @@ class FlashAR(Method):
             uniform=new_uniform((diagonals.shape[1], batch), device),
             mixing=ar1_mixing(diagonals.shape[1], self.coupling).to(device) if self.coupling > 0 else None,
         )
-        mark_static(state.hidden, state.vertical, state.tokens, state.uniform)  # mutated by the step / the loop
         return state
 
     def reset(self, state: FlashARState) -> None:

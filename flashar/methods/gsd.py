@@ -25,7 +25,6 @@ from torch import Tensor
 
 from flashar import speculative
 from flashar.backbone import Prefix
-from flashar.compilation import mark_static
 from flashar.config import Config, SamplingConfig
 from flashar.hookspecs import hookimpl
 
@@ -74,7 +73,6 @@ class GSD(speculative.SpeculativeMethod):
         codes = torch.arange(bb.codebook_size, device=bb.device)
         with torch.no_grad():
             state.embeddings = bb.embed(bb.code_ids(codes)[None])[0]  # (V, D) image codes only
-        mark_static(state.embeddings)
         return state
 
     def _rule(self, state: speculative.SpeculativeState, logits: Tensor, probs: Tensor, draft_probs: Tensor,

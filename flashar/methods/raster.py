@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from flashar.backbone import Prefix
-from flashar.compilation import mark_static
 from flashar.config import SamplingConfig
 from flashar.decoding import (Generation, Method, SequenceState, causal_chunk, commit, guided, image_key_valid,
                               sequence_codes, sequence_fields, start_sequence)
@@ -48,7 +47,6 @@ class Raster(Method):
                                 [prefix.length + j for j in range(1, num_entries)])
         state = RasterState(prefix=prefix, grid=grid, sampling=sampling, cache=cache, plan=plan,
                             key_valid=image_key_valid(prefix, cache.length), **sequence, uniform=new_uniform((batch,), device))
-        mark_static(state.tokens, state.uniform)  # mutated by the step / refilled by the loop
         return state
 
     def reset(self, state: RasterState) -> None:

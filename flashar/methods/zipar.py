@@ -33,7 +33,6 @@ from pydantic import Field
 from torch import Tensor
 
 from flashar.backbone import Prefix
-from flashar.compilation import mark_static
 from flashar.config import Config, SamplingConfig
 from flashar.decoding import (DecodeState, Generation, Method, commit, feed, guided, image_key_valid, native_sequence,
                               sequence_codes, start_sequence)
@@ -195,7 +194,6 @@ class ZipAR(Method):
             tokens=torch.empty(batch, num_entries + width, dtype=torch.long, device=device),
             uniform=new_uniform((batch, width), device),
         )
-        mark_static(state.tokens, state.uniform)  # mutated by the step / refilled by the loop
         return state
 
     def reset(self, state: ZipARState) -> None:

@@ -81,3 +81,29 @@ def test_compiled_step_is_reused_across_generations():
     with torch._dynamo.config.patch(error_on_recompile=True):
         codes = [method.generate([1, 2], GRID, sampling, make_generator(seed, "cpu")).codes for seed in (0, 1, 0)]
     assert counter.frames == 1 and torch.equal(codes[0], codes[2]) and not torch.equal(codes[0], codes[1])
+
+
+@pytest.mark.parametrize("name", ["raster", "flashar", "zipar", "gsd"])
+def test_every_state_tensor_is_marked_static_once_and_reused_graphs_still_compile_once(name, monkeypatch):
+    """On CUDA every state tensor is a static address (CUDA graphs read it in place). Marked here on CPU too,
+    the graph of a kept state guards on those addresses: later generations must reuse it, not recompile."""
+    import flashar.decoding as decoding
+
+    marked = []
+
+    def mark(*tensors):
+        marked.extend(tensors)
+        for tensor in tensors:
+            torch._dynamo.mark_static_address(tensor)
+
+    monkeypatch.setattr(decoding, "mark_static", mark)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    method = METHODS[name](random_gpt(), compile=True, compile_backend=counter)
+    sampling = SamplingConfig(cfg_scale=2.0, top_k=8)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        codes = [method.generate([1, 2], GRID, sampling, make_generator(seed, "cpu")).codes for seed in (0, 1, 0)]
+    (state,) = method._states.values()
+    tensors = [value for value in vars(state).values() if isinstance(value, torch.Tensor)]
+    assert len(marked) == len(tensors) and all(any(m is t for m in marked) for t in tensors)  # all, once
+    assert counter.frames == 1 and torch.equal(codes[0], codes[2])
