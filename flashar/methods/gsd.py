@@ -8,7 +8,8 @@ those whose processed probability differs from p(x) by ``group_prob_margin`` (δ
 whose squared L2 distance to x in the backbone's input-embedding table is ``group_embed_distance`` (d) or
 more. x is accepted with probability min(1, Σ_C p / Σ_C q); on rejection a token is drawn from the
 residual max(0, p - q), as in SJD. With ``group_size=1`` the group is {x} and GSD is exactly SJD. Only
-the G candidates' embeddings are compared (no V x V distance matrix), over image codes only.
+the G candidates' embeddings are compared (no V x V distance matrix), over image codes only, and the
+vocabulary is never sorted (a count and two top-k find the window of ranks, :func:`group_members`).
 
 Forward passes: data-dependent, as SJD's (between 1 + ceil((M - 1) / (L + 1)) and M). For a one-hot
 draft q the grouped acceptance probability is at least SJD's token-wise one; the paper argues the
@@ -47,18 +48,40 @@ def grouped_mass(logits: Tensor, probs: Tensor, draft_probs: Tensor, codes: Tens
     logits, probs, draft_probs (B, L, V): guided logits, processed p, draft q; codes (B, L); embeddings
     (V, D) the input embeddings of the image codes. Returns two (B, L) tensors.
     """
-    vocab = logits.shape[-1]
-    size = min(group_size, vocab)
-    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices  # (B, L, V) codes by rank
-    rank = (order == codes[..., None]).int().argmax(-1, keepdim=True)  # (B, L, 1)
-    first = (rank - (size - 1) // 2).clamp(0, vocab - size)  # a full window of G ranks even at the ends
-    members = order.gather(-1, first + torch.arange(size, device=codes.device))  # (B, L, G), x included
+    members = group_members(logits, codes, min(group_size, logits.shape[-1]))  # (B, L, G), x included
     p_members, q_members = probs.gather(-1, members), draft_probs.gather(-1, members)
     p_draft = probs.gather(-1, codes[..., None])  # (B, L, 1)
     offsets = embeddings[members].float() - embeddings[codes].float()[..., None, :]  # (B, L, G, D)
     keep = ((p_members - p_draft).abs() < prob_margin) & (offsets.pow(2).sum(-1) < embed_distance)
     keep = keep | (members == codes[..., None])  # x is always in its own group
     return (p_members * keep).sum(-1), (q_members * keep).sum(-1)
+
+
+def group_members(logits: Tensor, codes: Tensor, size: int) -> Tensor:
+    """The ``size`` codes (..., G) nearest in rank to each code (...) in its logits (..., V): ranks first ..
+    first + G - 1 with first = clamp(rank - (G - 1) // 2, 0, V - G), a full window even at the ends.
+
+    Ranks are a stable descending sort's (ties: the lower code first), found without sorting V codes: the
+    code's rank is a count, and its G - 1 nearest codes on either side come from two top-k over a distinct
+    integer key (:func:`rank_key`)."""
+    vocab, reach = logits.shape[-1], size - 1
+    key = rank_key(logits)  # (..., V)
+    own = key.gather(-1, codes[..., None])  # (..., 1)
+    rank = (key > own).sum(-1, keepdim=True)
+    limits = torch.iinfo(torch.int64)
+    above = torch.where(key > own, key, limits.max).topk(reach, dim=-1, largest=False).indices  # nearest first
+    below = torch.where(key < own, key, limits.min).topk(reach, dim=-1).indices
+    nearby = torch.cat([above.flip(-1), codes[..., None], below], dim=-1)  # (..., 2G - 1) by rank, the code at G - 1
+    first = (rank - reach // 2).clamp(0, vocab - size)  # never reaches past the codes that exist on a side
+    return nearby.gather(-1, first - rank + reach + torch.arange(size, device=codes.device))
+
+
+def rank_key(logits: Tensor) -> Tensor:
+    """(..., V) int64 keys, all distinct, larger for a higher rank: the logit's float32 bits made
+    order-preserving (0.0 and -0.0 alike), then the code, lower first among equal logits."""
+    bits = torch.where(logits == 0, 0.0, logits.float()).view(torch.int32).long()
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: flip the magnitude's order
+    return ordered * 2**32 - torch.arange(logits.shape[-1], device=logits.device)
 
 
 class GSD(speculative.SpeculativeMethod):

@@ -12,7 +12,7 @@ from method_helpers import chi_square, chi_square_bound, compile_and_compare, ex
 
 from flashar.cli import cli
 from flashar.config import SamplingConfig
-from flashar.methods.gsd import GSD, grouped_mass
+from flashar.methods.gsd import GSD, group_members, grouped_mass
 from flashar.methods.sjd import SJD
 from flashar.sampling import make_generator
 
@@ -38,6 +38,31 @@ def masses(code: int, size: int, margin: float, distance: float) -> tuple[float,
 ])
 def test_grouped_mass_follows_the_published_rule(code, size, margin, distance, expected):
     assert masses(code, size, margin, distance) == pytest.approx(expected)
+
+
+def sorted_members(logits, codes, size):
+    """The group's definition: a stable descending sort of the vocabulary, the window of ranks around the code."""
+    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
+    rank = (order == codes[..., None]).int().argmax(-1, keepdim=True)
+    first = (rank - (size - 1) // 2).clamp(0, logits.shape[-1] - size)
+    return order.gather(-1, first + torch.arange(size))
+
+
+@pytest.mark.parametrize("ties", ["none", "integers", "signed zeros", "bfloat16"])
+def test_group_members_are_the_sorted_windows_without_sorting(ties):
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        vocab = int(torch.randint(1, 40, (), generator=generator))
+        size = int(torch.randint(1, vocab + 1, (), generator=generator))
+        logits = torch.randn(2, 3, vocab, generator=generator)
+        if ties in ("integers", "signed zeros"):
+            logits = logits.round()  # many equal logits: the lower code ranks first
+        if ties == "signed zeros":
+            logits = torch.where(torch.rand(logits.shape, generator=generator) < 0.3, -0.0, logits)
+        if ties == "bfloat16":
+            logits = logits.to(torch.bfloat16)
+        codes = torch.randint(0, vocab, (2, 3), generator=generator)
+        assert torch.equal(group_members(logits, codes, size), sorted_members(logits, codes, size)), (vocab, size)
 
 
 @pytest.mark.parametrize("draft_init", ["repeat_horizon", "random"])
