@@ -11,6 +11,7 @@ without padded compute.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from typing import Callable
@@ -54,6 +55,14 @@ def compile_step(fn: Callable, device: torch.device | str, backend: str | Callab
             return compiled(*args, **kwargs)
 
     return configured
+
+
+def guards_skipped(skip: bool) -> contextlib.AbstractContextManager:
+    """Within it, compiled steps run without evaluating their guards when ``skip`` (and FLASHAR_SKIP_GUARDS is
+    not 0): for a decode state whose every step shape has already run, so no step can need a new graph."""
+    if skip and CompileSettings.from_env().skip_guards:
+        return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+    return contextlib.nullcontext()
 
 
 def own_code(fn: Callable) -> Callable:

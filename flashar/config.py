@@ -81,12 +81,16 @@ class RuntimeConfig(Config):
 
 
 class CompileSettings(Config):
-    """Inductor flags of every compiled CPU step, read from the environment (``FLASHAR_<NAME>=0`` turns one off)."""
+    """Settings of every compiled step (the first two: inductor flags on CPU), read from the environment
+    (``FLASHAR_<NAME>=0`` turns one off)."""
 
     freeze_weights: bool = Field(True, description="FLASHAR_FREEZE_WEIGHTS: weights become constants of the graph, "
                                  "prepacked for oneDNN (and for the C++ GEMM templates of max-autotune).")
     cpp_wrapper: bool = Field(True, description="FLASHAR_CPP_WRAPPER: the graph's kernels are called from generated C++ "
                               "rather than Python, which saves a few milliseconds per step.")
+    skip_guards: bool = Field(True, description="FLASHAR_SKIP_GUARDS: once a kept decode state has been through a whole "
+                              "generation, which builds every graph its steps need, later generations with it run the steps "
+                              "without evaluating torch.compile's guards (skip_guard_eval_unsafe), a host cost of every step.")
 
     @classmethod
     def from_env(cls) -> CompileSettings:

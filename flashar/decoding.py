@@ -20,7 +20,7 @@ from torch import Tensor
 
 from flashar import grid as G
 from flashar.backbone import Backbone, KVCache, Prefix
-from flashar.compilation import compile_step, mark_static
+from flashar.compilation import compile_step, guards_skipped, mark_static
 from flashar.config import CompileMode, Config, SamplingConfig
 from flashar.sampling import cfg_mix, make_generator, refill_uniform, sample
 from flashar.shapes import Plan, Shapes
@@ -71,6 +71,7 @@ class DecodeState:
     cache: KVCache  # backbone
     key_valid: Tensor  # (1 or B', S) valid prefix slots and every slot after the prefix
     plan: Plan  # every step's arguments (``flashar.shapes``)
+    generations: int = field(default=0, init=False)  # generations decoded with this state so far
 
 
 class Method(ABC):
@@ -174,13 +175,17 @@ class Method(ABC):
         return self.decode(self.state_for(conditions, grid, sampling), generator)
 
     def decode(self, state: DecodeState, generator: torch.Generator | None) -> Generation:
-        """The one loop: prefill and first prediction, then every step; no host reads but the method's."""
-        with torch.no_grad():
+        """The one loop: prefill and first prediction, then every step; no host reads but the method's.
+
+        From a state's second generation on, the compiled steps skip their guards (:func:`guards_skipped`):
+        the first one ran every step shape the plan (or the dynamic window) can give."""
+        with torch.no_grad(), guards_skipped(self.compiled and state.generations > 0):
             self.refill(state, state.plan.first_draws, generator)
             self.start(state)
             for draws, args in self.steps(state):
                 self.refill(state, draws, generator)
                 self.step(state, *args)
+        state.generations += 1
         result = self.codes(state)
         result.state_bytes = state_nbytes(state)
         return result

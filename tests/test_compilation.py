@@ -3,11 +3,13 @@ switchable off), max-autotune tunes matmuls, and every method instance compiles 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from helpers import random_gpt
 
-from flashar.compilation import CompileCounter, compile_step
+from flashar.compilation import CompileCounter, compile_step, guards_skipped
 from flashar.config import RuntimeConfig, SamplingConfig
 from flashar.errors import FlashARError
 from flashar.sampling import make_generator
@@ -91,3 +93,26 @@ def test_max_autotune_tunes_dynamic_lengths_for_the_longest(monkeypatch):
     for compile in (True, "max-autotune"):
         Raster(backbone, compile=compile).shapes.mark_dynamic([torch.zeros(5)], 0, 9, 3)
     assert seen == [None, 9]
+
+
+SCALE = 2.0  # read by the compiled function below: dynamo guards on its value
+
+
+def scaled(x):
+    return x * SCALE
+
+
+def test_guards_skipped_runs_the_graph_it_has_without_checking_its_guards(monkeypatch):
+    torch._dynamo.reset()
+    step = torch.compile(scaled, backend=CompileCounter(), fullgraph=True)
+    x = torch.ones(3)
+    assert step(x).tolist() == [2.0] * 3
+    monkeypatch.setattr(sys.modules[__name__], "SCALE", 3.0)
+    with guards_skipped(True):
+        assert step(x).tolist() == [2.0] * 3  # the guard on SCALE is not evaluated: the old graph runs
+    monkeypatch.setenv("FLASHAR_SKIP_GUARDS", "0")
+    with guards_skipped(True):
+        assert step(x).tolist() == [3.0] * 3  # switched off: guarded, so it recompiles
+    monkeypatch.delenv("FLASHAR_SKIP_GUARDS")
+    with guards_skipped(False):
+        assert step(x).tolist() == [3.0] * 3

@@ -107,3 +107,34 @@ def test_every_state_tensor_is_marked_static_once_and_reused_graphs_still_compil
     tensors = [value for value in vars(state).values() if isinstance(value, torch.Tensor)]
     assert len(marked) == len(tensors) and all(any(m is t for m in marked) for t in tensors)  # all, once
     assert counter.frames == 1 and torch.equal(codes[0], codes[2])
+
+
+def test_guards_are_skipped_from_a_kept_states_second_generation_on(monkeypatch):
+    """A state's first generation runs every step shape with guards on (building every graph); later
+    generations with the same state skip them, and a new shape starts guarded again."""
+    import flashar.decoding as decoding
+
+    skipped = []
+    guards_skipped = decoding.guards_skipped
+    monkeypatch.setattr(decoding, "guards_skipped", lambda skip: skipped.append(skip) or guards_skipped(skip))
+    torch._dynamo.reset()
+    method = flashar(random_gpt(), compile=True, compile_backend=CompileCounter())
+    sampling = SamplingConfig(cfg_scale=2.0, top_k=8)
+    for batch in (2, 2, 1, 2):
+        method.generate(list(range(batch)), GRID, sampling, make_generator(0, "cpu"))
+    assert skipped == [False, True, False, True]
+    eager = flashar(random_gpt())
+    eager.generate([1, 2], GRID, sampling, make_generator(0, "cpu"))
+    assert [s.generations for s in method._states.values()] == [1, 3] and skipped[-1] is False  # eager: never skipped
+
+
+@pytest.mark.parametrize("name", ["raster", "flashar", "sjd"])
+def test_unguarded_generations_draw_the_tokens_of_guarded_ones(name, monkeypatch):
+    torch._dynamo.reset()
+    sampling = SamplingConfig(cfg_scale=2.0, top_k=8)
+    runs = {}
+    for setting in ("1", "0"):  # FLASHAR_SKIP_GUARDS: on (the default), then off
+        monkeypatch.setenv("FLASHAR_SKIP_GUARDS", setting)
+        method = METHODS[name](random_gpt(), compile=True, compile_backend=CompileCounter())
+        runs[setting] = [method.generate([1, 2], GRID, sampling, make_generator(seed, "cpu")).codes for seed in (0, 1, 2)]
+    assert all(torch.equal(a, b) for a, b in zip(runs["1"], runs["0"]))
