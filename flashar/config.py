@@ -89,8 +89,9 @@ class CompileSettings(Config):
     cpp_wrapper: bool = Field(True, description="FLASHAR_CPP_WRAPPER: the graph's kernels are called from generated C++ "
                               "rather than Python, which saves a few milliseconds per step.")
     skip_guards: bool = Field(True, description="FLASHAR_SKIP_GUARDS: once a kept decode state has been through a whole "
-                              "generation, which builds every graph its steps need, later generations with it run the steps "
-                              "without evaluating torch.compile's guards (skip_guard_eval_unsafe), a host cost of every step.")
+                              "generation of a fixed plan of steps (every method but SJD and GSD, whose steps depend on the "
+                              "data), later generations with it run those steps without evaluating torch.compile's guards "
+                              "(skip_guard_eval_unsafe), a host cost of every step.")
 
     @classmethod
     def from_env(cls) -> CompileSettings:

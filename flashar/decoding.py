@@ -177,9 +177,11 @@ class Method(ABC):
     def decode(self, state: DecodeState, generator: torch.Generator | None) -> Generation:
         """The one loop: prefill and first prediction, then every step; no host reads but the method's.
 
-        From a state's second generation on, the compiled steps skip their guards (:func:`guards_skipped`):
-        the first one ran every step shape the plan (or the dynamic window) can give."""
-        with torch.no_grad(), guards_skipped(self.compiled and state.generations > 0):
+        From a state's second generation on, compiled steps skip their guards (:func:`guards_skipped`) when
+        the plan lists every step: the first generation ran those same steps. (A data-dependent loop, as
+        SJD's, may reach window lengths its first generation did not, so it keeps its guards.)"""
+        replayed = self.compiled and state.generations > 0 and bool(state.plan.args)
+        with torch.no_grad(), guards_skipped(replayed):
             self.refill(state, state.plan.first_draws, generator)
             self.start(state)
             for draws, args in self.steps(state):

@@ -126,6 +126,10 @@ def test_guards_are_skipped_from_a_kept_states_second_generation_on(monkeypatch)
     eager = flashar(random_gpt())
     eager.generate([1, 2], GRID, sampling, make_generator(0, "cpu"))
     assert [s.generations for s in method._states.values()] == [1, 3] and skipped[-1] is False  # eager: never skipped
+    sjd = METHODS["sjd"](random_gpt(), compile=True, compile_backend=CompileCounter())
+    for _ in range(2):
+        sjd.generate([1, 2], GRID, sampling, make_generator(0, "cpu"))
+    assert skipped[-2:] == [False, False]  # data-dependent steps keep their guards
 
 
 @pytest.mark.parametrize("name", ["raster", "flashar", "sjd"])
