@@ -61,13 +61,15 @@ def latency(report: dict) -> str:
         text += "\n\n" + split
     steps = [r for r in report["rows"] if "kernels_per_step" in r]
     if steps:  # CUDA receipts: what bounds a small model's step there
+        guarded = lambda r: f" ({r['host_us_per_step_guarded']:.0f})" if "host_us_per_step_guarded" in r else ""
         rows = [[r["model"], r["grid"], r["method"], f"{r['median_s'] / r['forward_passes'] * 1e6:.0f}",
-                 f"{r['kernels_per_step']:.0f}", f"{r['host_us_per_step']:.0f}",
+                 f"{r['kernels_per_step']:.0f}", f"{r['host_us_per_step']:.0f}{guarded(r)}",
                  f"{r['ideal_s'] / r['forward_passes'] * 1e6:.0f}", f"{r['launch_floor_s'] / r['forward_passes'] * 1e6:.0f}",
                  f"{r['vs_bound']:.2f}"] for r in steps]
         text += "\n\n" + markdown(["model", "grid", "method / mode", "us per step", "kernels per step", "host us per step",
                                    "roofline us per step", "launch floor us per step", "measured / bound"], rows)
-        text += f"\n\nLaunch floor: kernels per step x {report['node_us']:.2f} us per replayed graph node (measured)."
+        text += (f"\n\nLaunch floor: kernels per step x {report['node_us']:.2f} us per replayed graph node (measured). "
+                 "Host us per step: guards skipped (in brackets: evaluated, FLASHAR_SKIP_GUARDS=0).")
     return text
 
 

@@ -4,6 +4,7 @@ targets, and gpu_ladder.py's Emu3.5-shaped stack, analytic bound and whole flow 
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from helpers import random_gpt
 
+from flashar.compilation import CompileCounter
 from flashar.config import SamplingConfig
 from flashar.methods.raster import Raster
 from flashar.sampling import make_generator
@@ -73,6 +75,29 @@ def test_step_costs_time_every_step_call_and_profile_a_window_of_them():
         costs = latency.step_costs(method, [1], (3, 4), SamplingConfig(cfg_scale=2.0, top_k=5), first=2, count=4)
     assert costs["kernels_per_step"] == 0 and costs["host_us_per_step"] > 0  # CUDA kernels only; none on CPU
     assert method.step == method._step  # the wrapper is gone
+
+
+def test_guarded_host_time_is_measured_with_guards_on_and_the_setting_restored(monkeypatch):
+    import flashar.decoding as decoding
+
+    latency = load_latency()
+    calls = []
+    guards_skipped = decoding.guards_skipped
+
+    def recorded(skip):
+        calls.append((skip, os.environ.get("FLASHAR_SKIP_GUARDS")))
+        return guards_skipped(skip)
+
+    monkeypatch.setattr(decoding, "guards_skipped", recorded)
+    monkeypatch.setenv("FLASHAR_SKIP_GUARDS", "1")
+    torch._dynamo.reset()
+    method = Raster(random_gpt(0), compile=True, compile_backend=CompileCounter())
+    sampling = SamplingConfig(cfg_scale=2.0, top_k=5)
+    with torch.no_grad():
+        method.generate([1], (3, 4), sampling, make_generator(0, "cpu"))  # the first generation: guarded
+        assert latency.guarded_host_us(method, [1], (3, 4), sampling) > 0
+    assert calls == [(False, "1"), (True, "0")]  # a warm state, with the setting off while measured
+    assert os.environ["FLASHAR_SKIP_GUARDS"] == "1"  # and restored
 
 
 def load_tables():
