@@ -24,6 +24,7 @@ from flashar import api
 from flashar.compare import cpu_model
 from flashar.compare.timing import timed_run
 from flashar.config import RuntimeConfig
+from latency import skip_guards_setting  # benchmarks/, this script's folder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -46,11 +47,10 @@ def main() -> None:
         seconds, codes = {"1": [], "0": []}, {}
         for i in range(args.repeats):
             for setting in ("1", "0") if i % 2 == 0 else ("0", "1"):
-                os.environ["FLASHAR_SKIP_GUARDS"] = setting
-                result, elapsed, _ = timed_run(method, [3], grid, sampling, 0)
+                with skip_guards_setting(setting):
+                    result, elapsed, _ = timed_run(method, [3], grid, sampling, 0)
                 seconds[setting].append(elapsed)
                 codes[setting] = result.codes
-        os.environ.pop("FLASHAR_SKIP_GUARDS")
         skipped, guarded = statistics.median(seconds["1"]), statistics.median(seconds["0"])
         steps = result.num_forward_passes - 1
         report["methods"][name] = {"skipped_s": seconds["1"], "guarded_s": seconds["0"], "median_skipped_s": skipped,

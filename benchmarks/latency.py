@@ -41,6 +41,7 @@ The JSON and a PNG plot go to ``benchmarks/results/``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import json
@@ -174,17 +175,24 @@ def step_costs(method, conditions, grid, sampling, first: int = 8, count: int = 
     return {"kernels_per_step": kernels / len(profiled), "host_us_per_step": statistics.median(host[2:40] or host) * 1e6}
 
 
-def guarded_host_us(method, conditions, grid, sampling) -> float:
-    """``host_us_per_step`` of one more generation with FLASHAR_SKIP_GUARDS=0, every step evaluating its
-    guards: beside the default's figure, what skipping them saves per step."""
+@contextlib.contextmanager
+def skip_guards_setting(value: str):
+    """FLASHAR_SKIP_GUARDS set to ``value`` ("1" or "0") within, put back as it was after."""
     previous = os.environ.get("FLASHAR_SKIP_GUARDS")
-    os.environ["FLASHAR_SKIP_GUARDS"] = "0"
+    os.environ["FLASHAR_SKIP_GUARDS"] = value
     try:
-        return step_costs(method, conditions, grid, sampling)["host_us_per_step"]
+        yield
     finally:
         os.environ.pop("FLASHAR_SKIP_GUARDS")
         if previous is not None:
             os.environ["FLASHAR_SKIP_GUARDS"] = previous
+
+
+def guarded_host_us(method, conditions, grid, sampling) -> float:
+    """``host_us_per_step`` of one more generation with FLASHAR_SKIP_GUARDS=0, every step evaluating its
+    guards: beside the default's figure, what skipping them saves per step."""
+    with skip_guards_setting("0"):
+        return step_costs(method, conditions, grid, sampling)["host_us_per_step"]
 
 
 def random_backbone(preset: str, dtype, device) -> LlamaGenBackbone:
