@@ -56,7 +56,27 @@ def test_pass_counter_records_every_matmul_and_attention_call_and_replays_them()
 
     seconds = counter.kernel_seconds(repeats=1)
     assert set(seconds) == {"all", *latency.KINDS} and all(t > 0 for t in seconds.values())
+    assert seconds["linear"] + seconds["attention"] == pytest.approx(seconds["all"])  # shares of one replay
     assert counter.kernels == []  # the record (and the caches it holds) is freed
+
+
+def test_each_kind_is_timed_inside_the_in_order_replay(monkeypatch):
+    """Every call is timed where it runs, between the calls around it, and charged to its own kind."""
+    latency = load_latency()
+    clock, order = [0.0], []
+
+    def call(name, seconds):
+        def run():
+            order.append(name)
+            clock[0] += seconds
+        return run
+
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: clock[0])
+    calls = [("linear", call("wqkv", 3.0)), ("attention", call("sdpa", 2.0)), ("linear", call("wo", 0.5)),
+             ("attention", call("sdpa", 0.25))]
+    times = latency.replay_by_kind(calls, torch.device("cpu"))
+    assert order == ["wqkv", "sdpa", "wo", "sdpa"]  # one run, in the recorded order
+    assert times == {"all": 5.75, "linear": 3.5, "attention": 2.25}
 
 
 def test_replayed_linears_are_the_prepacked_kernels_and_compute_f_linear():
