@@ -11,21 +11,30 @@ copied per query head, as the backends called it before). Shapes
 are the attention calls of LlamaGen GPT-B decode steps with CFG (2 rows, 12 heads, head dim 64: raster's
 one query, FlashAR's diagonals of 32 and 64 cells, a 1,025-token prefill) and of an Emu3.5-shaped grouped-query
 stack scaled to 8 heads per KV head. Every call times all paths in turn (interleaved), ``--repeats`` times;
-on CPU the clock is the calling thread's CPU time (robust to a shared machine's descheduling; pin threads),
-on CUDA wall time between synchronisations. Medians; ``x sdpa`` = sdpa's median / the path's; ``auto`` is the
+on CPU with one thread the clock is the calling thread's CPU time (robust to a shared machine's
+descheduling), with more threads and on CUDA wall time between synchronisations (pin threads).
+
+Cold caches (``--cold-mib``, default 1024): a decode step reads each layer's KV cache after the weights of
+the layers before have streamed through the last-level cache, so each timed call reads a copy of the KV
+cache that no call has touched within the last ``--cold-mib`` MiB of copies (several times the 300 MiB L3
+of the receipts' Xeon). A single cache re-read call after call stays in that L3 and flatters the paths that
+re-read it (the two matmuls of ``math``); ``--cold-mib 0`` measures that warm case. Medians; ``x sdpa`` = sdpa's median / the path's; ``auto`` is the
 path ``attention_path`` picks, ``best`` the fastest measured. The JSON goes to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flashar.backbone import attention_path, math_attention, sdpa_attention
@@ -72,23 +81,40 @@ def inputs(shape, dtype, device):
     return q, k, v, mask
 
 
-def clock(device):
+def clock_for(device) -> Callable[[], float]:
+    """Wall time between synchronisations on CUDA or with several threads (the thread's CPU time would miss
+    the other threads' work); the calling thread's CPU time with one thread."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.thread_time
+    return lambda: (sync(device), time.perf_counter())[1]
+
+
+def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-        return time.perf_counter()
-    return time.thread_time()
 
 
-def measure(fns: dict, args: tuple, device, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, called in turn ``repeats`` times after two warm-ups."""
+def cold_caches(k: Tensor, v: Tensor, cold_mib: int) -> list[tuple[Tensor, Tensor]]:
+    """Copies of the KV cache (k, v), as many as it takes to pass ``cold_mib`` MiB of them (one if 0), so that
+    cycling through them reads each one after the others have pushed it out of the last-level cache."""
+    nbytes = (k.numel() + v.numel()) * k.element_size()
+    copies = max(1, -(-cold_mib * 2**20 // nbytes)) if cold_mib else 1
+    return [(k, v)] + [(k.clone(), v.clone()) for _ in range(copies - 1)]
+
+
+def measure(fns: dict, q: Tensor, caches: list[tuple[Tensor, Tensor]], mask: Tensor, device, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, called in turn ``repeats`` times after two warm-ups, every
+    call on the next of ``caches`` in turn."""
+    clock, turn = clock_for(device), itertools.cycle(caches)
     for fn in fns.values():
-        fn(*args), fn(*args)
+        fn(q, *next(turn), mask), fn(q, *next(turn), mask)
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            began = clock(device)
-            fn(*args)
-            times[name].append(clock(device) - began)
+            kv = next(turn)
+            began = clock()
+            fn(q, *kv, mask)
+            times[name].append(clock() - began)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -98,19 +124,21 @@ def run(args) -> dict:
     torch._dynamo.config.cache_size_limit = 256
     report = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(), "cpu": cpu_model(),
               "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-              "clock": "wall" if device.type == "cuda" else "thread CPU time", "rows": []}
+              "clock": "thread CPU time" if clock_for(device) is time.thread_time else "wall",
+              "cold_mib": args.cold_mib, "rows": []}
     shapes = {k: v for k, v in SHAPES.items() if not args.shapes or k in args.shapes.split(",")}
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         for label, shape in shapes.items():
             q, k, v, mask = inputs(shape, dtype, device)
             reference = sdpa_repeated(q.float(), k.float(), v.float(), mask)
+            caches = cold_caches(k, v, args.cold_mib)
             for mode in args.modes.split(","):
                 torch._dynamo.reset()
                 paths = [p for p in args.paths.split(",") if p != "sdpa_repeat" or shape[1] != shape[2]]
                 fns = {p: PATHS[p] if mode == "eager" else torch.compile(PATHS[p], fullgraph=True, dynamic=False)
                        for p in paths}
-                medians = measure(fns, (q, k, v, mask), device, args.repeats)
+                medians = measure(fns, q, caches, mask, device, args.repeats)
                 error = {p: (fn(q, k, v, mask).float() - reference).abs().max().item() for p, fn in fns.items()}
                 row = {"dtype": dtype_name, "shape": label, "sizes": shape, "mode": mode, "us": {p: t * 1e6 for p, t in medians.items()},
                        "x_sdpa": {p: medians["sdpa"] / t for p, t in medians.items()} if "sdpa" in medians else {},
@@ -134,6 +162,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="", help=f"labels to run (default all): {', '.join(SHAPES)}")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU); the receipt records it")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--cold-mib", type=int, default=1024, help="MiB of KV-cache copies cycled through, so each call reads a cold "
+                        "cache as a decode step does (0: one cache, warm)")
     parser.add_argument("--out", default=str(RESULTS / "attention_cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
