@@ -130,8 +130,8 @@ def write_kv(kv: tuple[Tensor, Tensor], slots: Tensor, k: Tensor, v: Tensor, len
 # Which kernel :func:`attention` runs: "auto" (per device, dtype and shape: :func:`attention_path`), or
 # "math" or "sdpa" everywhere. Read once; benchmarks compare the paths by setting FLASHAR_ATTENTION.
 ATTENTION = os.environ.get("FLASHAR_ATTENTION", "auto")
-# CPUs whose bf16 matmuls run on AMX tiles. There the stock SDPA kernel reads a decode step's KV cache at
-# about the bandwidth bound; without AMX (an AVX512-BF16 EPYC) it ran ~9x slower than the math path at one
+# CPUs whose bf16 matmuls run on AMX tiles. There the stock SDPA kernel is the fastest bf16 path at GPT-B's
+# decode shapes; without AMX (an AVX512-BF16 EPYC) it ran ~9x slower than the math path at one
 # query and 1.4x slower at 32 (GPT-B shapes, bf16). benchmarks/attention.py measures both on any machine.
 CPU_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 # The math path materialises float32 scores, so it is chosen only for decode-sized chunks: at most this
@@ -154,12 +154,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None
 def attention_path(q: Tensor, k: Tensor) -> str:
     """"math" or "sdpa" for these shapes on this device (``ATTENTION`` overrides "auto").
 
-    By measurement (benchmarks/attention.py), on CPU for decode-sized chunks: the math path for bf16/fp16
-    without AMX, and for fp32 with grouped heads (1.1-1.7x faster at up to 64 rows per KV head); SDPA
-    everywhere else (on an AMX CPU it reads a bf16 cache near the bandwidth bound and ties the math path on
-    grouped heads, for fp32 multi-head attention it is 1.1-1.7x faster; on CUDA it is the default until a
-    GPU receipt says otherwise). Only sizes provably in range count, so that under torch.compile a dynamic
-    diagonal length adds no guard.
+    By measurement (benchmarks/attention.py, every call on a cold KV cache as in a decode step), on CPU for
+    decode-sized chunks: the math path for bf16/fp16 without AMX, and for fp32 with grouped heads (1.0-1.3x
+    faster at up to 64 rows per KV head); SDPA everywhere else (on an AMX CPU it is the fastest bf16
+    multi-head path, and with grouped heads the math path gains 1.1x compiled but loses up to 1.3x
+    eager; for fp32 multi-head attention SDPA ties at one query and is 1.4-1.5x faster at 32; on CUDA it
+    is the default until a GPU receipt says otherwise). Only sizes provably in range count, so that under
+    torch.compile a dynamic diagonal length adds no guard.
     """
     if ATTENTION != "auto":
         return ATTENTION
