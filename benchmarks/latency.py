@@ -89,7 +89,8 @@ def seconds(fn, device, runs: int) -> list[float]:
 
 def replay_by_kind(calls: list[tuple[str, Callable]], device) -> dict[str, float]:
     """Seconds of one in-order run of the (kind, call) list: in all ("all") and per kind, each call timed
-    from the end of the one before (CUDA: events between the calls, read after one synchronisation)."""
+    from the end of the one before (CUDA: events between the calls, read after one synchronisation; a span
+    includes any time the GPU waited for the host to launch the call, as the replay as a whole did)."""
     if device.type == "cuda":
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(calls) + 1)]
         sync(device)

@@ -79,6 +79,31 @@ def test_each_kind_is_timed_inside_the_in_order_replay(monkeypatch):
     assert times == {"all": 5.75, "linear": 3.5, "attention": 2.25}
 
 
+def test_on_cuda_each_call_is_timed_between_events(monkeypatch):
+    """The CUDA branch of the in-order replay (with events faked: no GPU here), in seconds from milliseconds."""
+    latency = load_latency()
+    clock = [0.0]  # milliseconds of GPU time
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.at = clock[0]
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    def call(milliseconds):
+        return lambda: clock.__setitem__(0, clock[0] + milliseconds)
+
+    monkeypatch.setattr(latency.torch.cuda, "Event", Event)
+    monkeypatch.setattr(latency, "sync", lambda device: None)
+    calls = [("attention", call(4.0)), ("linear", call(1.0)), ("attention", call(2.0))]
+    times = latency.replay_by_kind(calls, torch.device("cuda"))
+    assert times == pytest.approx({"all": 0.007, "linear": 0.001, "attention": 0.006})
+
+
 def test_replayed_linears_are_the_prepacked_kernels_and_compute_f_linear():
     latency = load_latency()
     for dtype in (torch.float32, torch.bfloat16):
