@@ -18,8 +18,10 @@ Cold caches (``--cold-mib``, default 1024): a decode step reads each layer's KV 
 the layers before have streamed through the last-level cache, so each timed call reads a copy of the KV
 cache that no call has touched within the last ``--cold-mib`` MiB of copies (several times the 300 MiB L3
 of the receipts' Xeon). A single cache re-read call after call stays in that L3 and flatters the paths that
-re-read it (the two matmuls of ``math``); ``--cold-mib 0`` measures that warm case. Medians; ``x sdpa`` = sdpa's median / the path's; ``auto`` is the
-path ``attention_path`` picks, ``best`` the fastest measured. The JSON goes to ``--out``.
+re-read it (the two matmuls of ``math``); ``--cold-mib 0`` measures that warm case.
+
+Medians; ``x sdpa`` = sdpa's median / the path's; ``auto`` is the path ``attention_path`` picks, ``best``
+the fastest measured. The JSON goes to ``--out``.
 """
 
 from __future__ import annotations
