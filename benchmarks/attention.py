@@ -122,8 +122,6 @@ def measure(fns: dict, q: Tensor, caches: list[tuple[Tensor, Tensor]], mask: Ten
 
 def run(args) -> dict:
     device = torch.device(args.device)
-    torch.set_grad_enabled(False)
-    torch._dynamo.config.cache_size_limit = 256
     report = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(), "cpu": cpu_model(),
               "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
               "clock": "thread CPU time" if clock_for(device) is time.thread_time else "wall",
@@ -169,6 +167,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "attention_cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    torch._dynamo.config.cache_size_limit = 256  # a graph per shape, path and dtype
     report = run(args)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
 

@@ -40,6 +40,7 @@ def test_the_benchmark_times_every_path_on_cold_copies(monkeypatch):
     args = argparse.Namespace(device="cpu", dtypes="float32", modes="eager", paths="sdpa,math,sdpa_repeat", shapes="",
                               repeats=2, cold_mib=1)
     report = bench.run(args)
+    assert torch.is_grad_enabled()  # the script's global settings stay in its main()
     assert report["cold_mib"] == 1
     (row,) = report["rows"]
     assert set(row["us"]) == {"sdpa", "math", "sdpa_repeat"} and all(t > 0 for t in row["us"].values())
