@@ -41,6 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flashar.backbone import attention_path, math_attention, sdpa_attention
 from flashar.compare import cpu_model
+from flashar.decoding import synchronize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -88,12 +89,12 @@ def clock_for(device) -> Callable[[], float]:
     the other threads' work); the calling thread's CPU time with one thread."""
     if device.type == "cpu" and torch.get_num_threads() == 1:
         return time.thread_time
-    return lambda: (sync(device), time.perf_counter())[1]
 
+    def wall() -> float:
+        synchronize(device)
+        return time.perf_counter()
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    return wall
 
 
 def cold_caches(k: Tensor, v: Tensor, cold_mib: int) -> list[tuple[Tensor, Tensor]]:

@@ -64,25 +64,21 @@ from flashar.branch import FlashARHead
 from flashar.compare import cpu_model
 from flashar.compare.timing import time_methods
 from flashar.config import BranchConfig, SamplingConfig
+from flashar.decoding import synchronize
 from flashar.plugins import Registry, build_manager
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("linear", "attention")  # the kernels the pass counter records, bounded and timed per kind too
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def seconds(fn, device, runs: int) -> list[float]:
     """Wall time of each of ``runs`` calls of ``fn``, synchronised at both ends."""
     times = []
     for _ in range(runs):
-        sync(device)
+        synchronize(device)
         began = time.perf_counter()
         fn()
-        sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - began)
     return times
 
@@ -93,12 +89,12 @@ def replay_by_kind(calls: list[tuple[str, Callable]], device) -> dict[str, float
     includes any time the GPU waited for the host to launch the call, as the replay as a whole did)."""
     if device.type == "cuda":
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(calls) + 1)]
-        sync(device)
+        synchronize(device)
         marks[0].record()
         for (_, call), mark in zip(calls, marks[1:]):
             call()
             mark.record()
-        sync(device)
+        synchronize(device)
         spans = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
     else:
         ends = [time.perf_counter()]
@@ -176,7 +172,7 @@ def step_costs(method, conditions, grid, sampling, first: int = 8, count: int = 
 
     def timed(*args, **kwargs):
         if len(host) == first:
-            sync(device)
+            synchronize(device)
             prof.start()
         began = time.perf_counter()
         out = step(*args, **kwargs)
@@ -184,14 +180,14 @@ def step_costs(method, conditions, grid, sampling, first: int = 8, count: int = 
         if first < len(host) <= first + count:
             profiled.append(len(host))
             if len(host) == first + count:
-                sync(device)
+                synchronize(device)
                 prof.stop()
         return out
 
     method.step = timed
     try:
         method.generate(conditions, grid, sampling, make_generator(0, device))
-        sync(device)
+        synchronize(device)
     finally:
         method.step = step
     if not profiled:

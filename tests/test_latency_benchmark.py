@@ -98,7 +98,7 @@ def test_on_cuda_each_call_is_timed_between_events(monkeypatch):
         return lambda: clock.__setitem__(0, clock[0] + milliseconds)
 
     monkeypatch.setattr(latency.torch.cuda, "Event", Event)
-    monkeypatch.setattr(latency, "sync", lambda device: None)
+    monkeypatch.setattr(latency, "synchronize", lambda device: None)
     calls = [("attention", call(4.0)), ("linear", call(1.0)), ("attention", call(2.0))]
     times = latency.replay_by_kind(calls, torch.device("cuda"))
     assert times == pytest.approx({"all": 0.007, "linear": 0.001, "attention": 0.006})
