@@ -167,6 +167,8 @@ def main() -> None:
                         "cache as a decode step does (0: one cache, warm)")
     parser.add_argument("--out", default=str(RESULTS / "attention_cpu.json"))
     args = parser.parse_args()
+    if args.cold_mib < 0:
+        parser.error(f"--cold-mib must be 0 (one warm cache) or more, not {args.cold_mib}")
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     torch._dynamo.config.cache_size_limit = 256  # a graph per shape, path and dtype

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from test_latency_benchmark import load_script
@@ -45,3 +48,11 @@ def test_the_benchmark_times_every_path_on_cold_copies(monkeypatch):
     (row,) = report["rows"]
     assert set(row["us"]) == {"sdpa", "math", "sdpa_repeat"} and all(t > 0 for t in row["us"].values())
     assert max(row["max_abs_error_vs_fp32"].values()) < 1e-5  # the paths compute the same attention
+
+
+def test_a_negative_cold_budget_is_refused_in_one_line_before_anything_is_written(tmp_path):
+    out = tmp_path / "attention.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
+    done = subprocess.run([sys.executable, str(script), "--cold-mib", "-5", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 2 and not out.exists()
+    assert done.stderr.strip().splitlines()[-1] == "attention.py: error: --cold-mib must be 0 (one warm cache) or more, not -5"
