@@ -1,13 +1,14 @@
 """Attention at decode shapes: each path of ``flashar.backbone.attention``, side by side, eager and compiled.
 
-    python benchmarks/attention.py                                  # CPU, 1 thread, bf16 and fp32
+    python benchmarks/attention.py                                  # CPU, torch's threads, bf16 and fp32
     python benchmarks/attention.py --device cuda --dtypes bfloat16  # on a GPU
 
 Paths: ``sdpa`` (``flashar.backbone.sdpa_attention``, PyTorch's fused ``scaled_dot_product_attention``: on
 CPU its flash kernel, grouped heads native), ``math`` (the explicit matmul -> float32 masked softmax ->
 matmul of ``flashar.backbone.math_attention``), ``sdpa_math`` (SDPA forced onto its math backend, which
-inductor decomposes into its own kernels) and, for grouped heads only, ``sdpa_repeat`` (SDPA over KV heads
-copied per query head, as the backends called it before). Shapes
+inductor decomposes into its own kernels), ``flex`` (``flashar.backbone.flex_attention``, FlexAttention with
+the mask read by a score modifier; compiled mode only, as it is fused only there) and, for grouped heads only,
+``sdpa_repeat`` (SDPA over KV heads copied per query head, as the backends called it before). Shapes
 are the attention calls of LlamaGen GPT-B decode steps with CFG (2 rows, 12 heads, head dim 64: raster's
 one query, FlashAR's diagonals of 32 and 64 cells, a 1,025-token prefill) and of an Emu3.5-shaped grouped-query
 stack scaled to 8 heads per KV head. Every call times all paths in turn (interleaved), ``--repeats`` times;
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flashar.backbone import attention_path, math_attention, sdpa_attention
+from flashar.backbone import attention_path, flex_attention, math_attention, sdpa_attention
 from flashar.compare import cpu_model
 from flashar.decoding import synchronize
 
@@ -71,7 +72,9 @@ def sdpa_repeated(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-PATHS = {"sdpa": sdpa_attention, "math": math_attention, "sdpa_math": sdpa_math, "sdpa_repeat": sdpa_repeated}
+PATHS = {"sdpa": sdpa_attention, "math": math_attention, "sdpa_math": sdpa_math, "flex": flex_attention,
+         "sdpa_repeat": sdpa_repeated}
+COMPILED_ONLY = {"flex"}
 
 
 def inputs(shape, dtype, device):
@@ -136,7 +139,8 @@ def run(args) -> dict:
             caches = cold_caches(k, v, args.cold_mib)
             for mode in args.modes.split(","):
                 torch._dynamo.reset()
-                paths = [p for p in args.paths.split(",") if p != "sdpa_repeat" or shape[1] != shape[2]]
+                paths = [p for p in args.paths.split(",") if (p != "sdpa_repeat" or shape[1] != shape[2])
+                         and (p not in COMPILED_ONLY or mode != "eager")]
                 fns = {p: PATHS[p] if mode == "eager" else torch.compile(PATHS[p], fullgraph=True, dynamic=False)
                        for p in paths}
                 medians = measure(fns, q, caches, mask, device, args.repeats)
@@ -159,9 +163,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--modes", default="eager,compiled")
-    parser.add_argument("--paths", default="sdpa,math,sdpa_math,sdpa_repeat", help=f"of {', '.join(PATHS)}; sdpa first for the ratios")
+    parser.add_argument("--paths", default="sdpa,math,sdpa_math,flex,sdpa_repeat", help=f"of {', '.join(PATHS)}; sdpa first for the ratios")
     parser.add_argument("--shapes", default="", help=f"labels to run (default all): {', '.join(SHAPES)}")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU); the receipt records it")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads (CPU; default: torch's, as decoding runs); the receipt records it")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--cold-mib", type=int, default=1024, help="MiB of KV-cache copies cycled through, so each call reads a cold "
                         "cache as a decode step does (0: one cache, warm)")

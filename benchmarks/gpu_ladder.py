@@ -7,7 +7,8 @@
    ``run_config`` (roofline from the eager run's passes, kernel replay, and on CUDA kernels per step, host us
    per step and the launch floor).
 2. The same GPT-B, raster and FlashAR compiled, through the other attention path (math when the configured
-   one is auto or sdpa): the measurement that decides the CUDA default of ``flashar.backbone.attention``.
+   one is auto or sdpa): the measurement that decides the CUDA default of ``flashar.backbone.attention``
+   (FlexAttention, the third candidate, runs last, after the ladder, if the budget leaves time).
 3. A ladder with random weights, bf16, batch 1 with CFG, raster against FlashAR, both compiled: an
    Emu3.5-34B-shaped stack (the real Qwen3 layers of the emu35 backend, 64 layers, 64 query / 8 KV heads of
    128, a stub text tokenizer; FlashAR with one branch block, as part 1) at 32x32, then LlamaGen GPT-L, GPT-XL, GPT-XXL and GPT-3B at 32x32 and
@@ -18,7 +19,7 @@
    ratio of the 64-layer bound to the measured one (``layers_run`` says so).
 
 Work runs in that order and stops starting new configurations after ``--budget-s`` seconds, naming what it
-skipped. Options to compare on the GPU: ``--attention math|sdpa`` (``FLASHAR_ATTENTION``, read at import, so
+skipped. Options to compare on the GPU: ``--attention math|sdpa|flex`` (``FLASHAR_ATTENTION``, read at import, so
 set before flashar loads), ``--coordinate-descent`` (inductor's coordinate-descent tuning), ``--buckets N``
 (FlashAR's static diagonal sizes on CUDA).
 """
@@ -46,7 +47,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--ladder", default=",".join(LADDER))
     parser.add_argument("--grids", default="32,24", help="the ladder's grid sides, in order")
     parser.add_argument("--emu35-layers", type=int, default=64, help="at most this many layers of the Emu3.5 stack")
-    parser.add_argument("--attention", choices=["auto", "math", "sdpa"], default=None)
+    parser.add_argument("--attention", choices=["auto", "math", "sdpa", "flex"], default=None)
     parser.add_argument("--coordinate-descent", action="store_true")
     parser.add_argument("--buckets", type=int, default=1, help="FlashAR's static diagonal sizes in the ladder")
     parser.add_argument("--repeats", type=int, default=2, help="timed generations of each part-1 method")
@@ -95,6 +96,8 @@ def main() -> None:
     other = "math" if report["options"]["attention"] in ("auto", "sdpa") else "sdpa"
     configs = [("GPT-B", 32, other), ("Emu3.5-34B", 32, None)]
     configs += [(m, g, None) for g in map(int, args.grids.split(",")) for m in args.ladder.split(",") if m]
+    if device.type == "cuda" and report["options"]["attention"] != "flex":
+        configs.append(("GPT-B", 32, "flex"))  # last, if the budget leaves time: FlexAttention (CUDA or eager only)
     for model, grid_side, attention in configs:
         if over():
             report["skipped"].append(f"{model} {grid_side}x{grid_side}" + (f" ({attention} attention)" if attention else ""))

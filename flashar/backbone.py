@@ -128,7 +128,7 @@ def write_kv(kv: tuple[Tensor, Tensor], slots: Tensor, k: Tensor, v: Tensor, len
 
 
 # Which kernel :func:`attention` runs: "auto" (per device, dtype and shape: :func:`attention_path`), or
-# "math" or "sdpa" everywhere. Read once; benchmarks compare the paths by setting FLASHAR_ATTENTION.
+# "math", "sdpa" or "flex" everywhere. Read once; benchmarks compare the paths by setting FLASHAR_ATTENTION.
 ATTENTION = os.environ.get("FLASHAR_ATTENTION", "auto")
 # CPUs whose bf16 matmuls run on AMX tiles. There the stock SDPA kernel is the fastest bf16 path at GPT-B's
 # decode shapes; without AMX (an AVX512-BF16 EPYC) it ran ~9x slower than the math path at one
@@ -147,7 +147,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None
     matmul -> float32 masked softmax -> matmul (:func:`math_attention`) that inductor fuses around its two
     matmuls. :func:`attention_path` picks one.
     """
-    path = math_attention if attention_path(q, k) == "math" else sdpa_attention
+    path = {"math": math_attention, "flex": flex_attention}.get(attention_path(q, k), sdpa_attention)
     return path(q, k, v, mask, scale)
 
 
@@ -178,6 +178,21 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float |
     if groups > 1 and q.device.type != "cpu":  # CUDA's fused kernels take no grouped heads together with a mask
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:
+    """:func:`attention` through FlexAttention, the mask read by a score modifier (no block mask: a decode
+    step reads its whole key window anyway). Only ever chosen by ``FLASHAR_ATTENTION=flex``: it is fused
+    under ``torch.compile`` alone, and on CPU it ran 2-3x slower than SDPA at FlashAR's diagonals (ad hoc,
+    cold caches); ``benchmarks/attention.py`` and ``gpu_ladder.py --attention flex`` measure it anywhere."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    rows = mask[:, 0] if mask.shape[0] > 1 else mask[0, 0].expand(q.shape[0], -1, -1)  # (B, T, S)
+
+    def masked(score, b, h, query, key):
+        return torch.where(rows[b, query, key], score, float("-inf"))
+
+    return flex(q, k, v, score_mod=masked, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:

@@ -1,4 +1,4 @@
-"""flashar.backbone.attention: both paths compute SDPA's function, the path is chosen per device, dtype and
+"""flashar.backbone.attention: every path computes SDPA's function, the path is chosen per device, dtype and
 shape, a dynamic decode length adds no guard, and a backbone decodes the same codes through either path."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from helpers import random_gpt
 from flashar import backbone as B
 from flashar.compilation import CompileCounter
 from flashar.config import SamplingConfig
+from flashar.errors import FlashARError
 from flashar.methods.raster import Raster
 from flashar.sampling import make_generator
 
@@ -30,9 +31,9 @@ def reference(q, k, v, mask, scale=None):
     return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=scale)
 
 
-@pytest.mark.parametrize("path", [B.math_attention, B.sdpa_attention])
+@pytest.mark.parametrize("path", [B.math_attention, B.sdpa_attention, B.flex_attention])
 @pytest.mark.parametrize("kv_heads, mask_batch, scale", [(4, 1, None), (4, 2, 0.3), (2, 2, None), (1, 1, 0.5)])
-def test_both_paths_compute_masked_grouped_attention(path, kv_heads, mask_batch, scale):
+def test_every_path_computes_masked_grouped_attention(path, kv_heads, mask_batch, scale):
     q, k, v, mask = qkv(kv_heads=kv_heads, mask_batch=mask_batch)
     out = path(q, k, v, mask, scale)
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -85,8 +86,8 @@ def test_a_dynamic_decode_length_compiles_once_on_either_path(monkeypatch):
     assert counter.frames == 1
 
 
-@pytest.mark.parametrize("path", ["math", "sdpa"])
-def test_raster_decodes_the_same_codes_through_either_path(monkeypatch, path):
+@pytest.mark.parametrize("path", ["math", "sdpa", "flex"])
+def test_raster_decodes_the_same_codes_through_every_path(monkeypatch, path):
     backbone = random_gpt(0, n_head=4, n_kv_head=2)  # grouped heads
     sampling = SamplingConfig(cfg_scale=2.0, top_k=8)
     codes = {}
@@ -95,3 +96,11 @@ def test_raster_decodes_the_same_codes_through_either_path(monkeypatch, path):
         with torch.no_grad():
             codes[chosen] = Raster(backbone).generate([1, 2], (3, 4), sampling, make_generator(0, "cpu")).codes
     assert torch.equal(codes["sdpa"], codes[path])
+
+
+def test_flex_is_refused_in_one_line_for_a_compiled_cpu_step(monkeypatch):
+    """torch's CPU FlexAttention template does not compile a dynamic diagonal length: a clear error, not a C++ one."""
+    monkeypatch.setattr(B, "ATTENTION", "flex")
+    with pytest.raises(FlashARError, match="FLASHAR_ATTENTION=flex runs eager or compiled on CUDA only"):
+        Raster(random_gpt(0), compile=True)
+    Raster(random_gpt(0), compile=True, compile_backend="eager")  # tracing alone is fine

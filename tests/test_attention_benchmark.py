@@ -40,14 +40,17 @@ def test_a_thread_clock_only_when_one_thread_does_all_the_work():
 def test_the_benchmark_times_every_path_on_cold_copies(monkeypatch):
     bench = load_script("attention")
     monkeypatch.setattr(bench, "SHAPES", {"tiny gqa": (2, 4, 2, 3, 17, 8)})
-    args = argparse.Namespace(device="cpu", dtypes="float32", modes="eager", paths="sdpa,math,sdpa_repeat", shapes="",
-                              repeats=2, cold_mib=1)
+    args = argparse.Namespace(device="cpu", dtypes="float32", modes="eager,compiled", paths="sdpa,math,flex,sdpa_repeat",
+                              shapes="", repeats=2, cold_mib=1)
     report = bench.run(args)
     assert torch.is_grad_enabled()  # the script's global settings stay in its main()
     assert report["cold_mib"] == 1
-    (row,) = report["rows"]
-    assert set(row["us"]) == {"sdpa", "math", "sdpa_repeat"} and all(t > 0 for t in row["us"].values())
-    assert max(row["max_abs_error_vs_fp32"].values()) < 1e-5  # the paths compute the same attention
+    eager, compiled = report["rows"]
+    assert set(eager["us"]) == {"sdpa", "math", "sdpa_repeat"}  # flex is fused only when compiled
+    assert set(compiled["us"]) == {"sdpa", "math", "flex", "sdpa_repeat"}
+    for row in (eager, compiled):
+        assert all(t > 0 for t in row["us"].values())
+        assert max(row["max_abs_error_vs_fp32"].values()) < 1e-5  # the paths compute the same attention
 
 
 def test_a_negative_cold_budget_is_refused_in_one_line_before_anything_is_written(tmp_path):
