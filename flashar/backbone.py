@@ -130,6 +130,7 @@ def write_kv(kv: tuple[Tensor, Tensor], slots: Tensor, k: Tensor, v: Tensor, len
 # Which kernel :func:`attention` runs: "auto" (per device, dtype and shape: :func:`attention_path`), or
 # "math", "sdpa" or "flex" everywhere. Read once; benchmarks compare the paths by setting FLASHAR_ATTENTION.
 ATTENTION = os.environ.get("FLASHAR_ATTENTION", "auto")
+ATTENTION_PATHS = ("auto", "math", "sdpa", "flex")
 # CPUs whose bf16 matmuls run on AMX tiles. There the stock SDPA kernel is the fastest bf16 path at GPT-B's
 # decode shapes; without AMX (an AVX512-BF16 EPYC) it ran ~9x slower than the math path at one
 # query and 1.4x slower at 32 (GPT-B shapes, bf16). benchmarks/attention.py measures both on any machine.
@@ -162,7 +163,7 @@ def attention_path(q: Tensor, k: Tensor) -> str:
     is the default until a GPU receipt says otherwise). Only sizes provably in range count, so that under
     torch.compile a dynamic diagonal length adds no guard.
     """
-    if ATTENTION != "auto":
+    if attention_setting() != "auto":
         return ATTENTION
     groups = q.shape[1] // k.shape[1]
     if q.device.type != "cpu" or not statically_known_true(groups * q.shape[2] <= MATH_ROWS):
@@ -170,6 +171,14 @@ def attention_path(q: Tensor, k: Tensor) -> str:
     if q.dtype in (torch.bfloat16, torch.float16):
         return "sdpa" if CPU_AMX else "math"
     return "math" if groups > 1 else "sdpa"
+
+
+def attention_setting() -> str:
+    """``ATTENTION``, checked: a path name, or "auto"."""
+    if ATTENTION not in ATTENTION_PATHS:
+        raise FlashARError(f"FLASHAR_ATTENTION={ATTENTION!r} names no attention path; set it to one of "
+                           f"{', '.join(ATTENTION_PATHS)}, or unset it")
+    return ATTENTION
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:

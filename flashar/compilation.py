@@ -32,7 +32,7 @@ def compile_step(fn: Callable, device: torch.device | str, backend: str | Callab
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
     device, fn = torch.device(device), own_code(fn)
-    if protocol.ATTENTION == "flex" and device.type != "cuda" and backend == "inductor":
+    if protocol.attention_setting() == "flex" and device.type != "cuda" and backend == "inductor":
         raise FlashARError("FLASHAR_ATTENTION=flex runs eager or compiled on CUDA only: torch's CPU FlexAttention "
                            "does not compile with the dynamic diagonal length of a CPU step; unset it or use math or sdpa")
     # One graph per static shape (e.g. flashar --buckets N builds N). That a generation compiles once is

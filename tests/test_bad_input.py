@@ -280,6 +280,8 @@ CASES = [
     Case("save-tokens-not-npy", lambda w: w.gen("--out", w.out, "--save-tokens", w.root / "tokens.txt"), ("--save-tokens", ".npy")),
     Case("save-tokens-is-a-folder", lambda w: w.gen("--out", w.out, "--save-tokens", mkdir(w.root / "t.npy")),
          ("--save-tokens", "is a folder")),
+    Case("unknown-attention-path", lambda w: w.gen(), ("FLASHAR_ATTENTION='fast'", "auto, math, sdpa, flex")),
+    Case("flex-attention-compiled-on-cpu", lambda w: w.gen("--compile"), ("FLASHAR_ATTENTION=flex", "CUDA only")),
     Case("device-cuda-without-cuda", lambda w: w.gen("--device", "cuda"), ("CUDA is not available", "--device cpu")),
     Case("unknown-device", lambda w: w.gen("--device", "tpu9"), ("unknown device 'tpu9'",)),
     # conditions and sizes
@@ -351,6 +353,10 @@ def prepare(case: Case, world: World, registry, monkeypatch) -> list[str]:
         registry.backends["needs-extra"] = BackendSpec(id="needs-extra", description="test", options=NoOptions,
                                                        load=lambda o, r: None, extra="fake", requires=("flashar_not_installed",))
         registry.owners[("backend", "needs-extra")] = "test"
+    if case.id in ("unknown-attention-path", "flex-attention-compiled-on-cpu"):
+        from flashar import backbone
+
+        monkeypatch.setattr(backbone, "ATTENTION", "fast" if case.id == "unknown-attention-path" else "flex")
     if case.id == "device-cuda-without-cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     if case.id == "lora-without-peft":
