@@ -73,7 +73,7 @@ def main() -> None:
     report = {"torch": torch.__version__, "device": str(device), "cpu": latency.cpu_model(), "threads": torch.get_num_threads(),
               "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
               "options": {"attention": os.environ.get("FLASHAR_ATTENTION", "auto"), "coordinate_descent": args.coordinate_descent,
-                          "buckets": args.buckets}, "rows": [], "ladder": [], "skipped": []}
+                          "buckets": args.buckets}, "rows": [], "ladder": [], "skipped": [], "failed": []}
     peaks = latency.Peaks(device)
     peaks.probe("bfloat16")
     save = lambda: Path(args.out).write_text(__import__("json").dumps(report, indent=1) + "\n")  # noqa: E731
@@ -98,20 +98,39 @@ def main() -> None:
     configs += [(m, g, None) for g in map(int, args.grids.split(",")) for m in args.ladder.split(",") if m]
     if device.type == "cuda" and report["options"]["attention"] != "flex":
         configs.append(("GPT-B", 32, "flex"))  # last, if the budget leaves time: FlexAttention (CUDA or eager only)
-    for model, grid_side, attention in configs:
-        if over():
-            report["skipped"].append(f"{model} {grid_side}x{grid_side}" + (f" ({attention} attention)" if attention else ""))
-            continue
-        report["ladder"] += ladder_config(args, registry, model, 4 if args.tiny else grid_side, peaks, device, attention)
-        report["bandwidth_gbs"], report["node_us"] = peaks.bandwidth / 1e9, peaks.node_us
-        report["matmul_gflops"] = {k: v / 1e9 for k, v in peaks.matmul.items()}
-        save()
-        release(device)
+
+    def arm(model, grid_side, attention) -> list[dict]:
+        try:
+            return ladder_config(args, registry, model, 4 if args.tiny else grid_side, peaks, device, attention)
+        finally:
+            report["bandwidth_gbs"], report["node_us"] = peaks.bandwidth / 1e9, peaks.node_us
+            report["matmul_gflops"] = {k: v / 1e9 for k, v in peaks.matmul.items()}
+            release(device)
+
+    run_arms(configs, arm, report, over, save)
     report["seconds"] = time.perf_counter() - started
     save()
     for row in report["ladder"]:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     print("skipped:", ", ".join(report["skipped"]) or "none", flush=True)
+    print("failed:", "; ".join(report["failed"]) or "none", flush=True)
+
+
+def run_arms(configs, arm, report: dict, over, save) -> None:
+    """Each (model, grid side, attention path) in order, its rows into ``report["ladder"]``, saved after each,
+    until ``over()``: the rest go to ``skipped``. An arm that raises (out of memory, a path that does not
+    compile) goes to ``failed`` with its one-line reason and costs only itself: the GPU time is lent once."""
+    for model, grid_side, attention in configs:
+        label = f"{model} {grid_side}x{grid_side}" + (f" ({attention} attention)" if attention else "")
+        if over():
+            report["skipped"].append(label)
+            continue
+        try:
+            report["ladder"] += arm(model, grid_side, attention)
+        except Exception as error:  # noqa: BLE001 - recorded, and the receipt goes on
+            reason = str(error).strip().splitlines()
+            report["failed"].append(f"{label}: {type(error).__name__}" + (f": {reason[0]}" if reason else ""))
+        save()
 
 
 def release(device) -> None:

@@ -90,8 +90,9 @@ def ladder(report: dict) -> str:
                       "vs raster"], rows)
     where = report.get("gpu") or f"{report['cpu']}, {report['threads']} threads"
     skipped = f" Skipped for time: {', '.join(report['skipped'])}." if report["skipped"] else ""
+    failed = f" Failed: {'; '.join(report['failed'])}." if report.get("failed") else ""  # receipts before it had none
     return (f"{table}\n\n{where}, torch {report['torch']}, options {report['options']}; "
-            f"{report['node_us']:.2f} us per graph node.{skipped}")
+            f"{report['node_us']:.2f} us per graph node.{skipped}{failed}")
 
 
 COMPILED = ("compiled", "max-autotune")

@@ -230,8 +230,27 @@ def test_the_gpu_script_runs_end_to_end_on_cpu_with_tiny_models(tmp_path):
         ("Emu3.5-34B", "raster/compiled"), ("Emu3.5-34B", "flashar:buckets=1/compiled"),
         ("GPT-L", "raster/compiled"), ("GPT-L", "flashar:buckets=1/compiled")]
     assert all(r["graphs"] == 1 and r["recompiles"] == 0 for r in report["ladder"])
-    assert report["skipped"] == [] and report["ladder"][0]["attention"] == "math"
+    assert report["skipped"] == report["failed"] == [] and report["ladder"][0]["attention"] == "math"
     assert "Emu3.5-34B" in load_tables().ladder(report)
+
+
+def test_a_failing_ladder_arm_costs_only_itself_and_the_budget_skips_the_rest():
+    ladder = load_ladder()
+    report, saved, clock = {"ladder": [], "skipped": [], "failed": []}, [], iter(range(10))
+
+    def arm(model, side, attention):
+        if model == "GPT-3B":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return [{"model": model}]
+
+    configs = [("GPT-B", 32, "math"), ("GPT-3B", 32, None), ("GPT-L", 24, None), ("GPT-XL", 24, None)]
+    ladder.run_arms(configs, arm, report, over=lambda: next(clock) >= 3, save=lambda: saved.append(len(report["ladder"])))
+    assert report["ladder"] == [{"model": "GPT-B"}, {"model": "GPT-L"}]
+    assert report["failed"] == ["GPT-3B 32x32: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"]
+    assert report["skipped"] == ["GPT-XL 24x24"] and saved == [1, 1, 2]
+    text = load_tables().ladder({**report, "ladder": [], "gpu": "a GPU", "torch": "2", "options": {}, "node_us": 1.0})
+    assert text.endswith("Skipped for time: GPT-XL 24x24. Failed: GPT-3B 32x32: OutOfMemoryError: CUDA out of memory. "
+                         "Tried to allocate 2.00 GiB.")
 
 
 def test_the_digits_table_speaks_for_every_timed_flashar_adapter():
