@@ -61,6 +61,7 @@ from flashar.backbone import attention
 from flashar.backends.llamagen.backbone import LlamaGenBackbone
 from flashar.backends.llamagen.model import PRESETS, GPTConfig
 from flashar.branch import FlashARHead
+from flashar.cliutils import parse_methods
 from flashar.compare import cpu_model
 from flashar.compare.timing import time_methods
 from flashar.config import BranchConfig, SamplingConfig
@@ -231,24 +232,14 @@ def flashar_adapter(backbone, grid) -> Adapter:
     return Adapter(new_metadata(backbone, head, grid), head, backbone)
 
 
-def parse_method(spec: str) -> tuple[str, dict]:
-    """'flashar:buckets=4' -> ('flashar', {'buckets': 4})."""
-    name, _, rest = spec.partition(":")
-    options = {}
-    for item in filter(None, rest.split(";")):
-        key, value = item.split("=")
-        options[key] = int(value) if value.isdigit() else value
-    return name, options
-
-
 COMPILE = {"eager": False, "compiled": True, "max-autotune": "max-autotune"}  # --compile names -> Method(compile=...)
 
 
 def build_methods(registry, specs, backbone, grid, compile_modes):
+    """``{"spec/mode": method}`` for method specs as ``flashar compare --methods`` takes them ("flashar:buckets=4")."""
     methods = {}
     adapter = flashar_adapter(backbone, grid)
-    for spec, mode in itertools.product(specs, compile_modes):
-        name, options = parse_method(spec)
+    for (spec, (name, options)), mode in itertools.product(parse_methods(",".join(specs), registry).items(), compile_modes):
         cls = registry.method(name)
         kwargs = {"adapter": adapter} if name == "flashar" else {}
         methods[f"{spec}/{mode}"] = cls(backbone, cls.Options(**options), compile=COMPILE[mode], **kwargs)
@@ -399,7 +390,7 @@ def run(args) -> dict:
     torch.set_grad_enabled(False)
     pm, infos = build_manager(load_entry_points=False)
     registry = Registry.from_manager(pm, infos)
-    names = [m for m in args.methods.split(",") if parse_method(m)[0] in registry.methods]
+    names = list(parse_methods(args.methods, registry))
     report = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
               "cpu": cpu_model(), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
               "bandwidth_gbs": 0.0, "matmul_gflops": {}, "rows": []}

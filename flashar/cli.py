@@ -27,6 +27,7 @@ from flashar.cliutils import (
     field_options,
     nested_config,
     parse_classes,
+    parse_methods,
     pick,
     print_table,
     registry_of,
@@ -228,7 +229,10 @@ def _print_held_out(curve: list[dict]) -> None:
 
 @cli.command(cls=PluginCommand, plugin_params=backend_and_method_options)
 @click.option("--backend", "-b", default="digits", show_default=True, help="Backend id (see `flashar backends`).")
-@click.option("--methods", default="raster,flashar", show_default=True, help="Comma-separated method ids (see `flashar methods`).")
+@click.option("--methods", default="raster,flashar", show_default=True,
+              help="Comma-separated method ids (see `flashar methods`), each a row; ID:OPTION=VALUE;OPTION=VALUE adds a "
+                   "variant with option values of its own, e.g. raster,zipar:window=4,zipar:window=16 or "
+                   "flashar,flashar:adapter=other/ (quote a ';').")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated sampling seeds; quality is averaged over them.")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="Text file, one prompt per line (text-conditional backends).")
 @click.option("--fid-weights", type=click.Path(path_type=Path), help="Inception weights (pt_inception-2015-12-05) for FID on non-digits backends.")
@@ -246,12 +250,13 @@ def compare(ctx: click.Context, **values) -> None:
 
     values = with_config_file(ctx, values)
     registry = registry_of(ctx)
-    names = [m.strip() for m in values["methods"].split(",") if m.strip()]
+    variants = parse_methods(values["methods"], registry)
+    names = list(variants)
     seeds = parse_classes(values["seeds"], "--seeds")
     if not names or not seeds:
         raise click.BadParameter("expected at least one comma-separated value, e.g. --methods raster,flashar --seeds 0,1",
                                  param_hint="--methods" if not names else "--seeds")
-    check_foreign(values, registry, values["backend"], names)
+    check_foreign(values, registry, values["backend"], sorted({method for method, _ in variants.values()}))
     config = api.validated(CompareConfig, {**pick(CompareConfig, values), "methods": names, "seeds": seeds}, "compare")
     if values["out"]:
         api.check_writable_dir(values["out"])
@@ -263,7 +268,9 @@ def compare(ctx: click.Context, **values) -> None:
     prompts = api.read_prompts(values["prompts_file"]) if values["prompts_file"] else None
     runtime = runtime_from(values)
     backbone = api.load_backbone(values["backend"], options, runtime, registry)
-    methods = {n: api.build_method(n, backbone, pick(registry.method(n).Options, values), compile=runtime.compile_as, registry=registry) for n in names}
+    methods = {label: api.build_method(method, backbone, {**pick(registry.method(method).Options, values), **own},
+                                       compile=runtime.compile_as, registry=registry)
+               for label, (method, own) in variants.items()}
     sampling = {n: api.resolve_sampling(m.backbone, pick(SamplingConfig, values)) for n, m in methods.items()}
     extractor, reference = api.quality_inputs(backbone, config, values["fid_weights"], values["reference_images"], registry)
     total = config.num_samples * len(config.seeds) * len(names) if extractor is not None and config.metrics else 0

@@ -298,6 +298,31 @@ def parse_classes(text: str | None, hint: str = "--classes") -> list[int]:
         raise click.BadParameter(f"expected comma-separated integers like 207,360, got {text!r}", param_hint=hint) from None
 
 
+def parse_methods(text: str, registry: Registry) -> dict[str, tuple[str, dict[str, str]]]:
+    """``--methods``: comma-separated method ids, or variants ``ID:OPTION=VALUE;OPTION=VALUE`` with option values
+    of their own (``zipar:window=4``, ``flashar:adapter=runs/lag1``) -> {label: (method id, {option: value})}.
+
+    The label is the entry as written, in order. Values stay strings for the method's ``Options`` to validate
+    (they override that option's flag for this entry only); option names take - or _."""
+    variants: dict[str, tuple[str, dict[str, str]]] = {}
+    for spec in filter(None, (part.strip() for part in text.split(","))):
+        method, _, rest = spec.partition(":")
+        fields = registry.method(method.strip()).Options.model_fields  # an unknown id: one line naming the installed
+        options = {}
+        for item in filter(None, rest.split(";")):
+            key, equals, value = (part.strip() for part in item.partition("="))
+            key = key.replace("-", "_")
+            if not equals or key not in fields:
+                known = ", ".join(name.replace("_", "-") for name in fields) or "none"
+                raise FlashARError(f"--methods entry {spec!r}: {item.strip()!r} is not OPTION=VALUE for an option of "
+                                   f"method '{method.strip()}' (its options: {known})")
+            options[key] = value
+        if spec in variants:
+            raise FlashARError(f"--methods lists {spec!r} twice; list each method or variant once")
+        variants[spec] = (method.strip(), options)
+    return variants
+
+
 def echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 

@@ -5,6 +5,7 @@ plot also without quality metrics, speeds that never print as 0.0, tick labels t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from flashar.cli import cli
 from flashar.compare import CompareReport
 from flashar.compare.report import figure, table_rows
 from flashar.config import SamplingConfig
+from flashar.errors import FlashARError
 from flashar.methods.flashar import FlashAR
 from flashar.plugins import BackendSpec
 from flashar.sampling import make_generator
@@ -133,3 +135,46 @@ def test_the_report_names_each_methods_settings_and_flashars_diagonal_coupling(r
     typed = CliRunner().invoke(cli, [str(a) for a in base + ["--diagonal-coupling", 0, "--json"]], obj=registry)
     rows = {r["method"]: r for r in json.loads(typed.output)["methods"]}
     assert rows["flashar"]["settings"] == {"diagonal_coupling": 0.0} and rows["raster"]["settings"] == {}
+
+
+def test_compare_rows_variants_of_one_method_each_with_its_own_options(registry, tmp_path):
+    """--methods id:OPTION=VALUE;OPTION=VALUE: each variant is a row with its own settings and sample grid; a
+    variant's value beats the method's flag, which still sets the others."""
+    options = write_llamagen(tmp_path / "model")
+    args = ["compare", "-b", "llamagen", *cli_args(options), "--methods", "raster,zipar:window=2,zipar:window=3;mask-unwritten=false",
+            "--window", 1, "--image-size", 8, "--no-metrics", "--num-samples", 2, "--batch-size", 2, "--latency-batch-size", 1,
+            "--repeats", 1, "--warmup", 0, "--out", tmp_path / "cmp", "--json"]
+    result = CliRunner().invoke(cli, [str(a) for a in args], obj=registry)
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r for r in json.loads((tmp_path / "cmp" / "report.json").read_text())["methods"]}
+    assert list(rows) == ["raster", "zipar:window=2", "zipar:window=3;mask-unwritten=false"]
+    assert rows["zipar:window=2"]["settings"] == {"window": 2, "mask_unwritten": True}
+    assert rows["zipar:window=3;mask-unwritten=false"]["settings"] == {"window": 3, "mask_unwritten": False}
+    assert [rows[m]["forward_passes"] for m in rows] == [16, 12, 14]  # 4x4 grid: 2W + (H-2)w
+    written = sorted(p.name for p in (tmp_path / "cmp").iterdir())
+    assert written == ["report.json", "samples_raster.png", "samples_zipar_window=2.png",
+                       "samples_zipar_window=3_mask-unwritten=false.png", "speed_vs_quality.png"]
+
+
+def test_method_specs_parse_to_ids_and_their_own_option_values(registry):
+    from flashar.cliutils import parse_methods
+
+    assert parse_methods(" raster , flashar:adapter=a/b;buckets=4,zipar:mask-unwritten=false,", registry) == {
+        "raster": ("raster", {}), "flashar:adapter=a/b;buckets=4": ("flashar", {"adapter": "a/b", "buckets": "4"}),
+        "zipar:mask-unwritten=false": ("zipar", {"mask_unwritten": "false"})}
+    with pytest.raises(FlashARError, match=r"'windw=4' is not OPTION=VALUE for an option of method 'zipar' \(its options: window, "):
+        parse_methods("zipar:windw=4", registry)
+    with pytest.raises(FlashARError, match="'window' is not OPTION=VALUE"):
+        parse_methods("zipar:window", registry)
+    with pytest.raises(FlashARError, match="lists 'zipar:window=4' twice"):
+        parse_methods("zipar:window=4,raster,zipar:window=4", registry)
+    with pytest.raises(FlashARError, match="unknown method 'nope'"):
+        parse_methods("raster,nope:x=1", registry)
+
+
+def test_sample_file_names_of_labels_are_safe_and_distinct():
+    from flashar.compare.report import file_label
+
+    assert file_label("flashar:adapter=../runs/lag 1;buckets=4", []) == "flashar_adapter=.._runs_lag_1_buckets=4"
+    taken = [Path("samples_zipar_window=4.png")]
+    assert file_label("zipar;window=4", taken) == "zipar_window=4_2"

@@ -100,10 +100,10 @@ def run_compare(methods: dict[str, Method], sampling: dict[str, SamplingConfig],
                "peak_memory_mb": None if throughput[name].peak_bytes is None else throughput[name].peak_bytes / 2**20,
                "sampling": sampling[name].model_dump(), "settings": method.settings()}
         if config.metrics and extractor is not None and reference is not None:
-            row.update(score(method, conditions, grid, sampling[name], config, extractor, reference, report, progress))
+            row.update(score(name, method, conditions, grid, sampling[name], config, extractor, reference, report, progress))
         elif samples and throughput[name].codes is not None:
             codes = throughput[name].codes[:100]
-            report.samples[method.id] = to_uint8(decode_all(method.backbone, codes, config.batch_size, conditions))
+            report.samples[name] = to_uint8(decode_all(method.backbone, codes, config.batch_size, conditions))
         report.rows.append(row)
     return report
 
@@ -122,15 +122,16 @@ def speed_columns(timings: dict[str, Timing], name: str, kind: str) -> dict[str,
             f"{kind}_speedup_vs_raster": baseline.median / t.median}
 
 
-def score(method: Method, conditions: list[Any], grid: tuple[int, int], sampling: SamplingConfig, config: CompareConfig,
+def score(name: str, method: Method, conditions: list[Any], grid: tuple[int, int], sampling: SamplingConfig, config: CompareConfig,
           extractor: Extractor, reference: torch.Tensor, report: CompareReport, progress) -> dict[str, float]:
-    """Quality metrics of ``num_samples`` images per seed, averaged over the seeds (per-seed values kept)."""
+    """Quality metrics of ``num_samples`` images per seed of the row ``name``, averaged over the seeds (per-seed
+    values kept)."""
     per_seed = []
     for seed in config.seeds:
         result = generate_batches(method, conditions, grid, sampling, config.batch_size, seed,
-                                  progress=(lambda n, m=method.id: progress(m, n)) if progress else None)
+                                  progress=(lambda n: progress(name, n)) if progress else None)
         images = to_uint8(decode_all(method.backbone, result.codes, config.batch_size, conditions))
-        report.samples.setdefault(method.id, images[:100])
+        report.samples.setdefault(name, images[:100])
         labels = conditions if method.backbone.condition_kind == "class" else None
         per_seed.append(quality(images, reference, extractor, labels))
     keys = per_seed[0].keys()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 
 import torch
 
 from flashar.io import atomic_path, save_json, save_png
+
 
 def significant(value: float) -> str:
     """A speed or size with at least 3 significant digits for small values: a slow run's 0.04 images/s
@@ -147,13 +149,24 @@ def plot(report, path: Path) -> None:
     plt.close(fig)
 
 
+def file_label(method: str, taken: list[Path]) -> str:
+    """A row label as a file-name part: a variant's ':', ';', '/' and the like become '_' (``zipar:window=4`` ->
+    ``zipar_window=4``), numbered where two labels would meet in one name."""
+    label = re.sub(r"[^\w.=+-]+", "_", method).strip("_") or "method"
+    names, unique, n = {p.name for p in taken}, label, 1
+    while f"samples_{unique}.png" in names:
+        n += 1
+        unique = f"{label}_{n}"
+    return unique
+
+
 def write_report(report, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "report.json"]
     save_json(report.as_json(), written[0])
     for method, images in report.samples.items():
-        save_png(sample_grid(images), out_dir / f"samples_{method}.png")
-        written.append(out_dir / f"samples_{method}.png")
+        written.append(out_dir / f"samples_{file_label(method, written)}.png")
+        save_png(sample_grid(images), written[-1])
     if report.rows:
         plot(report, out_dir / "speed_vs_quality.png")
         written.append(out_dir / "speed_vs_quality.png")
