@@ -106,7 +106,9 @@ def config_options(*models, skip: tuple[str, ...] = ()):
 
 @cli.command(cls=PluginCommand, plugin_params=backend_and_method_options)
 @click.option("--backend", "-b", help="Backend id (see `flashar backends`); required.")
-@click.option("--method", "-m", default="raster", show_default=True, help="Decoding method id (see `flashar methods`).")
+@click.option("--method", "-m", default="raster", show_default=True,
+              help="Decoding method id (see `flashar methods`), or ID:OPTION=VALUE;OPTION=VALUE with option values of its "
+                   "own, as compare's --methods takes it (e.g. zipar:window=4).")
 @click.option("--classes", help="Comma-separated class ids, one image each (class-conditional backends).")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt, one image each; repeat for several (text-conditional backends).")
 @click.option("--image-size", type=IMAGE_SIZE, help=IMAGE_SIZE_HELP)
@@ -124,7 +126,11 @@ def generate(ctx: click.Context, **values) -> None:
 
     values = with_config_file(ctx, values, required=("backend",))
     registry = registry_of(ctx)
-    check_foreign(values, registry, values["backend"], [values["method"]])
+    chosen = parse_methods(values["method"], registry)
+    if len(chosen) != 1:
+        raise FlashARError(f"--method takes one method, got {values['method']!r}; `flashar compare --methods` runs several")
+    (label, (method_id, own)), = chosen.items()
+    check_foreign(values, registry, values["backend"], [method_id])
     conditions = parse_conditions(values["classes"], values["prompts"])
     if values["out"]:
         api.check_writable_dir(values["out"])  # fail before any work is done, and create nothing yet
@@ -135,20 +141,20 @@ def generate(ctx: click.Context, **values) -> None:
         api.check_image_tokenizer(values["backend"], options, "--out (writing images)", registry)
     runtime = runtime_from(values)
     backbone = api.load_backbone(values["backend"], options, runtime, registry)
-    method_cls = registry.method(values["method"])
-    method = api.build_method(values["method"], backbone, pick(method_cls.Options, values), compile=runtime.compile_as,
-                              registry=registry, own_backbone=True)  # the only method here: adapt the backbone in place
+    method = api.build_method(method_id, backbone, {**pick(registry.method(method_id).Options, values), **own},
+                              compile=runtime.compile_as, registry=registry,
+                              own_backbone=True)  # the only method here: adapt the backbone in place
     sampling = api.resolve_sampling(backbone, pick(SamplingConfig, values))
     api.check_conditions(backbone, conditions)  # before the progress bar starts
     method.backbone.grid(values["image_size"])
     if values["out"]:
         api.check_image_paths(values["out"], conditions)
-    with _progress(len(conditions), f"{values['method']} decoding", values["as_json"]) as advance:
+    with _progress(len(conditions), f"{label} decoding", values["as_json"]) as advance:
         result = api.generate(method, conditions, values["image_size"], sampling, values["batch_size"], runtime.seed,
                               progress=advance)  # per decode step, not per batch
     paths = api.write_outputs(method.backbone, result.codes, conditions, values["out"], values["save_tokens"])
     summary = {
-        "backend": values["backend"], "method": values["method"], "images": len(conditions),
+        "backend": values["backend"], "method": label, "images": len(conditions),
         "grid": list(result.codes.shape[1:]), "forward_passes_per_batch": result.num_forward_passes,
         "wall_seconds": round(result.seconds, 4), "sampling": sampling.model_dump(), "outputs": [str(p) for p in paths],
         "tokens": str(values["save_tokens"]) if values["save_tokens"] else None,

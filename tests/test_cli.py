@@ -35,6 +35,20 @@ def test_generate_writes_pngs_tokens_and_json(tmp_path, run):
     assert grids.shape == (3, 4, 4) and grids.dtype == np.int64
 
 
+def test_generate_takes_a_method_variant_as_compare_does(tmp_path, run):
+    """-m zipar:window=2 decodes as --method zipar --window 2 does, and the summary names the variant."""
+    options = write_llamagen(tmp_path / "model")
+    common = ["generate", "-b", "llamagen", *cli_args(options), "--image-size", 8, "--classes", "1,2", "--json"]
+    variant = run(*common, "-m", "zipar:window=2", "--window", 3, "--save-tokens", tmp_path / "a.npy")
+    flags = run(*common, "-m", "zipar", "--window", 2, "--save-tokens", tmp_path / "b.npy")
+    assert variant.exit_code == 0 and flags.exit_code == 0, variant.output + flags.output
+    assert json.loads(variant.output)["method"] == "zipar:window=2" and json.loads(flags.output)["method"] == "zipar"
+    assert json.loads(variant.output)["forward_passes_per_batch"] == 12  # 2W + (H-2)w on 4x4 with w = 2
+    assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    several = run(*common, "-m", "raster,zipar")
+    assert several.exit_code == 1 and "--method takes one method, got 'raster,zipar'" in several.output
+
+
 def test_same_seed_same_tokens_other_seed_other_tokens(tmp_path, run):
     options = write_llamagen(tmp_path / "model")
     def tokens(seed, name):
