@@ -146,7 +146,7 @@ def generate(ctx: click.Context, **values) -> None:
                               own_backbone=True)  # the only method here: adapt the backbone in place
     sampling = api.resolve_sampling(backbone, pick(SamplingConfig, values))
     api.check_conditions(backbone, conditions)  # before the progress bar starts
-    method.backbone.grid(values["image_size"])
+    method.check_grid(method.backbone.grid(values["image_size"]))
     if values["out"]:
         api.check_image_paths(values["out"], conditions)
     with _progress(len(conditions), f"{label} decoding", values["as_json"]) as advance:
@@ -278,6 +278,8 @@ def compare(ctx: click.Context, **values) -> None:
                                        compile=runtime.compile_as, registry=registry)
                for label, (method, own) in variants.items()}
     sampling = {n: api.resolve_sampling(m.backbone, pick(SamplingConfig, values)) for n, m in methods.items()}
+    for method in methods.values():  # before any bar starts or any method is timed
+        method.check_grid(method.backbone.grid(config.image_size))
     extractor, reference = api.quality_inputs(backbone, config, values["fid_weights"], values["reference_images"], registry)
     total = config.num_samples * len(config.seeds) * len(names) if extractor is not None and config.metrics else 0
     from flashar.compare import timed_runs

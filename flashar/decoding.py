@@ -104,6 +104,9 @@ class Method(ABC):
         self._states: OrderedDict[tuple, DecodeState] = OrderedDict()
 
     # --- what a method supplies ---------------------------------------------------------------------
+    def check_grid(self, grid: tuple[int, int]) -> None:
+        """Raise a one-line error if this instance cannot decode an (H, W) grid (FlashAR: not its adapter's)."""
+
     def prefix(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> Prefix:
         return self.backbone.prefix(conditions, cfg=sampling.use_cfg, grid=grid)
 

@@ -84,6 +84,8 @@ def run_compare(methods: dict[str, Method], sampling: dict[str, SamplingConfig],
     throughput batch), for the sample grids."""
     first = next(iter(methods.values())).backbone
     grid = first.grid(config.image_size)
+    for method in methods.values():  # before minutes of timing the others
+        method.check_grid(grid)
     conditions = balanced_conditions(first, config.num_samples, prompts)
     report = CompareReport(first.backend_id, grid, config.model_dump(), environment(first.device, first.dtype),
                            metric_label=extractor.label if extractor else "FID")

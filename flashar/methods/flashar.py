@@ -104,8 +104,11 @@ class FlashAR(Method):
         return {**super().settings(), "diagonal_coupling": self.coupling}  # the adapter's fitted value unless overridden
 
     # --- setup: everything allocated once per shape ---------------------------------------------------
-    def prefix(self, conditions, grid, sampling) -> Prefix:
+    def check_grid(self, grid: tuple[int, int]) -> None:
         self.adapter.check_grid(grid)
+
+    def prefix(self, conditions, grid, sampling) -> Prefix:
+        self.check_grid(grid)
         # the uncond rows the FlashAR parts are trained with (the conditional template around an empty condition)
         return self.backbone.prefix(conditions, cfg=sampling.use_cfg, grid=grid, unconditional="empty")
 
