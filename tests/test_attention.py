@@ -31,6 +31,10 @@ def reference(q, k, v, mask, scale=None):
     return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=scale)
 
 
+EAGER_FLEX = "ignore:flex_attention called without torch.compile"  # flex's eager fallback says it is unfused, as intended here
+
+
+@pytest.mark.filterwarnings(EAGER_FLEX)
 @pytest.mark.parametrize("path", [B.math_attention, B.sdpa_attention, B.flex_attention])
 @pytest.mark.parametrize("kv_heads, mask_batch, scale", [(4, 1, None), (4, 2, 0.3), (2, 2, None), (1, 1, 0.5)])
 def test_every_path_computes_masked_grouped_attention(path, kv_heads, mask_batch, scale):
@@ -86,6 +90,7 @@ def test_a_dynamic_decode_length_compiles_once_on_either_path(monkeypatch):
     assert counter.frames == 1
 
 
+@pytest.mark.filterwarnings(EAGER_FLEX)
 @pytest.mark.parametrize("path", ["math", "sdpa", "flex"])
 def test_raster_decodes_the_same_codes_through_every_path(monkeypatch, path):
     backbone = random_gpt(0, n_head=4, n_kv_head=2)  # grouped heads
