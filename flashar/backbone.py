@@ -1,38 +1,18 @@
 """The Backbone protocol: the only thing decoding methods and the FlashAR parts know about a model.
 
-A backend subclasses :class:`Backbone` and supplies
-
-* geometry: ``grid(image_size) -> (H, W)``, the code range (``code_offset``, ``codebook_size``);
-* conditioning: ``prefix(conditions, cfg=..., grid=(H, W), unconditional=...)`` -> :class:`Prefix` whose last
-  valid position predicts cell (0, 0); with CFG its rows are ``[cond; uncond]`` (flashar's order, whatever
-  the model's own). The grid is passed because some prefixes spell it out (Emu3.5's ``BOI "H*W" IMG``).
-  ``unconditional`` picks the uncond rows: ``"native"`` is the model's own unconditional input (what its
-  raster sampler uses), ``"empty"`` the conditional template around an empty condition (what FlashAR
-  adapters are trained and decoded with); backends where the two coincide (a null class) ignore it.
-  Native rows must compute what the model's own sampler computes for each condition alone (pad so that
-  a shorter row keeps its relative positions, e.g. on the left with RoPE): raster with CFG is the
-  baseline every method is measured against;
-* positions: ``cell_positions(cells, prefix_length, grid=(H, W))`` for any set of grid cells, so tokens
-  can be fed in any order and keep their raster geometry (2-D RoPE rows, 1-D position ids, which need
-  W, ...). The tensor is opaque to methods except that its first axis indexes tokens;
-* layers: ``embed``, ``layers``, ``norm``, ``output`` and ``layer_forward``, one block over a chunk of
-  tokens with explicit positions, an explicit boolean mask and a static KV cache written at explicit
-  slots; :meth:`Backbone.forward` runs them all and can return the hidden state entering layer ``tap``;
-* logits: :meth:`Backbone.logits` is the one place normed hidden states become code logits, with
-  ``output`` or a copy of it passed as ``head`` (FlashAR's vertical head). A backend whose head is more
-  than one linear map (Janus: an MLP before the final projection) overrides ``logits`` and ``dim``;
-* images: ``decode(codes)`` and ``encode(images)`` through the backend's tokenizer;
-* native layout: ``row_end_token`` (a token the model emits after every row but the last, e.g. Emu3.5's
-  EOL) and ``native_cfg`` (the space the model's own CFG mixes in), which only the raster baseline honours;
-* FlashAR defaults and foreign checkpoints: ``default_branch`` (the vertical-branch settings `flashar adapt`
-  uses when the user sets none, e.g. K=4 for a 64-layer model) and ``read_adapter(path, copy_backbone)``,
-  which reads a FlashAR checkpoint published in a backend-specific layout (``load_adapter`` asks it before
-  reading flashar's own format).
+A backend subclasses :class:`Backbone`. The contract of every member, with the Janus plugin's answers, is the
+one table in ``docs/writing-a-backend-plugin.md``; each member's docstring here gives its shapes. In short, a
+backend supplies the code range (``codebook_size``, ``code_offset``), the conditioning prefix (``prefix``),
+positions for any set of grid cells in any order (``cell_positions``), and the layers: ``embed``, ``layers`` and
+``layer_forward`` (one block over a chunk of tokens with explicit positions, a boolean mask and a static KV
+cache written at explicit slots), ``norm``, ``output`` and ``logits``, the one place hidden states become code
+logits. :meth:`Backbone.forward` runs the layers and can return the hidden state entering layer ``tap``.
 
 Decoding methods call only the compute members (``Backbone``'s own); the descriptive ones that the CLI,
 ``compare`` and ``adapt`` read (ids, image sizes, sampling defaults, tokenizer, metrics, adapters,
 ``architecture``) form :class:`BackendCard`, which ``Backbone`` inherits; the conformance suite decodes
-with the card hidden.
+with the card hidden. Attention inside ``layer_forward`` goes through :func:`attention`, which picks the
+kernel measured fastest for the device, dtype and chunk size.
 
 Shapes: B batch rows, T tokens in a chunk, S cache slots, D width, V codebook size.
 Masks are boolean, ``True`` = may attend, shape (B, 1, T, S) with a cache or (B, 1, T, T) without.
@@ -354,10 +334,10 @@ class Backbone(nn.Module, BackendCard):
     """A pretrained raster-scan AR image model, seen through the protocol of the module docstring: the
     compute members below, which decoding methods and the FlashAR parts call, and the card it inherits."""
 
-    codebook_size: int
-    code_offset: int = 0
-    row_end_token: int | None = None
-    native_cfg: Literal["logits", "log_softmax"] = "logits"
+    codebook_size: int  # V: codes are [0, V)
+    code_offset: int = 0  # token id of code 0 in the model's vocabulary
+    row_end_token: int | None = None  # emitted after every row but the last (Emu3.5's EOL); the native sequence forces it
+    native_cfg: Literal["logits", "log_softmax"] = "logits"  # the space the model's own CFG mixes in (raster honours it)
 
     layers: nn.ModuleList
     norm: nn.Module
@@ -384,9 +364,17 @@ class Backbone(nn.Module, BackendCard):
     @abstractmethod
     def prefix(self, conditions: Sequence[Any], *, cfg: bool, grid: tuple[int, int] | None = None,
                unconditional: Literal["native", "empty"] = "native") -> Prefix:
-        """Embed the conditions (class ids or prompts) for an (H, W) ``grid``; with ``cfg`` append the
-        ``unconditional`` rows (see the module docstring). Backends whose prefix does not depend on the
-        grid ignore it."""
+        """Embed the conditions (class ids or prompts) for an (H, W) ``grid``; the last valid position of each
+        row predicts cell (0, 0). The grid is passed because some prefixes spell it out (Emu3.5's
+        ``BOI "H*W" IMG``); backends whose prefix does not depend on it ignore it.
+
+        With ``cfg`` the rows are ``[cond; uncond]`` (flashar's order, whatever the model's own), and
+        ``unconditional`` picks the uncond rows: ``"native"`` is the model's own unconditional input (what
+        its raster sampler uses), ``"empty"`` the conditional template around an empty condition (what FlashAR
+        adapters are trained and decoded with); backends where the two coincide (a null class) ignore it.
+        Native rows must compute what the model's own sampler computes for each condition alone (pad so that
+        a shorter row keeps its relative positions, e.g. on the left with RoPE): raster with CFG is the
+        baseline every method is measured against."""
 
     @abstractmethod
     def cell_positions(self, cells: Tensor, prefix_length: int, native: bool = False,
@@ -394,7 +382,9 @@ class Backbone(nn.Module, BackendCard):
         """Position encoding (T, ...) of grid cells ``cells`` (T, 2) = (row, col) of an (H, W) ``grid``.
 
         ``native=True`` asks for the model's own raster layout, where a column index equal to W denotes
-        the ``row_end_token`` slot; otherwise cells sit at prefix_length + row * W + col.
+        the ``row_end_token`` slot; otherwise cells sit at prefix_length + row * W + col. Tokens may be fed in
+        any order and keep their raster geometry; the tensor is opaque to methods except that its first axis
+        indexes tokens.
         """
 
     @abstractmethod
@@ -425,7 +415,8 @@ class Backbone(nn.Module, BackendCard):
     def logits(self, h: Tensor, head: nn.Linear | None = None) -> Tensor:
         """float32 logits over the codebook (..., V) from normed hidden states, with ``head`` or ``output``.
 
-        ``head`` is a copy of ``output`` (same type and shape); backends may override this method.
+        ``head`` is a copy of ``output`` (same type and shape, FlashAR's vertical head). A backend whose head
+        is more than one linear map (Janus: an MLP before the final projection) overrides this and ``dim``.
         """
         weight = (head or self.output).weight[self.code_offset : self.code_offset + self.codebook_size]
         return F.linear(h, weight).float()

@@ -124,8 +124,9 @@ def speed_columns(timings: dict[str, Timing], name: str, kind: str) -> dict[str,
             f"{kind}_speedup_vs_raster": baseline.median / t.median}
 
 
-def score(name: str, method: Method, conditions: list[Any], grid: tuple[int, int], sampling: SamplingConfig, config: CompareConfig,
-          extractor: Extractor, reference: torch.Tensor, report: CompareReport, progress) -> dict[str, float]:
+def score(name: str, method: Method, conditions: list[Any], grid: tuple[int, int], sampling: SamplingConfig,
+          config: CompareConfig, extractor: Extractor, reference: torch.Tensor, report: CompareReport,
+          progress) -> dict[str, float]:
     """Quality metrics of ``num_samples`` images per seed of the row ``name``, averaged over the seeds (per-seed
     values kept)."""
     per_seed = []
