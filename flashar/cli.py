@@ -418,8 +418,9 @@ def methods(ctx: click.Context, as_json: bool) -> None:
             for cls in sorted(registry.methods.values(), key=lambda c: c.id)]
     if as_json:
         return echo_json(rows)
-    print_table("flashar methods", ["id", "passes at 32x32", "plugin", "description"],
-                [[r["id"], r["forward_passes_32x32"], r["plugin"], r["description"]] for r in rows])
+    print_table("flashar methods", ["id", "passes at 32x32", "options (also as ID:OPTION=VALUE)", "plugin", "description"],
+                [[r["id"], r["forward_passes_32x32"], ", ".join(o.replace("_", "-") for o in r["options"]) or "-",
+                  r["plugin"], r["description"]] for r in rows])
 
 
 def _passes(cls, height: int, width: int):

@@ -108,6 +108,8 @@ def test_listings_as_json(run):
     assert {b["id"] for b in backends} >= {"llamagen"}
     raster = next(m for m in methods if m["id"] == "raster")
     assert raster["forward_passes_32x32"] == 1024
+    assert next(m for m in methods if m["id"] == "zipar")["options"] == ["mask_unwritten", "window"]
+    assert "mask-unwritten" in run("methods").output  # the table names the options a variant may set
 
 
 def test_help_lists_backend_options(run):
