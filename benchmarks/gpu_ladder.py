@@ -84,12 +84,16 @@ def main() -> None:
     pm, infos = latency.build_manager(load_entry_points=False)
     registry = latency.Registry.from_manager(pm, infos)
     run_args = argparse.Namespace(compile="eager,compiled", repeats=args.repeats, warmup=1)
-    rows = latency.run_config(run_args, registry, args.methods.split(","), gpt_b, "GPT-B", "bfloat16", (side, side), 1, peaks)
-    peaks.probe("bfloat16")
-    latency.apply_bounds(report, rows, peaks)
-    report["rows"] = [row for row, _ in rows]
+    try:  # part 1; a method that fails here must not cost the ladder
+        rows = latency.run_config(run_args, registry, args.methods.split(","), gpt_b, "GPT-B", "bfloat16", (side, side), 1, peaks)
+        peaks.probe("bfloat16")
+        latency.apply_bounds(report, rows, peaks)
+        report["rows"] = [row for row, _ in rows]
+        del rows
+    except Exception as error:  # noqa: BLE001 - recorded, and the receipt goes on
+        record_failure(report, f"GPT-B {side}x{side} {args.methods}", error)
     save()
-    del gpt_b, rows
+    del gpt_b
     release(device)
 
     # the other attention path on GPT-B (the A/B that decides the CUDA default), then the ladder
@@ -128,9 +132,14 @@ def run_arms(configs, arm, report: dict, over, save) -> None:
         try:
             report["ladder"] += arm(model, grid_side, attention)
         except Exception as error:  # noqa: BLE001 - recorded, and the receipt goes on
-            reason = str(error).strip().splitlines()
-            report["failed"].append(f"{label}: {type(error).__name__}" + (f": {reason[0]}" if reason else ""))
+            record_failure(report, label, error)
         save()
+
+
+def record_failure(report: dict, label: str, error: Exception) -> None:
+    """``label: ErrorType: the message's first line`` under ``report["failed"]``."""
+    reason = str(error).strip().splitlines()
+    report["failed"].append(f"{label}: {type(error).__name__}" + (f": {reason[0]}" if reason else ""))
 
 
 def release(device) -> None:
