@@ -129,7 +129,7 @@ def generate(ctx: click.Context, **values) -> None:
     chosen = parse_methods(values["method"], registry)
     if len(chosen) != 1:
         raise FlashARError(f"--method takes one method, got {values['method']!r}; `flashar compare --methods` runs several")
-    (label, (method_id, own)), = chosen.items()
+    [(label, (method_id, own))] = chosen.items()
     check_foreign(values, registry, values["backend"], [method_id])
     conditions = parse_conditions(values["classes"], values["prompts"])
     if values["out"]:
