@@ -18,9 +18,7 @@ from typing import Callable
 
 import torch
 
-from flashar import backbone as protocol
 from flashar.config import CompileMode, CompileSettings
-from flashar.errors import FlashARError
 
 COMPILE_MODES: tuple[str, ...] = CompileMode.__args__
 
@@ -32,9 +30,6 @@ def compile_step(fn: Callable, device: torch.device | str, backend: str | Callab
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
     device, fn = torch.device(device), own_code(fn)
-    if protocol.attention_setting() == "flex" and device.type != "cuda" and backend == "inductor":
-        raise FlashARError("FLASHAR_ATTENTION=flex runs eager or compiled on CUDA only: torch's CPU FlexAttention "
-                           "does not compile with the dynamic diagonal length of a CPU step; unset it or use math or sdpa")
     # One graph per static shape (e.g. flashar --buckets N builds N). That a generation compiles once is
     # checked by counting compilations, not by this limit.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)

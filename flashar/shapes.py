@@ -25,7 +25,9 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
+from flashar.backbone import attention_setting
 from flashar.compilation import mark_dynamic_length
+from flashar.errors import FlashARError
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,12 @@ class Shapes:
 
     @classmethod
     def of(cls, compile, device: torch.device) -> Shapes:
-        return cls(compiled=bool(compile), static=bool(compile) and device.type == "cuda",
-                   autotuned=compile == "max-autotune")
+        shapes = cls(compiled=bool(compile), static=bool(compile) and device.type == "cuda",
+                     autotuned=compile == "max-autotune")
+        if shapes.compiled and not shapes.static and attention_setting() == "flex":
+            raise FlashARError("FLASHAR_ATTENTION=flex runs eager or compiled on CUDA only: torch's CPU FlexAttention "
+                               "does not compile the dynamic lengths of a compiled CPU step; unset it or use math or sdpa")
+        return shapes
 
     def mark_dynamic(self, tensors: Iterable[Tensor], dim: int, longest: int, shortest: int = 2) -> None:
         """Let ``dim`` take any size in [shortest, longest] within the one compiled graph (off CUDA)."""

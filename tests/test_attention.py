@@ -108,4 +108,3 @@ def test_flex_is_refused_in_one_line_for_a_compiled_cpu_step(monkeypatch):
     monkeypatch.setattr(B, "ATTENTION", "flex")
     with pytest.raises(FlashARError, match="FLASHAR_ATTENTION=flex runs eager or compiled on CUDA only"):
         Raster(random_gpt(0), compile=True)
-    Raster(random_gpt(0), compile=True, compile_backend="eager")  # tracing alone is fine
