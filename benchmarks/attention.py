@@ -1,12 +1,12 @@
-"""Attention at decode shapes: each path of ``flashar.backbone.attention``, side by side, eager and compiled.
+"""Attention at decode shapes: each path of ``flashar.attention``, side by side, eager and compiled.
 
     python benchmarks/attention.py                                  # CPU, torch's threads, bf16 and fp32
     python benchmarks/attention.py --device cuda --dtypes bfloat16  # on a GPU
 
-Paths: ``sdpa`` (``flashar.backbone.sdpa_attention``, PyTorch's fused ``scaled_dot_product_attention``: on
+Paths: ``sdpa`` (``flashar.attention.sdpa_attention``, PyTorch's fused ``scaled_dot_product_attention``: on
 CPU its flash kernel, grouped heads native), ``math`` (the explicit matmul -> float32 masked softmax ->
-matmul of ``flashar.backbone.math_attention``), ``sdpa_math`` (SDPA forced onto its math backend, which
-inductor decomposes into its own kernels), ``flex`` (``flashar.backbone.flex_attention``, FlexAttention with
+matmul of ``flashar.attention.math_attention``), ``sdpa_math`` (SDPA forced onto its math backend, which
+inductor decomposes into its own kernels), ``flex`` (``flashar.attention.flex_attention``, FlexAttention with
 the mask read by a score modifier; compiled mode only, as it is fused only there) and, for grouped heads only,
 ``sdpa_repeat`` (SDPA over KV heads copied per query head, as the backends called it before). Shapes
 are the attention calls of LlamaGen GPT-B decode steps with CFG (2 rows, 12 heads, head dim 64: raster's
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flashar.backbone import attention_path, flex_attention, math_attention, sdpa_attention
+from flashar.attention import attention_path, flex_attention, math_attention, sdpa_attention
 from flashar.compare import cpu_model
 from flashar.decoding import synchronize
 

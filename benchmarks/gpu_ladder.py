@@ -222,15 +222,15 @@ def ladder_config(args, registry, model, side, peaks, device, attention: str | N
     ``attention`` runs it with that attention path instead of the configured one."""
     import torch
 
-    import flashar.backbone
+    import flashar.attention
 
     torch._dynamo.reset()
-    configured = flashar.backbone.ATTENTION
-    flashar.backbone.ATTENTION = attention or configured  # read while tracing: set before the first compile
+    configured = flashar.attention.ATTENTION
+    flashar.attention.ATTENTION = attention or configured  # read while tracing: set before the first compile
     try:
         rows = ladder_rows(args, registry, model, side, peaks, device)
     finally:
-        flashar.backbone.ATTENTION = configured
+        flashar.attention.ATTENTION = configured
     for row in rows:
         row["attention"] = attention or configured
     return rows

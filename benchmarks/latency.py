@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from flashar.adapter import Adapter, new_metadata
-from flashar.backbone import attention
+from flashar.attention import attention
 from flashar.backends.llamagen.backbone import LlamaGenBackbone
 from flashar.backends.llamagen.model import PRESETS, GPTConfig
 from flashar.branch import FlashARHead

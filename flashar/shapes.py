@@ -25,7 +25,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from flashar.backbone import attention_setting
+from flashar.attention import attention_setting
 from flashar.compilation import mark_dynamic_length
 from flashar.errors import FlashARError
 

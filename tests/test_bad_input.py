@@ -357,9 +357,9 @@ def prepare(case: Case, world: World, registry, monkeypatch) -> list[str]:
                                                        load=lambda o, r: None, extra="fake", requires=("flashar_not_installed",))
         registry.owners[("backend", "needs-extra")] = "test"
     if case.id in ("unknown-attention-path", "flex-attention-compiled-on-cpu"):
-        from flashar import backbone
+        from flashar import attention
 
-        monkeypatch.setattr(backbone, "ATTENTION", "fast" if case.id == "unknown-attention-path" else "flex")
+        monkeypatch.setattr(attention, "ATTENTION", "fast" if case.id == "unknown-attention-path" else "flex")
     if case.id == "device-cuda-without-cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     if case.id == "lora-without-peft":

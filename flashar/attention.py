@@ -1,0 +1,107 @@
+"""Attention at decode shapes: one function for every backend, its kernel picked per device, dtype and
+chunk size by measurement (``benchmarks/attention.py``, receipts ``attention_cpu*.json``).
+
+Backends call :func:`attention` from ``layer_forward`` (also as ``flashar.backbone.attention``). Every path
+computes the same function: PyTorch's fused SDPA, an explicit matmul -> float32 softmax -> matmul that
+inductor fuses, or FlexAttention; :func:`attention_path` chooses, ``FLASHAR_ATTENTION`` forces one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from flashar.errors import FlashARError
+
+# Which kernel :func:`attention` runs: "auto" (per device, dtype and shape: :func:`attention_path`), or
+# "math", "sdpa" or "flex" everywhere. Read once; benchmarks compare the paths by setting FLASHAR_ATTENTION.
+ATTENTION = os.environ.get("FLASHAR_ATTENTION", "auto")
+ATTENTION_PATHS = ("auto", "math", "sdpa", "flex")
+# CPUs whose bf16 matmuls run on AMX tiles. There the stock SDPA kernel is the fastest bf16 path at GPT-B's
+# decode shapes; without AMX (an AVX512-BF16 EPYC) it ran ~9x slower than the math path at one
+# query and 1.4x slower at 32 (GPT-B shapes, bf16). benchmarks/attention.py measures both on any machine.
+CPU_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+# The math path materialises float32 scores, so it is chosen only for decode-sized chunks: at most this
+# many query rows per KV head (heads per KV head x T).
+MATH_ROWS = 64
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:
+    """softmax(q kᵀ · scale, masked) v: q (B, H, T, hd), k and v (B, H_kv, S, hd), bool mask (B or 1, 1, T, S).
+
+    H may be a multiple of H_kv (grouped queries: query head h reads KV head h // (H / H_kv)). Returns
+    (B, H, T, hd) in q's dtype, through the path :func:`attention_path` picks (module docstring).
+    """
+    path = {"math": math_attention, "flex": flex_attention}.get(attention_path(q, k), sdpa_attention)
+    return path(q, k, v, mask, scale)
+
+
+def attention_path(q: Tensor, k: Tensor) -> str:
+    """"math" or "sdpa" for these shapes on this device (``ATTENTION`` overrides "auto").
+
+    By measurement (benchmarks/attention.py, every call on a cold KV cache as in a decode step), on CPU for
+    decode-sized chunks: the math path for bf16/fp16 without AMX, and for fp32 with grouped heads (1.0-1.3x
+    faster at up to 64 rows per KV head); SDPA everywhere else (on an AMX CPU it is the fastest bf16
+    multi-head path, and with grouped heads the math path gains 1.1x compiled but loses up to 1.3x
+    eager; for fp32 multi-head attention SDPA ties at one query and is 1.4-1.5x faster at 32; on CUDA it
+    is the default until a GPU receipt says otherwise). Only sizes provably in range count, so that under
+    torch.compile a dynamic diagonal length adds no guard.
+    """
+    if attention_setting() != "auto":
+        return ATTENTION
+    groups = q.shape[1] // k.shape[1]
+    if q.device.type != "cpu" or not statically_known_true(groups * q.shape[2] <= MATH_ROWS):
+        return "sdpa"
+    if q.dtype in (torch.bfloat16, torch.float16):
+        return "sdpa" if CPU_AMX else "math"
+    return "math" if groups > 1 else "sdpa"
+
+
+def attention_setting() -> str:
+    """``ATTENTION``, checked: a path name, or "auto"."""
+    if ATTENTION not in ATTENTION_PATHS:
+        raise FlashARError(f"FLASHAR_ATTENTION={ATTENTION!r} names no attention path; set it to one of "
+                           f"{', '.join(ATTENTION_PATHS)}, or unset it")
+    return ATTENTION
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:
+    """:func:`attention` through ``F.scaled_dot_product_attention`` (grouped heads natively on CPU)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and q.device.type != "cpu":  # CUDA's fused kernels take no grouped heads together with a mask
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:
+    """:func:`attention` through FlexAttention, the mask read by a score modifier (no block mask: a decode
+    step reads its whole key window anyway). Only ever chosen by ``FLASHAR_ATTENTION=flex``: it is fused
+    under ``torch.compile`` alone, and on CPU it ran 2-3x slower than SDPA at FlashAR's diagonals (ad hoc,
+    cold caches); ``benchmarks/attention.py`` and ``gpu_ladder.py --attention flex`` measure it anywhere."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    rows = mask[:, 0] if mask.shape[0] > 1 else mask[0, 0].expand(q.shape[0], -1, -1)  # (B, T, S)
+
+    def masked(score, b, h, query, key):
+        return torch.where(rows[b, query, key], score, float("-inf"))
+
+    return flex(q, k, v, score_mod=masked, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:
+    """:func:`attention` as matmul -> float32 masked softmax -> matmul (scores and weights in float32,
+    the two matmuls in the inputs' dtype, as the fused kernels do). A row with no visible key averages all
+    keys instead of returning NaN."""
+    batch, heads, length, head_dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    groups = heads // kv_heads
+    scale = head_dim**-0.5 if scale is None else scale
+    q = q.reshape(batch, kv_heads, groups * length, head_dim)  # a KV head's query heads side by side
+    scores = (q @ k.transpose(-1, -2)).view(batch, kv_heads, groups, length, keys)
+    scores = scores.float().mul(scale).masked_fill(~mask.unsqueeze(2), torch.finfo(torch.float32).min)
+    weights = scores.softmax(-1).to(v.dtype).view(batch, kv_heads, groups * length, keys)
+    return (weights @ v).view(batch, heads, length, head_dim)
