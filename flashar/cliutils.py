@@ -290,10 +290,12 @@ def _pydantic_line(exc: ValidationError) -> str:
 
 
 def parse_classes(text: str | None, hint: str = "--classes") -> list[int]:
-    if not text:
+    """``"207,360"`` -> [207, 360]; nothing (or only commas) -> []. An empty entry beside others is refused (a typo)."""
+    parts = [part.strip() for part in (text or "").split(",")]
+    if not any(parts):
         return []
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        return [int(part) for part in parts]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers like 207,360, got {text!r}", param_hint=hint) from None
 

@@ -260,6 +260,7 @@ CASES = [
          ("--seeds", "less than")),
     Case("compare-no-methods", lambda w: ["compare", "-b", "llamagen", *w.model, "--methods", ",", "--no-metrics"],
          ("--methods", "at least one"), usage=True),
+    Case("classes-with-an-empty-entry", lambda w: w.gen("--classes", "1,,2"), ("comma-separated integers", "'1,,2'"), usage=True),
     Case("compare-no-seeds", lambda w: ["compare", "-b", "llamagen", *w.model, "--seeds", ",", "--no-metrics"],
          ("--seeds", "at least one"), usage=True),
     Case("negative-temperature", lambda w: w.gen("--temperature", -1), ("temperature", "greater than or equal to 0")),
