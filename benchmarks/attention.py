@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flashar.attention import attention_path, flex_attention, math_attention, sdpa_attention
+from flashar.attention import PATHS as LIBRARY_PATHS
+from flashar.attention import attention_path, sdpa_attention
 from flashar.compare import cpu_model
 from flashar.decoding import synchronize
 
@@ -72,8 +73,7 @@ def sdpa_repeated(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-PATHS = {"sdpa": sdpa_attention, "math": math_attention, "sdpa_math": sdpa_math, "flex": flex_attention,
-         "sdpa_repeat": sdpa_repeated}
+PATHS = {**LIBRARY_PATHS, "sdpa_math": sdpa_math, "sdpa_repeat": sdpa_repeated}
 COMPILED_ONLY = {"flex"}
 
 

@@ -20,7 +20,6 @@ from flashar.errors import FlashARError
 # Which kernel :func:`attention` runs: "auto" (per device, dtype and shape: :func:`attention_path`), or
 # "math", "sdpa" or "flex" everywhere. Read once; benchmarks compare the paths by setting FLASHAR_ATTENTION.
 ATTENTION = os.environ.get("FLASHAR_ATTENTION", "auto")
-ATTENTION_PATHS = ("auto", "math", "sdpa", "flex")
 # CPUs whose bf16 matmuls run on AMX tiles. There the stock SDPA kernel is the fastest bf16 path at GPT-B's
 # decode shapes; without AMX (an AVX512-BF16 EPYC) it ran ~9x slower than the math path at one
 # query and 1.4x slower at 32 (GPT-B shapes, bf16). benchmarks/attention.py measures both on any machine.
@@ -36,12 +35,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None
     H may be a multiple of H_kv (grouped queries: query head h reads KV head h // (H / H_kv)). Returns
     (B, H, T, hd) in q's dtype, through the path :func:`attention_path` picks (module docstring).
     """
-    path = {"math": math_attention, "flex": flex_attention}.get(attention_path(q, k), sdpa_attention)
-    return path(q, k, v, mask, scale)
+    return PATHS[attention_path(q, k)](q, k, v, mask, scale)
 
 
 def attention_path(q: Tensor, k: Tensor) -> str:
-    """"math" or "sdpa" for these shapes on this device (``ATTENTION`` overrides "auto").
+    """"math" or "sdpa" for these shapes on this device; ``ATTENTION`` overrides "auto" (with "flex" too).
 
     By measurement (benchmarks/attention.py, every call on a cold KV cache as in a decode step), on CPU for
     decode-sized chunks: the math path for bf16/fp16 without AMX, and for fp32 with grouped heads (1.0-1.3x
@@ -63,9 +61,9 @@ def attention_path(q: Tensor, k: Tensor) -> str:
 
 def attention_setting() -> str:
     """``ATTENTION``, checked: a path name, or "auto"."""
-    if ATTENTION not in ATTENTION_PATHS:
+    if ATTENTION != "auto" and ATTENTION not in PATHS:
         raise FlashARError(f"FLASHAR_ATTENTION={ATTENTION!r} names no attention path; set it to one of "
-                           f"{', '.join(ATTENTION_PATHS)}, or unset it")
+                           f"{', '.join(['auto', *PATHS])}, or unset it")
     return ATTENTION
 
 
@@ -105,3 +103,6 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float |
     scores = scores.float().mul(scale).masked_fill(~mask.unsqueeze(2), torch.finfo(torch.float32).min)
     weights = scores.softmax(-1).to(v.dtype).view(batch, kv_heads, groups * length, keys)
     return (weights @ v).view(batch, heads, length, head_dim)
+
+
+PATHS = {"math": math_attention, "sdpa": sdpa_attention, "flex": flex_attention}  # what FLASHAR_ATTENTION may name
