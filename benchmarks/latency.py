@@ -115,9 +115,14 @@ def measure_bandwidth(device, mb: int = 512) -> float:
     return x.numel() * 4 / min(seconds(x.sum, device, 6)[1:])
 
 
-def measure_matmul(device, dtype, n: int = 2048) -> float:
+def measure_matmul(device, dtype, n: int = 2048, budget_s: float = 0.05) -> float:
     """Peak dense matmul throughput in FLOP/s (the fastest of 5, after one warm-up; on CPU the better of
-    ``a @ a`` and the prepacked linear a compiled step runs)."""
+    ``a @ a`` and the prepacked linear a compiled step runs). The side shrinks from ``n`` (to a multiple of
+    256, at least 512) where one product would take over ``budget_s`` by a 512-side probe: bf16 on a CPU
+    without native bf16 (AVX2 only) runs at ~12 GFLOP/s, where 12 products of side 2,048 take 17 s a probe."""
+    small = torch.randn(512, 512, device=device, dtype=dtype)
+    per_512 = min(seconds(lambda: small @ small, device, 3))
+    n = max(512, min(n, int(512 * (budget_s / per_512) ** (1 / 3)) // 256 * 256))
     a = torch.randn(n, n, device=device, dtype=dtype)
     best = min(seconds(lambda: a @ a, device, 6)[1:])
     if device.type == "cpu":
@@ -128,9 +133,12 @@ def measure_matmul(device, dtype, n: int = 2048) -> float:
 
 def packed_linear(weight, rows: int, varying: bool = False):
     """``x -> x @ weight.T`` through the kernel inductor's freezing emits on CPU: the weight prepacked for
-    ``rows`` rows (oneDNN for bf16/fp16 or when the row count varies, MKL for fp32); ``F.linear`` elsewhere."""
+    ``rows`` rows (oneDNN for bf16/fp16 or when the row count varies, MKL for fp32); ``F.linear`` where
+    inductor packs nothing: off CPU, and for bf16/fp16 on a CPU whose oneDNN lacks that type (AVX2 only)."""
     mkldnn = torch.ops.mkldnn
-    if not (weight.device.type == "cpu" and torch.backends.mkldnn.is_available()):
+    lacks = {torch.bfloat16: not mkldnn._is_mkldnn_bf16_supported(),
+             torch.float16: not mkldnn._is_mkldnn_fp16_supported()}.get(weight.dtype, False)
+    if not (weight.device.type == "cpu" and torch.backends.mkldnn.is_available()) or lacks:
         return functools.partial(F.linear, weight=weight)
     if weight.dtype in (torch.bfloat16, torch.float16) or varying or not torch._C.has_mkl:
         packed = mkldnn._reorder_linear_weight(weight, rows)
