@@ -24,6 +24,20 @@ ATTENTION = os.environ.get("FLASHAR_ATTENTION", "auto")
 # decode shapes; without AMX (an AVX512-BF16 EPYC) it ran ~9x slower than the math path at one
 # query and 1.4x slower at 32 (GPT-B shapes, bf16). benchmarks/attention.py measures both on any machine.
 CPU_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def _cpu_multiplies(kind: str) -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and bool(getattr(torch.ops.mkldnn, f"_is_mkldnn_{kind}_supported")())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# Whether oneDNN multiplies bf16 / fp16 matrices natively on this CPU (AVX512 or AMX). An AVX2-only CPU
+# emulates them: on an AVX2 AMD EPYC a bf16 batched matmul of GPT-B's 24 heads x 1,025 keys took ~0.65 ms
+# per query row (fp32: 0.05-0.08), so the math path's two matmuls cost 95 ms at a 32-query diagonal
+# against SDPA's 4 ms. There the math path is taken for one query row per KV head only.
+CPU_NATIVE = {torch.bfloat16: _cpu_multiplies("bf16"), torch.float16: _cpu_multiplies("fp16")}
 # The math path materialises float32 scores, so it is chosen only for decode-sized chunks: at most this
 # many query rows per KV head (heads per KV head x T).
 MATH_ROWS = 64
@@ -41,22 +55,29 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None
 def attention_path(q: Tensor, k: Tensor) -> str:
     """"math" or "sdpa" for these shapes on this device; ``ATTENTION`` overrides "auto" (with "flex" too).
 
-    By measurement (benchmarks/attention.py, every call on a cold KV cache as in a decode step), on CPU for
-    decode-sized chunks: the math path for bf16/fp16 without AMX, and for fp32 with grouped heads (1.0-1.3x
-    faster at up to 64 rows per KV head); SDPA everywhere else (on an AMX CPU it is the fastest bf16
-    multi-head path, and with grouped heads the math path gains 1.1x compiled but loses up to 1.3x
-    eager; for fp32 multi-head attention SDPA ties at one query and is 1.4-1.5x faster at 32; on CUDA it
-    is the default until a GPU receipt says otherwise). Only sizes provably in range count, so that under
-    torch.compile a dynamic diagonal length adds no guard.
+    By measurement (benchmarks/attention.py, cold KV caches as in a decode step), on CPU for decode-sized
+    chunks (at most ``MATH_ROWS`` query rows per KV head):
+
+    * bf16/fp16 with AMX: SDPA (the fastest multi-head path; grouped, math gains 1.1x compiled, loses 1.3x eager);
+    * bf16/fp16 multiplied natively without AMX (AVX512): math (SDPA ~9x slower at one query, 1.4x at 32);
+    * bf16/fp16 emulated (AVX2 only, ``CPU_NATIVE``): math at one row per KV head (3.4x faster compiled,
+      1.14x slower eager), SDPA beyond it (math 17-23x slower at 32 rows);
+    * fp32: math with grouped heads (1.0-1.3x faster on an AMX Xeon, 1.7-2.3x at one query on an AVX2
+      EPYC), SDPA without (ties at one query, 1.4-1.5x faster at 32).
+
+    Everything else (prefill-sized chunks; CUDA, until a GPU receipt says otherwise) takes SDPA. Only sizes
+    provably in range count, so that under torch.compile a dynamic diagonal length adds no guard.
     """
     if attention_setting() != "auto":
         return ATTENTION
-    groups = q.shape[1] // k.shape[1]
-    if q.device.type != "cpu" or not statically_known_true(groups * q.shape[2] <= MATH_ROWS):
+    rows = q.shape[1] // k.shape[1] * q.shape[2]  # query rows per KV head
+    if q.device.type != "cpu" or not statically_known_true(rows <= MATH_ROWS):
         return "sdpa"
     if q.dtype in (torch.bfloat16, torch.float16):
-        return "sdpa" if CPU_AMX else "math"
-    return "math" if groups > 1 else "sdpa"
+        if CPU_AMX:
+            return "sdpa"
+        return "math" if CPU_NATIVE[q.dtype] or statically_known_true(rows == 1) else "sdpa"
+    return "math" if q.shape[1] > k.shape[1] else "sdpa"
 
 
 def attention_setting() -> str:

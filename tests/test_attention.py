@@ -62,6 +62,7 @@ def test_the_path_follows_device_dtype_shape_and_the_override(monkeypatch):
     q65, k65, *_ = qkv(queries=65)
     bf16 = [t.bfloat16() for t in (q32, k32)]
     monkeypatch.setattr(A, "CPU_AMX", False)
+    monkeypatch.setitem(A.CPU_NATIVE, torch.bfloat16, True)
     assert A.attention_path(*bf16) == "math"  # no AMX: SDPA's bf16 kernel is slow at decode shapes
     assert A.attention_path(q65.bfloat16(), k65.bfloat16()) == "sdpa"  # a prefill-sized chunk
     assert A.attention_path(q32, k32) == "sdpa"  # fp32
@@ -70,6 +71,11 @@ def test_the_path_follows_device_dtype_shape_and_the_override(monkeypatch):
     assert A.attention_path(*grouped[:2]) == "sdpa"
     small = qkv(queries=16, kv_heads=1)  # 64 rows per KV head, fp32: the math path reads each KV head once
     assert A.attention_path(*small[:2]) == "math"
+    monkeypatch.setitem(A.CPU_NATIVE, torch.bfloat16, False)  # emulated bf16 (AVX2): math's matmuls cost per row
+    assert A.attention_path(*bf16) == "sdpa"
+    one = qkv(queries=1)
+    assert A.attention_path(one[0].bfloat16(), one[1].bfloat16()) == "math"
+    assert A.attention_path(*[t.bfloat16() for t in qkv(queries=1, kv_heads=1)[:2]]) == "sdpa"  # 4 rows per KV head
     monkeypatch.setattr(A, "CPU_AMX", True)
     assert A.attention_path(*bf16) == "sdpa"  # with AMX the stock kernel reads the cache near its bound
     monkeypatch.setattr(A, "ATTENTION", "math")
@@ -78,6 +84,7 @@ def test_the_path_follows_device_dtype_shape_and_the_override(monkeypatch):
 
 def test_a_dynamic_decode_length_compiles_once_on_either_path(monkeypatch):
     monkeypatch.setattr(A, "CPU_AMX", False)
+    monkeypatch.setitem(A.CPU_NATIVE, torch.bfloat16, True)
     _, k, v, _ = qkv(dtype=torch.bfloat16, keys=40)
     counter = CompileCounter()
     step = torch.compile(lambda q, m: A.attention(q, k, v, m), backend=counter, fullgraph=True, dynamic=False)
