@@ -15,6 +15,7 @@ import json
 import re
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -22,7 +23,7 @@ import click
 from pydantic import BaseModel, ValidationError
 
 from flashar.config import ImageSize, SamplingConfig, describe_sampling  # noqa: F401 (describe_sampling: public here too)
-from flashar.errors import FlashARError
+from flashar.errors import FlashARError, FlashARWarning
 from flashar.plugins import Registry, get_registry
 
 
@@ -268,13 +269,16 @@ def check_foreign(values: dict[str, Any], registry: Registry, backend: str, meth
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn FlashARError / pydantic errors into one-line click errors (tracebacks only with --debug)."""
+    """Turn FlashARError / pydantic errors into one-line click errors (tracebacks only with --debug), and print
+    a FlashARWarning as one line ("warning: ...") on stderr."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         debug = click.get_current_context().find_root().params.get("debug")
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _one_line_warnings(warnings.showwarning)
+                return fn(*args, **kwargs)
         except (FlashARError, ValidationError) as exc:
             if debug:
                 raise
@@ -282,6 +286,16 @@ def user_errors(fn: Callable) -> Callable:
             raise click.ClickException(message) from None
 
     return wrapper
+
+
+def _one_line_warnings(show: Callable) -> Callable:
+    def show_warning(message, category, *where):
+        if issubclass(category, FlashARWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            show(message, category, *where)
+
+    return show_warning
 
 
 def _pydantic_line(exc: ValidationError) -> str:

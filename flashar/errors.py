@@ -10,6 +10,11 @@ class FlashARError(Exception):
     """A problem the user can fix: bad input, a missing file or extra, an incompatible checkpoint."""
 
 
+class FlashARWarning(UserWarning):
+    """Advice a user may act on, such as a setting that runs slowly on this machine; the CLI prints it on one
+    line. Nothing stops."""
+
+
 class UnknownNameError(FlashARError):
     """An unknown backend, method or preset name."""
 

@@ -49,6 +49,27 @@ def test_generate_takes_a_method_variant_as_compare_does(tmp_path, run):
     assert several.exit_code == 1 and "--method takes one method, got 'raster,zipar'" in several.output
 
 
+def test_a_dtype_this_cpu_emulates_gets_a_one_line_warning_and_the_run_goes_on(tmp_path, run, monkeypatch):
+    """bf16 on a CPU without native bf16 matmuls (AVX2 only) runs several times slower than float32: generate
+    says so on one line and goes on; where the CPU has them, or for float32, nothing is said."""
+    import torch
+
+    from flashar import attention
+
+    options = write_llamagen(tmp_path / "model")
+    for dtype, native in (("bfloat16", False), ("bfloat16", True), ("float32", False)):
+        monkeypatch.setitem(attention.CPU_NATIVE, torch.bfloat16, native)
+        result = run("generate", "-b", "llamagen", *cli_args(options), "--image-size", 8, "--classes", "1",
+                     "--dtype", dtype, "--save-tokens", tmp_path / f"{dtype}{native}.npy")
+        assert result.exit_code == 0, result.output
+        warned = [line for line in result.output.splitlines() if "warning" in line.lower()]
+        if dtype == "bfloat16" and not native:
+            assert len(warned) == 1 and warned[0].startswith("warning: this CPU has no native bfloat16 matmuls")
+            assert warned[0].endswith("use --dtype float32")
+        else:
+            assert warned == []
+
+
 def test_same_seed_same_tokens_other_seed_other_tokens(tmp_path, run):
     options = write_llamagen(tmp_path / "model")
     def tokens(seed, name):

@@ -301,6 +301,7 @@ def test_missing_keys_and_shards_are_named(tmp_path):
         load(options)
 
 
+@pytest.mark.filterwarnings("ignore::flashar.errors.FlashARWarning")  # bf16 on a CPU without native bf16 (AVX2)
 def test_bf16_load_keeps_the_published_values(emu35_options):
     from safetensors import safe_open
 
