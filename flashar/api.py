@@ -86,8 +86,9 @@ def _check_device(device: str) -> None:
 
 def _warn_slow_dtype(runtime: RuntimeConfig) -> None:
     if torch.device(runtime.device).type == "cpu" and not CPU_NATIVE.get(getattr(torch, runtime.dtype), True):
-        warnings.warn(f"this CPU has no native {runtime.dtype} matmuls (no AVX512 or AMX), so {runtime.dtype} runs several "
-                      f"times slower than float32 here (18 against 177 GFLOP/s on an AVX2-only EPYC); use --dtype float32",
+        warnings.warn(f"this CPU has no native {runtime.dtype} matmuls (no AVX512 or AMX) and multiplies {runtime.dtype} at "
+                      f"about a tenth of float32's rate, so steps of many rows, FlashAR's diagonals among them, run several "
+                      f"times slower than in float32 (GPT-B FlashAR: 4x on an AVX2 EPYC); use --dtype float32",
                       FlashARWarning, stacklevel=3)
 
 
