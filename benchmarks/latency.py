@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from flashar.adapter import Adapter, new_metadata
-from flashar.attention import attention
+from flashar.attention import CPU_NATIVE, attention
 from flashar.backends.llamagen.backbone import LlamaGenBackbone
 from flashar.backends.llamagen.model import PRESETS, GPTConfig
 from flashar.branch import FlashARHead
@@ -136,9 +136,7 @@ def packed_linear(weight, rows: int, varying: bool = False):
     ``rows`` rows (oneDNN for bf16/fp16 or when the row count varies, MKL for fp32); ``F.linear`` where
     inductor packs nothing: off CPU, and for bf16/fp16 on a CPU whose oneDNN lacks that type (AVX2 only)."""
     mkldnn = torch.ops.mkldnn
-    lacks = {torch.bfloat16: not mkldnn._is_mkldnn_bf16_supported(),
-             torch.float16: not mkldnn._is_mkldnn_fp16_supported()}.get(weight.dtype, False)
-    if not (weight.device.type == "cpu" and torch.backends.mkldnn.is_available()) or lacks:
+    if not (weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and CPU_NATIVE.get(weight.dtype, True)):
         return functools.partial(F.linear, weight=weight)
     if weight.dtype in (torch.bfloat16, torch.float16) or varying or not torch._C.has_mkl:
         packed = mkldnn._reorder_linear_weight(weight, rows)

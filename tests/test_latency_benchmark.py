@@ -104,13 +104,27 @@ def test_on_cuda_each_call_is_timed_between_events(monkeypatch):
     assert times == pytest.approx({"all": 0.007, "linear": 0.001, "attention": 0.006})
 
 
-def test_replayed_linears_are_the_prepacked_kernels_and_compute_f_linear():
+def test_replayed_linears_are_the_prepacked_kernels_and_compute_f_linear(monkeypatch):
+    import functools
+
     latency = load_latency()
     for dtype in (torch.float32, torch.bfloat16):
         weight, x = torch.randn(48, 32, dtype=dtype), torch.randn(5, 32, dtype=dtype)
         for varying in (False, True):
             out = latency.packed_linear(weight, 5, varying)(x)
             torch.testing.assert_close(out, torch.nn.functional.linear(x, weight), atol=1e-4, rtol=1e-2)
+    monkeypatch.setitem(latency.CPU_NATIVE, torch.bfloat16, False)  # an AVX2-only CPU: inductor packs no bf16 weight
+    assert isinstance(latency.packed_linear(torch.randn(4, 4, dtype=torch.bfloat16), 2), functools.partial)
+
+
+def test_the_matmul_probe_shrinks_where_one_product_would_be_slow(monkeypatch):
+    """bf16 emulated on an AVX2 CPU multiplies at ~19 GFLOP/s: 2,048-side products would take 17 s a probe."""
+    latency = load_latency()
+    sides, randn = [], torch.randn
+    monkeypatch.setattr(latency.torch, "randn", lambda *size, **kw: sides.append(size[0]) or randn(*size, **kw))
+    assert latency.measure_matmul(torch.device("cpu"), torch.float32, n=768, budget_s=1e9) > 0
+    assert latency.measure_matmul(torch.device("cpu"), torch.float32, n=768, budget_s=1e-9) > 0
+    assert sides == [512, 768, 512, 512]  # the 512-side timing probe, then the side used
 
 
 def test_step_costs_time_every_step_call_and_profile_a_window_of_them():
