@@ -119,7 +119,7 @@ def measure_matmul(device, dtype, n: int = 2048, budget_s: float = 0.05) -> floa
     """Peak dense matmul throughput in FLOP/s (the fastest of 5, after one warm-up; on CPU the better of
     ``a @ a`` and the prepacked linear a compiled step runs). The side shrinks from ``n`` (to a multiple of
     256, at least 512) where one product would take over ``budget_s`` by a 512-side probe: bf16 on a CPU
-    without native bf16 (AVX2 only) runs at ~12 GFLOP/s, where 12 products of side 2,048 take 17 s a probe."""
+    without native bf16 (AVX2 only) runs at ~19 GFLOP/s, and one probe at side 2,048 took from 17 s to 6 minutes there."""
     small = torch.randn(512, 512, device=device, dtype=dtype)
     per_512 = min(seconds(lambda: small @ small, device, 3))
     n = max(512, min(n, int(512 * (budget_s / per_512) ** (1 / 3)) // 256 * 256))
