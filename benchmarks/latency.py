@@ -27,7 +27,7 @@ share of that replay (every call timed in place), so each kind can be set agains
 caches as warm or cold as the step leaves them (replayed alone, attention found its KV caches still in
 the last-level cache). On CPU the linears are prepacked as
 inductor's freezing packs them (oneDNN for bf16 and for a weight fed varying row counts, MKL for fp32 at
-one row count), on CUDA they are ``F.linear``; attention is ``flashar.backbone.attention``, the path the
+one row count, except off Intel CPUs, where flashar has it packed for oneDNN too), on CUDA they are ``F.linear``; attention is ``flashar.backbone.attention``, the path the
 backbones take on this device. ``vs kernels`` = measured / kernel time: what a method adds on top of its
 kernels; kernel time / ideal: how far the kernels themselves run from the roofline. The fp32 matmul probe
 takes the better of MKL's ``a @ a`` and a prepacked oneDNN linear (MKL's square matmul ran below what the
@@ -64,6 +64,7 @@ from flashar.branch import FlashARHead
 from flashar.cliutils import parse_methods
 from flashar.compare import cpu_model
 from flashar.compare.timing import time_methods
+from flashar.compilation import onednn_fp32_wanted
 from flashar.config import BranchConfig, SamplingConfig
 from flashar.decoding import synchronize
 from flashar.plugins import Registry, build_manager
@@ -133,12 +134,13 @@ def measure_matmul(device, dtype, n: int = 2048, budget_s: float = 0.05) -> floa
 
 def packed_linear(weight, rows: int, varying: bool = False):
     """``x -> x @ weight.T`` through the kernel inductor's freezing emits on CPU: the weight prepacked for
-    ``rows`` rows (oneDNN for bf16/fp16 or when the row count varies, MKL for fp32); ``F.linear`` where
-    inductor packs nothing: off CPU, and for bf16/fp16 on a CPU whose oneDNN lacks that type (AVX2 only)."""
+    ``rows`` rows (oneDNN for bf16/fp16, when the row count varies, or off Intel CPUs; MKL for fp32);
+    ``F.linear`` where inductor packs nothing: off CPU, and for bf16/fp16 on a CPU whose oneDNN lacks that
+    type (AVX2 only)."""
     mkldnn = torch.ops.mkldnn
     if not (weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and CPU_NATIVE.get(weight.dtype, True)):
         return functools.partial(F.linear, weight=weight)
-    if weight.dtype in (torch.bfloat16, torch.float16) or varying or not torch._C.has_mkl:
+    if weight.dtype in (torch.bfloat16, torch.float16) or varying or not torch._C.has_mkl or onednn_fp32_wanted():
         packed = mkldnn._reorder_linear_weight(weight, rows)
         return lambda x: mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)

@@ -6,7 +6,8 @@ without inductor. ``mode="max-autotune"`` also autotunes every matmul shape at t
 against inductor's C++ GEMM templates (AMX / AVX-512 micro-kernels on the frozen weights), on CUDA
 against Triton templates (still with CUDA graphs). A method whose per-step work varies in size (FlashAR's
 diagonals) may mark that one dimension dynamic off CUDA (:func:`mark_dynamic_length`): still one graph,
-without padded compute.
+without padded compute. Off Intel CPUs, frozen fp32 linears are packed for oneDNN rather than MKL
+(:func:`onednn_fp32_linears`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -46,15 +48,69 @@ def compile_step(fn: Callable, device: torch.device | str, backend: str | Callab
     if mode == "max-autotune":
         flags |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                   "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # not on stderr
-    if not flags:
+    onednn = settings.freeze_weights and onednn_fp32_wanted()
+    if not flags and not onednn:
         return compiled
 
     @functools.wraps(fn)
     def configured(*args, **kwargs):
-        with torch._inductor.config.patch(**flags):
+        with torch._inductor.config.patch(**flags), onednn_fp32_linears(onednn):
             return compiled(*args, **kwargs)
 
     return configured
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id on Linux ("GenuineIntel", "AuthenticAMD"), "" where it cannot be read."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("vendor_id"))
+    except (OSError, StopIteration):
+        return ""
+
+
+def onednn_fp32_wanted() -> bool:
+    """Whether compiled steps pack their frozen fp32 linears for oneDNN where inductor would pick MKL: on x86 CPUs
+    not made by Intel (MKL is Intel's library), unless FLASHAR_ONEDNN_FP32=0.
+
+    Inductor packs a linear with a static row count (raster's steps) for MKL, and one with a dynamic row count
+    (FlashAR's diagonals) or in bf16 for oneDNN. On an AVX2 AMD EPYC, compiled raster GPT-B fp32 steps ran 2.2x
+    faster packed for oneDNN (ad hoc, 16x16 grid, 2 threads; receipt ``latency_cpu_avx2_fp32.json``)."""
+    return torch._C.has_mkl and cpu_vendor() not in ("GenuineIntel", "") and CompileSettings.from_env().onednn_fp32
+
+
+@contextlib.contextmanager
+def onednn_fp32_linears(on: bool = True):
+    """Within it (when ``on``), inductor's weight freezing packs fp32 linears for oneDNN, as it packs bf16 ones.
+
+    Inductor has no setting for this. Its freezing pass picks oneDNN over MKL where oneDNN runs on Arm's
+    compute library (``_is_mkldnn_acl_supported``), so the pass is told so while it runs; nothing else in
+    the pass asks. ``tests/test_compilation.py`` checks the kernels a compiled linear then calls."""
+    from torch._inductor.fx_passes import mkldnn_fusion
+
+    ops = getattr(mkldnn_fusion, "mkldnn", None)
+    if not on or ops is None:
+        yield
+        return
+    mkldnn_fusion.mkldnn = _OneDNNEverywhere(ops)
+    try:
+        yield
+    finally:
+        mkldnn_fusion.mkldnn = ops
+
+
+class _OneDNNEverywhere:
+    """``torch.ops.mkldnn`` as inductor's freezing pass sees it in :func:`onednn_fp32_linears`."""
+
+    def __init__(self, ops):
+        self._ops = ops
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
+
+    @staticmethod
+    def _is_mkldnn_acl_supported() -> bool:
+        return True
 
 
 def guards_skipped(skip: bool) -> contextlib.AbstractContextManager:

@@ -4,6 +4,7 @@ targets, and gpu_ladder.py's Emu3.5-shaped stack, analytic bound and whole flow 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 from collections import Counter
 from pathlib import Path
@@ -108,13 +109,33 @@ def test_replayed_linears_are_the_prepacked_kernels_and_compute_f_linear(monkeyp
     import functools
 
     latency = load_latency()
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, onednn in itertools.product((torch.float32, torch.bfloat16), (False, True)):
+        monkeypatch.setattr(latency, "onednn_fp32_wanted", lambda: onednn)  # fp32 static rows: MKL (Intel) or oneDNN
         weight, x = torch.randn(48, 32, dtype=dtype), torch.randn(5, 32, dtype=dtype)
         for varying in (False, True):
             out = latency.packed_linear(weight, 5, varying)(x)
             torch.testing.assert_close(out, torch.nn.functional.linear(x, weight), atol=1e-4, rtol=1e-2)
     monkeypatch.setitem(latency.CPU_NATIVE, torch.bfloat16, False)  # an AVX2-only CPU: inductor packs no bf16 weight
     assert isinstance(latency.packed_linear(torch.randn(4, 4, dtype=torch.bfloat16), 2), functools.partial)
+
+
+@pytest.mark.skipif(not (torch._C.has_mkl and torch.backends.mkldnn.is_available()), reason="needs MKL and oneDNN (x86)")
+def test_the_packing_ab_compiles_each_arm_once_with_its_own_kernel(tmp_path, monkeypatch):
+    """fp32_packing.py: MKL against oneDNN on any x86 CPU, whichever the vendor rule picks here."""
+    from torch._inductor.utils import run_and_get_code
+
+    script = load_script("fp32_packing")
+    monkeypatch.setattr(script, "random_backbone", lambda *args: random_gpt(0))
+    monkeypatch.setenv("FLASHAR_CPP_WRAPPER", "0")  # only slows compiling here
+    monkeypatch.setenv("FLASHAR_ONEDNN_FP32", "1")  # the script switches it off for both arms; restored after
+    torch._dynamo.reset()
+    out = tmp_path / "packing.json"
+    args = script.argparse.Namespace(model="tiny", grid=3, batch=2, class_id=3, repeats=1, threads=torch.get_num_threads(), out=str(out))
+    report, (onednn, mkl) = run_and_get_code(script.run, args)  # the oneDNN arm compiles first
+    assert "mkldnn._linear_pointwise" in onednn and "mkl._mkl_linear" not in onednn
+    assert "mkl._mkl_linear" in mkl and "mkldnn._linear_pointwise" not in mkl
+    assert report["passes"] == 9 and report["graphs"] == {"mkl": 1, "onednn": 0}  # oneDNN's compiled before timing
+    assert report["onednn_speedup"] > 0 and 0.0 <= report["same_codes"] <= 1.0 and out.exists()
 
 
 def test_the_matmul_probe_shrinks_where_one_product_would_be_slow(monkeypatch):
