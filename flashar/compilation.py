@@ -74,8 +74,8 @@ def onednn_fp32_wanted() -> bool:
     not made by Intel (MKL is Intel's library), unless FLASHAR_ONEDNN_FP32=0.
 
     Inductor packs a linear with a static row count (raster's steps) for MKL, and one with a dynamic row count
-    (FlashAR's diagonals) or in bf16 for oneDNN. On an AVX2 AMD EPYC, compiled raster GPT-B fp32 steps ran 2.2x
-    faster packed for oneDNN (ad hoc, 16x16 grid, 2 threads; receipt ``latency_cpu_avx2_fp32.json``)."""
+    (FlashAR's diagonals) or in bf16 for oneDNN. On an AVX2 AMD EPYC, compiled raster GPT-B 32x32 fp32 ran 1.77x
+    faster packed for oneDNN (``benchmarks/fp32_packing.py``, receipt ``fp32_packing_avx2.json``)."""
     return torch._C.has_mkl and cpu_vendor() not in ("GenuineIntel", "") and CompileSettings.from_env().onednn_fp32
 
 
