@@ -84,8 +84,9 @@ def onednn_fp32_linears(on: bool = True):
     """Within it (when ``on``), inductor's weight freezing packs fp32 linears for oneDNN, as it packs bf16 ones.
 
     Inductor has no setting for this. Its freezing pass picks oneDNN over MKL where oneDNN runs on Arm's
-    compute library (``_is_mkldnn_acl_supported``), so the pass is told so while it runs; nothing else in
-    the pass asks. ``tests/test_compilation.py`` checks the kernels a compiled linear then calls."""
+    compute library (``_is_mkldnn_acl_supported``), so the pass is told so while it runs. The pass asks it
+    once more, whether an fp32 linear may be packed at all, which on a CPU with MKL it already may.
+    ``tests/test_compilation.py`` checks the kernels a compiled linear then calls."""
     from torch._inductor.fx_passes import mkldnn_fusion
 
     ops = getattr(mkldnn_fusion, "mkldnn", None)
