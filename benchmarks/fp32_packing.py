@@ -38,8 +38,11 @@ RESULTS = Path(__file__).parent / "results"
 def run(args) -> dict:
     if not (torch._C.has_mkl and torch.backends.mkldnn.is_available()):
         raise SystemExit("fp32_packing.py compares MKL with oneDNN: it needs an x86 build of torch with both")
-    torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
+    with torch.no_grad():
+        return measure(args)
+
+
+def measure(args) -> dict:
     backbone = random_backbone(args.model, torch.float32, torch.device("cpu"))
     grid, sampling, conditions = (args.grid, args.grid), SamplingConfig(cfg_scale=4.0, top_k=2000), [args.class_id] * args.batch
     os.environ["FLASHAR_ONEDNN_FP32"] = "0"  # read when a step is compiled: both start from inductor's choice
@@ -70,7 +73,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default="", help="where to write the JSON receipt (e.g. benchmarks/results/fp32_packing.json)")
-    run(parser.parse_args())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    run(args)
 
 
 if __name__ == "__main__":

@@ -130,12 +130,13 @@ def test_the_packing_ab_compiles_each_arm_once_with_its_own_kernel(tmp_path, mon
     monkeypatch.setenv("FLASHAR_ONEDNN_FP32", "1")  # the script switches it off for both arms; restored after
     torch._dynamo.reset()
     out = tmp_path / "packing.json"
-    args = script.argparse.Namespace(model="tiny", grid=3, batch=2, class_id=3, repeats=1, threads=torch.get_num_threads(), out=str(out))
+    args = script.argparse.Namespace(model="tiny", grid=3, batch=2, class_id=3, repeats=1, out=str(out))
     report, (onednn, mkl) = run_and_get_code(script.run, args)  # the oneDNN arm compiles first
     assert "mkldnn._linear_pointwise" in onednn and "mkl._mkl_linear" not in onednn
     assert "mkl._mkl_linear" in mkl and "mkldnn._linear_pointwise" not in mkl
     assert report["passes"] == 9 and report["graphs"] == {"mkl": 1, "onednn": 0}  # oneDNN's compiled before timing
     assert report["onednn_speedup"] > 0 and 0.0 <= report["same_codes"] <= 1.0 and out.exists()
+    assert torch.is_grad_enabled(), "the benchmark turns gradients off for itself only"
 
 
 def test_the_matmul_probe_shrinks_where_one_product_would_be_slow(monkeypatch):
