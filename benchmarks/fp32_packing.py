@@ -32,9 +32,6 @@ from flashar.config import SamplingConfig  # noqa: E402
 from flashar.methods.raster import Raster  # noqa: E402
 from flashar.sampling import make_generator  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
-
-
 def run(args) -> dict:
     if not (torch._C.has_mkl and torch.backends.mkldnn.is_available()):
         raise SystemExit("fp32_packing.py compares MKL with oneDNN: it needs an x86 build of torch with both")

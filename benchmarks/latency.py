@@ -27,8 +27,8 @@ share of that replay (every call timed in place), so each kind can be set agains
 caches as warm or cold as the step leaves them (replayed alone, attention found its KV caches still in
 the last-level cache). On CPU the linears are prepacked as
 inductor's freezing packs them (oneDNN for bf16 and for a weight fed varying row counts, MKL for fp32 at
-one row count, except off Intel CPUs, where flashar has it packed for oneDNN too), on CUDA they are ``F.linear``; attention is ``flashar.backbone.attention``, the path the
-backbones take on this device. ``vs kernels`` = measured / kernel time: what a method adds on top of its
+one row count, except off Intel CPUs, where flashar has it packed for oneDNN too), on CUDA they are
+``F.linear``; attention is ``flashar.backbone.attention``, the path the backbones take on this device. ``vs kernels`` = measured / kernel time: what a method adds on top of its
 kernels; kernel time / ideal: how far the kernels themselves run from the roofline. The fp32 matmul probe
 takes the better of MKL's ``a @ a`` and a prepacked oneDNN linear (MKL's square matmul ran below what the
 packed kernels reach).

@@ -60,13 +60,19 @@ def compile_step(fn: Callable, device: torch.device | str, backend: str | Callab
     return configured
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor id on Linux ("GenuineIntel", "AuthenticAMD"), "" where it cannot be read."""
+def cpuinfo(field: str) -> str:
+    """A field of the first CPU in ``/proc/cpuinfo`` ("vendor_id", "model name"); "" where it cannot be read
+    (not Linux, or no such field)."""
     try:
         return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("vendor_id"))
+                    if line.startswith(field))
     except (OSError, StopIteration):
         return ""
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id ("GenuineIntel", "AuthenticAMD"), "" where it cannot be read."""
+    return cpuinfo("vendor_id")
 
 
 def onednn_fp32_wanted() -> bool:

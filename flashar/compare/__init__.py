@@ -12,7 +12,6 @@ from __future__ import annotations
 import platform
 import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -22,6 +21,7 @@ from flashar.attention import CPU_AMX
 from flashar.backbone import Backbone, decode_images
 from flashar.compare.metrics import Extractor, quality, to_uint8
 from flashar.compare.timing import Timing, time_methods
+from flashar.compilation import cpuinfo
 from flashar.config import CompareConfig, SamplingConfig
 from flashar.decoding import Method, generate_batches
 from flashar.errors import FlashARError
@@ -46,12 +46,7 @@ def cpu_model() -> str:
     """The CPU's model name (Linux; else what the platform module knows) and the widest vector units torch
     uses on it, e.g. "AMD EPYC (AVX2)" or "Intel(R) Xeon(R) Processor (AVX512, AMX)": the same name covers
     CPUs whose bf16 matmuls differ by 100x."""
-    name = platform.processor() or platform.machine()
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    name = cpuinfo("model name") or platform.processor() or platform.machine()
     units = [torch.backends.cpu.get_cpu_capability()] + (["AMX"] if CPU_AMX else [])
     return f"{name} ({', '.join(units)})"
 
