@@ -15,14 +15,15 @@ import argparse
 import json
 from pathlib import Path
 
-from flashar.compare.report import markdown
+from flashar.compare.report import markdown, plus_minus
 
 
 def digits(report: dict) -> str:
     env = report["environment"]
-    columns = ("fid", "kid", "inception_score", "precision", "recall", "class_accuracy", "two_sample_accuracy")
-    formats = ("{:.1f}", "{:.0f}", "{:.2f}", "{:.3f}", "{:.3f}", "{:.3f}", "{:.3f}")
-    row = lambda name, passes, m, nll: [name, passes, *(f.format(m[c]) for c, f in zip(columns, formats)), nll]
+    columns = ("inception_score", "precision", "recall", "class_accuracy", "two_sample_accuracy")
+    formats = ("{:.2f}", "{:.3f}", "{:.3f}", "{:.3f}", "{:.3f}")
+    kid = lambda m: plus_minus(m["kid"], m.get("kid_std", 0.0))  # with its spread over torch-fidelity's subsets
+    row = lambda name, passes, m, nll: [name, passes, f"{m['fid']:.1f}", kid(m), *(f.format(m[c]) for c, f in zip(columns, formats)), nll]
     nll = lambda m: f"{m['held_out_nll']:.4f}" + (f" ({m['held_out_nll_coupled']:.4f} coupled)" if "held_out_nll_coupled" in m else "")
     rows = [row(name, str(m["forward_passes"]), m, nll(m)) for name, m in report["methods"].items()]
     rows += [row(f"real {name}", "-", m, "-") for name, m in report["real"].items()]

@@ -59,6 +59,14 @@ def test_slow_speeds_and_small_states_keep_their_significant_digits():
     assert rows[0][state] == "0.000100"
 
 
+def test_kid_is_shown_with_its_spread_over_subsets():
+    """KID on a few hundred images varies by ~10 % between subsets; the table shows that beside the mean."""
+    headers, rows = table_rows(report([dict(row("raster", 1.0), kid=19971.35, kid_std=1936.0)]))
+    assert rows[0][headers.index("KID")] == "19971 ± 1936"
+    headers, rows = table_rows(report([dict(row("raster", 1.0), kid=0.012345, kid_std=0.00214), dict(row("sjd", 1.0), kid=0.5)]))
+    assert [r[headers.index("KID")] for r in rows] == ["0.0123 ± 0.0021", "0.5000"]
+
+
 def tick_label_overlaps(fig) -> list[tuple[str, str]]:
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
