@@ -16,8 +16,10 @@ dynamic dimension of the one compiled graph off CUDA, ``flashar.shapes``). With 
 (default) only slots that have already been written are visible and a provisional stand-in lives in a
 scratch slot that only its own query sees; without it the step reproduces the official code, which also
 attends to unwritten (zero) slots and leaves the stand-in in the real slot until the row above completes.
-The whole schedule is fixed by (H, W, w), so the step is static-shape, sync-free and compiled once; chunks
-are padded to the largest number of tokens per step.
+The whole schedule is fixed by (H, W, w), so the step is sync-free and compiled once. A chunk's tokens come
+first in its row of the schedule's (K, T) tables; the step feeds as many of them as the chunk has (at least
+2): off CUDA that width is the second dynamic dimension of the one graph, under CUDA graphs every chunk is
+padded to T (``flashar.shapes``).
 
 Forward passes: 2W + (H - 2)·w for H >= 2 rows of W cells (W when H = 1; w is capped at W, where it
 becomes raster order), the prefill included; rows with a forced row-end token count it as a column.
@@ -146,7 +148,6 @@ class ZipARState(DecodeState):
     dst: Tensor  # (K, T) entry each chunk position predicts (a scratch entry when none)
     slots: Tensor  # (K, T) cache slot each chunk position writes
     query_raster: Tensor  # (K, T) raster index each chunk position sees up to (-1 for padding)
-    position_index: Tensor  # (K, T) rows of ``positions``
     positions: Tensor  # (K*T, ...) position encoding of every chunk position
     slot_raster: Tensor  # (S,) raster index held by each slot: -1 prefix, M + T + S scratch
     slot_written: Tensor  # (S,) step from which a slot is visible (-1: always)
@@ -180,14 +181,16 @@ class ZipAR(Method):
         forced = torch.cat([forced, forced.new_full((width,), -1)])  # the scratch entries are never forced
         at_cells = torch.where(table["real"][..., None], cells[table["at"].clamp(max=num_entries - 1)], 0)
         # step k reads the prefix, the T scratch slots and the entries up to its last query's raster index
+        # and feeds its chunk's tokens, the first columns of its row of the tables (padding past them)
+        position_index = torch.arange(len(steps) * width, device=device).view(len(steps), width)
         plan = self.shapes.plan(torch.arange(len(steps), device=device), torch.arange(cache.length, device=device),
-                                (prefix.length + width + 1 + table["raster"].amax(1)).tolist())
+                                (prefix.length + width + 1 + table["raster"].amax(1)).tolist(), table=position_index,
+                                widths=[min(width, max(2, len(chunk))) for chunk in steps])
         state = ZipARState(
             prefix=prefix, grid=grid, sampling=sampling, cache=cache, key_valid=image_key_valid(prefix, cache.length),
             plan=plan, num_entries=num_entries,
             src=table["src"].to(device), dst=table["dst"].to(device), slots=table["slot"].to(device),
             query_raster=table["raster"].to(device),
-            position_index=torch.arange(len(steps) * width, device=device).view(len(steps), width),
             positions=bb.cell_positions(at_cells.view(-1, 2).to(device), prefix.length, native=True, grid=grid),
             slot_raster=slot_raster.to(device), slot_written=slot_written.to(device),
             forced=forced.to(device), initial=torch.where(forced >= 0, forced, bb.code_offset).to(device),
@@ -203,18 +206,21 @@ class ZipAR(Method):
     def start(self, state: ZipARState) -> None:
         start_sequence(self.backbone, state, state.uniform[:, 0])  # the prefill predicts entry 0
 
-    def _step(self, state: ZipARState, k: Tensor, keys: Tensor) -> None:
-        """Feed chunk k, sample every row's next token, write them into ``state.tokens`` (static shapes).
+    def _step(self, state: ZipARState, k: Tensor, chunks: Tensor, keys: Tensor) -> None:
+        """Feed chunk k, sample every row's next token, write them into ``state.tokens`` (no host sync).
 
-        ``keys`` (S',) is the window of slot indices attention reads (the plan's key length at least)."""
+        ``chunks`` (K, T') holds the flat index (k * T + i) of each of the T' chunk positions fed, of every
+        step; ``keys`` (S',) is the window of slot indices attention reads (the plan's key length at least)."""
         bb, sampling = self.backbone, state.sampling
-        row = k.view(1)  # index_select, not t[k]: a 0-d tensor index would become a data-dependent int
-        src, dst, slots, raster = (t.index_select(0, row)[0] for t in (state.src, state.dst, state.slots, state.query_raster))
+        fed = chunks.index_select(0, k.view(1))[0]  # (T',) index_select, not t[k]: a 0-d index would become an int
+        src, dst, slots, raster = (t.view(-1).index_select(0, fed) for t in (state.src, state.dst, state.slots, state.query_raster))
         length = keys.shape[0]
         visible = (state.slot_raster[None, :length] <= raster[:, None]) & (state.slot_written[None, :length] <= k)
-        positions = state.positions.index_select(0, state.position_index.index_select(0, row)[0])
+        positions = state.positions.index_select(0, fed)
         h, _ = feed(bb, state, state.tokens.index_select(1, src), positions, visible | (keys[None, :] == slots[:, None]), slots)
-        codes = sample(guided(bb.logits(h), sampling, bb.native_cfg, entries=dst), state.uniform, sampling)  # (B, T)
+        # chunk position i draws with uniform i (gathered: a slice as wide as the buffer would be specialised on)
+        uniform = state.uniform.index_select(1, fed - k * state.uniform.shape[1])
+        codes = sample(guided(bb.logits(h), sampling, bb.native_cfg, entries=dst), uniform, sampling)  # (B, T')
         commit(bb, state, dst, codes)
 
     def codes(self, state: ZipARState) -> Generation:

@@ -137,8 +137,10 @@ def test_steps_attend_to_a_growing_prefix_of_the_cache():
 
     backbone.forward = record
     ZipAR(backbone, ZipAR.Options(window=2)).generate([3], (4, 5), SamplingConfig(top_k=5), make_generator(0, "cpu"))
-    prefix, width, entries = 1, spans[-1][1], 20
+    prefix, width, entries = 1, max(fed for _, fed, _ in spans[1:]), 20
     keys = [span for span, _, _ in spans[1:]]
+    # each step feeds its own chunk, at least 2 tokens, not the widest one
+    assert [fed for _, fed, _ in spans[1:]] == [max(2, len(chunk)) for chunk in schedule([5] * 4, [True] * 20, 2)]
     assert spans[0][0] == prefix and keys == sorted(keys) and keys[0] < keys[-1]
     assert keys[-1] == prefix + width + entries - 1  # the last step sees every entry but the one it predicts
     assert keys[-1] < spans[-1][2]  # and never the whole cache
