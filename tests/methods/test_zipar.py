@@ -126,6 +126,23 @@ def test_cli_generates_with_zipar_and_lists_its_passes(tmp_path, registry):
     assert listing["sjd"]["forward_passes_32x32"] is None and listing["gsd"]["forward_passes_32x32"] is None
 
 
+@pytest.mark.parametrize("mask_unwritten", [True, False])
+def test_chunks_padded_as_under_cuda_graphs_give_the_same_tokens(mask_unwritten):
+    """CUDA graphs replay fixed shapes, so there every chunk is padded to the widest and attention reads the
+    whole cache (``flashar.shapes``); the padding must not change a token. Run here by planning eagerly as
+    CUDA graphs would."""
+    from flashar.shapes import Shapes
+
+    backbone, options = random_gpt(), ZipAR.Options(window=2, mask_unwritten=mask_unwritten)
+    sampling, grid = SamplingConfig(cfg_scale=2.0, top_k=5), (5, 6)
+    exact = ZipAR(backbone, options).generate([3, 8], grid, sampling, make_generator(0, "cpu"))
+    padded = ZipAR(backbone, options)
+    padded.shapes = Shapes(static=True)
+    state = padded.state_for([3, 8], grid, sampling)
+    assert set(state.plan.widths) == {state.src.shape[1]} and state.src.shape[1] > 2
+    assert torch.equal(padded.generate([3, 8], grid, sampling, make_generator(0, "cpu")).codes, exact.codes)
+
+
 def test_steps_attend_to_a_growing_prefix_of_the_cache():
     backbone = random_gpt()
     spans = []
