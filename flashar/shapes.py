@@ -70,7 +70,8 @@ class Shapes:
         ``key_lengths`` are just the shortest and longest window); keys (S,): a per-slot table the step reads a window of; key_lengths: the
         slots step k must see (raised to ``shortest``); draws: uniforms (rows of the method's buffer, 0: all)
         step k refills, ``first_draws`` those of the prefill's prediction; table (K', T) with widths (K,): an index table of which step k needs ``widths[k]``
-        columns (the used ones first), cut to exact widths or padded to buckets (module docstring)."""
+        columns (the used ones first, at least 2 where it has them), cut to exact widths or padded to buckets
+        (module docstring)."""
         key_lengths = [max(length, shortest) for length in key_lengths]
         assert not key_lengths or max(key_lengths) < len(keys), "a key window must not span the whole cache"
         bounds = (min(key_lengths, default=0), max(key_lengths, default=0))
@@ -79,7 +80,8 @@ class Shapes:
         tables: list[tuple[Tensor, ...]] = [()] * len(key_lengths)
         if table is not None:
             full = table.shape[1]
-            sizes, plan.widths = padded_widths(full, widths, buckets or (1 if self.static else full))
+            need = [min(full, max(2, width)) for width in widths]  # as key windows: no width of 1 while the table has 2
+            sizes, plan.widths = padded_widths(full, need, buckets or (1 if self.static else full))
             cut = {size: table[:, :size].contiguous() for size in sizes}
             if self.compiled and not self.static and buckets is None:
                 self.mark_dynamic(cut.values(), 1, full)

@@ -60,10 +60,11 @@ def table_rows(report) -> tuple[list[str], list[list[str]]]:
 
 
 def _cell(fmt, row: dict, key: str) -> str:
-    """A field as its column formats it; ``mean ± std`` where the row also has ``<key>_std``; "-" if missing."""
+    """A field as its column formats it; ``mean ± std`` where the row also has a nonzero ``<key>_std``; "-" if
+    missing."""
     if row.get(key) is None:
         return "-"
-    if row.get(f"{key}_std") is not None:
+    if row.get(f"{key}_std"):
         return plus_minus(row[key], row[f"{key}_std"])
     return fmt(row[key]) if callable(fmt) else fmt.format(row[key])
 

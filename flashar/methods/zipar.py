@@ -185,7 +185,7 @@ class ZipAR(Method):
         position_index = torch.arange(len(steps) * width, device=device).view(len(steps), width)
         plan = self.shapes.plan(torch.arange(len(steps), device=device), torch.arange(cache.length, device=device),
                                 (prefix.length + width + 1 + table["raster"].amax(1)).tolist(), table=position_index,
-                                widths=[min(width, max(2, len(chunk))) for chunk in steps])
+                                widths=[len(chunk) for chunk in steps])
         state = ZipARState(
             prefix=prefix, grid=grid, sampling=sampling, cache=cache, key_valid=image_key_valid(prefix, cache.length),
             plan=plan, num_entries=num_entries,
