@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -142,6 +143,7 @@ def main() -> None:
             if seed == seeds[0]:
                 save_png(sample_grid(images[:100]), grid_path(args.out, name))
         averaged = {k: statistics.fmean(s[k] for s in per_seed) for k in per_seed[0]}
+        averaged["kid_std"] = math.fsum(s["kid_std"] ** 2 for s in per_seed) ** 0.5 / len(per_seed)  # of the seeds' mean
         report["methods"][name] = {**averaged, "per_seed": per_seed, "forward_passes": result.num_forward_passes,
                                    "held_out_nll": held_out_nll(bb, *held_out, head=head)}
         coupling = getattr(method, "coupling", 0.0)
