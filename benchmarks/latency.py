@@ -450,25 +450,36 @@ def run_config(args, registry, names, backbone, preset, dtype_name, grid, batch,
     return rows
 
 
-def plot(report, path: Path) -> None:
+def plot(report, path: Path):
+    """One bar per row, median seconds on a log scale, with the row's bound and twice it (the target) marked."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    keys = sorted({(r["model"], r["dtype"], r["batch"], r["method"]) for r in report["rows"]})
-    for key in keys:
-        rows = [r for r in report["rows"] if (r["model"], r["dtype"], r["batch"], r["method"]) == key]
-        sides = [int(r["grid"].split("x")[0]) for r in rows]
-        ax.plot(sides, [r["median_s"] for r in rows], marker="o", label=" ".join(map(str, key)))
-    ax.set_yscale("log")
-    ax.set_xlabel("grid side (tokens)")
-    ax.set_ylabel("seconds per batch (median)")
-    ax.legend(fontsize=6, ncol=2)
-    ax.grid(alpha=0.3)
+    rows = report["rows"]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.28 * len(rows)), dpi=120)
+    places = range(len(rows))[::-1]  # the receipt's first row on top
+    ax.barh(places, [r["median_s"] for r in rows], color=["tab:blue" if r["method"].endswith("eager") else "tab:orange"
+                                                          for r in rows])
+    bounds = [r.get("bound_s", r["ideal_s"]) for r in rows]
+    ax.scatter(bounds, places, marker="|", s=200, color="black", label="bound", zorder=3)
+    ax.scatter([2 * b for b in bounds], places, marker="|", s=200, color="grey", label="2x bound", zorder=3)
+    ax.set_yticks(list(places), [f"{r['model']} {r['dtype']} {r['grid']} b{r['batch']}  {r['method']}" for r in rows],
+                  fontsize=7)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("seconds per batch (median); blue eager, orange compiled")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(report.get("gpu") or f"{report['cpu']}, {report['threads']} threads", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
+    plt.close(fig)
+    return fig
 
 
 def main() -> None:

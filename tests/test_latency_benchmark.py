@@ -216,6 +216,18 @@ def test_the_latency_table_sets_each_kind_of_replayed_kernel_against_its_own_bou
     assert split == ["| GPT-B | float32 | 32x32 | 1 | flashar | 1.500 | 0.750 | 2.00 | 0.900 | 0.300 | 3.00 |"]  # once per method
 
 
+def test_the_receipt_plot_draws_each_rows_median_beside_its_bound_and_the_target(tmp_path):
+    rows = [{"model": "GPT-B", "dtype": "float32", "grid": "32x32", "batch": 1, "method": method, "median_s": median,
+             "ideal_s": 2.0, **extra}
+            for method, median, extra in (("raster/eager", 9.0, {}), ("raster/compiled", 3.0, {"bound_s": 2.5}))]
+    fig = load_latency().plot({"cpu": "Some CPU", "threads": 2, "rows": rows}, tmp_path / "receipt.png")
+    assert (tmp_path / "receipt.png").read_bytes().startswith(b"\x89PNG")
+    ax = fig.axes[0]
+    assert sorted(bar.get_width() for bar in ax.patches) == [3.0, 9.0]
+    bounds, targets = (sorted(points.get_offsets()[:, 0].tolist()) for points in ax.collections)
+    assert bounds == [2.0, 2.5] and targets == [4.0, 5.0]  # the launch floor where a row has one
+
+
 LADDER = BENCHMARKS / "gpu_ladder.py"
 
 
