@@ -450,38 +450,6 @@ def run_config(args, registry, names, backbone, preset, dtype_name, grid, batch,
     return rows
 
 
-def plot(report, path: Path):
-    """One bar per row, median seconds on a log scale, with the row's bound and twice it (the target) marked."""
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = report["rows"]
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.28 * len(rows)), dpi=120)
-    places = range(len(rows))[::-1]  # the receipt's first row on top
-    ax.barh(places, [r["median_s"] for r in rows], color=["tab:blue" if r["method"].endswith("eager") else "tab:orange"
-                                                          for r in rows])
-    bounds = [r.get("bound_s", r["ideal_s"]) for r in rows]
-    ax.scatter(bounds, places, marker="|", s=200, color="black", label="bound", zorder=3)
-    ax.scatter([2 * b for b in bounds], places, marker="|", s=200, color="grey", label="2x bound", zorder=3)
-    ax.set_yticks(list(places), [f"{r['model']} {r['dtype']} {r['grid']} b{r['batch']}  {r['method']}" for r in rows],
-                  fontsize=7)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("seconds per batch (median); blue eager, orange compiled")
-    ax.legend(fontsize=7, loc="lower right")
-    ax.grid(axis="x", alpha=0.3)
-    ax.set_title(report.get("gpu") or f"{report['cpu']}, {report['threads']} threads", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return fig
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -497,6 +465,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "latency_cpu.json"))
     args = parser.parse_args()
     report = run(args)
+    from tables import plot  # benchmarks/, this script's folder
+
     plot(report, Path(args.out).with_suffix(".png"))
 
 

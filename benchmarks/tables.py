@@ -1,9 +1,10 @@
-"""Markdown tables of the benchmark receipts in ``benchmarks/results/``, as quoted in the README.
+"""Markdown tables (and latency plots) of the benchmark receipts in ``benchmarks/results/``, as quoted in the README.
 
     python benchmarks/tables.py digits benchmarks/results/digits_quality.json
     python benchmarks/tables.py latency benchmarks/results/latency_cpu_bf16.json
     python benchmarks/tables.py targets benchmarks/results/latency_cpu_fp32.json   # the targets, on the receipt's machine
     python benchmarks/tables.py ladder benchmarks/results/latency_gpu.json    # gpu_ladder.py's model ladder
+    python benchmarks/tables.py plot benchmarks/results/latency_cpu_fp32.json     # (re)draws latency_cpu_fp32.png
 
 Nothing here measures: it only formats what ``digits_quality.py`` and ``latency.py`` wrote, with the
 machine each receipt names.
@@ -54,7 +55,7 @@ def latency(report: dict) -> str:
     table = markdown(["model", "dtype", "grid", "batch", "method / mode", "passes", "median s", "vs raster (same mode)",
                       "ideal s", "measured / ideal"] + (["kernels s", "measured / kernels"] if kernels else [])
                      + ["compile s", "graphs"], rows)
-    where = report.get("gpu") or f"{report['cpu']}, {report['threads']} threads"
+    where = machine(report)
     peaks = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in report["matmul_gflops"].items())
     text = f"{table}\n\n{where}, torch {report['torch']}; peak read bandwidth {report['bandwidth_gbs']:.1f} GB/s, matmul {peaks} (best probes)."
     split = kernels_by_kind(report["rows"])
@@ -89,7 +90,7 @@ def ladder(report: dict) -> str:
     table = markdown(["model", "grid", "method / mode", "passes", "median s", "us per step", "kernels per step",
                       "host us per step", "roofline us per step", "launch floor us per step", "measured / bound",
                       "vs raster"], rows)
-    where = report.get("gpu") or f"{report['cpu']}, {report['threads']} threads"
+    where = machine(report)
     skipped = f" Skipped for time: {', '.join(report['skipped'])}." if report["skipped"] else ""
     failed = f" Failed: {'; '.join(report['failed'])}." if report.get("failed") else ""  # receipts before it had none
     return (f"{table}\n\n{where}, torch {report['torch']}, options {report['options']}; "
@@ -127,6 +128,43 @@ def kernels_by_kind(rows: list[dict]) -> str:
 def bound(row: dict) -> float:
     """The bound a row is judged against: max(roofline, launch floor) where the receipt has the floor."""
     return row.get("bound_s", row["ideal_s"])
+
+
+def machine(report: dict) -> str:
+    """The machine a receipt names: its GPU, or its CPU and threads."""
+    return report.get("gpu") or f"{report['cpu']}, {report['threads']} threads"
+
+
+def plot(report: dict, path: Path):
+    """One bar per row, median seconds on a log scale, with the row's bound and twice it (the target) marked."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.28 * len(rows)), dpi=120)
+    places = range(len(rows))[::-1]  # the receipt's first row on top
+    ax.barh(places, [r["median_s"] for r in rows], color=["tab:blue" if r["method"].endswith("eager") else "tab:orange"
+                                                          for r in rows])
+    bounds = [bound(r) for r in rows]
+    ax.scatter(bounds, places, marker="|", s=200, color="black", label="bound", zorder=3)
+    ax.scatter([2 * b for b in bounds], places, marker="|", s=200, color="grey", label="2x bound", zorder=3)
+    ax.set_yticks(list(places), [f"{r['model']} {r['dtype']} {r['grid']} b{r['batch']}  {r['method']}" for r in rows],
+                  fontsize=7)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("seconds per batch (median); blue eager, orange compiled")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(machine(report), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return fig
 
 
 def targets(report: dict) -> str:
@@ -172,7 +210,7 @@ def targets(report: dict) -> str:
         check(once, "compiled steps: one graph per static shape, built in the first generation, no recompiles")
     else:
         lines.append("graphs per compiled step: not recorded in this receipt")
-    where = report.get("gpu") or f"{report['cpu']}, {report['threads']} threads"
+    where = machine(report)
     lines.append(f"{sum(verdicts)} of {len(verdicts)} targets met on {where}")
     return "\n".join(lines)
 
@@ -197,10 +235,13 @@ def gpu_targets(report: dict) -> list[tuple[bool, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["digits", "latency", "targets", "ladder"])
+    parser.add_argument("kind", choices=["digits", "latency", "targets", "ladder", "plot"])
     parser.add_argument("receipt", type=Path)
     args = parser.parse_args()
     report = json.loads(args.receipt.read_text())
+    if args.kind == "plot":
+        plot(report, args.receipt.with_suffix(".png"))
+        return
     print({"digits": digits, "latency": latency, "targets": targets, "ladder": ladder}[args.kind](report))
 
 

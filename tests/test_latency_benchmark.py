@@ -220,7 +220,7 @@ def test_the_receipt_plot_draws_each_rows_median_beside_its_bound_and_the_target
     rows = [{"model": "GPT-B", "dtype": "float32", "grid": "32x32", "batch": 1, "method": method, "median_s": median,
              "ideal_s": 2.0, **extra}
             for method, median, extra in (("raster/eager", 9.0, {}), ("raster/compiled", 3.0, {"bound_s": 2.5}))]
-    fig = load_latency().plot({"cpu": "Some CPU", "threads": 2, "rows": rows}, tmp_path / "receipt.png")
+    fig = load_tables().plot({"cpu": "Some CPU", "threads": 2, "rows": rows}, tmp_path / "receipt.png")
     assert (tmp_path / "receipt.png").read_bytes().startswith(b"\x89PNG")
     ax = fig.axes[0]
     assert sorted(bar.get_width() for bar in ax.patches) == [3.0, 9.0]
