@@ -12,9 +12,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from flashar.config import Config, RuntimeConfig
-from flashar.hookspecs import hookimpl
-from flashar.plugins import BackendSpec
+from flashar.sdk import BackendSpec, Config, RuntimeConfig, hookimpl
 
 __version__ = "0.1.0"
 
@@ -34,7 +32,7 @@ def load(options: JanusOptions, runtime: RuntimeConfig):
     from flashar_janus.loader import load_janus
 
     if "{prompt}" not in options.prompt_template:
-        from flashar.errors import FlashARError
+        from flashar.sdk import FlashARError
 
         raise FlashARError(f"--prompt-template must contain '{{prompt}}', got {options.prompt_template!r}")
     backbone = load_janus(options.model_path, options.prompt_template)

@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flashar.backbone import Backbone, Prefix, attention, write_kv
-from flashar.errors import FlashARError
+from flashar.sdk import Backbone, FlashARError, Prefix, attention, write_kv
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 
-from flashar.errors import CheckpointError, FlashARError
-from flashar.io import check_keys, file_in, load_json
+from flashar.sdk import CheckpointError, FlashARError, check_keys, file_in, load_json
 
 TEXT_PREFIX, MODEL_PREFIX, VQ_PREFIX = "model.language_model.", "model.", "model.vqmodel."
 UNUSED_PREFIXES = ("model.vision_model.", "model.aligner.", "lm_head.")

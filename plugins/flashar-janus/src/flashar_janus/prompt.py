@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from flashar.errors import FlashARError
+from flashar.sdk import FlashARError
 from flashar_janus import DEFAULT_TEMPLATE
 BOI_TOKEN = "<begin_of_image>"
 PAD_TOKEN = "<｜▁pad▁｜>"

@@ -1,0 +1,66 @@
+"""Everything a plugin imports from flashar, in one module: ``from flashar.sdk import Backbone, hookimpl, ...``.
+
+Each name still lives in its own module (``flashar.backbone``, ``flashar.io``, ...), and a plugin that imports
+it from there keeps working. Names are imported on first use, so a plugin's package root that takes only the
+registration names (``hookimpl``, ``BackendSpec``, ``Config``, ``RuntimeConfig``) imports no torch.
+The conformance suite stays in ``flashar.testing`` (it needs pytest).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+HOMES = {  # name -> the module that defines it
+    # registering a backend, a method or a metric (docs/writing-a-backend-plugin.md, section 2)
+    "hookimpl": "flashar.hookspecs",
+    "BackendSpec": "flashar.plugins",
+    "MetricSpec": "flashar.plugins",
+    "Config": "flashar.config",
+    "RuntimeConfig": "flashar.config",
+    "SamplingConfig": "flashar.config",
+    # errors a user can act on
+    "FlashARError": "flashar.errors",
+    "CheckpointError": "flashar.errors",
+    # loading official files strictly (section 3)
+    "load_weights": "flashar.io",
+    "check_keys": "flashar.io",
+    "strip_prefixes": "flashar.io",
+    "file_in": "flashar.io",
+    "load_json": "flashar.io",
+    # the Backbone protocol (section 4)
+    "Backbone": "flashar.backbone",
+    "BackendCard": "flashar.backbone",
+    "PublishedModules": "flashar.backbone",
+    "Prefix": "flashar.backbone",
+    "KVCache": "flashar.backbone",
+    "write_kv": "flashar.backbone",
+    "attention": "flashar.attention",
+    # a decoding method's base and what its generate returns
+    "Method": "flashar.decoding",
+    "DecodeState": "flashar.decoding",
+    "Generation": "flashar.decoding",
+}
+__all__ = sorted(HOMES)
+
+if TYPE_CHECKING:  # what type checkers and editors see; tests/test_sdk.py keeps it equal to HOMES
+    from flashar.attention import attention
+    from flashar.backbone import Backbone, BackendCard, KVCache, Prefix, PublishedModules, write_kv
+    from flashar.config import Config, RuntimeConfig, SamplingConfig
+    from flashar.decoding import DecodeState, Generation, Method
+    from flashar.errors import CheckpointError, FlashARError
+    from flashar.hookspecs import hookimpl
+    from flashar.io import check_keys, file_in, load_json, load_weights, strip_prefixes
+    from flashar.plugins import BackendSpec, MetricSpec
+
+
+def __getattr__(name: str) -> Any:
+    if name not in HOMES:
+        raise AttributeError(f"flashar.sdk has no {name!r}; it offers {', '.join(__all__)}")
+    value = getattr(importlib.import_module(HOMES[name]), name)
+    globals()[name] = value  # once imported, a plain module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
