@@ -12,8 +12,8 @@ instead, k*(H-1) + W passes: each row starts k steps after the row above, so a c
 the diagonal before and its upper neighbour k diagonals before (its vertical output waits in ``vertical``),
 and every cell also sees the k-1 cells above and to its right. Nothing below depends on k but the tables.
 
-Both caches store cells diagonal by diagonal (the backbone at slot P + rank, the branch at slot rank,
-rank = a cell's place in diagonal order), so the keys a query on diagonal s sees, those of diagonals
+Both caches store cells diagonal by diagonal (a cell's place i in diagonal order is its branch slot, and
+P + i its backbone slot), so the keys a query on diagonal s sees, those of diagonals
 <= s, are a prefix of the cache.
 
 Shapes: a step takes diagonal t at its own length and attends to that prefix only, eager or compiled
@@ -59,7 +59,7 @@ NEVER = 1 << 30  # step id of scratch slots: never visible
 @dataclass
 class FlashARState(DecodeState):
     branch_cache: KVCache  # vertical blocks, N + 1 slots (the backbone cache has P + N + 1, the last scratch)
-    rank: Tensor  # (N + 1,) place of each cell in diagonal order (its branch slot; backbone slot P + rank)
+    slot: Tensor  # (N + 1,) place of each cell in diagonal order: its branch slot (backbone slot P + slot)
     positions: Tensor  # (N + 1, ...) position encoding of every cell (+ scratch)
     slot_step: Tensor  # (S,) diagonal of the cell stored in each backbone slot (ascending); -1 prefix, NEVER scratch
     branch_step: Tensor  # (S_v,) diagonal of the cell in each branch slot; NEVER for scratch
@@ -121,8 +121,8 @@ class FlashAR(Method):
         diagonals, valid = G.diagonal_slots(height, width, lag)
         counts = valid.sum(1).tolist()  # cells of diagonal t
         order = torch.cat([diagonals[valid], torch.tensor([num_cells])])  # raster index by slot, scratch last
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(num_cells + 1)
+        slot = torch.empty_like(order)
+        slot[order] = torch.arange(num_cells + 1)
         steps = torch.cat([G.step_ids(height, width, lag), torch.tensor([NEVER])])[order]  # (N + 1,) by slot
         slot_step = torch.full((cache.length,), NEVER)
         slot_step[: prefix.length] = -1
@@ -143,7 +143,7 @@ class FlashAR(Method):
         scratch = torch.tensor([num_cells])
         state = FlashARState(
             prefix=prefix, grid=grid, sampling=sampling, cache=cache, key_valid=image_key_valid(prefix, cache.length),
-            plan=plan, branch_cache=branch_cache, rank=rank.to(device),
+            plan=plan, branch_cache=branch_cache, slot=slot.to(device),
             positions=bb.cell_positions(cells.to(device), prefix.length, grid=grid),
             slot_step=slot_step.to(device), branch_step=branch_step.to(device),
             left=torch.cat([left, scratch]).to(device), up=torch.cat([up, scratch]).to(device),
@@ -164,72 +164,74 @@ class FlashAR(Method):
         refill_uniform(state.uniform[:draws] if draws else state.uniform, state.sampling, generator, state.mixing)
 
     # --- the compiled step --------------------------------------------------------------------------
-    def _append(self, st: FlashARState, cells: Tensor, s: Tensor, keys: Tensor) -> None:
+    def _append(self, state: FlashARState, cells: Tensor, s: Tensor, keys: Tensor) -> None:
         """One backbone forward over the cells (T,) of diagonal s, then the branch; store h and v.
 
         ``keys`` (S',) is the window of ``slot_step`` attention reads, P + the cells of diagonals <= s at least."""
         bb = self.backbone
-        positions, slots = st.positions.index_select(0, cells), st.rank.index_select(0, cells)
+        positions, slots = state.positions.index_select(0, cells), state.slot.index_select(0, cells)
         visible = (keys <= s)[None, :].expand(len(cells), -1)
-        h, h_tap = feed(bb, st, bb.code_ids(st.tokens.index_select(1, cells)), positions, visible, st.prefix.length + slots,
-                        tap=self.head.branch_layer)
-        branch_keys = st.branch_step[: keys.shape[0] - st.prefix.length]
+        ids = bb.code_ids(state.tokens.index_select(1, cells))
+        h, h_tap = feed(bb, state, ids, positions, visible, state.prefix.length + slots, tap=self.head.branch_layer)
+        branch_keys = state.branch_step[: keys.shape[0] - state.prefix.length]
         branch_mask = (branch_keys <= s)[None, None, None, :].expand(1, 1, len(cells), -1)  # broadcast over rows
-        v = self.head.vertical(bb, h_tap, positions, branch_mask, st.branch_cache, slots)
-        st.hidden.index_copy_(1, cells, h)
-        st.vertical.index_copy_(1, cells, v)
+        v = self.head.vertical(bb, h_tap, positions, branch_mask, state.branch_cache, slots)
+        state.hidden.index_copy_(1, cells, h)
+        state.vertical.index_copy_(1, cells, v)
 
-    def _predict(self, st: FlashARState, cells: Tensor) -> Tensor:
+    def _predict(self, state: FlashARState, cells: Tensor) -> Tensor:
         """Fused logits (B', T, V) for the cells (T,) of a diagonal, from their neighbours."""
-        h_left = st.hidden.index_select(1, st.left.index_select(0, cells))  # (B', T, D)
-        v_up = st.vertical.index_select(1, st.up.index_select(0, cells))
-        return self.head.fuse(self.backbone, h_left, v_up, st.kind.index_select(0, cells))[0]
+        h_left = state.hidden.index_select(1, state.left.index_select(0, cells))  # (B', T, D)
+        v_up = state.vertical.index_select(1, state.up.index_select(0, cells))
+        return self.head.fuse(self.backbone, h_left, v_up, state.kind.index_select(0, cells))[0]
 
-    def _store(self, st: FlashARState, cells: Tensor, logits: Tensor) -> None:
+    def _store(self, state: FlashARState, cells: Tensor, logits: Tensor) -> None:
         """Sample codes for ``cells`` (T,) from their fused logits (B', T, V)."""
-        codes = sample(guided(logits, st.sampling), st.uniform[: cells.shape[0]].transpose(0, 1), st.sampling)  # (B, T)
-        st.tokens.index_copy_(1, cells, codes)
+        uniform = state.uniform[: cells.shape[0]].transpose(0, 1)  # (B, T)
+        codes = sample(guided(logits, state.sampling), uniform, state.sampling)
+        state.tokens.index_copy_(1, cells, codes)
 
-    def _advance(self, st: FlashARState, t: Tensor, diagonals: Tensor, keys: Tensor) -> Tensor:
+    def _advance(self, state: FlashARState, t: Tensor, diagonals: Tensor, keys: Tensor) -> Tensor:
         """Append diagonal t-1 (t is a 0-d tensor); return the cells (T',) of diagonal t.
 
         ``diagonals`` (D, T') is the diagonal table of the width this step uses, ``keys`` the window of
         ``slot_step`` its attention reads."""
         previous, current = diagonals.index_select(0, torch.stack([t - 1, t])).unbind(0)  # (T',) each
-        self._append(st, previous, t - 1, keys)
+        self._append(state, previous, t - 1, keys)
         return current
 
-    def _step(self, st: FlashARState, t: Tensor, diagonals: Tensor, keys: Tensor) -> None:
+    def _step(self, state: FlashARState, t: Tensor, diagonals: Tensor, keys: Tensor) -> None:
         """Append diagonal t-1, predict and sample diagonal t."""
-        current = self._advance(st, t, diagonals, keys)
-        self._store(st, current, self._predict(st, current))
+        current = self._advance(state, t, diagonals, keys)
+        self._store(state, current, self._predict(state, current))
 
     # --- the loop's ends ----------------------------------------------------------------------------
-    def _corner(self, st: FlashARState) -> tuple[Tensor, Tensor]:
+    def _corner(self, state: FlashARState) -> tuple[Tensor, Tensor]:
         """The prefix predicts the corner: horizontal on its final state, vertical on its layer-b state (§4)."""
-        h, h_tap = prefill(self.backbone, st.prefix, st.cache, tap=self.head.branch_layer)
+        h, h_tap = prefill(self.backbone, state.prefix, state.cache, tap=self.head.branch_layer)
         corner = torch.zeros(1, dtype=torch.long, device=h.device)
-        return corner, self.head.fuse(self.backbone, h[:, None], h_tap[:, None], st.kind[corner])[0]
+        return corner, self.head.fuse(self.backbone, h[:, None], h_tap[:, None], state.kind[corner])[0]
 
-    def start(self, st: FlashARState) -> None:
-        self._store(st, *self._corner(st))
+    def start(self, state: FlashARState) -> None:
+        self._store(state, *self._corner(state))
 
-    def codes(self, st: FlashARState) -> Generation:
-        codes = st.tokens[:, :-1].reshape(-1, *st.grid).to("cpu", copy=True)  # a copy: the state is reused
-        return Generation(codes, len(st.plan.args) + 1)
+    def codes(self, state: FlashARState) -> Generation:
+        codes = state.tokens[:, :-1].reshape(-1, *state.grid).to("cpu", copy=True)  # a copy: the state is reused
+        return Generation(codes, len(state.plan.args) + 1)
 
     def teacher_logits(self, conditions, codes: Tensor, sampling: SamplingConfig) -> Tensor:
         """Teacher forcing: run the cached decoder (eagerly) on given codes (B, H, W) and return the fused
         logits (B', N, V) it computes for every cell, instead of sampling."""
-        st = self.setup(conditions, tuple(codes.shape[1:]), sampling)
-        st.tokens[:, :-1] = codes.flatten(1).to(st.tokens.device)
-        logits = torch.zeros(st.prefix.batch_size, st.tokens.shape[1], self.backbone.codebook_size, device=st.tokens.device)
+        state = self.setup(conditions, tuple(codes.shape[1:]), sampling)
+        state.tokens[:, :-1] = codes.flatten(1).to(state.tokens.device)
+        tokens = state.tokens
+        logits = torch.zeros(state.prefix.batch_size, tokens.shape[1], self.backbone.codebook_size, device=tokens.device)
         with torch.no_grad():
-            corner, corner_logits = self._corner(st)
+            corner, corner_logits = self._corner(state)
             logits[:, :1] = corner_logits
-            for args in st.plan.args:
-                current = self._advance(st, *args)
-                logits.index_copy_(1, current, self._predict(st, current))
+            for args in state.plan.args:
+                current = self._advance(state, *args)
+                logits.index_copy_(1, current, self._predict(state, current))
         return logits[:, :-1]
 
 
