@@ -11,8 +11,9 @@ default, builds each method eager and compiled, warms each up once (which compil
 commits have: ``api.load_backbone``, ``api.build_method``, ``api.resolve_sampling`` and
 ``compare.timing.timed_run``. ``--model GPT-B`` (or another LlamaGen preset) times that architecture with
 random weights at ``--grid`` and ``--dtype`` instead, built by the checkout's ``benchmarks/latency.py`` with its
-sampling (CFG 4, top-k 2000): for changes whose cost shows only at real vocabulary and model sizes. The receipt holds every run's seconds and, per method and mode, the median
-of each side, the ratio head / base (below 1: the head is faster), the CPU and the thread count.
+sampling (CFG 4, top-k 2000): for changes whose cost shows only at real vocabulary and model sizes. The receipt holds
+every run's seconds and, per method and mode, the median of each side, the ratio head / base (below 1: the head is
+faster), the CPU and the thread count.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ WORKER = """
 import json, sys, torch
 from flashar import api
 from flashar.compare.timing import timed_run
-methods, repeats, modes, model, side, dtype = sys.argv[1].split(","), int(sys.argv[2]), sys.argv[3].split(","), *sys.argv[4:]
+methods, repeats, modes = sys.argv[1].split(","), int(sys.argv[2]), sys.argv[3].split(",")
+model, side, dtype = sys.argv[4:]
 if model == "digits":
     backbone = api.load_backbone("digits", {})
     sampling, conditions, grid = api.resolve_sampling(backbone, {}), [3], backbone.grid()
-    built = {(m, mode): api.build_method(m, backbone, {}, compile=(mode == "compiled")) for m in methods for mode in modes}
+    built = {(m, mode): api.build_method(m, backbone, {}, compile=(mode == "compiled"))
+             for m in methods for mode in modes}
 else:  # a LlamaGen preset with random weights, built as the checkout's latency.py builds it
     sys.path.insert(0, "benchmarks")
     import latency
@@ -45,7 +48,8 @@ else:  # a LlamaGen preset with random weights, built as the checkout's latency.
     backbone = latency.random_backbone(model, getattr(torch, dtype), torch.device("cpu"))
     sampling, conditions, grid = SamplingConfig(cfg_scale=4.0, top_k=2000, temperature=1.0), [207], (int(side),) * 2
     registry = Registry.from_manager(*build_manager(load_entry_points=False))
-    built = {tuple(k.rsplit("/", 1)): m for k, m in latency.build_methods(registry, methods, backbone, grid, modes).items()}
+    built = latency.build_methods(registry, methods, backbone, grid, modes)
+    built = {tuple(k.rsplit("/", 1)): m for k, m in built.items()}
 seconds = {f"{m} {mode}": [] for m, mode in built}
 for key, method in built.items():
     timed_run(method, conditions, grid, sampling, 0)  # warm-up (compiles)
@@ -68,7 +72,8 @@ def run_side(tree: Path, args: argparse.Namespace, cache: Path) -> dict[str, lis
     out = subprocess.run([sys.executable, "-c", WORKER, *worker], env=env, cwd=tree, check=True,
                          capture_output=True, text=True).stdout
     result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
-    if not Path(result["module"]).resolve().is_relative_to(tree.resolve()):  # an installed flashar shadowed the checkout
+    # an installed flashar shadowed the checkout
+    if not Path(result["module"]).resolve().is_relative_to(tree.resolve()):
         raise SystemExit(f"the worker imported {result['module']}, not the checkout in {tree}")
     return result["seconds"]
 
@@ -80,17 +85,27 @@ def main() -> None:
     parser.add_argument("--methods", default="raster,flashar,zipar")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5, help="timed generations per method and mode in each process")
-    parser.add_argument("--modes", default="eager,compiled", help="compile modes, of eager and compiled [default: %(default)s]")
-    parser.add_argument("--model", default="digits",
-                        help="digits (the embedded default) or a LlamaGen preset (GPT-B, GPT-L) with random weights [default: %(default)s]")
+    parser.add_argument(
+        "--modes", default="eager,compiled", help="compile modes, of eager and compiled [default: %(default)s]"
+    )
+    parser.add_argument(
+        "--model",
+        default="digits",
+        help="digits (the embedded default) or a LlamaGen preset (GPT-B, GPT-L) with random weights [default: "
+             "%(default)s]",
+    )
     parser.add_argument("--grid", type=int, default=16, help="grid side for a LlamaGen preset [default: %(default)s]")
     parser.add_argument("--dtype", default="bfloat16", help="dtype of a LlamaGen preset [default: %(default)s]")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_ab.json"))
     args = parser.parse_args()
     from flashar.compare import cpu_model
 
-    revs = {side: subprocess.run(["git", "-C", str(ROOT), "rev-parse", rev], check=True, capture_output=True, text=True).stdout.strip()
-            for side, rev in (("base", args.base), ("head", args.head))}
+    revs = {
+        side: subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", rev], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        for side, rev in (("base", args.base), ("head", args.head))
+    }
     runs: dict[str, dict[str, list[float]]] = {"base": {}, "head": {}}
     with tempfile.TemporaryDirectory() as tmp:
         trees = {side: checkout(rev, Path(tmp) / side) for side, rev in revs.items()}
@@ -104,14 +119,28 @@ def main() -> None:
             for tree in trees.values():
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
     medians = {key: {side: statistics.median(runs[side][key]) for side in runs} for key in runs["base"]}
-    report = {"cpu": cpu_model(), "threads": os.environ.get("OMP_NUM_THREADS"), "python": sys.version.split()[0],
-              "revisions": revs, "rounds": args.rounds, "repeats": args.repeats, "batch": 1,
-              "backend": "digits" if args.model == "digits" else f"llamagen {args.model} random weights {args.grid}x{args.grid} {args.dtype}",
-              "medians_s": medians, "head_over_base": {k: m["head"] / m["base"] for k, m in medians.items()}, "runs": runs}
+    report = {
+        "cpu": cpu_model(),
+        "threads": os.environ.get("OMP_NUM_THREADS"),
+        "python": sys.version.split()[0],
+        "revisions": revs,
+        "rounds": args.rounds,
+        "repeats": args.repeats,
+        "batch": 1,
+        "backend": "digits"
+        if args.model == "digits"
+        else f"llamagen {args.model} random weights {args.grid}x{args.grid} {args.dtype}",
+        "medians_s": medians,
+        "head_over_base": {k: m["head"] / m["base"] for k, m in medians.items()},
+        "runs": runs,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     for key, m in medians.items():
-        print(f"{key:18s} base {m['base'] * 1000:8.1f} ms  head {m['head'] * 1000:8.1f} ms  head/base {m['head'] / m['base']:.3f}")
+        print(
+            f"{key:18s} base {m['base'] * 1000:8.1f} ms  head {m['head'] * 1000:8.1f} ms  head/base "
+            f"{m['head'] / m['base']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@
    (FlexAttention, the third candidate, runs last, after the ladder, if the budget leaves time).
 3. A ladder with random weights, bf16, batch 1 with CFG, raster against FlashAR, both compiled: an
    Emu3.5-34B-shaped stack (the real Qwen3 layers of the emu35 backend, 64 layers, 64 query / 8 KV heads of
-   128, a stub text tokenizer; FlashAR with one branch block, as part 1) at 32x32, then LlamaGen GPT-L, GPT-XL, GPT-XXL and GPT-3B at 32x32 and
-   24x24. Eager runs of these would take minutes, so their bound is analytic: per pass, the weights the pass
-   reads (layers, the code rows of the head; FlashAR also its branch blocks and vertical head) plus the mean KV
-   window, against the measured bandwidth, or 2 x parameters x rows against the measured matmul peak. When
-   the whole Emu3.5 stack does not fit in free memory, fewer layers run and the step time is scaled by the
-   ratio of the 64-layer bound to the measured one (``layers_run`` says so).
+   128, a stub text tokenizer; FlashAR with one branch block, as part 1) at 32x32, then LlamaGen GPT-L, GPT-XL,
+   GPT-XXL and GPT-3B at 32x32 and 24x24. Eager runs of these would take minutes, so their bound is analytic: per
+   pass, the weights the pass reads (layers, the code rows of the head; FlashAR also its branch blocks and vertical
+   head) plus the mean KV window, against the measured bandwidth, or 2 x parameters x rows against the measured
+   matmul peak. When the whole Emu3.5 stack does not fit in free memory, fewer layers run and the step time is scaled
+   by the ratio of the 64-layer bound to the measured one (``layers_run`` says so).
 
 Work runs in that order and stops starting new configurations after ``--budget-s`` seconds, naming what it
 skipped. Options to compare on the GPU: ``--attention math|sdpa|flex`` (``FLASHAR_ATTENTION``, read at import, so
@@ -51,7 +51,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--coordinate-descent", action="store_true")
     parser.add_argument("--buckets", type=int, default=1, help="FlashAR's static diagonal sizes in the ladder")
     parser.add_argument("--repeats", type=int, default=2, help="timed generations of each part-1 method")
-    parser.add_argument("--ladder-repeats", type=int, default=1, help="timed generations in the ladder (after a warm-up)")
+    parser.add_argument(
+        "--ladder-repeats", type=int, default=1, help="timed generations in the ladder (after a warm-up)"
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny models (2 layers, 4x4 grid): checks the flow on CPU")
     return parser.parse_args()
 
@@ -70,10 +72,22 @@ def main() -> None:
     torch.set_grad_enabled(False)
     started = time.perf_counter()
     device = torch.device(args.device)
-    report = {"torch": torch.__version__, "device": str(device), "cpu": latency.cpu_model(), "threads": torch.get_num_threads(),
-              "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-              "options": {"attention": os.environ.get("FLASHAR_ATTENTION", "auto"), "coordinate_descent": args.coordinate_descent,
-                          "buckets": args.buckets}, "rows": [], "ladder": [], "skipped": [], "failed": []}
+    report = {
+        "torch": torch.__version__,
+        "device": str(device),
+        "cpu": latency.cpu_model(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "options": {
+            "attention": os.environ.get("FLASHAR_ATTENTION", "auto"),
+            "coordinate_descent": args.coordinate_descent,
+            "buckets": args.buckets,
+        },
+        "rows": [],
+        "ladder": [],
+        "skipped": [],
+        "failed": [],
+    }
     peaks = latency.Peaks(device)
     peaks.probe("bfloat16")
     save = lambda: Path(args.out).write_text(__import__("json").dumps(report, indent=1) + "\n")  # noqa: E731
@@ -85,7 +99,9 @@ def main() -> None:
     registry = latency.Registry.from_manager(pm, infos)
     run_args = argparse.Namespace(compile="eager,compiled", repeats=args.repeats, warmup=1)
     try:  # part 1; a method that fails here must not cost the ladder
-        rows = latency.run_config(run_args, registry, args.methods.split(","), gpt_b, "GPT-B", "bfloat16", (side, side), 1, peaks)
+        rows = latency.run_config(
+            run_args, registry, args.methods.split(","), gpt_b, "GPT-B", "bfloat16", (side, side), 1, peaks
+        )
         peaks.probe("bfloat16")
         latency.apply_bounds(report, rows, peaks)
         report["rows"] = [row for row, _ in rows]
@@ -188,8 +204,16 @@ def emu35_stack(device, layers: int, tiny: bool):
     sizes = dict(EMU35_34B, num_hidden_layers=layers)
     if tiny:
         sizes |= dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
-    raw = {"model_type": "Emu3", "architectures": ["Emu3ForCausalLM"], "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 32768,
-           "hidden_act": "silu", "tie_word_embeddings": False, **sizes}
+    raw = {
+        "model_type": "Emu3",
+        "architectures": ["Emu3ForCausalLM"],
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6,
+        "max_position_embeddings": 32768,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        **sizes,
+    }
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # so that to_empty allocates bf16, not 4 bytes a parameter
     try:
@@ -251,7 +275,9 @@ def ladder_rows(args, registry, model, side, peaks, device) -> list[dict]:
         conditions = [207]
     grid = (side, side)
     sampling = latency.SamplingConfig(cfg_scale=4.0, top_k=min(2000, backbone.codebook_size), temperature=1.0)
-    methods = latency.build_methods(registry, ["raster", f"flashar:buckets={args.buckets}"], backbone, grid, ["compiled"])
+    methods = latency.build_methods(
+        registry, ["raster", f"flashar:buckets={args.buckets}"], backbone, grid, ["compiled"]
+    )
     timings = time_methods(methods, conditions, grid, {n: sampling for n in methods}, args.ladder_repeats, 1)
     rows = []
     for name, t in timings.items():

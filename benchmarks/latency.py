@@ -28,16 +28,16 @@ caches as warm or cold as the step leaves them (replayed alone, attention found 
 the last-level cache). On CPU the linears are prepacked as
 inductor's freezing packs them (oneDNN for bf16 and for a weight fed varying row counts, MKL for fp32 at
 one row count, except off Intel CPUs, where flashar has it packed for oneDNN too), on CUDA they are
-``F.linear``; attention is ``flashar.backbone.attention``, the path the backbones take on this device. ``vs kernels`` = measured / kernel time: what a method adds on top of its
-kernels; kernel time / ideal: how far the kernels themselves run from the roofline. The fp32 matmul probe
-takes the better of MKL's ``a @ a`` and a prepacked oneDNN linear (MKL's square matmul ran below what the
-packed kernels reach).
+``F.linear``; attention is ``flashar.backbone.attention``, the path the backbones take on this device. ``vs kernels``
+= measured / kernel time: what a method adds on top of its kernels; kernel time / ideal: how far the kernels
+themselves run from the roofline. The fp32 matmul probe takes the better of MKL's ``a @ a`` and a prepacked oneDNN
+linear (MKL's square matmul ran below what the packed kernels reach).
 
 On CUDA each compiled row also gets what bounds a small model's step there: ``kernels_per_step`` (CUDA
-kernels of 16 profiled step calls of one more generation, per call), ``host_us_per_step`` (median host time of a step call,
-unsynchronised; ``host_us_per_step_guarded`` the same with FLASHAR_SKIP_GUARDS=0) and ``launch_floor_s`` = passes x kernels per step x the measured time per node of a
-replayed CUDA graph (``node_us``); ``bound_s`` = max(ideal, launch floor) is what the targets judge.
-The JSON and a PNG plot go to ``benchmarks/results/``.
+kernels of 16 profiled step calls of one more generation, per call), ``host_us_per_step`` (median host time of a step
+call, unsynchronised; ``host_us_per_step_guarded`` the same with FLASHAR_SKIP_GUARDS=0) and ``launch_floor_s`` =
+passes x kernels per step x the measured time per node of a replayed CUDA graph (``node_us``); ``bound_s`` =
+max(ideal, launch floor) is what the targets judge. The JSON and a PNG plot go to ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def measure_matmul(device, dtype, n: int = 2048, budget_s: float = 0.05) -> floa
     """Peak dense matmul throughput in FLOP/s (the fastest of 5, after one warm-up; on CPU the better of
     ``a @ a`` and the prepacked linear a compiled step runs). The side shrinks from ``n`` (to a multiple of
     256, at least 512) where one product would take over ``budget_s`` by a 512-side probe: bf16 on a CPU
-    without native bf16 (AVX2 only) runs at ~19 GFLOP/s, and one probe at side 2,048 took from 17 s to 6 minutes there."""
+    without native bf16 (AVX2 only) runs at ~19 GFLOP/s, and one probe at side 2,048 took from 17 s to 6 minutes
+    there."""
     small = torch.randn(512, 512, device=device, dtype=dtype)
     per_512 = min(seconds(lambda: small @ small, device, 3))
     n = max(512, min(n, int(512 * (budget_s / per_512) ** (1 / 3)) // 256 * 256))
@@ -138,7 +139,9 @@ def packed_linear(weight, rows: int, varying: bool = False):
     ``F.linear`` where inductor packs nothing: off CPU, and for bf16/fp16 on a CPU whose oneDNN lacks that
     type (AVX2 only)."""
     mkldnn = torch.ops.mkldnn
-    if not (weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and CPU_NATIVE.get(weight.dtype, True)):
+    if not (
+        weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and CPU_NATIVE.get(weight.dtype, True)
+    ):
         return functools.partial(F.linear, weight=weight)
     if weight.dtype in (torch.bfloat16, torch.float16) or varying or not torch._C.has_mkl or onednn_fp32_wanted():
         packed = mkldnn._reorder_linear_weight(weight, rows)
@@ -204,7 +207,10 @@ def step_costs(method, conditions, grid, sampling, first: int = 8, count: int = 
     if len(profiled) < count:  # a short generation: its last profiled step was its last step
         prof.stop()
     kernels = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return {"kernels_per_step": kernels / len(profiled), "host_us_per_step": statistics.median(host[2:40] or host) * 1e6}
+    return {
+        "kernels_per_step": kernels / len(profiled),
+        "host_us_per_step": statistics.median(host[2:40] or host) * 1e6,
+    }
 
 
 @contextlib.contextmanager
@@ -247,7 +253,9 @@ def build_methods(registry, specs, backbone, grid, compile_modes):
     """``{"spec/mode": method}`` for method specs as ``flashar compare --methods`` takes them ("flashar:buckets=4")."""
     methods = {}
     adapter = flashar_adapter(backbone, grid)
-    for (spec, (name, options)), mode in itertools.product(parse_methods(",".join(specs), registry).items(), compile_modes):
+    for (spec, (name, options)), mode in itertools.product(
+        parse_methods(",".join(specs), registry).items(), compile_modes
+    ):
         cls = registry.method(name)
         kwargs = {"adapter": adapter} if name == "flashar" else {}
         methods[f"{spec}/{mode}"] = cls(backbone, cls.Options(**options), compile=COMPILE[mode], **kwargs)
@@ -372,10 +380,14 @@ class Peaks:
         self.bandwidth = max(self.bandwidth, measure_bandwidth(self.device))
         if self.device.type == "cuda":
             self.node_us = min(self.node_us, node_us(self.device))
-        self.matmul[dtype_name] = max(self.matmul.get(dtype_name, 0.0), measure_matmul(self.device, getattr(torch, dtype_name)))
+        self.matmul[dtype_name] = max(
+            self.matmul.get(dtype_name, 0.0), measure_matmul(self.device, getattr(torch, dtype_name))
+        )
 
     def bound(self, counter: PassCounter | None, dtype_name: str, kinds: tuple[str, ...] = KINDS) -> float:
-        return float("nan") if counter is None else counter.ideal_seconds(self.bandwidth, self.matmul[dtype_name], kinds)
+        return (
+            float("nan") if counter is None else counter.ideal_seconds(self.bandwidth, self.matmul[dtype_name], kinds)
+        )
 
 
 def apply_bounds(report: dict, rows: list[tuple[dict, PassCounter | None]], peaks: Peaks) -> None:
@@ -418,27 +430,42 @@ def run(args) -> dict:
     return report
 
 
-def run_config(args, registry, names, backbone, preset, dtype_name, grid, batch, peaks: Peaks) -> list[tuple[dict, PassCounter | None]]:
+def run_config(
+    args, registry, names, backbone, preset, dtype_name, grid, batch, peaks: Peaks
+) -> list[tuple[dict, PassCounter | None]]:
     torch._dynamo.reset()
     sampling = SamplingConfig(cfg_scale=4.0, top_k=2000, temperature=1.0)
     conditions = [207 + i for i in range(batch)]
     methods = build_methods(registry, names, backbone, grid, args.compile.split(","))
     # the bound counts the passes of an eager run (a compiled step cannot be instrumented); same passes either way
-    eager = {n: m for n, m in methods.items() if n.endswith("/eager")} or build_methods(registry, names, backbone, grid, ["eager"])
+    eager = {n: m for n, m in methods.items() if n.endswith("/eager")} or build_methods(
+        registry, names, backbone, grid, ["eager"]
+    )
     passes = {n: count_passes(m, conditions, grid, sampling) for n, m in eager.items()}
     timings = time_methods(methods, conditions, grid, {n: sampling for n in methods}, args.repeats, args.warmup)
-    kernel_times = {name: counter.kernel_seconds() for name, counter in passes.items()}  # after timing: same warm machine
+    # after timing: same warm machine
+    kernel_times = {name: counter.kernel_seconds() for name, counter in passes.items()}
     rows = []
     for name, t in timings.items():
         spec, mode = name.rsplit("/", 1)
         counter = passes.get(f"{spec}/eager")
         raster = timings.get(f"raster/{mode}")  # the baseline in the same compile mode
-        row = {"model": preset, "dtype": dtype_name, "grid": f"{grid[0]}x{grid[1]}", "batch": batch, "method": name,
-               "forward_passes": t.forward_passes, "median_s": t.median, "seconds": t.seconds,
-               "compile_s": t.compile_seconds, "graphs": t.graphs, "recompiles": t.recompiles,
-               "vs_raster": raster.median / t.median if raster else float("nan"),
-               "kernel_s": kernel_times.get(f"{spec}/eager", {}).get("all", float("nan")),
-               "kernel_s_by_kind": {kind: kernel_times.get(f"{spec}/eager", {}).get(kind, float("nan")) for kind in KINDS}}
+        row = {
+            "model": preset,
+            "dtype": dtype_name,
+            "grid": f"{grid[0]}x{grid[1]}",
+            "batch": batch,
+            "method": name,
+            "forward_passes": t.forward_passes,
+            "median_s": t.median,
+            "seconds": t.seconds,
+            "compile_s": t.compile_seconds,
+            "graphs": t.graphs,
+            "recompiles": t.recompiles,
+            "vs_raster": raster.median / t.median if raster else float("nan"),
+            "kernel_s": kernel_times.get(f"{spec}/eager", {}).get("all", float("nan")),
+            "kernel_s_by_kind": {kind: kernel_times.get(f"{spec}/eager", {}).get(kind, float("nan")) for kind in KINDS},
+        }
         row["vs_kernels"] = t.median / row["kernel_s"]
         if mode != "eager" and backbone.device.type == "cuda":
             row |= step_costs(methods[name], conditions, grid, sampling)
@@ -459,7 +486,9 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--methods", default="raster,flashar,flashar:buckets=4,sjd,zipar,gsd",
                         help="method ids, with options as id:key=value;key=value")
-    parser.add_argument("--compile", default="eager,compiled,max-autotune", help=f"compile modes, of {', '.join(COMPILE)}")
+    parser.add_argument(
+        "--compile", default="eager,compiled,max-autotune", help=f"compile modes, of {', '.join(COMPILE)}"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", default=str(RESULTS / "latency_cpu.json"))

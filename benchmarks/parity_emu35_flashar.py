@@ -145,7 +145,6 @@ def reference_main(repo: Path, work: Path) -> None:
 def flashar_compare(repo: Path, work: Path, name: str) -> dict:
     from flashar import api
     from flashar.config import SamplingConfig
-    from flashar.sampling import make_generator
     from flashar.teacher import flashar_logits
 
     options = {"model_path": work / name / "base", "tokenizer_path": repo / "src" / "tokenizer_emu3_ibq",

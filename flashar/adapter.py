@@ -42,15 +42,21 @@ class Adapter:
             height, width = self.metadata.grid
             raise FlashARError(
                 f"this adapter was trained for a {height}x{width} token grid, not {grid[0]}x{grid[1]}; generate at "
-                f"image size {height * self.backbone.downsample}x{width * self.backbone.downsample} or adapt for this size"
+                f"image size {height * self.backbone.downsample}x{width * self.backbone.downsample} or adapt for "
+                "this size"
             )
         if self.head.config.row_lag > grid[1]:
             raise FlashARError(f"this adapter's row lag {self.head.config.row_lag} exceeds the grid's width {grid[1]}; "
                                f"generate a grid at least that wide or adapt with a smaller --row-lag")
 
 
-def save_adapter(path: str | Path, metadata: AdapterMetadata, head_state: dict[str, torch.Tensor],
-                 backbone_state: dict[str, torch.Tensor] | None = None, lora_state: dict[str, torch.Tensor] | None = None) -> Path:
+def save_adapter(
+    path: str | Path,
+    metadata: AdapterMetadata,
+    head_state: dict[str, torch.Tensor],
+    backbone_state: dict[str, torch.Tensor] | None = None,
+    lora_state: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write an adapter folder from state dicts: the FlashAR parts, plus backbone weights or LoRA factors
     as ``metadata.backbone_weights`` says. The weights go first and ``config.json`` last, so a folder whose
     ``config.json`` is missing was interrupted and is refused on load."""
@@ -65,7 +71,9 @@ def save_adapter(path: str | Path, metadata: AdapterMetadata, head_state: dict[s
     return path
 
 
-def new_metadata(backbone: Backbone, head: FlashARHead, grid: tuple[int, int], stage: int = 0, step: int = 0) -> AdapterMetadata:
+def new_metadata(
+    backbone: Backbone, head: FlashARHead, grid: tuple[int, int], stage: int = 0, step: int = 0
+) -> AdapterMetadata:
     return AdapterMetadata(
         flashar_version=__version__, backend=backbone.backend_id, backbone_fingerprint=backbone.fingerprint(),
         backbone_architecture=backbone.architecture(), grid=tuple(grid), branch=head.config,
@@ -77,11 +85,17 @@ def read_metadata(path: str | Path) -> AdapterMetadata:
     path = Path(path)
     raw = load_json(path / CONFIG) if (path / CONFIG).is_file() else None
     if isinstance(raw, dict) and "flashar_version" not in raw or raw is not None and not isinstance(raw, dict):
-        kind = f"model_type {raw.get('model_type')!r}" if isinstance(raw, dict) and raw.get("model_type") else "no flashar_version"
+        kind = (
+            f"model_type {raw.get('model_type')!r}"
+            if isinstance(raw, dict) and raw.get("model_type")
+            else "no flashar_version"
+        )
         raise CheckpointError(f"{path} is neither a flashar adapter (its {CONFIG} has {kind}) nor a FlashAR checkpoint "
                               f"layout this backend reads; check that --adapter names the checkpoint folder itself")
     if raw is None or not (path / WEIGHTS).is_file():
-        raise CheckpointError(f"{path} is not a flashar adapter folder (it needs {CONFIG} and {WEIGHTS}); write one with `flashar adapt`")
+        raise CheckpointError(
+            f"{path} is not a flashar adapter folder (it needs {CONFIG} and {WEIGHTS}); write one with `flashar adapt`"
+        )
     try:
         return AdapterMetadata(**raw)
     except (ValidationError, TypeError) as exc:
@@ -124,7 +138,9 @@ def load_adapter(path: str | Path, backbone: Backbone, copy_backbone: bool = Tru
     return Adapter(meta, head, adapted)
 
 
-def _adapted_backbone(backbone: Backbone, meta: AdapterMetadata, state: dict, path: Path, copy_backbone: bool) -> Backbone:
+def _adapted_backbone(
+    backbone: Backbone, meta: AdapterMetadata, state: dict, path: Path, copy_backbone: bool
+) -> Backbone:
     if meta.backbone_weights == "none":
         return backbone
     target = copy.deepcopy(backbone) if copy_backbone else backbone
@@ -135,5 +151,7 @@ def _adapted_backbone(backbone: Backbone, meta: AdapterMetadata, state: dict, pa
     else:
         from flashar.lora import merge_lora
 
-        merge_lora(target, {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}, meta.lora_scaling, path)
+        merge_lora(
+            target, {k[len("lora.") :]: v for k, v in state.items() if k.startswith("lora.")}, meta.lora_scaling, path
+        )
     return target.eval()

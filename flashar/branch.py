@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flashar.backbone import Backbone, KVCache, copy_module
@@ -103,7 +102,9 @@ class FlashARHead(nn.Module):
         if gate == "scalar":
             return torch.sigmoid(self.hv_mix.float()).expand_as(logits_h[..., :1])
         if gate == "logits":
-            return torch.sigmoid(self.hv_gate_mlp(_normalised_pair(logits_h, logits_v).to(self.hv_gate_mlp[0].weight.dtype)).float())
+            return torch.sigmoid(
+                self.hv_gate_mlp(_normalised_pair(logits_h, logits_v).to(self.hv_gate_mlp[0].weight.dtype)).float()
+            )
         interior = self.hv_gate_mlp(torch.cat([h_left, v_up], dim=-1))
         corner = self.hv_gate_corner(h_left)
         return torch.sigmoid(torch.where(kind[..., None] == CORNER, corner, interior).float())

@@ -76,7 +76,9 @@ def with_config_file(ctx: click.Context, values: dict[str, Any], required: tuple
 
     path = values.pop("config", None)
     params = {p.name: p for p in ctx.command.get_params(ctx) if p.name in values}
-    aliases = {opt.lstrip("-").replace("-", "_"): p.name for p in params.values() for opt in p.opts} | {n: n for n in params}
+    aliases = {opt.lstrip("-").replace("-", "_"): p.name for p in params.values() for opt in p.opts} | {
+        n: n for n in params
+    }
     given = _config_values(path, set(aliases)) if path is not None else {}
     typed_by_user = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     for alias, value in given.items():
@@ -85,7 +87,9 @@ def with_config_file(ctx: click.Context, values: dict[str, Any], required: tuple
             values[name] = _convert(params[name], value, ctx)
     for name in required:
         if values.get(name) is None:
-            raise click.UsageError(f"Missing option '--{name.replace('_', '-')}' (on the command line or in --config)", ctx)
+            raise click.UsageError(
+                f"Missing option '--{name.replace('_', '-')}' (on the command line or in --config)", ctx
+            )
     return values
 
 
@@ -98,15 +102,21 @@ def _config_values(path: Path, names: set[str]) -> dict[str, Any]:
     given = {}
     for key, value in data.items():
         key = key.replace("-", "_")
-        section = (key not in names and any(n.startswith(key + "_") for n in names)) or key in ("sampling", "runtime", "branch")
+        section = (key not in names and any(n.startswith(key + "_") for n in names)) or key in (
+            "sampling",
+            "runtime",
+            "branch",
+        )
         if section and not isinstance(value, dict):
             raise FlashARError(f"'{key}' in --config {path} must be a JSON object of its fields, got {value!r}")
         for sub, item in (value.items() if section else [(None, value)]):
             name = key if sub is None else sub.replace("-", "_")
             given[f"{key}_{name}" if sub is not None and f"{key}_{name}" in names else name] = item
     if unknown := sorted(set(given) - names):
-        raise FlashARError(f"--config {path} has unknown option '{unknown[0]}'; use the names of this command's options "
-                           f"(see --help), e.g. cfg_scale for --cfg-scale")
+        raise FlashARError(
+            f"--config {path} has unknown option '{unknown[0]}'; use the names of this command's options "
+            f"(see --help), e.g. cfg_scale for --cfg-scale"
+        )
     return given
 
 
@@ -226,8 +236,11 @@ def with_backend_defaults(param: click.Parameter, registry: Registry) -> click.P
     if field is None or not isinstance(param, click.Option):
         return param
     specs = sorted(registry.backends.values(), key=lambda s: s.id)
-    own = [f"{s.id} {s.sampling_defaults[param.name]}" for s in specs
-           if isinstance(s.sampling_defaults, dict) and s.sampling_defaults.get(param.name, field.default) != field.default]
+    own = [
+        f"{s.id} {s.sampling_defaults[param.name]}"
+        for s in specs
+        if isinstance(s.sampling_defaults, dict) and s.sampling_defaults.get(param.name, field.default) != field.default
+    ]
     read = [s.id for s in specs if isinstance(s.sampling_defaults, str)]
     if not own and not read:
         return param
@@ -259,13 +272,17 @@ def check_foreign(values: dict[str, Any], registry: Registry, backend: str, meth
     for spec in registry.backends.values():
         for name in set(spec.options.model_fields) - own:
             if values.get(name) is not None:
-                raise FlashARError(f"--{name.replace('_', '-')} is an option of backend '{spec.id}', not of '{backend}'; "
-                                   f"drop it or use --backend {spec.id}")
+                raise FlashARError(
+                    f"--{name.replace('_', '-')} is an option of backend '{spec.id}', not of '{backend}'; "
+                    f"drop it or use --backend {spec.id}"
+                )
     for cls in registry.methods.values():
         for name in set(cls.Options.model_fields) - own:
             if values.get(name) is not None:
-                raise FlashARError(f"--{name.replace('_', '-')} is an option of method '{cls.id}', which is not selected; "
-                                   f"add --method {cls.id} or drop --{name.replace('_', '-')}")
+                raise FlashARError(
+                    f"--{name.replace('_', '-')} is an option of method '{cls.id}', which is not selected; "
+                    f"add --method {cls.id} or drop --{name.replace('_', '-')}"
+                )
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -311,7 +328,9 @@ def parse_classes(text: str | None, hint: str = "--classes") -> list[int]:
     try:
         return [int(part) for part in parts]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers like 207,360, got {text!r}", param_hint=hint) from None
+        raise click.BadParameter(
+            f"expected comma-separated integers like 207,360, got {text!r}", param_hint=hint
+        ) from None
 
 
 def parse_methods(text: str, registry: Registry) -> dict[str, tuple[str, dict[str, str]]]:
@@ -379,7 +398,9 @@ def nested_config(model: type[BaseModel], values: dict[str, Any], base: dict[str
                 given = pick(sub, values)
             from_file = merged.get(name, {})
             if not isinstance(from_file, dict):
-                raise FlashARError(f"'{name}' in the --config file must be a JSON object of {sub.__name__} fields, got {from_file!r}")
+                raise FlashARError(
+                    f"'{name}' in the --config file must be a JSON object of {sub.__name__} fields, got {from_file!r}"
+                )
             start = {**getattr(defaults, name).model_dump(), **from_file}
             merged[name] = {**start, **given}
         elif values.get(name) is not None:

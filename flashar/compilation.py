@@ -44,7 +44,9 @@ def compile_step(fn: Callable, device: torch.device | str, backend: str | Callab
     # Dynamo reads `freezing` while tracing (with grad off, which every decode loop has), so the flags are
     # set around each call, not passed as backend options.
     settings = CompileSettings.from_env()  # freezing and the C++ wrapper, each on unless switched off
-    flags = {flag: True for flag, on in (("freezing", settings.freeze_weights), ("cpp_wrapper", settings.cpp_wrapper)) if on}
+    flags = {
+        flag: True for flag, on in (("freezing", settings.freeze_weights), ("cpp_wrapper", settings.cpp_wrapper)) if on
+    }
     if mode == "max-autotune":
         flags |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                   "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # not on stderr
@@ -135,7 +137,9 @@ def own_code(fn: Callable) -> Callable:
     one cache: a second instance (another compile mode, other options) would silently run the graph the
     first one built whenever its guards pass, and report no compilation of its own."""
     func = getattr(fn, "__func__", fn)
-    copy = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__, func.__closure__)
+    copy = types.FunctionType(
+        func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__, func.__closure__
+    )
     copy.__kwdefaults__, copy.__qualname__ = func.__kwdefaults__, func.__qualname__
     return types.MethodType(copy, fn.__self__) if hasattr(fn, "__func__") else copy
 

@@ -36,7 +36,8 @@ def load_weights(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"refusing to load {path}: it holds Python objects that need code execution to unpickle "
-            f"({_unpickling_reason(str(exc))}); flashar only loads plain tensor checkpoints, re-export it as a state dict"
+            f"({_unpickling_reason(str(exc))}); flashar only loads plain tensor checkpoints, re-export it as a state "
+            "dict"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(
@@ -70,7 +71,9 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"could not read {path} as safetensors ({exc}); the file may be truncated or corrupt") from None
+        raise CheckpointError(
+            f"could not read {path} as safetensors ({exc}); the file may be truncated or corrupt"
+        ) from None
 
 
 def select_state_dict(obj: Any, path: str | Path, marker: str) -> dict[str, Tensor]:
@@ -87,7 +90,9 @@ def select_state_dict(obj: Any, path: str | Path, marker: str) -> dict[str, Tens
     raise CheckpointError(f"{path} does not look like the expected checkpoint: no '{marker}' and no 'model' entry")
 
 
-def strip_prefixes(state: dict[str, Tensor], prefixes=("module.", "_orig_mod.", "_fsdp_wrapped_module.")) -> dict[str, Tensor]:
+def strip_prefixes(
+    state: dict[str, Tensor], prefixes=("module.", "_orig_mod.", "_fsdp_wrapped_module.")
+) -> dict[str, Tensor]:
     out = {}
     for key, value in state.items():
         for prefix in prefixes:
@@ -111,7 +116,9 @@ def check_keys(expected: dict[str, tuple[int, ...]], state: dict[str, Tensor], p
     if shapes:
         problems.append(f"wrong shapes ({_few(shapes)})")
     if problems:
-        raise CheckpointError(f"{path} does not match the model: {'; '.join(problems)}; check the model size/config options")
+        raise CheckpointError(
+            f"{path} does not match the model: {'; '.join(problems)}; check the model size/config options"
+        )
 
 
 def _few(items: list[str], n: int = 4) -> str:
@@ -135,7 +142,9 @@ def ensure_writable_dir(path: str | Path) -> Path:
         with tempfile.NamedTemporaryFile(dir=path):
             pass
     except OSError as exc:
-        raise FlashARError(f"cannot write to output folder {path}: {exc.strerror or exc}; choose a writable --out") from None
+        raise FlashARError(
+            f"cannot write to output folder {path}: {exc.strerror or exc}; choose a writable --out"
+        ) from None
     return path
 
 
@@ -201,7 +210,9 @@ def folder_lock(folder: str | Path, command: str = "flashar adapt") -> Iterator[
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise FlashARError(f"another {command} is writing to {folder}; wait for it to finish or choose another --out") from None
+            raise FlashARError(
+                f"another {command} is writing to {folder}; wait for it to finish or choose another --out"
+            ) from None
         try:
             yield
         finally:

@@ -168,13 +168,15 @@ class Registry:
         backends = [(f"backend '{spec.id}'", ("backend", spec.id), spec.options) for spec in self.backends.values()]
         declared: dict[str, tuple[str, tuple, Any]] = {}  # option name -> its first method's declaration
         for owner, key, model in methods + backends:
-            for name, field in model.model_fields.items():
-                kind = _flag_kind(field.annotation)
+            for name, info in model.model_fields.items():
+                kind = _flag_kind(info.annotation)
                 first = declared.get(name) if key[0] == "backend" else declared.setdefault(name, (owner, key, kind))
                 if first is not None and first[2] != kind:
-                    raise PluginError(f"option --{name.replace('_', '-')} is declared as {_describe(first[2])} by {first[0]} "
-                                      f"(plugin '{self.owners[first[1]]}') and as {_describe(kind)} by {owner} (plugin "
-                                      f"'{self.owners[key]}'); one flag cannot mean both: rename one of them")
+                    raise PluginError(
+                        f"option --{name.replace('_', '-')} is declared as {_describe(first[2])} by {first[0]} "
+                        f"(plugin '{self.owners[first[1]]}') and as {_describe(kind)} by {owner} (plugin "
+                        f"'{self.owners[key]}'); one flag cannot mean both: rename one of them"
+                    )
 
     def _collect(self, kind: str, hook, table: dict) -> None:
         for impl in hook.get_hookimpls():

@@ -44,14 +44,14 @@ HOMES = {  # name -> the module that defines it
 __all__ = sorted(HOMES)
 
 if TYPE_CHECKING:  # what type checkers and editors see; tests/test_sdk.py keeps it equal to HOMES
-    from flashar.attention import attention
-    from flashar.backbone import Backbone, BackendCard, KVCache, Prefix, PublishedModules, write_kv
-    from flashar.config import Config, RuntimeConfig, SamplingConfig
-    from flashar.decoding import DecodeState, Generation, Method
-    from flashar.errors import CheckpointError, FlashARError
-    from flashar.hookspecs import hookimpl
-    from flashar.io import check_keys, file_in, load_json, load_weights, strip_prefixes
-    from flashar.plugins import BackendSpec, MetricSpec
+    from flashar.attention import attention  # noqa: F401
+    from flashar.backbone import Backbone, BackendCard, KVCache, Prefix, PublishedModules, write_kv  # noqa: F401
+    from flashar.config import Config, RuntimeConfig, SamplingConfig  # noqa: F401
+    from flashar.decoding import DecodeState, Generation, Method  # noqa: F401
+    from flashar.errors import CheckpointError, FlashARError  # noqa: F401
+    from flashar.hookspecs import hookimpl  # noqa: F401
+    from flashar.io import check_keys, file_in, load_json, load_weights, strip_prefixes  # noqa: F401
+    from flashar.plugins import BackendSpec, MetricSpec  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -43,8 +43,10 @@ class Shapes:
         shapes = cls(compiled=bool(compile), static=bool(compile) and device.type == "cuda",
                      autotuned=compile == "max-autotune")
         if shapes.compiled and not shapes.static and attention_setting() == "flex":
-            raise FlashARError("FLASHAR_ATTENTION=flex runs eager or compiled on CUDA only: torch's CPU FlexAttention "
-                               "does not compile the dynamic lengths of a compiled CPU step; unset it or use math or sdpa")
+            raise FlashARError(
+                "FLASHAR_ATTENTION=flex runs eager or compiled on CUDA only: torch's CPU FlexAttention "
+                "does not compile the dynamic lengths of a compiled CPU step; unset it or use math or sdpa"
+            )
         return shapes
 
     def mark_dynamic(self, tensors: Iterable[Tensor], dim: int, longest: int, shortest: int = 2) -> None:
@@ -61,17 +63,26 @@ class Shapes:
             self.mark_dynamic([window], 0, bounds[1], bounds[0])
         return window
 
-    def plan(self, steps: Tensor | None, keys: Tensor, key_lengths: list[int], draws: list[int] | int = 0, first_draws: int = 0,
-             table: Tensor | None = None, widths: list[int] | None = None, buckets: int | None = None,
-             shortest: int = 0) -> Plan:
+    def plan(
+        self,
+        steps: Tensor | None,
+        keys: Tensor,
+        key_lengths: list[int],
+        draws: list[int] | int = 0,
+        first_draws: int = 0,
+        table: Tensor | None = None,
+        widths: list[int] | None = None,
+        buckets: int | None = None,
+        shortest: int = 0,
+    ) -> Plan:
         """The arguments ``(step id, [table], key window)`` of every step.
 
         steps (K,): the step ids (None: a data-dependent loop that asks ``Plan.window`` and whose
-        ``key_lengths`` are just the shortest and longest window); keys (S,): a per-slot table the step reads a window of; key_lengths: the
-        slots step k must see (raised to ``shortest``); draws: uniforms (rows of the method's buffer, 0: all)
-        step k refills, ``first_draws`` those of the prefill's prediction; table (K', T) with widths (K,): an index table of which step k needs ``widths[k]``
-        columns (the used ones first, at least 2 where it has them), cut to exact widths or padded to buckets
-        (module docstring)."""
+        ``key_lengths`` are just the shortest and longest window); keys (S,): a per-slot table the step reads a
+        window of; key_lengths: the slots step k must see (raised to ``shortest``); draws: uniforms (rows of the
+        method's buffer, 0: all) step k refills, ``first_draws`` those of the prefill's prediction; table (K', T)
+        with widths (K,): an index table of which step k needs ``widths[k]`` columns (the used ones first, at least 2
+        where it has them), cut to exact widths or padded to buckets (module docstring)."""
         key_lengths = [max(length, shortest) for length in key_lengths]
         assert not key_lengths or max(key_lengths) < len(keys), "a key window must not span the whole cache"
         bounds = (min(key_lengths, default=0), max(key_lengths, default=0))

@@ -18,7 +18,8 @@ from flashar.sampling import make_generator
 
 def qkv(batch=2, heads=4, kv_heads=4, queries=3, keys=11, head_dim=8, dtype=torch.float32, mask_batch=1):
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(batch, queries, heads, head_dim, generator=g).transpose(1, 2).to(dtype)  # strided, as backends make it
+    # strided, as backends make it
+    q = torch.randn(batch, queries, heads, head_dim, generator=g).transpose(1, 2).to(dtype)
     k, v = (torch.randn(batch, kv_heads, keys, head_dim, generator=g).to(dtype) for _ in range(2))
     mask = torch.rand(mask_batch, 1, queries, keys, generator=g) < 0.6
     mask[..., -1] = True  # every query sees at least one key
@@ -31,7 +32,9 @@ def reference(q, k, v, mask, scale=None):
     return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=scale)
 
 
-EAGER_FLEX = "ignore:flex_attention called without torch.compile"  # flex's eager fallback says it is unfused, as intended here
+EAGER_FLEX = (
+    "ignore:flex_attention called without torch.compile"  # flex's eager fallback says it is unfused, as intended here
+)
 
 
 @pytest.mark.filterwarnings(EAGER_FLEX)

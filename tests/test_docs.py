@@ -31,7 +31,9 @@ def test_the_plugin_guide_documents_every_backbone_member_and_the_metric_hooks()
     members = {n for n in [*vars(Backbone), *Backbone.__annotations__] if not n.startswith("_")}
     fields = {f.name for spec in (BackendSpec, MetricSpec) for f in dataclasses.fields(spec)}
     wanted = members | fields | {"grid=", "unconditional=", "native=", "flashar_register_metrics", "MetricSpec"}
-    missing = sorted(n for n in wanted if not re.search(r"(?<!\w)" + re.escape(n) + (r"(?!\w)" if n[-1].isalnum() else ""), code))
+    missing = sorted(
+        n for n in wanted if not re.search(r"(?<!\w)" + re.escape(n) + (r"(?!\w)" if n[-1].isalnum() else ""), code)
+    )
     assert missing == [], f"docs/writing-a-backend-plugin.md does not mention {missing}"
 
 
@@ -71,6 +73,7 @@ def test_the_readme_sequence_runs_in_order_on_tiny_weights(tmp_path, monkeypatch
         if args[0] == "compare":
             for flag in ("--fid-weights", "--reference-images"):
                 del args[args.index(flag) : args.index(flag) + 2]
-            args += ["--no-metrics", "--repeats", "1", "--warmup", "0", "--image-size", "8"]  # the tiny VQ's native size is not 256
+            # the tiny VQ's native size is not 256
+            args += ["--no-metrics", "--repeats", "1", "--warmup", "0", "--image-size", "8"]
         result = CliRunner().invoke(cli, args, obj=registry)
         assert result.exit_code == 0, f"flashar {' '.join(args)}\n{result.output}"

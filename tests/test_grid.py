@@ -58,7 +58,8 @@ def test_a_row_lag_orders_cells_by_k_r_plus_c_and_keeps_both_sources_earlier(hei
     index, valid = G.diagonal_slots(height, width, lag)
     assert index.shape[0] == G.num_diagonals(height, width, lag) == lag * (height - 1) + width
     assert sorted(index[valid].tolist()) == list(range(height * width)) and valid.any(1).all()  # no empty diagonal
-    assert torch.equal(valid, torch.arange(valid.shape[1]) < valid.sum(1, keepdim=True))  # a diagonal's cells come first
+    # a diagonal's cells come first
+    assert torch.equal(valid, torch.arange(valid.shape[1]) < valid.sum(1, keepdim=True))
     steps = G.step_ids(height, width, lag)
     for s, (row, ok) in enumerate(zip(index, valid)):
         assert (steps[row[ok]] == s).all() and torch.all(row[ok][1:] // width > row[ok][:-1] // width)

@@ -44,7 +44,8 @@ def test_pass_counter_records_every_matmul_and_attention_call_and_replays_them()
     assert kinds["attention"] == 9 * layers
     assert kinds["linear"] == 9 * layers * 5 + 9  # wqkv, wo, w1, w3, w2 per layer; the head once per pass
     steps = [args for kind, *args in counter.kernels if kind == "attention"][layers:]  # after the prefill
-    assert {shape for shape, _, _ in steps} == {(2, backbone.dim // backbone.head_dim, 1, backbone.head_dim)}  # CFG rows
+    # CFG rows
+    assert {shape for shape, _, _ in steps} == {(2, backbone.dim // backbone.head_dim, 1, backbone.head_dim)}
     assert all(kv is not None and mask.shape[-1] <= kv[0].shape[2] for _, mask, kv in steps)
 
     # the bound, whole and per kind: bandwidth-bound at 1 byte/s, so each is its kind's bytes and they add up
@@ -119,7 +120,9 @@ def test_replayed_linears_are_the_prepacked_kernels_and_compute_f_linear(monkeyp
     assert isinstance(latency.packed_linear(torch.randn(4, 4, dtype=torch.bfloat16), 2), functools.partial)
 
 
-@pytest.mark.skipif(not (torch._C.has_mkl and torch.backends.mkldnn.is_available()), reason="needs MKL and oneDNN (x86)")
+@pytest.mark.skipif(
+    not (torch._C.has_mkl and torch.backends.mkldnn.is_available()), reason="needs MKL and oneDNN (x86)"
+)
 def test_the_packing_ab_compiles_each_arm_once_with_its_own_kernel(tmp_path, monkeypatch):
     """fp32_packing.py: MKL against oneDNN on any x86 CPU, whichever the vendor rule picks here."""
     from torch._inductor.utils import run_and_get_code
@@ -209,11 +212,18 @@ def test_the_latency_table_sets_each_kind_of_replayed_kernel_against_its_own_bou
            "vs_raster": 6.0, "ideal_s": 1.0, "vs_roofline": 3.0, "kernel_s": 2.5, "vs_kernels": 1.2, "compile_s": 9.0,
            "graphs": 1, "kernel_s_by_kind": {"linear": 1.5, "attention": 0.9},
            "ideal_s_by_kind": {"linear": 0.75, "attention": 0.3}}
-    report = {"cpu": "Some CPU", "threads": 2, "torch": "2.x", "bandwidth_gbs": 20.0, "matmul_gflops": {"float32": 300.0},
-              "rows": [row | {"method": "flashar/eager"}, row | {"method": "flashar/compiled"}]}
+    report = {
+        "cpu": "Some CPU",
+        "threads": 2,
+        "torch": "2.x",
+        "bandwidth_gbs": 20.0,
+        "matmul_gflops": {"float32": 300.0},
+        "rows": [row | {"method": "flashar/eager"}, row | {"method": "flashar/compiled"}],
+    }
     text = load_tables().latency(report)
     split = [line for line in text.splitlines() if line.startswith("| GPT-B | float32 | 32x32 | 1 | flashar |")]
-    assert split == ["| GPT-B | float32 | 32x32 | 1 | flashar | 1.500 | 0.750 | 2.00 | 0.900 | 0.300 | 3.00 |"]  # once per method
+    # once per method
+    assert split == ["| GPT-B | float32 | 32x32 | 1 | flashar | 1.500 | 0.750 | 2.00 | 0.900 | 0.300 | 3.00 |"]
 
 
 def test_the_receipt_plot_draws_each_rows_median_beside_its_bound_and_the_target(tmp_path):
@@ -268,12 +278,40 @@ def test_the_gpu_script_runs_end_to_end_on_cpu_with_tiny_models(tmp_path):
     import sys
 
     out = tmp_path / "ladder.json"
-    subprocess.run([sys.executable, str(LADDER), "--tiny", "--device", "cpu", "--methods", "raster,flashar", "--ladder",
-                    "GPT-L", "--grids", "4", "--emu35-layers", "2", "--repeats", "1", "--budget-s", "1e9", "--out", str(out)],
-                   check=True, timeout=3600,  # 2 Emu3.5 layers: compiling all 64 tiny ones took 4 of 11 minutes on an AVX2 CPU
-                   env={**os.environ, "FLASHAR_CPP_WRAPPER": "0"})  # the C++ wrapper only slows compiling here
+    # the C++ wrapper only slows compiling here
+    subprocess.run(
+        [
+            sys.executable,
+            str(LADDER),
+            "--tiny",
+            "--device",
+            "cpu",
+            "--methods",
+            "raster,flashar",
+            "--ladder",
+            "GPT-L",
+            "--grids",
+            "4",
+            "--emu35-layers",
+            "2",
+            "--repeats",
+            "1",
+            "--budget-s",
+            "1e9",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        timeout=3600,  # 2 Emu3.5 layers: compiling all 64 tiny ones took 4 of 11 minutes on an AVX2 CPU
+        env={**os.environ, "FLASHAR_CPP_WRAPPER": "0"},
+    )
     report = json.loads(out.read_text())
-    assert {r["method"] for r in report["rows"]} == {"raster/eager", "raster/compiled", "flashar/eager", "flashar/compiled"}
+    assert {r["method"] for r in report["rows"]} == {
+        "raster/eager",
+        "raster/compiled",
+        "flashar/eager",
+        "flashar/compiled",
+    }
     assert [(r["model"], r["method"]) for r in report["ladder"]] == [
         ("GPT-B", "raster/compiled"), ("GPT-B", "flashar:buckets=1/compiled"),  # through the other attention path
         ("Emu3.5-34B", "raster/compiled"), ("Emu3.5-34B", "flashar:buckets=1/compiled"),
@@ -293,7 +331,9 @@ def test_a_failing_ladder_arm_costs_only_itself_and_the_budget_skips_the_rest():
         return [{"model": model}]
 
     configs = [("GPT-B", 32, "math"), ("GPT-3B", 32, None), ("GPT-L", 24, None), ("GPT-XL", 24, None)]
-    ladder.run_arms(configs, arm, report, over=lambda: next(clock) >= 3, save=lambda: saved.append(len(report["ladder"])))
+    ladder.run_arms(
+        configs, arm, report, over=lambda: next(clock) >= 3, save=lambda: saved.append(len(report["ladder"]))
+    )
     assert report["ladder"] == [{"model": "GPT-B"}, {"model": "GPT-L"}]
     assert report["failed"] == ["GPT-3B 32x32: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"]
     assert report["skipped"] == ["GPT-XL 24x24"] and saved == [1, 1, 2]

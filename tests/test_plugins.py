@@ -57,7 +57,10 @@ def test_duplicate_ids_are_rejected_naming_both_plugins():
         def flashar_register_backends(self, register):
             register(spec("llamagen"))
 
-    with pytest.raises(PluginError, match="'llamagen' is registered twice, by plugin 'flashar.backends.llamagen' and by plugin 'test-plugin-0'"):
+    with pytest.raises(
+        PluginError,
+        match="'llamagen' is registered twice, by plugin 'flashar.backends.llamagen' and by plugin 'test-plugin-0'",
+    ):
         registry_with(Plugin())
 
 
@@ -89,7 +92,8 @@ def test_missing_extra_is_listed_with_the_pip_command():
 @pytest.fixture
 def entry_point_plugin(tmp_path, monkeypatch):
     """A real installed distribution (dist-info with an entry point in group 'flashar') on sys.path."""
-    (tmp_path / "flashar_toyplugin.py").write_text(textwrap.dedent('''
+    (tmp_path / "flashar_toyplugin.py").write_text(
+        textwrap.dedent("""
         from flashar.hookspecs import hookimpl
         from flashar.plugins import BackendSpec
         from flashar.config import Config
@@ -99,8 +103,10 @@ def entry_point_plugin(tmp_path, monkeypatch):
 
         @hookimpl
         def flashar_register_backends(register):
-            register(BackendSpec(id="toy-ep", description="from an entry point", options=Options, load=lambda o, r: None))
-    '''))
+            register(BackendSpec(id="toy-ep", description="from an entry point", options=Options,
+                                 load=lambda o, r: None))
+    """)
+    )
     (tmp_path / "broken_plugin.py").write_text("raise ImportError('this plugin is broken')\n")
     dist = tmp_path / "flashar_toyplugin-1.2.3.dist-info"
     dist.mkdir()
@@ -161,7 +167,11 @@ def test_a_flag_two_backends_declare_is_resolved_per_selected_backend(registry):
     class Plugin:
         @hookimpl
         def flashar_register_backends(self, register):
-            register(BackendSpec(id="toy", description="toy", options=ToyOptions, load=lambda o, r: loaded.setdefault("o", o)))
+            register(
+                BackendSpec(
+                    id="toy", description="toy", options=ToyOptions, load=lambda o, r: loaded.setdefault("o", o)
+                )
+            )
 
     reg = registry_with(Plugin())
     own = CliRunner().invoke(cli, ["generate", "--backend", "toy", "--help"], obj=reg)
@@ -218,7 +228,9 @@ def test_a_backend_flag_that_clashes_with_a_method_flag_fails_registration():
         def flashar_register_backends(self, register):
             register(BackendSpec(id="clash", description="clash", options=ClashOptions, load=lambda o, r: None))
 
-    with pytest.raises(PluginError, match=r"--buckets is declared as int by method 'flashar' .* and as str by backend 'clash'"):
+    with pytest.raises(
+        PluginError, match=r"--buckets is declared as int by method 'flashar' .* and as str by backend 'clash'"
+    ):
         registry_with(Plugin())
 
 

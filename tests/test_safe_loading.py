@@ -1,6 +1,6 @@
 """No file a user passes can execute code: every loader reads weights without unpickling code, and the
-paths that a folder's files name (shard indexes, metadata.jsonl) stay inside that folder. The CLI-level cases (--checkpoint,
---vq-checkpoint, --fid-weights) are in test_bad_input.py."""
+paths that a folder's files name (shard indexes, metadata.jsonl) stay inside that folder. The CLI-level cases
+(--checkpoint, --vq-checkpoint, --fid-weights) are in test_bad_input.py."""
 
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ def test_draws_match_the_filtered_distribution():
 
 def test_draw_never_picks_a_code_of_weight_zero():
     weights = torch.tensor([[0.0, 1.0, 0.0, 3.0, 0.5, 0.0]])
-    edges = torch.tensor([0.0, 2 / 9 - 1e-7, 2 / 9 + 1e-7, 8 / 9 - 1e-7, 8 / 9 + 1e-7, 1 - 2**-24])  # cdf 1, 4, 4.5 of 4.5
+    # cdf 1, 4, 4.5 of 4.5
+    edges = torch.tensor([0.0, 2 / 9 - 1e-7, 2 / 9 + 1e-7, 8 / 9 - 1e-7, 8 / 9 + 1e-7, 1 - 2**-24])
     assert draw(weights.expand(6, -1), edges).tolist() == [1, 1, 3, 3, 4, 4]
     # u * total rounding up to the total still draws the last code of positive weight
     assert draw(torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([1.0])).tolist() == [1]
@@ -54,4 +55,6 @@ def test_cfg_order_is_cond_then_uncond():
     mixed = cfg_mix(torch.cat([cond, uncond]), 3.0)
     torch.testing.assert_close(mixed, uncond + 3.0 * (cond - uncond))
     logp = cfg_mix(torch.cat([cond, uncond]), 2.0, "log_softmax")
-    torch.testing.assert_close(logp, torch.log_softmax(uncond, -1) + 2.0 * (torch.log_softmax(cond, -1) - torch.log_softmax(uncond, -1)))
+    torch.testing.assert_close(
+        logp, torch.log_softmax(uncond, -1) + 2.0 * (torch.log_softmax(cond, -1) - torch.log_softmax(uncond, -1))
+    )

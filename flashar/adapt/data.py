@@ -90,7 +90,9 @@ def list_caption_folder(folder: Path) -> list[tuple[Path, str]]:
             row = json.loads(line)
             name, text = row.get("file_name") or row["image"], str(row.get("text") or row["caption"])
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise DataError(f"{folder / 'metadata.jsonl'} line {n} needs a JSON object with 'file_name' and 'text'") from None
+            raise DataError(
+                f"{folder / 'metadata.jsonl'} line {n} needs a JSON object with 'file_name' and 'text'"
+            ) from None
         path = file_in(folder, name, f"{folder / 'metadata.jsonl'} line {n}", DataError)
         if not path.is_file():
             raise DataError(f"{folder / 'metadata.jsonl'} line {n} names {name!r}, which is not a file in {folder}")
@@ -104,13 +106,18 @@ def list_images(folder: str | Path, condition_kind: str | None) -> list[tuple[Pa
     ``condition_kind=None`` (not known before the model loads) accepts either layout."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise DataError(f"--data {folder} is a file, not a folder; pass a folder of class subfolders (or images + metadata.jsonl)")
+        raise DataError(
+            f"--data {folder} is a file, not a folder; pass a folder of class subfolders (or images + metadata.jsonl)"
+        )
     if not folder.is_dir():
         raise DataError(f"data folder not found: {folder}; check the --data path")
     text = condition_kind == "text" or (condition_kind is None and (folder / "metadata.jsonl").exists())
     try:
         if text and not (folder / "metadata.jsonl").is_file():
-            raise DataError(f"{folder} needs a metadata.jsonl with one {{\"file_name\": ..., \"text\": ...}} line per image for a text-conditional backend")
+            raise DataError(
+                f'{folder} needs a metadata.jsonl with one {{"file_name": ..., "text": ...}} line per image for a '
+                'text-conditional backend'
+            )
         items = list_caption_folder(folder) if text else list_class_folder(folder)
     except OSError as exc:
         raise DataError(f"cannot read the data folder {folder} ({exc.strerror or exc}: {exc.filename or folder}); "
@@ -123,7 +130,9 @@ def list_images(folder: str | Path, condition_kind: str | None) -> list[tuple[Pa
 
 
 def cache_key(items: list[tuple[Path, Any]], image_size: int | tuple[int, int], backbone: Backbone) -> str:
-    digest = hashlib.sha256(f"{image_size}|{backbone.backend_id}|{backbone.fingerprint()}|{backbone.downsample}".encode())
+    digest = hashlib.sha256(
+        f"{image_size}|{backbone.backend_id}|{backbone.fingerprint()}|{backbone.downsample}".encode()
+    )
     tokenizer = getattr(backbone, "tokenizer", None)
     if tokenizer is not None and hasattr(tokenizer, "model"):
         first = next(iter(tokenizer.model.state_dict().values()))
@@ -149,7 +158,10 @@ def tokenize_folder(backbone: Backbone, folder: str | Path, image_size: int | tu
     items = list_images(folder, backbone.condition_kind)
     cache = (cache_dir or default_cache_dir()) / cache_key(items, size, backbone)
     if (cache / "codes.safetensors").is_file() and (cache / "conditions.json").is_file():
-        return TokenData(load_weights(cache / "codes.safetensors")["codes"].long(), json.loads((cache / "conditions.json").read_text()))
+        return TokenData(
+            load_weights(cache / "codes.safetensors")["codes"].long(),
+            json.loads((cache / "conditions.json").read_text()),
+        )
     codes = []
     if progress:
         progress(0, len(items))
@@ -189,7 +201,9 @@ def list_llamagen_codes(folder: str | Path) -> tuple[Path, Path, list[Path]]:
         label_dir = code_dir.with_name(code_dir.name[: -len("_codes")] + "_labels")
         files = sorted(code_dir.glob("*.npy"), key=lambda p: int(p.stem) if p.stem.isdigit() else p.stem)
     except OSError as exc:
-        raise DataError(f"cannot read the codes folder {folder} ({exc.strerror or exc}); check its permissions") from None
+        raise DataError(
+            f"cannot read the codes folder {folder} ({exc.strerror or exc}); check its permissions"
+        ) from None
     if not files or not label_dir.is_dir():
         raise DataError(f"{code_dir} has no .npy codes or {label_dir} is missing")
     return code_dir, label_dir, files
@@ -211,7 +225,9 @@ def load_llamagen_codes(folder: str | Path, grid: tuple[int, int] | None = None)
         labels += [label] * grids.shape[0]
     shapes = sorted({tuple(c.shape[1:]) for c in codes})
     if len(shapes) > 1:
-        raise DataError(f"the codes in {code_dir} form grids of several shapes {shapes}; extract them at one image size")
+        raise DataError(
+            f"the codes in {code_dir} form grids of several shapes {shapes}; extract them at one image size"
+        )
     return TokenData(torch.cat(codes), labels)
 
 
@@ -225,7 +241,9 @@ def _as_grids(array: np.ndarray, grid: tuple[int, int] | None, path: Path) -> np
     side = int(round(count**0.5))
     if side * side != count:
         wanted = f"the {grid[0]}x{grid[1]} grid of this image size" if grid else "a square grid"
-        raise DataError(f"codes in {path} have {count} tokens, not {wanted}; pass the --image-size they were extracted at")
+        raise DataError(
+            f"codes in {path} have {count} tokens, not {wanted}; pass the --image-size they were extracted at"
+        )
     return flat.reshape(-1, side, side)
 
 
@@ -236,7 +254,11 @@ def _read_npy(path: Path, what: str) -> np.ndarray:
     try:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"cannot read {what} file {path} ({str(exc).splitlines()[0][:100]}); it must be a numeric .npy array") from None
+        raise DataError(
+            f"cannot read {what} file {path} ({str(exc).splitlines()[0][:100]}); it must be a numeric .npy array"
+        ) from None
     if not np.issubdtype(array.dtype, np.integer) or array.ndim == 0 or array.size == 0:
-        raise DataError(f"{what} file {path} holds a {array.dtype} array of shape {array.shape}; expected integer codes/labels")
+        raise DataError(
+            f"{what} file {path} holds a {array.dtype} array of shape {array.shape}; expected integer codes/labels"
+        )
     return array

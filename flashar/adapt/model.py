@@ -21,8 +21,15 @@ from flashar.branch import FlashARHead
 from flashar.config import AdaptConfig, StageConfig
 from flashar.coupling import latent_intervals
 from flashar.lora import inject_lora, lora_state
-from flashar.teacher import (IGNORE, cross_entropy, distillation_kl, flashar_logits, horizontal_distillation_kl, raster_logits,
-                             vertical_cross_entropy)
+from flashar.teacher import (
+    IGNORE,
+    cross_entropy,
+    distillation_kl,
+    flashar_logits,
+    horizontal_distillation_kl,
+    raster_logits,
+    vertical_cross_entropy,
+)
 
 
 class AdaptModel(nn.Module):
@@ -87,7 +94,9 @@ class AdaptModel(nn.Module):
         target = codes.flatten().to(self.backbone.device)
         fused = self._fused(codes, conditions)
         raster = raster_logits(self.backbone, self._prefix(codes, conditions), codes)
-        return tuple(F.cross_entropy(logits.flatten(0, 1).float(), target, reduction="sum").item() for logits in (fused, raster))
+        return tuple(
+            F.cross_entropy(logits.flatten(0, 1).float(), target, reduction="sum").item() for logits in (fused, raster)
+        )
 
     def _prefix(self, codes: Tensor, conditions: list) -> Prefix:
         """The FlashAR decoder's rows (for Emu3.5 padded as in training), for held-out evaluation."""
@@ -126,7 +135,9 @@ def stage_parameters(model: AdaptModel, stage: int, config: AdaptConfig) -> list
     groups = [{"params": list(model.head.parameters()), "lr": cfg.lr, "name": "flashar"}]
     if stage == 2 and config.stage2_mode == "full":
         model.backbone.requires_grad_(True)
-        groups.append({"params": list(model.backbone.parameters()), "lr": cfg.lr * cfg.backbone_lr_factor, "name": "backbone"})
+        groups.append(
+            {"params": list(model.backbone.parameters()), "lr": cfg.lr * cfg.backbone_lr_factor, "name": "backbone"}
+        )
     elif stage == 2 and config.stage2_mode == "lora":
         params = [p for n, p in model.backbone.named_parameters() if "lora_" in n]
         for p in params:

@@ -43,14 +43,27 @@ from flashar.sampling import ar1_mixing, new_uniform, refill_uniform, sample
 
 
 class FlashAROptions(Config):
-    adapter: Path | None = Field(None, description="Adapter folder written by `flashar adapt` (or a released FlashAR checkpoint the backend can read).")
-    buckets: int | None = Field(None, ge=1, description="Static diagonal sizes: 1 pads every diagonal to the longest (one compiled graph); "
-                                "N pads each to the nearest of N sizes, cutting padded compute at the cost of N graphs. "
-                                "Default: every diagonal at its own length (eager, or compiled on CPU with the length as the one dynamic "
-                                "dimension); 1 when compiled for CUDA graphs, which need static shapes.")
-    diagonal_coupling: float | None = Field(None, ge=0.0, lt=1.0, description="Correlation of the Gaussian copula coupling the draws of "
-                                   "neighbouring cells on one anti-diagonal (0: independent, as in the paper). Default: the "
-                                   "value `flashar adapt` fitted on held-out grids and stored in the adapter (0 if none).")
+    adapter: Path | None = Field(
+        None,
+        description="Adapter folder written by `flashar adapt` (or a released FlashAR checkpoint the backend can "
+                    "read).",
+    )
+    buckets: int | None = Field(
+        None,
+        ge=1,
+        description="Static diagonal sizes: 1 pads every diagonal to the longest (one compiled graph); "
+        "N pads each to the nearest of N sizes, cutting padded compute at the cost of N graphs. "
+        "Default: every diagonal at its own length (eager, or compiled on CPU with the length as the one dynamic "
+        "dimension); 1 when compiled for CUDA graphs, which need static shapes.",
+    )
+    diagonal_coupling: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="Correlation of the Gaussian copula coupling the draws of "
+        "neighbouring cells on one anti-diagonal (0: independent, as in the paper). Default: the "
+        "value `flashar adapt` fitted on held-out grids and stored in the adapter (0 if none).",
+    )
 
 
 NEVER = 1 << 30  # step id of scratch slots: never visible
@@ -86,7 +99,9 @@ class FlashAR(Method):
 
             path = options.adapter if options is not None and options.adapter is not None else backbone.default_adapter
             if path is None:
-                raise FlashARError("method 'flashar' needs an adapter; pass --adapter DIR (a folder written by `flashar adapt`)")
+                raise FlashARError(
+                    "method 'flashar' needs an adapter; pass --adapter DIR (a folder written by `flashar adapt`)"
+                )
             adapter = load_adapter(path, backbone, copy_backbone=not own_backbone)
         super().__init__(adapter.backbone, options, compile=compile, compile_backend=compile_backend)
         self.adapter, self.head = adapter, adapter.head
@@ -101,7 +116,8 @@ class FlashAR(Method):
         return self.num_forward_passes(*grid, self.head.config.row_lag)
 
     def settings(self) -> dict:
-        return {**super().settings(), "diagonal_coupling": self.coupling}  # the adapter's fitted value unless overridden
+        # the adapter's fitted value unless overridden
+        return {**super().settings(), "diagonal_coupling": self.coupling}
 
     # --- setup: everything allocated once per shape ---------------------------------------------------
     def check_grid(self, grid: tuple[int, int]) -> None:
@@ -134,10 +150,17 @@ class FlashAR(Method):
         # least: the branch's window is this without the prefix), and needs a diagonal table that wide
         seen = torch.tensor(counts).cumsum(0).tolist()
         ts = range(1, len(counts))
-        plan = self.shapes.plan(torch.arange(len(counts), device=device)[1:], slot_step.to(device),
-                                [prefix.length + seen[t - 1] for t in ts], draws=counts[1:], first_draws=1, table=diagonals.to(device),
-                                widths=[max(counts[t - 1], counts[t]) for t in ts], buckets=self.options.buckets,
-                                shortest=prefix.length + 2)
+        plan = self.shapes.plan(
+            torch.arange(len(counts), device=device)[1:],
+            slot_step.to(device),
+            [prefix.length + seen[t - 1] for t in ts],
+            draws=counts[1:],
+            first_draws=1,
+            table=diagonals.to(device),
+            widths=[max(counts[t - 1], counts[t]) for t in ts],
+            buckets=self.options.buckets,
+            shortest=prefix.length + 2,
+        )
         cells = torch.cat([G.raster_cells(height, width), torch.zeros(1, 2, dtype=torch.long)])
         left, up = G.neighbour_index(height, width)
         scratch = torch.tensor([num_cells])
@@ -225,7 +248,9 @@ class FlashAR(Method):
         state = self.setup(conditions, tuple(codes.shape[1:]), sampling)
         state.tokens[:, :-1] = codes.flatten(1).to(state.tokens.device)
         tokens = state.tokens
-        logits = torch.zeros(state.prefix.batch_size, tokens.shape[1], self.backbone.codebook_size, device=tokens.device)
+        logits = torch.zeros(
+            state.prefix.batch_size, tokens.shape[1], self.backbone.codebook_size, device=tokens.device
+        )
         with torch.no_grad():
             corner, corner_logits = self._corner(state)
             logits[:, :1] = corner_logits

@@ -33,12 +33,33 @@ from flashar.hookspecs import hookimpl
 class GSDOptions(Config):
     """Grouped speculative decoding."""
 
-    draft_length: int = Field(16, ge=1, le=256, description="L: draft tokens verified per forward pass (the Jacobi window; official default 16).")
+    draft_length: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="L: draft tokens verified per forward pass (the Jacobi window; official default 16).",
+    )
     draft_init: Literal["repeat_horizon", "random"] = Field(
-        "repeat_horizon", description="How new draft tokens start: copy the token to their left in the row (SJD's LlamaGen default) or a uniform random code (the GSD script).")
-    group_size: int = Field(14, ge=1, description="G: candidates nearest to the draft in the target's logit ranking, the draft included (released script: 14; 1 = SJD).")
-    group_prob_margin: float = Field(0.15, gt=0, description="δ: drop candidates whose probability differs from the draft's by this much or more.")
-    group_embed_distance: float = Field(0.5, gt=0, allow_inf_nan=True, description="d: drop candidates at this squared L2 distance or more from the draft in the input-embedding table (inf = off).")
+        "repeat_horizon",
+        description="How new draft tokens start: copy the token to their left in the row (SJD's LlamaGen default) or "
+                    "a uniform random code (the GSD script).",
+    )
+    group_size: int = Field(
+        14,
+        ge=1,
+        description="G: candidates nearest to the draft in the target's logit ranking, the draft included (released "
+                    "script: 14; 1 = SJD).",
+    )
+    group_prob_margin: float = Field(
+        0.15, gt=0, description="δ: drop candidates whose probability differs from the draft's by this much or more."
+    )
+    group_embed_distance: float = Field(
+        0.5,
+        gt=0,
+        allow_inf_nan=True,
+        description="d: drop candidates at this squared L2 distance or more from the draft in the input-embedding "
+                    "table (inf = off).",
+    )
 
 
 def grouped_mass(logits: Tensor, probs: Tensor, draft_probs: Tensor, codes: Tensor, embeddings: Tensor,
@@ -86,10 +107,13 @@ def rank_key(logits: Tensor) -> Tensor:
 
 class GSD(speculative.SpeculativeMethod):
     id = "gsd"
-    description = "Grouped speculative decoding (lossy, training-free): SJD that accepts a draft when its group of similar tokens is likely."
+    description = ("Grouped speculative decoding (lossy, training-free): SJD that accepts a draft when its group of "
+                   "similar tokens is likely.")
     Options = GSDOptions
 
-    def build(self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig) -> speculative.SpeculativeState:
+    def build(
+        self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig
+    ) -> speculative.SpeculativeState:
         bb, opts = self.backbone, self.options
         state = speculative.build(bb, self.shapes, prefix, batch, grid, sampling, opts.draft_length, opts.draft_init,
                                   coupled=False)

@@ -31,19 +31,34 @@ from flashar.hookspecs import hookimpl
 class SJDOptions(Config):
     """Speculative Jacobi decoding."""
 
-    draft_length: int = Field(16, ge=1, le=256, description="L: draft tokens verified per forward pass (the Jacobi window; official default 16).")
+    draft_length: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="L: draft tokens verified per forward pass (the Jacobi window; official default 16).",
+    )
     draft_init: Literal["repeat_horizon", "random"] = Field(
-        "repeat_horizon", description="How new draft tokens start: copy the token to their left in the row (official LlamaGen default) or a uniform random code.")
+        "repeat_horizon",
+        description="How new draft tokens start: copy the token to their left in the row (official LlamaGen default) "
+                    "or a uniform random code.",
+    )
     coupling: Literal["none", "maximal"] = Field(
-        "none", description="Jacobi update of unverified drafts: a fresh draw (SJD) or the maximal coupling that keeps a draft with probability min(1, p/q) (SCD, arXiv 2510.24211).")
+        "none",
+        description="Jacobi update of unverified drafts: a fresh draw (SJD) or the maximal coupling that keeps a "
+                    "draft with probability min(1, p/q) (SCD, arXiv 2510.24211).",
+    )
 
 
 class SJD(speculative.SpeculativeMethod):
     id = "sjd"
-    description = "Speculative Jacobi decoding (lossless, training-free): verifies a window of draft tokens per forward pass."
+    description = (
+        "Speculative Jacobi decoding (lossless, training-free): verifies a window of draft tokens per forward pass."
+    )
     Options = SJDOptions
 
-    def build(self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig) -> speculative.SpeculativeState:
+    def build(
+        self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig
+    ) -> speculative.SpeculativeState:
         opts = self.options
         return speculative.build(self.backbone, self.shapes, prefix, batch, grid, sampling, opts.draft_length,
                                  opts.draft_init, coupled=opts.coupling == "maximal")

@@ -45,7 +45,12 @@ from flashar.sampling import new_uniform, sample
 class ZipAROptions(Config):
     """ZipAR."""
 
-    window: int = Field(8, ge=1, description="w: a row starts once the row above has w tokens (official LlamaGen c2i script: 8); w >= W is raster order.")
+    window: int = Field(
+        8,
+        ge=1,
+        description="w: a row starts once the row above has w tokens (official LlamaGen c2i script: 8); w >= W is "
+                    "raster order.",
+    )
     mask_unwritten: bool = Field(
         True, description="Hide cache slots not yet written and keep provisional row-start tokens out of the cache; "
         "--no-mask-unwritten reproduces the official code, which attends to unwritten (zero) slots.")
@@ -103,7 +108,9 @@ def num_passes(row_lengths: Sequence[int], window: int) -> int:
     return row_starts(row_lengths, window)[-1] + row_lengths[-1]
 
 
-def _tables(steps: list[list[Feed]], num_entries: int, width: int, prefix_length: int, mask_unwritten: bool) -> dict[str, Tensor]:
+def _tables(
+    steps: list[list[Feed]], num_entries: int, width: int, prefix_length: int, mask_unwritten: bool
+) -> dict[str, Tensor]:
     """(K, T) tensors of the schedule; padding feeds a scratch entry into a scratch slot that only it sees.
 
     Slots: the prefix, then the T scratch slots (P + i), then entry j at P + T + j."""
@@ -113,13 +120,13 @@ def _tables(steps: list[list[Feed]], num_entries: int, width: int, prefix_length
     table = {"src": scratch.clone(), "at": scratch.clone(), "dst": scratch.clone(), "slot": prefix_length + position,
              "raster": torch.full(shape, -1), "real": torch.zeros(shape, dtype=torch.bool)}
     for k, chunk in enumerate(steps):
-        for i, feed in enumerate(chunk):
-            table["src"][k, i], table["at"][k, i], table["raster"][k, i] = feed.src, feed.at, feed.at
+        for i, fed in enumerate(chunk):
+            table["src"][k, i], table["at"][k, i], table["raster"][k, i] = fed.src, fed.at, fed.at
             table["real"][k, i] = True
-            if feed.dst >= 0:
-                table["dst"][k, i] = feed.dst
-            if not (feed.provisional and mask_unwritten):
-                table["slot"][k, i] = prefix_length + width + feed.at
+            if fed.dst >= 0:
+                table["dst"][k, i] = fed.dst
+            if not (fed.provisional and mask_unwritten):
+                table["slot"][k, i] = prefix_length + width + fed.at
     return table
 
 
@@ -177,7 +184,9 @@ class ZipAR(Method):
         num_entries, width = len(cells), max(len(chunk) for chunk in steps) if steps else 1
         cache = bb.new_cache(prefix.batch_size, prefix.length + width + num_entries + 1)  # the last slot is never read
         table = _tables(steps, num_entries, width, prefix.length, self.options.mask_unwritten)
-        slot_raster, slot_written = _slot_tables(table, cache.length, num_entries, width, prefix.length, self.options.mask_unwritten)
+        slot_raster, slot_written = _slot_tables(
+            table, cache.length, num_entries, width, prefix.length, self.options.mask_unwritten
+        )
         forced = torch.cat([forced, forced.new_full((width,), -1)])  # the scratch entries are never forced
         at_cells = torch.where(table["real"][..., None], cells[table["at"].clamp(max=num_entries - 1)], 0)
         # step k reads the prefix, the T scratch slots and the entries up to its last query's raster index
@@ -213,11 +222,15 @@ class ZipAR(Method):
         step; ``keys`` (S',) is the window of slot indices attention reads (the plan's key length at least)."""
         bb, sampling = self.backbone, state.sampling
         fed = chunks.index_select(0, k.view(1))[0]  # (T',) index_select, not t[k]: a 0-d index would become an int
-        src, dst, slots, raster = (t.view(-1).index_select(0, fed) for t in (state.src, state.dst, state.slots, state.query_raster))
+        src, dst, slots, raster = (
+            t.view(-1).index_select(0, fed) for t in (state.src, state.dst, state.slots, state.query_raster)
+        )
         length = keys.shape[0]
         visible = (state.slot_raster[None, :length] <= raster[:, None]) & (state.slot_written[None, :length] <= k)
         positions = state.positions.index_select(0, fed)
-        h, _ = feed(bb, state, state.tokens.index_select(1, src), positions, visible | (keys[None, :] == slots[:, None]), slots)
+        h, _ = feed(
+            bb, state, state.tokens.index_select(1, src), positions, visible | (keys[None, :] == slots[:, None]), slots
+        )
         # chunk position i draws with uniform i (gathered: a slice as wide as the buffer would be specialised on)
         uniform = state.uniform.index_select(1, fed - k * state.uniform.shape[1])
         codes = sample(guided(bb.logits(h), sampling, bb.native_cfg, entries=dst), uniform, sampling)  # (B, T')

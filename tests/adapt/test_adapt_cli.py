@@ -12,7 +12,8 @@ from flashar.cli import cli
 
 def test_help_offers_only_options_that_apply(registry):
     text = CliRunner().invoke(cli, ["adapt", "--help"], obj=registry, terminal_width=200).output
-    assert "--compile-mode" not in text and "--stage1-backbone-lr-factor" not in text  # adapt compiles nothing; stage 1 freezes the backbone
+    # adapt compiles nothing; stage 1 freezes the backbone
+    assert "--compile-mode" not in text and "--stage1-backbone-lr-factor" not in text
     assert "--stage2-backbone-lr-factor" in text
     distill = next(line for line in text.splitlines() if "--stage2-distill-weight" in line)
     assert "stage 1" in distill and "stage 2" in distill

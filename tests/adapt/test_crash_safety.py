@@ -70,7 +70,8 @@ def test_leftovers_of_a_kill_are_never_picked_up(tmp_path):
     last checkpoint: --resume ignores the first, drops the others, and ends where an uninterrupted run ends."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     adapt(random_gpt(), Run(stripes(), config(keep_checkpoints=True), full))
-    adapt(random_gpt(), Run(stripes(), config(keep_checkpoints=True), cut, stop_after=5))  # checkpoint at step 4, step 5 logged
+    # checkpoint at step 4, step 5 logged
+    adapt(random_gpt(), Run(stripes(), config(keep_checkpoints=True), cut, stop_after=5))
     staging = cut / "checkpoints" / ".staging-x"
     staging.mkdir()
     (staging / "weights.safetensors").write_bytes(b"\x00" * 10)

@@ -26,7 +26,9 @@ def scores():
     held_out = torch.cat([splits.val[0]] * 3)  # not in the reference (test) nor in training (train)
     labels = splits.val[1].tolist() * 3
     rungs = {"unshifted": held_out, **ladder(held_out)}
-    return {name: quality(to_uint8(backbone.decode(codes)), reference, extractor, labels) for name, codes in rungs.items()}
+    return {
+        name: quality(to_uint8(backbone.decode(codes)), reference, extractor, labels) for name, codes in rungs.items()
+    }
 
 
 @pytest.mark.parametrize("kind", ["blob", "break"])

@@ -10,11 +10,19 @@ import json
 
 import pytest
 import torch
-from helpers import (EMU35_TOKENIZER_SHA256, TINY_EMU35, TINY_IBQ, emu35_tokenizer_dir, emu35_tokenizer_files, random_ibq,
-                     write_emu35, write_ibq, write_two_shards)
+from helpers import (
+    EMU35_TOKENIZER_SHA256,
+    TINY_EMU35,
+    TINY_IBQ,
+    emu35_tokenizer_dir,
+    emu35_tokenizer_files,
+    random_ibq,
+    write_emu35,
+    write_ibq,
+    write_two_shards,
+)
 
 from flashar import api
-from flashar import grid as G
 from flashar.backends.emu35.backbone import Emu35Backbone
 from flashar.backends.emu35.loader import load_vision, qwen3_config
 from flashar.backends.emu35.text import Emu35TextTokenizer
@@ -168,7 +176,9 @@ def test_native_layout_puts_eol_between_rows_only(emu35_options):
     assert torch.equal(state.positions, backbone.rope(prefix_length + torch.arange(len(forced))))
     cells = torch.tensor([[0, 0], [1, 0], [2, 3]])
     expected = prefix_length + cells[:, 0] * (width + 1) + cells[:, 1]
-    assert torch.equal(backbone.cell_positions(cells, prefix_length, native=True, grid=(height, width)), backbone.rope(expected))
+    assert torch.equal(
+        backbone.cell_positions(cells, prefix_length, native=True, grid=(height, width)), backbone.rope(expected)
+    )
     assert torch.equal(backbone.cell_positions(cells, prefix_length, grid=(height, width)),
                        backbone.rope(prefix_length + cells[:, 0] * width + cells[:, 1]))
 
@@ -344,12 +354,23 @@ def test_ibq_has_the_published_key_names():
     keys = {k: tuple(v.shape) for k, v in random_ibq().state_dict().items()}
     assert keys["quantize.embedding.weight"] == (131072, 8)
     assert keys["quant_conv.weight"] == (8, 32, 1, 1) and keys["post_quant_conv.weight"] == (32, 8, 1, 1)
-    for key in ("encoder.down.0.block.0.norm1.weight", "encoder.down.0.downsample.conv.weight",
-                "encoder.down.2.block.0.nin_shortcut.weight", "encoder.down.4.attn.0.q.weight", "encoder.mid.block_1.conv1.weight",
-                "encoder.mid.attn_1.proj_out.weight", "decoder.up.4.attn.1.k.weight", "decoder.up.1.upsample.conv.weight",
-                "decoder.up.0.block.1.conv2.weight", "decoder.mid.block_2.norm2.bias", "decoder.conv_out.weight"):
+    for key in (
+        "encoder.down.0.block.0.norm1.weight",
+        "encoder.down.0.downsample.conv.weight",
+        "encoder.down.2.block.0.nin_shortcut.weight",
+        "encoder.down.4.attn.0.q.weight",
+        "encoder.mid.block_1.conv1.weight",
+        "encoder.mid.attn_1.proj_out.weight",
+        "decoder.up.4.attn.1.k.weight",
+        "decoder.up.1.upsample.conv.weight",
+        "decoder.up.0.block.1.conv2.weight",
+        "decoder.mid.block_2.norm2.bias",
+        "decoder.conv_out.weight",
+    ):
         assert key in keys, key
-    assert not any(k.startswith(("encoder.down.4.downsample", "decoder.up.0.upsample", "encoder.down.3.attn")) for k in keys)
+    assert not any(
+        k.startswith(("encoder.down.4.downsample", "decoder.up.0.upsample", "encoder.down.3.attn")) for k in keys
+    )
 
 
 def test_published_ibq_config_has_455m_parameters():
@@ -368,7 +389,8 @@ def test_ibq_encode_decode_shapes_and_raster_order(emu35_options):
     ibq, seen = backbone.tokenizer.model, {}
     ibq.post_quant_conv.register_forward_hook(lambda m, inputs, out: seen.update(z=inputs[0]))
     ibq.decode_codes(codes)
-    assert torch.equal(seen["z"][1, :, 2, 5], ibq.quantize.embedding.weight[codes[1, 2, 5]])  # code (b, r, c) -> latent (r, c)
+    # code (b, r, c) -> latent (r, c)
+    assert torch.equal(seen["z"][1, :, 2, 5], ibq.quantize.embedding.weight[codes[1, 2, 5]])
 
 
 def test_ibq_quantizer_takes_the_largest_dot_product_not_the_nearest_code():

@@ -16,7 +16,8 @@ special tokens; the chat template is a small stand-in (the published one is not 
 
 The pixel side is diffusers' own classes, saved with ``save_pretrained``: a 2-layer DiT (2 heads of 8) over
 the 64 codes, a 4-level VAE (8x, 4 latent channels, so DiT patch 2 x VAE 8 = the 16 pixels of an upsampled
-code), a flow-matching scheduler with the resolution-dependent shift, a 1-layer T5 glyph encoder and the byte-level ByT5 tokenizer.
+code), a flow-matching scheduler with the resolution-dependent shift, a 1-layer T5 glyph encoder and the byte-level
+ByT5 tokenizer.
 """
 
 from __future__ import annotations
@@ -136,9 +137,18 @@ def write_pixel_parts(root: Path, seed: int = 0) -> None:
     dit = GlmImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
                                      num_attention_heads=2, text_embed_dim=32, time_embed_dim=16, condition_dim=8,
                                      prior_vq_quantizer_codebook_size=CODEBOOK)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(4, 8, 16, 16), latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                        norm_num_groups=4, sample_size=128, latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 1.2])
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4, 8, 16, 16),
+        latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        norm_num_groups=4,
+        sample_size=128,
+        latents_mean=[0.1, -0.2, 0.0, 0.3],
+        latents_std=[1.5, 0.8, 1.0, 1.2],
+    )
     parts = {"text_encoder": glyphs, "tokenizer": ByT5Tokenizer(), "transformer": dit, "vae": vae,
              "scheduler": FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.25, max_shift=0.75)}
     for name, part in parts.items():

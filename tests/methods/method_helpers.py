@@ -54,7 +54,9 @@ def exact_joint(backbone, condition, grid, sampling, depth: int) -> dict[tuple[i
     return joint
 
 
-def sample_codes(method, condition, grid, sampling, batch: int, calls: int, seed: int = 0) -> tuple[torch.Tensor, float]:
+def sample_codes(
+    method, condition, grid, sampling, batch: int, calls: int, seed: int = 0
+) -> tuple[torch.Tensor, float]:
     """``batch * calls`` independent grids (N, H, W) from one seeded generator, and the mean forward passes."""
     generator = make_generator(seed, "cpu")
     results = [method.generate([condition] * batch, grid, sampling, generator) for _ in range(calls)]
@@ -89,6 +91,8 @@ def compile_and_compare(cls, options, sampling: SamplingConfig):
     torch._dynamo.reset()
     counter = CompileCounter()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        compiled = cls(backbone, options, compile=True, compile_backend=counter).generate([3, 7], (4, 5), sampling, make_generator(3, "cpu"))
+        compiled = cls(backbone, options, compile=True, compile_backend=counter).generate(
+            [3, 7], (4, 5), sampling, make_generator(3, "cpu")
+        )
     eager = cls(backbone, options).generate([3, 7], (4, 5), sampling, make_generator(3, "cpu"))
     return compiled, eager, counter.frames

@@ -56,7 +56,9 @@ def test_a_row_lag_decodes_k_r_plus_c_diagonals_with_the_teacher_forced_logits(r
     with torch.no_grad():
         cached = method.teacher_logits([1, 2], codes, SamplingConfig(cfg_scale=2.0))
         teacher = flashar_logits(method.backbone, method.head, method.backbone.prefix([1, 2], cfg=True), codes).fused
-        lag1 = flashar_logits(method.backbone, make_method(grid=grid).head, method.backbone.prefix([1, 2], cfg=True), codes).fused
+        lag1 = flashar_logits(
+            method.backbone, make_method(grid=grid).head, method.backbone.prefix([1, 2], cfg=True), codes
+        ).fused
     torch.testing.assert_close(cached, teacher, atol=2e-4, rtol=1e-4)
     assert not torch.allclose(teacher, lag1, atol=1e-3)  # the mask differs from the anti-diagonal one
     calls = []
@@ -65,7 +67,9 @@ def test_a_row_lag_decodes_k_r_plus_c_diagonals_with_the_teacher_forced_logits(r
     assert result.num_forward_passes == len(calls) == FlashAR.num_forward_passes(*grid, row_lag) == row_lag * 3 + 5
     assert method.passes(grid) == result.num_forward_passes  # the instance's own count (progress bars read it)
     with torch.no_grad():
-        fused = flashar_logits(method.backbone, method.head, method.backbone.prefix([0, 9], cfg=True), result.codes).fused
+        fused = flashar_logits(
+            method.backbone, method.head, method.backbone.prefix([0, 9], cfg=True), result.codes
+        ).fused
     cond, uncond = fused.chunk(2)
     assert torch.equal((uncond + 2.5 * (cond - uncond)).argmax(-1).view(2, *grid), result.codes)
 
@@ -103,7 +107,9 @@ def test_gate_is_one_half_at_initialisation():
     method = make_method(randomise=False)
     codes = torch.randint(0, 64, (2, 3, 4))
     out = flashar_logits(method.backbone, method.head, method.backbone.prefix([1, 2], cfg=False), codes)
-    torch.testing.assert_close(out.gate[:, out.kind == INTERIOR], torch.full_like(out.gate[:, out.kind == INTERIOR], 0.5))
+    torch.testing.assert_close(
+        out.gate[:, out.kind == INTERIOR], torch.full_like(out.gate[:, out.kind == INTERIOR], 0.5)
+    )
     assert out.gate[:, 0].allclose(torch.tensor(0.5))  # the corner gate too
 
 
@@ -129,7 +135,9 @@ def test_greedy_decoding_is_argmax_of_the_teacher_forced_logits():
     sampling = SamplingConfig(cfg_scale=2.5, top_k=1)
     result = method.generate([0, 9], grid, sampling, make_generator(0, "cpu"))
     with torch.no_grad():
-        fused = flashar_logits(method.backbone, method.head, method.backbone.prefix([0, 9], cfg=True), result.codes).fused
+        fused = flashar_logits(
+            method.backbone, method.head, method.backbone.prefix([0, 9], cfg=True), result.codes
+        ).fused
     cond, uncond = fused.chunk(2)
     assert torch.equal((uncond + 2.5 * (cond - uncond)).argmax(-1).view(2, *grid), result.codes)
 
@@ -266,7 +274,10 @@ def test_the_adapters_fitted_coupling_is_the_default_and_the_option_overrides_it
     assert lag1.coupling == lag1.adapter.metadata.diagonal_coupling > 0.3 > shipped.coupling
     assert FlashAR(backbone, FlashAROptions(diagonal_coupling=0.0)).coupling == 0.0
     state = shipped.setup([3], (16, 16), api.resolve_sampling(backbone, {}))
-    assert state.mixing is not None and FlashAR(backbone, FlashAROptions(diagonal_coupling=0.0)).setup([3], (16, 16), state.sampling).mixing is None
+    assert (
+        state.mixing is not None
+        and FlashAR(backbone, FlashAROptions(diagonal_coupling=0.0)).setup([3], (16, 16), state.sampling).mixing is None
+    )
 
 
 def test_card_hidden_names_a_card_member_read_while_decoding():
@@ -275,7 +286,9 @@ def test_card_hidden_names_a_card_member_read_while_decoding():
 
     method = make_method(grid=(3, 4))
     build = method.build
-    method.build = lambda prefix, batch, grid, sampling: (method.backbone.grid(), build(prefix, batch, grid, sampling))[1]
+    method.build = lambda prefix, batch, grid, sampling: (method.backbone.grid(), build(prefix, batch, grid, sampling))[
+        1
+    ]
     with card_hidden(method.backbone), pytest.raises(AssertionError, match="card's 'grid'"):
         method.generate([1], (3, 4), SamplingConfig(), make_generator(0, "cpu"))
     assert method.backbone.grid(32) == (2, 2)  # and the card is back afterwards

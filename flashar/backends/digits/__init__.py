@@ -18,7 +18,10 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
 class DigitsOptions(Config):
-    checkpoint: Path = Field(WEIGHTS_DIR / "raster.safetensors", description="Raster GPT weights (safetensors; the GPT config JSON sits beside it).")
+    checkpoint: Path = Field(
+        WEIGHTS_DIR / "raster.safetensors",
+        description="Raster GPT weights (safetensors; the GPT config JSON sits beside it).",
+    )
 
 
 def load(options: DigitsOptions, runtime: RuntimeConfig):
@@ -46,18 +49,29 @@ def _classify(images):
 
 @hookimpl
 def flashar_register_backends(register):
-    register(BackendSpec(
-        id="digits",
-        description="Embedded default: scikit-learn's handwritten digits, 16x16 gray-level tokens, tiny LlamaGen GPT.",
-        options=DigitsOptions,
-        load=load,
-        extra="digits",
-        requires=("sklearn",),
-        sampling_defaults={"cfg_scale": 1.5, "top_k": 0, "top_p": 1.0, "temperature": 1.0},  # = DigitsBackbone's (test_sampling_defaults)
-    ))
+    register(
+        BackendSpec(
+            id="digits",
+            description="Embedded default: scikit-learn's handwritten digits, 16x16 gray-level tokens, tiny LlamaGen "
+            "GPT.",
+            options=DigitsOptions,
+            load=load,
+            extra="digits",
+            requires=("sklearn",),
+            # = DigitsBackbone's (test_sampling_defaults)
+            sampling_defaults={"cfg_scale": 1.5, "top_k": 0, "top_p": 1.0, "temperature": 1.0},
+        )
+    )
 
 
 @hookimpl
 def flashar_register_metrics(register):
-    register(MetricSpec(id="fid-digits", description="FID/KID/IS/PRC on a digits CNN (FID-digits), plus class accuracy.",
-                        register=_register_metric, label="FID-digits", classify=_classify))
+    register(
+        MetricSpec(
+            id="fid-digits",
+            description="FID/KID/IS/PRC on a digits CNN (FID-digits), plus class accuracy.",
+            register=_register_metric,
+            label="FID-digits",
+            classify=_classify,
+        )
+    )

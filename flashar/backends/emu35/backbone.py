@@ -78,7 +78,9 @@ class Emu35Backbone(PublishedModules, Backbone):
         if self.placement is None or not self.placement.is_split:
             return super().new_cache(batch, length, num_layers)
         devices = self.placement.layer_devices[-(num_layers or self.num_layers) :]
-        return KVCache(len(devices), batch, self.num_kv_heads, (length + 7) // 8 * 8, self.head_dim, self.dtype, devices)
+        return KVCache(
+            len(devices), batch, self.num_kv_heads, (length + 7) // 8 * 8, self.head_dim, self.dtype, devices
+        )
 
     @property
     def num_kv_heads(self) -> int:
@@ -124,7 +126,9 @@ class Emu35Backbone(PublishedModules, Backbone):
                                "pass grid=(H, W), e.g. grid=backbone.grid(512)")
         height, width = grid
         if not (0 < height < 1000 and 0 < width < 1000):
-            raise FlashARError(f"grid {height}x{width} is outside what Emu3.5's size text can say; use 1..999 tokens per side")
+            raise FlashARError(
+                f"grid {height}x{width} is outside what Emu3.5's size text can say; use 1..999 tokens per side"
+            )
         return height, width
 
     def _text(self):

@@ -11,8 +11,8 @@ The reference trainer (lxazjk/Emu3.5-FlashAR, ``flashar/utils/checkpoint_utils.p
 
 Key table, released name -> flashar name (the FlashAR parts keep theirs):
 
-    backbone.embed_tokens / layers.{i}.* / norm   ->  model.embed_tokens / layers.{i}.* / norm   (the fine-tuned Emu3Model)
-    horizontal_head.weight                        ->  lm_head.weight   (flashar's horizontal head is the backbone's head)
+    backbone.embed_tokens / layers.{i}.* / norm  ->  model.embed_tokens / layers.{i}.* / norm  (fine-tuned Emu3Model)
+    horizontal_head.weight                       ->  lm_head.weight  (flashar's horizontal head is the backbone's head)
     vertical_block.{j}.*, vertical_norm.weight, vertical_head.weight,
     hv_gate_mlp.{0,2}.*, hv_gate_corner.*         ->  the same names in :class:`~flashar.branch.FlashARHead`
 
@@ -77,7 +77,9 @@ def read_config(path: Path, backbone: Emu35Backbone) -> ReleasedConfig:
     """K, b and the step from config.json (and checkpoint_meta.json), checked against ``backbone``."""
     where, raw = path / "config.json", load_json(path / "config.json")
     if raw.get("use_vertical_block") is False:
-        raise CheckpointError(f"{where} sets use_vertical_block false; flashar decodes only checkpoints with a vertical branch")
+        raise CheckpointError(
+            f"{where} sets use_vertical_block false; flashar decodes only checkpoints with a vertical branch"
+        )
     ours = {"hidden_size": backbone.config.hidden_size, "vocab_size": backbone.config.vocab_size,
             "visual_token_offset": backbone.code_offset}
     for field, value in ours.items():
@@ -86,15 +88,19 @@ def read_config(path: Path, backbone: Emu35Backbone) -> ReleasedConfig:
                                   "pass the base model this checkpoint was trained from")
     num_blocks, branch_layer = raw.get("vertical_layers"), raw.get("vertical_start_layer")
     if not isinstance(num_blocks, int) or num_blocks < 1:
-        raise CheckpointError(f"{where} has vertical_layers {num_blocks!r}; expected the number of vertical blocks K >= 1")
+        raise CheckpointError(
+            f"{where} has vertical_layers {num_blocks!r}; expected the number of vertical blocks K >= 1"
+        )
     if not isinstance(branch_layer, int):
         raise CheckpointError(f"{where} has no integer vertical_start_layer (got {branch_layer!r}); "
                               "it names the branch layer b, write it into config.json")
     num_layers = backbone.num_layers
     branch_layer = num_layers - num_blocks if branch_layer < 0 else branch_layer
     if branch_layer + num_blocks > num_layers:
-        raise CheckpointError(f"{where} puts K={num_blocks} vertical blocks at layer b={branch_layer}, which does not fit "
-                              f"the {num_layers}-layer --model-path model; pass the base model it was trained from")
+        raise CheckpointError(
+            f"{where} puts K={num_blocks} vertical blocks at layer b={branch_layer}, which does not fit "
+            f"the {num_layers}-layer --model-path model; pass the base model it was trained from"
+        )
     meta = load_json(path / META_FILE) if (path / META_FILE).is_file() else {}
     step = meta.get("global_step", meta.get("step", 0)) if isinstance(meta, dict) else 0
     return ReleasedConfig(num_blocks, branch_layer, int(step or 0))

@@ -27,9 +27,7 @@ from flashar.errors import CheckpointError, FlashARError, require
 VOCAB_FILE = "emu3.tiktoken"
 VISION_TOKENS_FILE = "emu3_vision_tokens.txt"
 # Qwen's pre-tokenisation pattern, as used by the published Emu3Tokenizer.
-SPLIT_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+SPLIT_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 FIRST_SPECIAL_ID = 151643
 TEXT_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>") + tuple(f"<|extra_{i}|>" for i in range(205))
 IMAGE_STRUCTURE = ("<|image token|>", "<|image start|>", "<|image end|>")  # IMG, BOI, EOI

@@ -33,7 +33,9 @@ class IBQConfig(BaseModel):
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
     num_res_blocks: int = Field(4, gt=0)
     attn_resolutions: tuple[int, ...] = (16,)
-    resolution: int = Field(256, gt=0, description="Training resolution; with attn_resolutions it places the attention blocks.")
+    resolution: int = Field(
+        256, gt=0, description="Training resolution; with attn_resolutions it places the attention blocks."
+    )
     z_channels: int = Field(256, gt=0)
     in_channels: int = 3
     out_ch: int = 3

@@ -36,7 +36,7 @@ from transformers.models.glm_image.modeling_glm_image import (
     GlmImageTextModel, GlmImageTextRotaryEmbedding, apply_rotary_pos_emb,
 )
 
-from flashar.backbone import Backbone, KVCache, Prefix, PublishedModules, attention, write_kv
+from flashar.backbone import Backbone, Prefix, PublishedModules, attention, write_kv
 from flashar.backends.glm_image.prompt import GlmImagePrompts, preview_grid
 from flashar.errors import FlashARError
 
@@ -101,7 +101,9 @@ class GlmImageBackbone(PublishedModules, Backbone):
         conditional row's preview; ``native`` and ``empty`` coincide (GLM-Image has no AR-stage CFG)."""
         grid = self._grid(grid)
         if max(grid) > 4 * min(grid):
-            raise FlashARError(f"grid {grid[0]}x{grid[1]} has an aspect ratio above 4, which GLM-Image's processor refuses")
+            raise FlashARError(
+                f"grid {grid[0]}x{grid[1]} has an aspect ratio above 4, which GLM-Image's processor refuses"
+            )
         prompts = self._prompts()
         captions = [self._caption(c) for c in conditions]
         texts = [prompts.ids(c, grid) for c in captions]
@@ -186,7 +188,9 @@ class GlmImageBackbone(PublishedModules, Backbone):
 
     def _prompts(self) -> GlmImagePrompts:
         if self.prompts is None:
-            raise FlashARError("no GLM-Image processor is loaded; pass the GLM-Image folder (with processor/) as --model-path")
+            raise FlashARError(
+                "no GLM-Image processor is loaded; pass the GLM-Image folder (with processor/) as --model-path"
+            )
         return self.prompts
 
     # --- positions and layers -------------------------------------------------------------------

@@ -66,9 +66,11 @@ class GlmImageTokenizer:
             inputs = self.image_processor(images=[image.float().cpu()], do_rescale=False, return_tensors="pt")
             grid = inputs["image_grid_thw"]  # (1, 3) = (1, h, w) patches
             if tuple(grid[0, 1:].tolist()) != (height, width):
-                raise FlashARError(f"GLM-Image's image processor turns a {image.shape[-2]}x{image.shape[-1]} image into a "
-                                   f"{grid[0, 1]}x{grid[0, 2]} grid, not {height}x{width}; use sizes that are multiples of 32 "
-                                   "within its pixel limits (e.g. 1024x1024)")
+                raise FlashARError(
+                    f"GLM-Image's image processor turns a {image.shape[-2]}x{image.shape[-1]} image into a "
+                    f"{grid[0, 1]}x{grid[0, 2]} grid, not {height}x{width}; use sizes that are multiples of 32 "
+                    "within its pixel limits (e.g. 1024x1024)"
+                )
             pixels = inputs["pixel_values"].to(self.device)
             features = self.visual(pixels, grid_thw=grid.to(self.device)).pooler_output  # (h*w, C)
             features = features.view(1, height, width, -1).permute(0, 3, 1, 2)  # (1, C, h, w)

@@ -91,7 +91,9 @@ class LlamaGenBackbone(Backbone):
     def _caption_prefix(self, conditions: Sequence[Any], cfg: bool) -> tuple[Tensor, Tensor]:
         """Left-padded caption features -> ([cond; uncond] embeddings, validity mask); spec §7."""
         if self.text_encoder is None:
-            raise FlashARError("this text-conditional LlamaGen model needs a text encoder; pass --t5-path DIR (a FLAN-T5-XL folder)")
+            raise FlashARError(
+                "this text-conditional LlamaGen model needs a text encoder; pass --t5-path DIR (a FLAN-T5-XL folder)"
+            )
         features, mask = self.text_encoder(list(conditions))  # (B, 120, 2048) zero-padded on the left, (B, 120)
         features, mask = features.to(self.device, torch.float32), mask.to(self.device)
         if cfg:

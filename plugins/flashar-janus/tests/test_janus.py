@@ -12,7 +12,9 @@ from click.testing import CliRunner
 from PIL import Image
 from tiny_janus import SPECIAL, random_model, save_folder, write_tiny_janus
 
-flashar_janus = pytest.importorskip("flashar_janus", reason="flashar-janus is not installed; run: pip install -e plugins/flashar-janus")
+flashar_janus = pytest.importorskip(
+    "flashar_janus", reason="flashar-janus is not installed; run: pip install -e plugins/flashar-janus"
+)
 
 from flashar import api  # noqa: E402
 from flashar import grid as G  # noqa: E402
@@ -158,7 +160,12 @@ def test_only_the_native_grid_is_accepted(janus_folder, registry):
 # --- the save_pretrained folder --------------------------------------------------------------------
 
 def test_sampling_defaults_come_from_generation_config(janus_folder, registry, tmp_path):
-    assert load(janus_folder, registry).sampling_defaults == {"cfg_scale": 5.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    assert load(janus_folder, registry).sampling_defaults == {
+        "cfg_scale": 5.0,
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+    }
     folder = shutil.copytree(janus_folder, tmp_path / "copy")
     settings = json.loads((folder / "generation_config.json").read_text())
     (folder / "generation_config.json").write_text(json.dumps({**settings, "guidance_scale": 4.0}))
@@ -214,8 +221,9 @@ def test_cuda_graph_raster_equals_eager_and_transformers(janus_folder, registry,
     if dtype == "float32":
         model = hf_model(janus_folder).cuda()
         ids, valid = backbone.prompts.batch(PROMPTS, cfg=False)
-        theirs = model.generate(ids.cuda(), attention_mask=valid.long().cuda(), generation_mode="image", do_sample=False,
-                                guidance_scale=3.0)
+        theirs = model.generate(
+            ids.cuda(), attention_mask=valid.long().cuda(), generation_mode="image", do_sample=False, guidance_scale=3.0
+        )
         assert torch.equal(eager.codes.flatten(1), theirs.cpu())
 
 
@@ -239,7 +247,9 @@ def test_cli_generates_pngs_with_the_janus_backend(janus_folder, registry, tmp_p
     (["--prompt", "a cat", "--image-size", "32"], "native size 48 px"),
 ])
 def test_cli_bad_input_is_one_line(janus_folder, registry, args, message):
-    result = CliRunner().invoke(cli, ["generate", "-b", "janus", "--model-path", str(janus_folder), *args], obj=registry)
+    result = CliRunner().invoke(
+        cli, ["generate", "-b", "janus", "--model-path", str(janus_folder), *args], obj=registry
+    )
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
 
 
@@ -287,9 +297,31 @@ def test_adapt_then_generate_with_flashar_through_the_cli(janus_folder, registry
         rows.append(json.dumps({"file_name": f"{i}.png", "text": PROMPTS[i % 2]}))
     (data / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     runner = CliRunner()
-    adapted = runner.invoke(cli, ["adapt", "-b", "janus", "--model-path", str(janus_folder), "--data", str(data),
-                                  "--image-size", "48", "--out", str(tmp_path / "adapter"), "--stage1-steps", "2",
-                                  "--stage2-steps", "1", "--batch-size", "2", "--cache-dir", str(tmp_path / "cache")], obj=registry)
+    adapted = runner.invoke(
+        cli,
+        [
+            "adapt",
+            "-b",
+            "janus",
+            "--model-path",
+            str(janus_folder),
+            "--data",
+            str(data),
+            "--image-size",
+            "48",
+            "--out",
+            str(tmp_path / "adapter"),
+            "--stage1-steps",
+            "2",
+            "--stage2-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        obj=registry,
+    )
     assert adapted.exit_code == 0, adapted.output
     result = runner.invoke(cli, ["generate", "-b", "janus", "--model-path", str(janus_folder), "--method", "flashar",
                                  "--adapter", str(tmp_path / "adapter"), "--prompt", "a cat", "--image-size", "48",
