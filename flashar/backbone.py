@@ -28,7 +28,7 @@ import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +70,7 @@ class KVCache:
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, length: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str | Sequence[torch.device]):
-        devices = list(device) if isinstance(device, (list, tuple)) else [device] * num_layers
+        devices: list[Any] = list(device) if isinstance(device, (list, tuple)) else [device] * num_layers
         shape = (batch, num_kv_heads, length, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]  # L x (B, H_kv, S, hd)
         self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
@@ -108,7 +108,10 @@ def write_kv(
     return k_cache[:, :, :length], v_cache[:, :, :length]
 
 
-def copy_module(module: nn.Module, meta: bool = False) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def copy_module(module: M, meta: bool = False) -> M:
     """A deep copy of ``module``; with ``meta`` its tensors are shape-only (no memory is copied)."""
     if not meta:
         return copy.deepcopy(module)
@@ -161,6 +164,9 @@ class BackendCard(ABC):
     tokenizer_hint: str = "load the backbone together with its image tokenizer"
     default_branch: dict[str, Any] = {}  # BranchConfig values `flashar adapt` uses unless the user sets them
     metric: str | None = None  # id of a registered MetricSpec suited to this backend's images
+    # the Backbone's weights, which fingerprint() samples (annotations only: not card members)
+    output: nn.Linear
+    layers: nn.ModuleList
 
     def reference_images(self) -> Tensor | None:
         """Real images (N, 3, h, w) uint8 to compare generated samples against, if the backend ships some."""
@@ -371,7 +377,7 @@ class Backbone(nn.Module, BackendCard):
         norm = copy_module(self.norm, meta)
         if not meta:
             with torch.no_grad():
-                norm.weight.fill_(1.0)
+                norm.get_parameter("weight").fill_(1.0)
         return norm
 
 

@@ -102,9 +102,8 @@ class FlashARHead(nn.Module):
         if gate == "scalar":
             return torch.sigmoid(self.hv_mix.float()).expand_as(logits_h[..., :1])
         if gate == "logits":
-            return torch.sigmoid(
-                self.hv_gate_mlp(_normalised_pair(logits_h, logits_v).to(self.hv_gate_mlp[0].weight.dtype)).float()
-            )
+            pair = _normalised_pair(logits_h, logits_v).to(next(self.hv_gate_mlp.parameters()).dtype)
+            return torch.sigmoid(self.hv_gate_mlp(pair).float())
         interior = self.hv_gate_mlp(torch.cat([h_left, v_up], dim=-1))
         corner = self.hv_gate_corner(h_left)
         return torch.sigmoid(torch.where(kind[..., None] == CORNER, corner, interior).float())

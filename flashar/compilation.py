@@ -15,14 +15,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
+import typing
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from flashar.config import CompileMode, CompileSettings
 
-COMPILE_MODES: tuple[str, ...] = CompileMode.__args__
+COMPILE_MODES: tuple[str, ...] = typing.get_args(CompileMode)
 
 
 
@@ -44,9 +45,8 @@ def compile_step(fn: Callable, device: torch.device | str, backend: str | Callab
     # Dynamo reads `freezing` while tracing (with grad off, which every decode loop has), so the flags are
     # set around each call, not passed as backend options.
     settings = CompileSettings.from_env()  # freezing and the C++ wrapper, each on unless switched off
-    flags = {
-        flag: True for flag, on in (("freezing", settings.freeze_weights), ("cpp_wrapper", settings.cpp_wrapper)) if on
-    }
+    switches = (("freezing", settings.freeze_weights), ("cpp_wrapper", settings.cpp_wrapper))
+    flags: dict[str, Any] = {flag: True for flag, on in switches if on}
     if mode == "max-autotune":
         flags |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                   "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # not on stderr
@@ -101,7 +101,7 @@ def onednn_fp32_linears(on: bool = True):
     if not on or ops is None:
         yield
         return
-    mkldnn_fusion.mkldnn = _OneDNNEverywhere(ops)
+    mkldnn_fusion.mkldnn = _OneDNNEverywhere(ops)  # type: ignore[assignment]  # the same ops, one answer changed
     try:
         yield
     finally:
@@ -141,7 +141,8 @@ def own_code(fn: Callable) -> Callable:
         func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__, func.__closure__
     )
     copy.__kwdefaults__, copy.__qualname__ = func.__kwdefaults__, func.__qualname__
-    return types.MethodType(copy, fn.__self__) if hasattr(fn, "__func__") else copy
+    owner = getattr(fn, "__self__", None)
+    return types.MethodType(copy, owner) if owner is not None else copy
 
 
 class CompileCounter:

@@ -341,12 +341,9 @@ def validated(model: type[Config], values: Mapping[str, Any] | Config | None, wh
 def flag_of(model: type[Config], loc: tuple) -> str:
     """The command-line flag of a config field: ``("stage1", "lr")`` -> ``--stage1-lr`` (a field may name its own)."""
     field = model.model_fields.get(str(loc[0]))
-    own = (
-        (field.json_schema_extra or {}).get("flag")
-        if field is not None and isinstance(field.json_schema_extra, dict)
-        else None
-    )
+    extra = field.json_schema_extra if field is not None else None
+    own = extra.get("flag") if isinstance(extra, dict) else None
     names = [p for p in loc if isinstance(p, str)]  # list indices (seeds.1) are not part of the flag
     if model.__name__ == "AdaptConfig" and names[0] == "branch":
         names = names[1:]  # branch fields are top-level flags (--num-blocks)
-    return "--" + (own or "-".join(names).replace("_", "-"))
+    return "--" + (own if isinstance(own, str) else "-".join(names).replace("_", "-"))

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Any, Callable, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Generic, Iterator, Protocol, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -71,10 +71,14 @@ class DecodeState:
     cache: KVCache  # backbone
     key_valid: Tensor  # (1 or B', S) valid prefix slots and every slot after the prefix
     plan: Plan  # every step's arguments (``flashar.shapes``)
+    uniform: Tensor  # U[0, 1) for the next step's draws, refilled before each step (shape: the method's)
     generations: int = field(default=0, init=False)  # generations decoded with this state so far
 
 
-class Method(ABC):
+State = TypeVar("State", bound=DecodeState)
+
+
+class Method(ABC, Generic[State]):
     """A decoding method: turns conditions into a token grid using only the Backbone protocol.
 
     A method supplies ``build`` (its state: cache, tables and buffers for one set of shapes), ``reset``
@@ -99,9 +103,11 @@ class Method(ABC):
         self.options = options if options is not None else self.Options()
         self.compiled = bool(compile)
         self.shapes = Shapes.of(compile, backbone.device)
-        mode = "default" if compile is True else compile
-        self.step = compile_step(self._step, backbone.device, compile_backend, mode) if compile else self._step
-        self._states: OrderedDict[tuple, DecodeState] = OrderedDict()
+        self.step = self._step
+        if compile:
+            mode = "default" if compile is True else compile
+            self.step = compile_step(self._step, backbone.device, compile_backend, mode)
+        self._states: OrderedDict[tuple, State] = OrderedDict()
 
     # --- what a method supplies ---------------------------------------------------------------------
     def check_grid(self, grid: tuple[int, int]) -> None:
@@ -111,15 +117,15 @@ class Method(ABC):
         return self.backbone.prefix(conditions, cfg=sampling.use_cfg, grid=grid)
 
     @abstractmethod
-    def build(self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig) -> DecodeState:
+    def build(self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig) -> State:
         """Allocate the state of a generation of ``batch`` rows (tables filled, buffers reset by ``reset``);
         every tensor must be an attribute of the state, where the engine finds it (:func:`state_tensors`)."""
 
-    def reset(self, state: DecodeState) -> None:
+    def reset(self, state: State) -> None:
         """Put the buffers a generation mutates back to their start (caches and ``key_valid`` are done)."""
 
     @abstractmethod
-    def start(self, state: DecodeState) -> None:
+    def start(self, state: State) -> None:
         """Prefill and predict the first entry (with the ``plan.first_draws`` uniforms just drawn)."""
 
     @abstractmethod
@@ -127,39 +133,40 @@ class Method(ABC):
         """The one static-shape, sync-free computation this method repeats (the compiled unit)."""
 
     @abstractmethod
-    def codes(self, state: DecodeState) -> Generation:
+    def codes(self, state: State) -> Generation:
         """The generation's codes (B, H, W) and pass count, read from the state after the loop."""
 
-    def steps(self, state: DecodeState) -> Iterator[tuple[int, tuple]]:
+    def steps(self, state: State) -> Iterator[tuple[int, tuple]]:
         """(uniforms to refill, step arguments) of every step after ``start``; the plan's by default."""
         return zip(state.plan.draws, state.plan.args)
 
-    def refill(self, state: DecodeState, draws: int, generator: torch.Generator | None) -> None:
+    def refill(self, state: State, draws: int, generator: torch.Generator | None) -> None:
         """Draw a step's randomness outside the compiled step (``draws`` rows of the uniform buffer, 0: all)."""
         refill_uniform(state.uniform[:draws] if draws else state.uniform, state.sampling, generator)
 
     # --- the engine ---------------------------------------------------------------------------------
-    def setup(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> DecodeState:
+    def setup(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> State:
         """A fresh state for these conditions."""
-        state = self._allocate(self.prefix(conditions, grid, sampling), len(conditions), tuple(grid), sampling)
+        height, width = grid
+        state = self._allocate(self.prefix(conditions, grid, sampling), len(conditions), (height, width), sampling)
         self.reset(state)
         return state
 
-    def _allocate(self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig) -> DecodeState:
+    def _allocate(self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig) -> State:
         """``build``, then every tensor of the state marked as a static address: the state is kept across
         generations, so a CUDA graph reads its tables and mutates its buffers in place, with no input copies."""
         state = self.build(prefix, batch, grid, sampling)
         mark_static(*state_tensors(state))
         return state
 
-    def state_for(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> DecodeState:
+    def state_for(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> State:
         """The kept state for these shapes, reset in place, or a new one (least recently used is dropped)."""
-        prefix = self.prefix(conditions, grid, sampling)
-        key = (self.options, sampling, len(conditions), tuple(grid), tuple(prefix.embeds.shape),
+        prefix, (height, width) = self.prefix(conditions, grid, sampling), grid
+        key = (self.options, sampling, len(conditions), (height, width), tuple(prefix.embeds.shape),
                tuple(prefix.positions.shape), bool(prefix.valid.all()))
         state = self._states.pop(key, None)
         if state is None:
-            state = self._allocate(prefix, len(conditions), tuple(grid), sampling)
+            state = self._allocate(prefix, len(conditions), (height, width), sampling)
         else:
             state.prefix = prefix
             state.key_valid.copy_(image_key_valid(prefix, state.key_valid.shape[1]))
@@ -177,7 +184,7 @@ class Method(ABC):
         """Codes (B, H, W) for the conditions, drawing all randomness from ``generator``."""
         return self.decode(self.state_for(conditions, grid, sampling), generator)
 
-    def decode(self, state: DecodeState, generator: torch.Generator | None) -> Generation:
+    def decode(self, state: State, generator: torch.Generator | None) -> Generation:
         """The one loop: prefill and first prediction, then every step; no host reads but the method's.
 
         From a state's second generation on, compiled steps skip their guards (:func:`guards_skipped`) when
@@ -310,22 +317,33 @@ def causal_chunk(backbone: Backbone, state: SequenceState, entries: Tensor, keys
                 keys[None, :] <= slots[:, None], slots)[0]
 
 
-def commit(backbone: Backbone, state: DecodeState, entries: Tensor, codes: Tensor) -> None:
+class Entries(Protocol):
+    """A state over the native sequence's token ids: :class:`SequenceState`, or ZipAR's, whose tables differ."""
+
+    prefix: Prefix
+    grid: tuple[int, int]
+    sampling: SamplingConfig
+    cache: KVCache
+    num_entries: int  # M
+    forced: Tensor  # (M + pad,) token id forced at entry j (row ends), -1 where sampled
+    tokens: Tensor  # (B, M + pad) token ids
+
+
+def commit(backbone: Backbone, state: Entries, entries: Tensor, codes: Tensor) -> None:
     """Store codes (B, T) at the entries (T,) of ``state.tokens`` as token ids, the token ``state.forced`` holds
-    (a row end) where an entry has one. (Here and below: a :class:`SequenceState`, or ZipAR's, which has
-    ``tokens``, ``forced`` and ``num_entries`` too.)"""
+    (a row end) where an entry has one."""
     forced = state.forced.index_select(0, entries)[None, :]
     state.tokens.index_copy_(1, entries, torch.where(forced >= 0, forced, backbone.code_ids(codes)))
 
 
-def start_sequence(backbone: Backbone, state: DecodeState, uniform: Tensor) -> None:
+def start_sequence(backbone: Backbone, state: Entries, uniform: Tensor) -> None:
     """Prefill, then sample entry 0 (cell (0, 0)) with the uniforms (B,)."""
     h, _ = prefill(backbone, state.prefix, state.cache)
     code = sample(guided(backbone.logits(h), state.sampling, backbone.native_cfg), uniform, state.sampling)
     state.tokens[:, 0] = backbone.code_ids(code)
 
 
-def sequence_codes(backbone: Backbone, state: DecodeState) -> Tensor:
+def sequence_codes(backbone: Backbone, state: Entries) -> Tensor:
     """The grid (B, H, W) of codes on CPU, read from the sequence's sampled entries."""
     forced, tokens = state.forced[: state.num_entries], state.tokens[:, : state.num_entries]
     return (tokens[:, forced < 0] - backbone.code_offset).view(-1, *state.grid).cpu()

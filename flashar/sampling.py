@@ -64,6 +64,7 @@ def sample(logits: Tensor, uniform: Tensor | None, sampling: SamplingConfig) -> 
     """Draw one code per row of logits (..., V) with u ~ U[0, 1) of shape (...) -> (...) int64."""
     if sampling.is_greedy:
         return logits.argmax(dim=-1)
+    assert uniform is not None, "sampling draws with uniforms (only greedy decoding passes none)"
     return draw(torch.softmax(filter_logits(logits, sampling), dim=-1), uniform)
 
 

@@ -90,6 +90,7 @@ class Shapes:
         plan = Plan(self, keys, bounds, draws=draws, first_draws=first_draws)
         tables: list[tuple[Tensor, ...]] = [()] * len(key_lengths)
         if table is not None:
+            assert widths is not None, "a table comes with the width each step uses"
             full = table.shape[1]
             need = [min(full, max(2, width)) for width in widths]  # as key windows: no width of 1 while the table has 2
             sizes, plan.widths = padded_widths(full, need, buckets or (1 if self.static else full))

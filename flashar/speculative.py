@@ -191,7 +191,7 @@ def start(backbone: Backbone, state: SpeculativeState, h: Tensor) -> None:
     state.accepted.fill_(1)
 
 
-class SpeculativeMethod(Method):
+class SpeculativeMethod(Method[SpeculativeState]):
     """A method on this loop: a subclass gives ``build`` and its verification rule ``_rule`` (see :func:`step`)."""
 
     def _rule(self, state: SpeculativeState, logits: Tensor, probs: Tensor, draft_probs: Tensor,

@@ -86,10 +86,11 @@ class FlashARState(DecodeState):
     mixing: Tensor | None  # (T, T) the copula's AR(1) mixing along a diagonal (None: independent draws)
 
 
-class FlashAR(Method):
+class FlashAR(Method[FlashARState]):
     id = "flashar"
     description = "FlashAR anti-diagonal decoding with an adapted vertical branch and gate: H+W-1 forward passes."
     Options = FlashAROptions
+    options: FlashAROptions
     requires_adapter = True
 
     def __init__(self, backbone, options=None, *, compile=False, compile_backend="inductor", adapter=None,
@@ -232,6 +233,7 @@ class FlashAR(Method):
     def _corner(self, state: FlashARState) -> tuple[Tensor, Tensor]:
         """The prefix predicts the corner: horizontal on its final state, vertical on its layer-b state (§4)."""
         h, h_tap = prefill(self.backbone, state.prefix, state.cache, tap=self.head.branch_layer)
+        assert h_tap is not None  # prefill returns the tapped state when given a tap
         corner = torch.zeros(1, dtype=torch.long, device=h.device)
         return corner, self.head.fuse(self.backbone, h[:, None], h_tap[:, None], state.kind[corner])[0]
 
@@ -245,7 +247,7 @@ class FlashAR(Method):
     def teacher_logits(self, conditions, codes: Tensor, sampling: SamplingConfig) -> Tensor:
         """Teacher forcing: run the cached decoder (eagerly) on given codes (B, H, W) and return the fused
         logits (B', N, V) it computes for every cell, instead of sampling."""
-        state = self.setup(conditions, tuple(codes.shape[1:]), sampling)
+        state = self.setup(conditions, (codes.shape[1], codes.shape[2]), sampling)
         state.tokens[:, :-1] = codes.flatten(1).to(state.tokens.device)
         tokens = state.tokens
         logits = torch.zeros(

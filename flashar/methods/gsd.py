@@ -110,6 +110,7 @@ class GSD(speculative.SpeculativeMethod):
     description = ("Grouped speculative decoding (lossy, training-free): SJD that accepts a draft when its group of "
                    "similar tokens is likely.")
     Options = GSDOptions
+    options: GSDOptions
 
     def build(
         self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig
@@ -125,6 +126,7 @@ class GSD(speculative.SpeculativeMethod):
     def _rule(self, state: speculative.SpeculativeState, logits: Tensor, probs: Tensor, draft_probs: Tensor,
               codes: Tensor) -> tuple[Tensor, Tensor]:
         opts = self.options
+        assert state.embeddings is not None  # build sets them
         return grouped_mass(logits, probs, draft_probs, codes, state.embeddings, opts.group_size,
                             opts.group_prob_margin, opts.group_embed_distance)
 

@@ -29,7 +29,7 @@ class RasterState(SequenceState):
     uniform: Tensor  # (B,) U[0, 1) for the step's draw, refilled every step
 
 
-class Raster(Method):
+class Raster(Method[RasterState]):
     id = "raster"
     description = "Raster-order next-token decoding (the baseline): H*W forward passes."
 

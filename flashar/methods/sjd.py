@@ -55,6 +55,7 @@ class SJD(speculative.SpeculativeMethod):
         "Speculative Jacobi decoding (lossless, training-free): verifies a window of draft tokens per forward pass."
     )
     Options = SJDOptions
+    options: SJDOptions
 
     def build(
         self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig

@@ -164,10 +164,11 @@ class ZipARState(DecodeState):
     uniform: Tensor  # (B, T) U[0, 1) for the step's draws, refilled every step
 
 
-class ZipAR(Method):
+class ZipAR(Method[ZipARState]):
     id = "zipar"
     description = "ZipAR (lossy, training-free): rows start w tokens behind the row above and decode in parallel."
     Options = ZipAROptions
+    options: ZipAROptions
 
     @staticmethod
     def num_forward_passes(height: int, width: int, window: int | None = None) -> int:
