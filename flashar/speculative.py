@@ -29,17 +29,34 @@ that length is the dynamic dimension of the one compiled graph, ``flashar.shapes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from flashar.backbone import Backbone, Prefix
-from flashar.config import SamplingConfig
+from flashar.config import Config, SamplingConfig
 from flashar.decoding import (Generation, Method, SequenceState, causal_chunk, commit, guided, image_key_valid, prefill,
                               sequence_codes, sequence_fields)
 from flashar.shapes import Shapes
 from flashar.sampling import draw, new_uniform, processed_probs, refill_uniform
+
+
+class SpeculativeOptions(Config):
+    """The window every method on this loop has (SJD's and GSD's options add to it)."""
+
+    draft_length: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="L: draft tokens verified per forward pass (the Jacobi window; official default 16).",
+    )
+    draft_init: Literal["repeat_horizon", "random"] = Field(
+        "repeat_horizon",
+        description="How new draft tokens start: copy the token to their left in the row (SJD's official LlamaGen "
+                    "default) or a uniform random code (the GSD script's).",
+    )
 
 
 @dataclass
@@ -193,6 +210,8 @@ def start(backbone: Backbone, state: SpeculativeState, h: Tensor) -> None:
 
 class SpeculativeMethod(Method[SpeculativeState]):
     """A method on this loop: a subclass gives ``build`` and its verification rule ``_rule`` (see :func:`step`)."""
+
+    options: SpeculativeOptions
 
     def _rule(self, state: SpeculativeState, logits: Tensor, probs: Tensor, draft_probs: Tensor,
               codes: Tensor) -> tuple[Tensor, Tensor]:

@@ -18,7 +18,6 @@ acceptance rate never drops. One scalar, the committed count, is read back per i
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
 from pydantic import Field
@@ -26,24 +25,13 @@ from torch import Tensor
 
 from flashar import speculative
 from flashar.backbone import Prefix
-from flashar.config import Config, SamplingConfig
+from flashar.config import SamplingConfig
 from flashar.hookspecs import hookimpl
 
 
-class GSDOptions(Config):
+class GSDOptions(speculative.SpeculativeOptions):
     """Grouped speculative decoding."""
 
-    draft_length: int = Field(
-        16,
-        ge=1,
-        le=256,
-        description="L: draft tokens verified per forward pass (the Jacobi window; official default 16).",
-    )
-    draft_init: Literal["repeat_horizon", "random"] = Field(
-        "repeat_horizon",
-        description="How new draft tokens start: copy the token to their left in the row (SJD's LlamaGen default) or "
-                    "a uniform random code (the GSD script).",
-    )
     group_size: int = Field(
         14,
         ge=1,

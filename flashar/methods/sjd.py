@@ -24,24 +24,13 @@ from pydantic import Field
 
 from flashar import speculative
 from flashar.backbone import Prefix
-from flashar.config import Config, SamplingConfig
+from flashar.config import SamplingConfig
 from flashar.hookspecs import hookimpl
 
 
-class SJDOptions(Config):
+class SJDOptions(speculative.SpeculativeOptions):
     """Speculative Jacobi decoding."""
 
-    draft_length: int = Field(
-        16,
-        ge=1,
-        le=256,
-        description="L: draft tokens verified per forward pass (the Jacobi window; official default 16).",
-    )
-    draft_init: Literal["repeat_horizon", "random"] = Field(
-        "repeat_horizon",
-        description="How new draft tokens start: copy the token to their left in the row (official LlamaGen default) "
-                    "or a uniform random code.",
-    )
     coupling: Literal["none", "maximal"] = Field(
         "none",
         description="Jacobi update of unverified drafts: a fresh draw (SJD) or the maximal coupling that keeps a "

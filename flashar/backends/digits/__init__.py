@@ -14,7 +14,7 @@ from flashar.config import Config, RuntimeConfig
 from flashar.hookspecs import hookimpl
 from flashar.plugins import BackendSpec, MetricSpec
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_DIR = Path(__file__).parent / "weights"  # the shipped checkpoint, adapter and reference set
 
 
 class DigitsOptions(Config):

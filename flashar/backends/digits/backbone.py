@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
+from flashar.backends.digits import WEIGHTS_DIR
 from flashar.backends.llamagen.backbone import LlamaGenBackbone
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
 class DigitsBackbone(LlamaGenBackbone):
