@@ -109,8 +109,7 @@ def cold_caches(k: Tensor, v: Tensor, cold_mib: int) -> list[tuple[Tensor, Tenso
 
 
 def measure(
-    fns: dict, q: Tensor, caches: list[tuple[Tensor, Tensor]], mask: Tensor, device, repeats: int
-) -> dict[str, float]:
+    fns: dict, q: Tensor, caches: list[tuple[Tensor, Tensor]], mask: Tensor, device, repeats: int) -> dict[str, float]:
     """Median seconds per call of each function, called in turn ``repeats`` times after two warm-ups, every
     call on the next of ``caches`` in turn."""
     clock, turn = clock_for(device), itertools.cycle(caches)
@@ -147,17 +146,11 @@ def run(args) -> dict:
                        for p in paths}
                 medians = measure(fns, q, caches, mask, device, args.repeats)
                 error = {p: (fn(q, k, v, mask).float() - reference).abs().max().item() for p, fn in fns.items()}
-                row = {
-                    "dtype": dtype_name,
-                    "shape": label,
-                    "sizes": shape,
-                    "mode": mode,
-                    "us": {p: t * 1e6 for p, t in medians.items()},
-                    "x_sdpa": {p: medians["sdpa"] / t for p, t in medians.items()} if "sdpa" in medians else {},
-                    "max_abs_error_vs_fp32": error,
-                    "auto": attention_path(q, k),
-                    "best": min(medians, key=medians.get),
-                }
+                row = {"dtype": dtype_name, "shape": label, "sizes": shape, "mode": mode,
+                       "us": {p: t * 1e6 for p, t in medians.items()},
+                       "x_sdpa": {p: medians["sdpa"] / t for p, t in medians.items()} if "sdpa" in medians else {},
+                       "max_abs_error_vs_fp32": error, "auto": attention_path(q, k),
+                       "best": min(medians, key=medians.get)}
                 report["rows"].append(row)
                 print(line(row), flush=True)
     return report
@@ -173,22 +166,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--modes", default="eager,compiled")
-    parser.add_argument(
-        "--paths",
-        default="sdpa,math,sdpa_math,flex,sdpa_repeat",
-        help=f"of {', '.join(PATHS)}; sdpa first for the ratios",
-    )
+    parser.add_argument("--paths", default="sdpa,math,sdpa_math,flex,sdpa_repeat",
+                        help=f"of {', '.join(PATHS)}; sdpa first for the ratios")
     parser.add_argument("--shapes", default="", help=f"labels to run (default all): {', '.join(SHAPES)}")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads (CPU; default: torch's, as decoding runs); the receipt records it")
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument(
-        "--cold-mib",
-        type=int,
-        default=1024,
-        help="MiB of KV-cache copies cycled through, so each call reads a cold "
-        "cache as a decode step does (0: one cache, warm)",
-    )
+    parser.add_argument("--cold-mib", type=int, default=1024,
+                        help="MiB of KV-cache copies cycled through, so each call reads a cold "
+                        "cache as a decode step does (0: one cache, warm)")
     parser.add_argument("--out", default=str(RESULTS / "attention_cpu.json"))
     args = parser.parse_args()
     if args.cold_mib < 0:

@@ -47,10 +47,8 @@ def fused(method, codes: torch.Tensor) -> torch.Tensor:
 def exactness(files) -> dict:
     began = time.perf_counter()
     method = build(files, "float32", compile=False)
-    report = {
-        "load_seconds": round(time.perf_counter() - began, 2),
-        "head_device": str(method.head.vertical_head.weight.device),
-    }
+    report = {"load_seconds": round(time.perf_counter() - began, 2),
+              "head_device": str(method.head.vertical_head.weight.device)}
     codes = torch.randint(0, 131072, (len(PROMPTS), *GRID), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cached = method.teacher_logits(PROMPTS, codes, SamplingConfig(cfg_scale=CFG))
@@ -72,12 +70,10 @@ def compiled_vs_eager(files, dtype: str) -> dict:
     sampled = api.generate(method, PROMPTS, IMAGE_SIZE, SamplingConfig(cfg_scale=CFG, top_k=5120), batch_size=2, seed=1)
     method.step = method._step  # the same weights, eager
     eager = api.generate(method, PROMPTS, IMAGE_SIZE, greedy, batch_size=len(PROMPTS))
-    report.update(
-        compiled_vs_eager_agreement=(first.codes == eager.codes).float().mean().item(),
-        replay_identical=bool(torch.equal(first.codes, again.codes)),
-        forward_passes=sampled.num_forward_passes,
-        sampled_codes_in_range=bool(sampled.codes.min() >= 0 and sampled.codes.max() < 131072),
-    )
+    report.update(compiled_vs_eager_agreement=(first.codes == eager.codes).float().mean().item(),
+                  replay_identical=bool(torch.equal(first.codes, again.codes)),
+                  forward_passes=sampled.num_forward_passes,
+                  sampled_codes_in_range=bool(sampled.codes.min() >= 0 and sampled.codes.max() < 131072))
     return report
 
 
@@ -85,12 +81,9 @@ def main() -> None:
     root = Path(sys.argv[1])
     options = write_emu35(root, num_hidden_layers=4)
     files = (options, write_emu35_flashar(root / "released", options["model_path"], num_blocks=2, branch_layer=1))
-    report = {
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
-        "float32_exact": exactness(files),
-        **{dtype: compiled_vs_eager(files, dtype) for dtype in ("float32", "bfloat16")},
-    }
+    report = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
+              "float32_exact": exactness(files),
+              **{dtype: compiled_vs_eager(files, dtype) for dtype in ("float32", "bfloat16")}}
     print(json.dumps(report, indent=2))
 
 

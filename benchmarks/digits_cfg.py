@@ -33,18 +33,13 @@ def main() -> None:
     reference = backbone.reference_images()
     conditions = [i % 10 for i in range(args.samples)]
     method = Raster(backbone)
-    report = {
-        "environment": environment(backbone.device, backbone.dtype),
-        "samples": args.samples,
-        "seed": args.seed,
-        "scales": {},
-    }
+    report = {"environment": environment(backbone.device, backbone.dtype), "samples": args.samples, "seed": args.seed,
+              "scales": {}}
     for scale in (float(s) for s in args.scales.split(",")):
         sampling = api.resolve_sampling(backbone, {"cfg_scale": scale})
         result = api.generate(method, conditions, None, sampling, 100, args.seed)
         report["scales"][str(scale)] = quality(
-            to_uint8(backbone.decode(result.codes)), reference, extractor, conditions
-        )
+            to_uint8(backbone.decode(result.codes)), reference, extractor, conditions)
         print(scale, json.dumps({k: round(v, 4) for k, v in report["scales"][str(scale)].items()}), flush=True)
     report["best"] = min(report["scales"], key=lambda s: report["scales"][s]["fid"])
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -63,26 +63,19 @@ def held_out_nll(backbone, codes, labels, head=None, coupling: float = 0.0, batc
         for i in range(0, len(codes), batch):
             prefix = backbone.prefix(labels[i : i + batch].tolist(), cfg=False, grid=tuple(codes.shape[1:]))
             grids = codes[i : i + batch]
-            logits = (
-                raster_logits(backbone, prefix, grids)
-                if head is None
-                else flashar_logits(backbone, head, prefix, grids).fused
-            )
+            logits = (raster_logits(backbone, prefix, grids) if head is None
+                      else flashar_logits(backbone, head, prefix, grids).fused)
             if coupling:
                 total -= (
-                    grid_log_likelihood(*latent_intervals(logits, grids), coupling, head.config.row_lag).sum().item()
-                )
+                    grid_log_likelihood(*latent_intervals(logits, grids), coupling, head.config.row_lag).sum().item())
             else:
                 total += F.cross_entropy(logits.flatten(0, 1), grids.flatten(), reduction="sum").item()
     return total / codes.numel()
 
 
-GRID_NAMES = {
-    "flashar (row lag 1)": "flashar_lag1",
-    "flashar (row lag 1, independent draws)": "flashar_lag1_independent",
-    "flashar (stage 1 only)": "flashar_stage1",
-    "naive diagonal (unadapted)": "naive",
-}
+GRID_NAMES = {"flashar (row lag 1)": "flashar_lag1",
+              "flashar (row lag 1, independent draws)": "flashar_lag1_independent",
+              "flashar (stage 1 only)": "flashar_stage1", "naive diagonal (unadapted)": "naive"}
 LAG1 = "flashar (row lag 1)"  # the paper's anti-diagonal order (``flashar-lag1/``)
 
 
@@ -107,10 +100,7 @@ def variants(backbone, adapters: Path = WEIGHTS):
         "flashar": (FlashAR(backbone, adapter=adapted), adapted.head, adapted.backbone),
         LAG1: (FlashAR(backbone, adapter=lag1), lag1.head, lag1.backbone),
         "flashar (row lag 1, independent draws)": (
-            FlashAR(backbone, FlashAROptions(diagonal_coupling=0.0), adapter=lag1),
-            lag1.head,
-            lag1.backbone,
-        ),
+            FlashAR(backbone, FlashAROptions(diagonal_coupling=0.0), adapter=lag1), lag1.head, lag1.backbone),
         "flashar (stage 1 only)": (FlashAR(backbone, adapter=stage1), stage1.head, stage1.backbone),
         "naive diagonal (unadapted)": (FlashAR(backbone, adapter=naive), naive_head, backbone),
     }
@@ -124,12 +114,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cfg-scale", type=float, default=None, help="default: the backend's")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/digits_quality.json"))
-    parser.add_argument(
-        "--adapters",
-        type=Path,
-        default=WEIGHTS,
-        help="folder holding flashar/, flashar-lag1/ and flashar-stage1/ [default: the shipped ones]",
-    )
+    parser.add_argument("--adapters", type=Path, default=WEIGHTS,
+                        help="folder holding flashar/, flashar-lag1/ and flashar-stage1/ [default: the shipped ones]")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     backbone = api.load_backbone("digits", {})
@@ -145,13 +131,10 @@ def main() -> None:
     score = lambda codes, labels: quality(to_uint8(backbone.decode(codes)), reference, extractor, labels.tolist())
     train_codes, train_labels = splits.train
     report["real"]["train, shifted as in training (floor)"] = score(
-        shift(train_codes, torch.Generator().manual_seed(0)), train_labels
-    )
+        shift(train_codes, torch.Generator().manual_seed(0)), train_labels)
     report["real"]["train, unshifted"] = score(train_codes, train_labels)
-    save_png(
-        sample_grid(to_uint8(backbone.decode(held_out[0][:: len(held_out[0]) // 100][:100]))),
-        grid_path(args.out, "real"),
-    )
+    save_png(sample_grid(to_uint8(backbone.decode(held_out[0][:: len(held_out[0]) // 100][:100]))),
+             grid_path(args.out, "real"))
     val_codes, val_labels = torch.cat([splits.val[0]] * 3), splits.val[1].repeat(3)
     for rung, codes in ladder(val_codes).items():
         report["real"][f"validation, {rung}"] = score(codes, val_labels)
@@ -172,28 +155,20 @@ def main() -> None:
                                    "held_out_nll": held_out_nll(bb, *held_out, head=head)}
         coupling = getattr(method, "coupling", 0.0)
         if coupling:  # the NLL of the sampler this row draws from: its diagonals coupled
-            report["methods"][name].update(
-                diagonal_coupling=coupling,
-                held_out_nll_coupled=held_out_nll(bb, *held_out, head=head, coupling=coupling),
-            )
+            report["methods"][name].update(diagonal_coupling=coupling,
+                held_out_nll_coupled=held_out_nll(bb, *held_out, head=head, coupling=coupling))
         print(name, json.dumps({k: round(v, 4) for k, v in averaged.items()}), flush=True)
     report["timing"] = {}
     folders = {"flashar": "flashar", LAG1: "flashar-lag1"}
-    for kind, batch, compile in (
-        ("latency", 1, False),
-        ("throughput", args.batch_size, False),
-        ("latency, compiled", 1, True),
-    ):
+    for kind, batch, compile in (("latency", 1, False), ("throughput", args.batch_size, False),
+                                 ("latency, compiled", 1, True)):
         methods = {
             "raster": Raster(backbone, compile=compile),
-            **{
-                name: FlashAR(backbone, compile=compile, adapter=load_adapter(args.adapters / folder, backbone))
-                for name, folder in folders.items()
-            },
+            **{name: FlashAR(backbone, compile=compile, adapter=load_adapter(args.adapters / folder, backbone))
+               for name, folder in folders.items()},
         }
         timed = time_methods(
-            methods, conditions[:batch], backbone.grid(), {m: sampling for m in methods}, args.repeats, warmup=1
-        )
+            methods, conditions[:batch], backbone.grid(), {m: sampling for m in methods}, args.repeats, warmup=1)
         report["timing"][kind] = {"batch": batch, "speedup": timed["raster"].median / timed["flashar"].median, **{
             m: {"median_seconds": t.median, "seconds": t.seconds, "forward_passes": t.forward_passes,
                 "speedup": timed["raster"].median / t.median} for m, t in timed.items()}}

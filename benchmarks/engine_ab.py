@@ -86,8 +86,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5, help="timed generations per method and mode in each process")
     parser.add_argument(
-        "--modes", default="eager,compiled", help="compile modes, of eager and compiled [default: %(default)s]"
-    )
+        "--modes", default="eager,compiled", help="compile modes, of eager and compiled [default: %(default)s]")
     parser.add_argument(
         "--model",
         default="digits",
@@ -102,8 +101,7 @@ def main() -> None:
 
     revs = {
         side: subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", rev], check=True, capture_output=True, text=True
-        ).stdout.strip()
+            ["git", "-C", str(ROOT), "rev-parse", rev], check=True, capture_output=True, text=True).stdout.strip()
         for side, rev in (("base", args.base), ("head", args.head))
     }
     runs: dict[str, dict[str, list[float]]] = {"base": {}, "head": {}}
@@ -119,28 +117,16 @@ def main() -> None:
             for tree in trees.values():
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
     medians = {key: {side: statistics.median(runs[side][key]) for side in runs} for key in runs["base"]}
-    report = {
-        "cpu": cpu_model(),
-        "threads": os.environ.get("OMP_NUM_THREADS"),
-        "python": sys.version.split()[0],
-        "revisions": revs,
-        "rounds": args.rounds,
-        "repeats": args.repeats,
-        "batch": 1,
-        "backend": "digits"
-        if args.model == "digits"
-        else f"llamagen {args.model} random weights {args.grid}x{args.grid} {args.dtype}",
-        "medians_s": medians,
-        "head_over_base": {k: m["head"] / m["base"] for k, m in medians.items()},
-        "runs": runs,
-    }
+    report = {"cpu": cpu_model(), "threads": os.environ.get("OMP_NUM_THREADS"), "python": sys.version.split()[0],
+              "revisions": revs, "rounds": args.rounds, "repeats": args.repeats, "batch": 1, "backend": "digits"
+              if args.model == "digits"
+              else f"llamagen {args.model} random weights {args.grid}x{args.grid} {args.dtype}", "medians_s": medians,
+              "head_over_base": {k: m["head"] / m["base"] for k, m in medians.items()}, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     for key, m in medians.items():
-        print(
-            f"{key:18s} base {m['base'] * 1000:8.1f} ms  head {m['head'] * 1000:8.1f} ms  head/base "
-            f"{m['head'] / m['base']:.3f}"
-        )
+        print(f"{key:18s} base {m['base'] * 1000:8.1f} ms  head {m['head'] * 1000:8.1f} ms  head/base "
+              f"{m['head'] / m['base']:.3f}")
 
 
 if __name__ == "__main__":

@@ -41,11 +41,8 @@ def run(args) -> dict:
 
 def measure(args) -> dict:
     backbone = random_backbone(args.model, torch.float32, torch.device("cpu"))
-    grid, sampling, conditions = (
-        (args.grid, args.grid),
-        SamplingConfig(cfg_scale=4.0, top_k=2000),
-        [args.class_id] * args.batch,
-    )
+    grid, sampling, conditions = ((args.grid, args.grid), SamplingConfig(cfg_scale=4.0, top_k=2000),
+                                  [args.class_id] * args.batch)
     os.environ["FLASHAR_ONEDNN_FP32"] = "0"  # read when a step is compiled: both start from inductor's choice
     methods = {"mkl": Raster(backbone, compile=True), "onednn": Raster(backbone, compile=True)}
     with onednn_fp32_linears():  # the first generation compiles the step; the packing is chosen then
@@ -74,8 +71,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument(
-        "--out", default="", help="where to write the JSON receipt (e.g. benchmarks/results/fp32_packing.json)"
-    )
+        "--out", default="", help="where to write the JSON receipt (e.g. benchmarks/results/fp32_packing.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run(args)

@@ -52,8 +52,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--buckets", type=int, default=1, help="FlashAR's static diagonal sizes in the ladder")
     parser.add_argument("--repeats", type=int, default=2, help="timed generations of each part-1 method")
     parser.add_argument(
-        "--ladder-repeats", type=int, default=1, help="timed generations in the ladder (after a warm-up)"
-    )
+        "--ladder-repeats", type=int, default=1, help="timed generations in the ladder (after a warm-up)")
     parser.add_argument("--tiny", action="store_true", help="tiny models (2 layers, 4x4 grid): checks the flow on CPU")
     return parser.parse_args()
 
@@ -78,11 +77,8 @@ def main() -> None:
         "cpu": latency.cpu_model(),
         "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-        "options": {
-            "attention": os.environ.get("FLASHAR_ATTENTION", "auto"),
-            "coordinate_descent": args.coordinate_descent,
-            "buckets": args.buckets,
-        },
+        "options": {"attention": os.environ.get("FLASHAR_ATTENTION", "auto"),
+                    "coordinate_descent": args.coordinate_descent, "buckets": args.buckets},
         "rows": [],
         "ladder": [],
         "skipped": [],
@@ -100,8 +96,7 @@ def main() -> None:
     run_args = argparse.Namespace(compile="eager,compiled", repeats=args.repeats, warmup=1)
     try:  # part 1; a method that fails here must not cost the ladder
         rows = latency.run_config(
-            run_args, registry, args.methods.split(","), gpt_b, "GPT-B", "bfloat16", (side, side), 1, peaks
-        )
+            run_args, registry, args.methods.split(","), gpt_b, "GPT-B", "bfloat16", (side, side), 1, peaks)
         peaks.probe("bfloat16")
         latency.apply_bounds(report, rows, peaks)
         report["rows"] = [row for row, _ in rows]
@@ -204,16 +199,8 @@ def emu35_stack(device, layers: int, tiny: bool):
     sizes = dict(EMU35_34B, num_hidden_layers=layers)
     if tiny:
         sizes |= dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
-    raw = {
-        "model_type": "Emu3",
-        "architectures": ["Emu3ForCausalLM"],
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1e6,
-        "max_position_embeddings": 32768,
-        "hidden_act": "silu",
-        "tie_word_embeddings": False,
-        **sizes,
-    }
+    raw = {"model_type": "Emu3", "architectures": ["Emu3ForCausalLM"], "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+           "max_position_embeddings": 32768, "hidden_act": "silu", "tie_word_embeddings": False, **sizes}
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # so that to_empty allocates bf16, not 4 bytes a parameter
     try:
@@ -276,8 +263,7 @@ def ladder_rows(args, registry, model, side, peaks, device) -> list[dict]:
     grid = (side, side)
     sampling = latency.SamplingConfig(cfg_scale=4.0, top_k=min(2000, backbone.codebook_size), temperature=1.0)
     methods = latency.build_methods(
-        registry, ["raster", f"flashar:buckets={args.buckets}"], backbone, grid, ["compiled"]
-    )
+        registry, ["raster", f"flashar:buckets={args.buckets}"], backbone, grid, ["compiled"])
     timings = time_methods(methods, conditions, grid, {n: sampling for n in methods}, args.ladder_repeats, 1)
     rows = []
     for name, t in timings.items():

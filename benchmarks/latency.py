@@ -140,8 +140,7 @@ def packed_linear(weight, rows: int, varying: bool = False):
     type (AVX2 only)."""
     mkldnn = torch.ops.mkldnn
     if not (
-        weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and CPU_NATIVE.get(weight.dtype, True)
-    ):
+        weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and CPU_NATIVE.get(weight.dtype, True)):
         return functools.partial(F.linear, weight=weight)
     if weight.dtype in (torch.bfloat16, torch.float16) or varying or not torch._C.has_mkl or onednn_fp32_wanted():
         packed = mkldnn._reorder_linear_weight(weight, rows)
@@ -207,10 +206,8 @@ def step_costs(method, conditions, grid, sampling, first: int = 8, count: int = 
     if len(profiled) < count:  # a short generation: its last profiled step was its last step
         prof.stop()
     kernels = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return {
-        "kernels_per_step": kernels / len(profiled),
-        "host_us_per_step": statistics.median(host[2:40] or host) * 1e6,
-    }
+    return {"kernels_per_step": kernels / len(profiled),
+            "host_us_per_step": statistics.median(host[2:40] or host) * 1e6}
 
 
 @contextlib.contextmanager
@@ -254,8 +251,7 @@ def build_methods(registry, specs, backbone, grid, compile_modes):
     methods = {}
     adapter = flashar_adapter(backbone, grid)
     for (spec, (name, options)), mode in itertools.product(
-        parse_methods(",".join(specs), registry).items(), compile_modes
-    ):
+        parse_methods(",".join(specs), registry).items(), compile_modes):
         cls = registry.method(name)
         kwargs = {"adapter": adapter} if name == "flashar" else {}
         methods[f"{spec}/{mode}"] = cls(backbone, cls.Options(**options), compile=COMPILE[mode], **kwargs)
@@ -381,13 +377,11 @@ class Peaks:
         if self.device.type == "cuda":
             self.node_us = min(self.node_us, node_us(self.device))
         self.matmul[dtype_name] = max(
-            self.matmul.get(dtype_name, 0.0), measure_matmul(self.device, getattr(torch, dtype_name))
-        )
+            self.matmul.get(dtype_name, 0.0), measure_matmul(self.device, getattr(torch, dtype_name)))
 
     def bound(self, counter: PassCounter | None, dtype_name: str, kinds: tuple[str, ...] = KINDS) -> float:
         return (
-            float("nan") if counter is None else counter.ideal_seconds(self.bandwidth, self.matmul[dtype_name], kinds)
-        )
+            float("nan") if counter is None else counter.ideal_seconds(self.bandwidth, self.matmul[dtype_name], kinds))
 
 
 def apply_bounds(report: dict, rows: list[tuple[dict, PassCounter | None]], peaks: Peaks) -> None:
@@ -430,17 +424,15 @@ def run(args) -> dict:
     return report
 
 
-def run_config(
-    args, registry, names, backbone, preset, dtype_name, grid, batch, peaks: Peaks
-) -> list[tuple[dict, PassCounter | None]]:
+def run_config(args, registry, names, backbone, preset, dtype_name, grid, batch,
+               peaks: Peaks) -> list[tuple[dict, PassCounter | None]]:
     torch._dynamo.reset()
     sampling = SamplingConfig(cfg_scale=4.0, top_k=2000, temperature=1.0)
     conditions = [207 + i for i in range(batch)]
     methods = build_methods(registry, names, backbone, grid, args.compile.split(","))
     # the bound counts the passes of an eager run (a compiled step cannot be instrumented); same passes either way
     eager = {n: m for n, m in methods.items() if n.endswith("/eager")} or build_methods(
-        registry, names, backbone, grid, ["eager"]
-    )
+        registry, names, backbone, grid, ["eager"])
     passes = {n: count_passes(m, conditions, grid, sampling) for n, m in eager.items()}
     timings = time_methods(methods, conditions, grid, {n: sampling for n in methods}, args.repeats, args.warmup)
     # after timing: same warm machine
@@ -450,22 +442,12 @@ def run_config(
         spec, mode = name.rsplit("/", 1)
         counter = passes.get(f"{spec}/eager")
         raster = timings.get(f"raster/{mode}")  # the baseline in the same compile mode
-        row = {
-            "model": preset,
-            "dtype": dtype_name,
-            "grid": f"{grid[0]}x{grid[1]}",
-            "batch": batch,
-            "method": name,
-            "forward_passes": t.forward_passes,
-            "median_s": t.median,
-            "seconds": t.seconds,
-            "compile_s": t.compile_seconds,
-            "graphs": t.graphs,
-            "recompiles": t.recompiles,
+        row = {"model": preset, "dtype": dtype_name, "grid": f"{grid[0]}x{grid[1]}", "batch": batch, "method": name,
+            "forward_passes": t.forward_passes, "median_s": t.median, "seconds": t.seconds,
+            "compile_s": t.compile_seconds, "graphs": t.graphs, "recompiles": t.recompiles,
             "vs_raster": raster.median / t.median if raster else float("nan"),
             "kernel_s": kernel_times.get(f"{spec}/eager", {}).get("all", float("nan")),
-            "kernel_s_by_kind": {kind: kernel_times.get(f"{spec}/eager", {}).get(kind, float("nan")) for kind in KINDS},
-        }
+            "kernel_s_by_kind": {kind: kernel_times.get(f"{spec}/eager", {}).get(kind, float("nan")) for kind in KINDS}}
         row["vs_kernels"] = t.median / row["kernel_s"]
         if mode != "eager" and backbone.device.type == "cuda":
             row |= step_costs(methods[name], conditions, grid, sampling)
@@ -487,8 +469,7 @@ def main() -> None:
     parser.add_argument("--methods", default="raster,flashar,flashar:buckets=4,sjd,zipar,gsd",
                         help="method ids, with options as id:key=value;key=value")
     parser.add_argument(
-        "--compile", default="eager,compiled,max-autotune", help=f"compile modes, of {', '.join(COMPILE)}"
-    )
+        "--compile", default="eager,compiled,max-autotune", help=f"compile modes, of {', '.join(COMPILE)}")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", default=str(RESULTS / "latency_cpu.json"))

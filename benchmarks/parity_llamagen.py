@@ -57,19 +57,10 @@ def compare_c2i(gpt, generate, tmp: Path) -> dict:
     ours = load_gpt(tmp / "c2i_B_256.pt", preset="GPT-B")
     classes = [207, 360, 387, 974]
     with torch.no_grad():
-        official_tokens = generate.generate(
-            official,
-            torch.tensor(classes),
-            grid * grid,
-            cfg_scale=4.0,
-            top_k=1,
-            top_p=1.0,
-            temperature=1.0,
-            sample_logits=True,
-        )
+        official_tokens = generate.generate(official, torch.tensor(classes), grid * grid, cfg_scale=4.0, top_k=1,
+                                            top_p=1.0, temperature=1.0, sample_logits=True)
     result = Raster(ours).generate(
-        classes, (grid, grid), SamplingConfig(cfg_scale=4.0, top_k=1), make_generator(0, "cpu")
-    )
+        classes, (grid, grid), SamplingConfig(cfg_scale=4.0, top_k=1), make_generator(0, "cpu"))
     same = (result.codes.flatten(1) == official_tokens.long()).float().mean().item()
     return {"model": "GPT-B c2i, 16x16, random weights", "classes": classes, "greedy_token_agreement": same,
             "identical": bool(same == 1.0), "forward_passes": result.num_forward_passes}
@@ -92,14 +83,10 @@ def compare_t2i(gpt, generate, tmp: Path) -> dict:
                                             top_k=1, top_p=1.0, temperature=1.0, sample_logits=True)
     ours = load_gpt(tmp / "t2i_small.pt", config_file=tmp / "t2i.json", text_encoder=lambda prompts: (features, mask))
     result = Raster(ours).generate(
-        ["a", "b"], (grid, grid), SamplingConfig(cfg_scale=4.0, top_k=1), make_generator(0, "cpu")
-    )
+        ["a", "b"], (grid, grid), SamplingConfig(cfg_scale=4.0, top_k=1), make_generator(0, "cpu"))
     same = (result.codes.flatten(1) == official_tokens.long()).float().mean().item()
-    return {
-        "model": "t2i (dim 256, 4 layers, 120 caption tokens), 8x8",
-        "greedy_token_agreement": same,
-        "identical": bool(same == 1.0),
-    }
+    return {"model": "t2i (dim 256, 4 layers, 120 caption tokens), 8x8", "greedy_token_agreement": same,
+            "identical": bool(same == 1.0)}
 
 
 def compare_vq(vq_model, tmp: Path) -> dict:
@@ -114,10 +101,8 @@ def compare_vq(vq_model, tmp: Path) -> dict:
         image = torch.rand(1, 3, 64, 64) * 2 - 1
         ref_codes = official.encode(image)[2][2].view(1, 4, 4)
         got_codes = ours.model.encode_codes(image)
-    return {
-        "decode_max_abs_diff": (ref - got).abs().max().item(),
-        "encode_identical": bool((ref_codes == got_codes).all()),
-    }
+    return {"decode_max_abs_diff": (ref - got).abs().max().item(),
+            "encode_identical": bool((ref_codes == got_codes).all())}
 
 
 def main() -> None:

@@ -30,14 +30,9 @@ from flashar.methods.sjd import SJD
 from flashar.methods.zipar import ZipAR
 from flashar.sampling import make_generator
 
-TINY = [
-    (Raster, None),
-    (SJD, SJD.Options(draft_length=4)),
-    (SJD, SJD.Options(draft_length=4, coupling="maximal")),
-    (ZipAR, ZipAR.Options(window=2)),
-    (ZipAR, ZipAR.Options(window=2, mask_unwritten=False)),
-    (GSD, GSD.Options(draft_length=4)),
-]
+TINY = [(Raster, None), (SJD, SJD.Options(draft_length=4)), (SJD, SJD.Options(draft_length=4, coupling="maximal")),
+        (ZipAR, ZipAR.Options(window=2)), (ZipAR, ZipAR.Options(window=2, mask_unwritten=False)),
+        (GSD, GSD.Options(draft_length=4))]
 
 
 def random_backbone(dtype: torch.dtype, **sizes) -> LlamaGenBackbone:
@@ -57,20 +52,16 @@ def generate(method, conditions, grid, sampling, seed):
 
 def check_tiny() -> list[dict]:
     backbone = random_backbone(
-        torch.float32, dim=64, n_layer=3, n_head=4, multiple_of=32, vocab_size=64, num_classes=10
-    )
+        torch.float32, dim=64, n_layer=3, n_head=4, multiple_of=32, vocab_size=64, num_classes=10)
     greedy, sampling, grid = SamplingConfig(cfg_scale=3.0, top_k=1), SamplingConfig(cfg_scale=3.0, top_k=8), (4, 5)
     raster = generate(Raster(backbone), [3, 7], grid, greedy, 0).codes
     rows = [
-        {
-            "check": "greedy sjd == raster",
-            "ok": torch.equal(generate(SJD(backbone), [3, 7], grid, greedy, 0).codes, raster),
-        },
+        {"check": "greedy sjd == raster",
+         "ok": torch.equal(generate(SJD(backbone), [3, 7], grid, greedy, 0).codes, raster)},
         {
             "check": "greedy zipar(w=W) == raster",
             "ok": torch.equal(
-                generate(ZipAR(backbone, ZipAR.Options(window=5)), [3, 7], grid, greedy, 0).codes, raster
-            ),
+                generate(ZipAR(backbone, ZipAR.Options(window=5)), [3, 7], grid, greedy, 0).codes, raster),
         },
     ]
     for cls, options in TINY:
@@ -100,13 +91,8 @@ def timing() -> list[dict]:
         result = generate(method, list(range(8)), (16, 16), sampling, 1)
         warm = time.perf_counter() - began
         rows.append(
-            {
-                "method": cls.id,
-                "first_s": round(first, 2),
-                "warm_s": round(warm, 4),
-                "passes": result.num_forward_passes,
-                "ms_per_pass": round(warm / result.num_forward_passes * 1e3, 3),
-            }
+            {"method": cls.id, "first_s": round(first, 2), "warm_s": round(warm, 4),
+             "passes": result.num_forward_passes, "ms_per_pass": round(warm / result.num_forward_passes * 1e3, 3)}
         )
     return rows
 

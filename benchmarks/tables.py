@@ -24,18 +24,10 @@ def digits(report: dict) -> str:
     columns = ("inception_score", "precision", "recall", "class_accuracy", "two_sample_accuracy")
     formats = ("{:.2f}", "{:.3f}", "{:.3f}", "{:.3f}", "{:.3f}")
     kid = lambda m: plus_minus(m["kid"], m.get("kid_std", 0.0))  # with its spread over torch-fidelity's subsets
-    row = lambda name, passes, m, nll: [
-        name,
-        passes,
-        f"{m['fid']:.1f}",
-        kid(m),
-        *(f.format(m[c]) for c, f in zip(columns, formats)),
-        nll,
-    ]
-    nll = lambda m: (
-        f"{m['held_out_nll']:.4f}"
-        + (f" ({m['held_out_nll_coupled']:.4f} coupled)" if "held_out_nll_coupled" in m else "")
-    )
+    row = lambda name, passes, m, nll: [name, passes, f"{m['fid']:.1f}", kid(m),
+                                        *(f.format(m[c]) for c, f in zip(columns, formats)), nll]
+    nll = lambda m: (f"{m['held_out_nll']:.4f}"
+                     + (f" ({m['held_out_nll_coupled']:.4f} coupled)" if "held_out_nll_coupled" in m else ""))
     rows = [row(name, str(m["forward_passes"]), m, nll(m)) for name, m in report["methods"].items()]
     rows += [row(f"real {name}", "-", m, "-") for name, m in report["real"].items()]
     table = markdown(["method", "passes", "FID-digits", "KID", "IS", "precision", "recall", "class acc", "2-sample acc",
@@ -52,9 +44,7 @@ def digits(report: dict) -> str:
     label = lambda key: "" if key == "checks" else f" (row lag {key.removeprefix('checks_row_lag_')})"
     checks = "\n".join(
         f"Checks{label(key)}: " + ", ".join(f"{name} {'yes' if ok else 'NO'}" for name, ok in report[key].items()) + "."
-        for key in report
-        if key == "checks" or key.startswith("checks_row_lag_")
-    )
+        for key in report if key == "checks" or key.startswith("checks_row_lag_"))
     return (f"{table}\n\n{report['samples_per_seed']} class-balanced samples per seed, seeds {report['seeds']}, "
             f"sampling {report['sampling']}; {env['cpu']}, {env['threads']} threads, torch {env['torch']}.\n"
             f"Speed, medians: {speeds}.\n{checks}")
@@ -63,23 +53,11 @@ def digits(report: dict) -> str:
 def latency(report: dict) -> str:
     kernels = any("kernel_s" in r for r in report["rows"])  # receipts before the kernel replay lack it
     rows = [
-        [
-            r["model"],
-            r["dtype"],
-            r["grid"],
-            str(r["batch"]),
-            r["method"],
-            str(r["forward_passes"]),
-            f"{r['median_s']:.3f}",
-            f"{r['vs_raster']:.2f}x",
-            f"{r['ideal_s']:.3f}",
-            f"{r['vs_roofline']:.2f}",
-        ]
+        [r["model"], r["dtype"], r["grid"], str(r["batch"]), r["method"], str(r["forward_passes"]),
+         f"{r['median_s']:.3f}", f"{r['vs_raster']:.2f}x", f"{r['ideal_s']:.3f}", f"{r['vs_roofline']:.2f}"]
         + ([f"{r['kernel_s']:.3f}", f"{r['vs_kernels']:.2f}"] if kernels else [])
-        + [
-            f"{r['compile_s']:.1f}",
-            f"{r['graphs']}" + (f" (+{r['recompiles']})" if r.get("recompiles") else "") if "graphs" in r else "-",
-        ]
+        + [f"{r['compile_s']:.1f}",
+           f"{r['graphs']}" + (f" (+{r['recompiles']})" if r.get("recompiles") else "") if "graphs" in r else "-"]
         for r in report["rows"]
     ]
     table = markdown(["model", "dtype", "grid", "batch", "method / mode", "passes", "median s", "vs raster (same mode)",
@@ -96,31 +74,15 @@ def latency(report: dict) -> str:
     if steps:  # CUDA receipts: what bounds a small model's step there
         guarded = lambda r: f" ({r['host_us_per_step_guarded']:.0f})" if "host_us_per_step_guarded" in r else ""
         rows = [
-            [
-                r["model"],
-                r["grid"],
-                r["method"],
-                f"{r['median_s'] / r['forward_passes'] * 1e6:.0f}",
-                f"{r['kernels_per_step']:.0f}",
-                f"{r['host_us_per_step']:.0f}{guarded(r)}",
-                f"{r['ideal_s'] / r['forward_passes'] * 1e6:.0f}",
-                f"{r['launch_floor_s'] / r['forward_passes'] * 1e6:.0f}",
-                f"{r['vs_bound']:.2f}",
-            ]
+            [r["model"], r["grid"], r["method"], f"{r['median_s'] / r['forward_passes'] * 1e6:.0f}",
+             f"{r['kernels_per_step']:.0f}", f"{r['host_us_per_step']:.0f}{guarded(r)}",
+             f"{r['ideal_s'] / r['forward_passes'] * 1e6:.0f}",
+             f"{r['launch_floor_s'] / r['forward_passes'] * 1e6:.0f}", f"{r['vs_bound']:.2f}"]
             for r in steps
         ]
         text += "\n\n" + markdown(
-            [
-                "model",
-                "grid",
-                "method / mode",
-                "us per step",
-                "kernels per step",
-                "host us per step",
-                "roofline us per step",
-                "launch floor us per step",
-                "measured / bound",
-            ],
+            ["model", "grid", "method / mode", "us per step", "kernels per step", "host us per step",
+             "roofline us per step", "launch floor us per step", "measured / bound"],
             rows,
         )
         text += (f"\n\nLaunch floor: kernels per step x {report['node_us']:.2f} us per replayed graph node (measured). "
@@ -131,27 +93,15 @@ def latency(report: dict) -> str:
 def ladder(report: dict) -> str:
     """The GPU model ladder of ``gpu_ladder.py``: per step time, kernels, host time and bounds."""
     def label(r):
-        return (
-            r["model"]
-            + (f" ({r['layers_run']} layers run, scaled)" if "layers_run" in r else "")
-            + (f", {r['attention']} attention" if r.get("attention", "auto") != report["options"]["attention"] else "")
-        )
+        return (r["model"] + (f" ({r['layers_run']} layers run, scaled)" if "layers_run" in r else "")
+            + (f", {r['attention']} attention" if r.get("attention", "auto") != report["options"]["attention"] else ""))
 
     rows = [
-        [
-            label(r),
-            r["grid"],
-            r["method"],
-            str(r["forward_passes"]),
-            f"{r['median_s']:.3f}",
-            f"{r['us_per_step']:.0f}",
-            f"{r.get('kernels_per_step', float('nan')):.0f}",
-            f"{r.get('host_us_per_step', float('nan')):.0f}",
-            f"{r['ideal_s'] / r['forward_passes'] * 1e6:.0f}",
-            f"{r['launch_floor_s'] / r['forward_passes'] * 1e6:.0f}",
-            f"{r['vs_bound']:.2f}",
-            f"{r['vs_raster']:.2f}x (ideal {r['ideal_vs_raster']:.2f}x)" if "vs_raster" in r else "-",
-        ]
+        [label(r), r["grid"], r["method"], str(r["forward_passes"]), f"{r['median_s']:.3f}", f"{r['us_per_step']:.0f}",
+         f"{r.get('kernels_per_step', float('nan')):.0f}", f"{r.get('host_us_per_step', float('nan')):.0f}",
+         f"{r['ideal_s'] / r['forward_passes'] * 1e6:.0f}", f"{r['launch_floor_s'] / r['forward_passes'] * 1e6:.0f}",
+         f"{r['vs_bound']:.2f}",
+         f"{r['vs_raster']:.2f}x (ideal {r['ideal_vs_raster']:.2f}x)" if "vs_raster" in r else "-"]
         for r in report["ladder"]
     ]
     table = markdown(["model", "grid", "method / mode", "passes", "median s", "us per step", "kernels per step",
@@ -286,8 +236,7 @@ def gpu_targets(report: dict) -> list[tuple[bool, str]]:
     """The issue's absolute GPU targets, where the receipt has the rows they name."""
     found = []
     rows = {
-        (r["model"], r["grid"], r["method"]): r for r in report["rows"] if r["batch"] == 1 and r["dtype"] == "bfloat16"
-    }
+        (r["model"], r["grid"], r["method"]): r for r in report["rows"] if r["batch"] == 1 and r["dtype"] == "bfloat16"}
     raster, flashar = rows.get(("GPT-B", "32x32", "raster/compiled")), rows.get(("GPT-B", "32x32", "flashar/compiled"))
     if raster:
         step = raster["median_s"] / raster["forward_passes"] * 1e3
@@ -299,10 +248,8 @@ def gpu_targets(report: dict) -> list[tuple[bool, str]]:
         if r["model"] == "Emu3.5-34B" and r["grid"] == "32x32" and r["method"].startswith("flashar"):
             scaled = f" ({r['layers_run']} layers run, scaled)" if "layers_run" in r else ""
             found.append(
-                (
-                    r["median_s"] <= 2.0,
-                    f"Emu3.5-34B-shaped 32x32 FlashAR image {r['median_s']:.2f} s{scaled} (target <= 2.0)",
-                )
+                (r["median_s"] <= 2.0,
+                 f"Emu3.5-34B-shaped 32x32 FlashAR image {r['median_s']:.2f} s{scaled} (target <= 2.0)")
             )
     return found
 

@@ -90,8 +90,7 @@ def train_raster(args, splits, log) -> tuple[LlamaGenBackbone, dict]:
             idx = order[i : i + args.batch_size]
             batch = shift(codes[idx], gen)
             prefix = dropout_prefix(
-                model.prefix(labels[idx].tolist(), cfg=True, grid=(16, 16)), torch.rand(len(idx), generator=gen) < 0.1
-            )
+                model.prefix(labels[idx].tolist(), cfg=True, grid=(16, 16)), torch.rand(len(idx), generator=gen) < 0.1)
             loss = F.cross_entropy(raster_logits(model, prefix, batch).flatten(0, 1), batch.flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -110,12 +109,8 @@ def train_raster(args, splits, log) -> tuple[LlamaGenBackbone, dict]:
             if stale >= args.patience:
                 break
     model.load_state_dict(best_state)
-    return model.eval(), {
-        "curve": curve,
-        "best_val_nll": best,
-        "epochs": len(curve),
-        "stopped_early": stale >= args.patience,
-    }
+    return model.eval(), {"curve": curve, "best_val_nll": best, "epochs": len(curve),
+                          "stopped_early": stale >= args.patience}
 
 
 def train_cnn(args, splits, log) -> tuple[DigitsCNN, dict]:
@@ -139,8 +134,7 @@ def train_cnn(args, splits, log) -> tuple[DigitsCNN, dict]:
     net.eval()
     with torch.no_grad():  # on shifted digits, as the samples it judges are
         acc = lambda codes, labels: (
-            (net.classify(DigitsCNN.from_codes(codes)).argmax(-1) == labels).float().mean().item()
-        )
+            (net.classify(DigitsCNN.from_codes(codes)).argmax(-1) == labels).float().mean().item())
         val_codes, val_labels = splits.val
         result = {"val_accuracy": acc(shift(val_codes, torch.Generator().manual_seed(args.seed + 3)), val_labels),
                   "test_accuracy": acc(*held_out_reference())}
@@ -156,23 +150,9 @@ def write_png_folder(codes: torch.Tensor, labels: torch.Tensor, folder: Path) ->
 
 
 def run_adapt(weights: Path, data: Path, out: Path, extra: list[str], log) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "flashar",
-        "adapt",
-        "--backend",
-        "digits",
-        "--checkpoint",
-        str(weights / "raster.safetensors"),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--cache-dir",
-        str(data.parent / "cache"),
-        *extra,
-    ]
+    cmd = [sys.executable, "-m", "flashar", "adapt", "--backend", "digits", "--checkpoint",
+           str(weights / "raster.safetensors"), "--data", str(data), "--out", str(out), "--cache-dir",
+           str(data.parent / "cache"), *extra]
     log("running: " + " ".join(cmd))
     subprocess.run(cmd, check=True)
 
@@ -184,28 +164,17 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-epochs", type=int, default=300)
-    parser.add_argument(
-        "--patience",
-        type=int,
-        default=15,
-        help="epochs without a better validation NLL before stopping (the LR drops 0.3x after a third of it)",
-    )
+    parser.add_argument("--patience", type=int, default=15,
+        help="epochs without a better validation NLL before stopping (the LR drops 0.3x after a third of it)")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--cnn-epochs", type=int, default=60)
     parser.add_argument("--parts", default="raster,features,adapt",
                         help="what to (re)build; the others are read from --out [default: %(default)s]")
-    parser.add_argument(
-        "--adapt-augment",
-        type=int,
-        default=8,
-        help="randomly shifted copies of each training image for adaptation (the raster model saw only shifted digits)",
-    )
+    parser.add_argument("--adapt-augment", type=int, default=8,
+        help="randomly shifted copies of each training image for adaptation (the raster model saw only shifted digits)")
     parser.add_argument("--adapt-args", default=ADAPT_ARGS, help="flags for `flashar adapt` [default: %(default)s]")
-    parser.add_argument(
-        "--adapters",
-        default="flashar,flashar-lag1,flashar-stage1",
-        help="which adapters to build [default: %(default)s]",
-    )
+    parser.add_argument("--adapters", default="flashar,flashar-lag1,flashar-stage1",
+                        help="which adapters to build [default: %(default)s]")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     log = lambda msg: print(msg, flush=True)
@@ -235,11 +204,8 @@ def adapt(args, splits, log) -> None:
         for (codes, labels), folder, copies in ((splits.train, "train", args.adapt_augment), (splits.val, "val", 2)):
             augmented = torch.cat([shift(codes, gen) for _ in range(copies)])  # shifted as the raster model saw them
             write_png_folder(augmented, labels.repeat(copies), Path(tmp) / folder)
-        variants = {
-            "flashar": ["--row-lag", "2"],
-            "flashar-lag1": [],
-            "flashar-stage1": ["--row-lag", "2", "--stage2-mode", "none"],
-        }
+        variants = {"flashar": ["--row-lag", "2"], "flashar-lag1": [],
+                    "flashar-stage1": ["--row-lag", "2", "--stage2-mode", "none"]}
         for name in args.adapters.split(","):
             target = args.out / name
             shutil.rmtree(target, ignore_errors=True)

@@ -50,13 +50,9 @@ class Adapter:
                                f"generate a grid at least that wide or adapt with a smaller --row-lag")
 
 
-def save_adapter(
-    path: str | Path,
-    metadata: AdapterMetadata,
-    head_state: dict[str, torch.Tensor],
-    backbone_state: dict[str, torch.Tensor] | None = None,
-    lora_state: dict[str, torch.Tensor] | None = None,
-) -> Path:
+def save_adapter(path: str | Path, metadata: AdapterMetadata, head_state: dict[str, torch.Tensor],
+                 backbone_state: dict[str, torch.Tensor] | None = None,
+                 lora_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write an adapter folder from state dicts: the FlashAR parts, plus backbone weights or LoRA factors
     as ``metadata.backbone_weights`` says. The weights go first and ``config.json`` last, so a folder whose
     ``config.json`` is missing was interrupted and is refused on load."""
@@ -72,8 +68,7 @@ def save_adapter(
 
 
 def new_metadata(
-    backbone: Backbone, head: FlashARHead, grid: tuple[int, int], stage: int = 0, step: int = 0
-) -> AdapterMetadata:
+    backbone: Backbone, head: FlashARHead, grid: tuple[int, int], stage: int = 0, step: int = 0) -> AdapterMetadata:
     return AdapterMetadata(
         flashar_version=__version__, backend=backbone.backend_id, backbone_fingerprint=backbone.fingerprint(),
         backbone_architecture=backbone.architecture(), grid=tuple(grid), branch=head.config,
@@ -85,17 +80,13 @@ def read_metadata(path: str | Path) -> AdapterMetadata:
     path = Path(path)
     raw = load_json(path / CONFIG) if (path / CONFIG).is_file() else None
     if isinstance(raw, dict) and "flashar_version" not in raw or raw is not None and not isinstance(raw, dict):
-        kind = (
-            f"model_type {raw.get('model_type')!r}"
-            if isinstance(raw, dict) and raw.get("model_type")
-            else "no flashar_version"
-        )
+        kind = (f"model_type {raw.get('model_type')!r}" if isinstance(raw, dict) and raw.get("model_type")
+                else "no flashar_version")
         raise CheckpointError(f"{path} is neither a flashar adapter (its {CONFIG} has {kind}) nor a FlashAR checkpoint "
                               f"layout this backend reads; check that --adapter names the checkpoint folder itself")
     if raw is None or not (path / WEIGHTS).is_file():
         raise CheckpointError(
-            f"{path} is not a flashar adapter folder (it needs {CONFIG} and {WEIGHTS}); write one with `flashar adapt`"
-        )
+            f"{path} is not a flashar adapter folder (it needs {CONFIG} and {WEIGHTS}); write one with `flashar adapt`")
     try:
         return AdapterMetadata(**raw)
     except (ValidationError, TypeError) as exc:
@@ -139,8 +130,7 @@ def load_adapter(path: str | Path, backbone: Backbone, copy_backbone: bool = Tru
 
 
 def _adapted_backbone(
-    backbone: Backbone, meta: AdapterMetadata, state: dict, path: Path, copy_backbone: bool
-) -> Backbone:
+    backbone: Backbone, meta: AdapterMetadata, state: dict, path: Path, copy_backbone: bool) -> Backbone:
     if meta.backbone_weights == "none":
         return backbone
     target = copy.deepcopy(backbone) if copy_backbone else backbone
@@ -152,6 +142,5 @@ def _adapted_backbone(
         from flashar.lora import merge_lora
 
         merge_lora(
-            target, {k[len("lora.") :]: v for k, v in state.items() if k.startswith("lora.")}, meta.lora_scaling, path
-        )
+            target, {k[len("lora.") :]: v for k, v in state.items() if k.startswith("lora.")}, meta.lora_scaling, path)
     return target.eval()

@@ -51,8 +51,7 @@ def check_image_tokenizer(backend: str, options: Mapping[str, Any] | Config, nee
         field = spec.options.model_fields.get(name)
         what = f" ({field.description.split(';')[0].rstrip('.')})" if field is not None and field.description else ""
         raise FlashARError(
-            f"{needed_for} needs {backend}'s image tokenizer; pass {flag_of(spec.options, (name,))}{what}"
-        )
+            f"{needed_for} needs {backend}'s image tokenizer; pass {flag_of(spec.options, (name,))}{what}")
 
 
 def check_data_source(backend: str, options: Mapping[str, Any] | Config, data_dir: str | Path | None = None,
@@ -91,10 +90,8 @@ def _warn_slow_dtype(runtime: RuntimeConfig) -> None:
         warnings.warn(
             f"this CPU has no native {runtime.dtype} matmuls (no AVX512 or AMX) and multiplies {runtime.dtype} at "
             f"about a tenth of float32's rate, so steps of many rows, FlashAR's diagonals among them, run several "
-            f"times slower than in float32 (GPT-B FlashAR: 4x on an AVX2 EPYC); use --dtype float32",
-            FlashARWarning,
-            stacklevel=3,
-        )
+            f"times slower than in float32 (GPT-B FlashAR: 4x on an AVX2 EPYC); use --dtype float32", FlashARWarning,
+            stacklevel=3)
 
 
 def build_method(name: str, backbone: Backbone, options: Mapping[str, Any] | Config | None = None, *,
@@ -106,8 +103,7 @@ def build_method(name: str, backbone: Backbone, options: Mapping[str, Any] | Con
     """
     cls = (registry or get_registry()).method(name)
     return cls(
-        backbone, validated(cls.Options, options, f"method '{name}'"), compile=compile, own_backbone=own_backbone
-    )
+        backbone, validated(cls.Options, options, f"method '{name}'"), compile=compile, own_backbone=own_backbone)
 
 
 def resolve_branch(backbone: Backbone, config, given: Mapping[str, Any] | None = None):
@@ -125,16 +121,10 @@ def resolve_sampling(backbone: Backbone, overrides: Mapping[str, Any] | None = N
     return validated(SamplingConfig, values, "sampling")
 
 
-def generate(
-    method: Method,
-    conditions: Sequence[Any],
-    image_size: int | tuple[int, int] | None = None,
-    sampling: SamplingConfig | None = None,
-    batch_size: int = 8,
-    seed: int = 0,
-    on_batch: Callable[[int], None] | None = None,
-    progress: Callable[[float], None] | None = None,
-) -> GenerateResult:
+def generate(method: Method, conditions: Sequence[Any], image_size: int | tuple[int, int] | None = None,
+             sampling: SamplingConfig | None = None, batch_size: int = 8, seed: int = 0,
+             on_batch: Callable[[int], None] | None = None,
+             progress: Callable[[float], None] | None = None) -> GenerateResult:
     """Generate one token grid per condition, ``batch_size`` at a time, from one seeded generator.
 
     ``on_batch(n)`` after every batch of n images; ``progress(images)`` also during a batch, with the
@@ -220,8 +210,7 @@ def check_image_paths(out_dir: str | Path, conditions: Sequence[Any]) -> None:
     for name in image_names(conditions):
         if (Path(out_dir) / name).is_dir():
             raise FlashARError(
-                f"{Path(out_dir) / name} is a folder where an image would be written; choose another --out"
-            )
+                f"{Path(out_dir) / name} is a folder where an image would be written; choose another --out")
 
 
 def check_tokens_path(path: str | Path) -> Path:
@@ -231,8 +220,7 @@ def check_tokens_path(path: str | Path) -> Path:
         raise FlashARError(f"--save-tokens must name a .npy file, got {path}; e.g. --save-tokens tokens.npy")
     if path.is_dir():
         raise FlashARError(
-            f"--save-tokens {path} is a folder; name a .npy file, e.g. --save-tokens {path / 'tokens.npy'}"
-        )
+            f"--save-tokens {path} is a folder; name a .npy file, e.g. --save-tokens {path / 'tokens.npy'}")
     check_writable_dir(path.parent, "--save-tokens path")
     return path
 
@@ -258,8 +246,7 @@ def ensure_output(out_dir: str | Path, resume: bool = False) -> Path:
                                   or any((out_dir / name).exists() for name in ("config.json", "model.safetensors")))
     if taken and not resume:
         raise FlashARError(
-            f"{out_dir} already holds an adapter or checkpoints; pass --resume to continue it or choose a new --out"
-        )
+            f"{out_dir} already holds an adapter or checkpoints; pass --resume to continue it or choose a new --out")
     return check_writable_dir(out_dir)
 
 
@@ -276,10 +263,8 @@ def load_data(backbone: Backbone, data_dir: str | Path | None = None, codes_dir:
         data = load_llamagen_codes(codes_dir, backbone.grid(image_size))
         expected = data.grid if image_size is None else backbone.grid(image_size)
         if data.grid != expected:
-            raise FlashARError(
-                f"the codes in {codes_dir} form {data.grid[0]}x{data.grid[1]} grids, not "
-                f"{expected[0]}x{expected[1]}; drop --image-size or re-extract"
-            )
+            raise FlashARError(f"the codes in {codes_dir} form {data.grid[0]}x{data.grid[1]} grids, not "
+                               f"{expected[0]}x{expected[1]}; drop --image-size or re-extract")
         return data
     if cache_dir is not None:
         check_writable_dir(cache_dir, "--cache-dir")
@@ -333,13 +318,11 @@ def quality_inputs(backbone: Backbone, config, fid_weights=None, reference_dir=N
     if extractor is None or reference is None:
         raise FlashARError(
             "quality metrics need a feature extractor and real images for this backend; pass --fid-weights FILE "
-            "and --reference-images DIR, or --no-metrics for speed only"
-        )
+            "and --reference-images DIR, or --no-metrics for speed only")
     if config.num_samples < 2 * FOLDS:
         raise FlashARError(
             f"quality metrics need at least {2 * FOLDS} images per method; pass --num-samples {2 * FOLDS} "
-            "or more, or --no-metrics for speed only"
-        )
+            "or more, or --no-metrics for speed only")
     return extractor, reference
 
 

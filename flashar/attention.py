@@ -29,8 +29,7 @@ CPU_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 def _cpu_multiplies(kind: str) -> bool:
     try:
         return torch.backends.mkldnn.is_available() and bool(
-            getattr(torch.ops.mkldnn, f"_is_mkldnn_{kind}_supported")()
-        )
+            getattr(torch.ops.mkldnn, f"_is_mkldnn_{kind}_supported")())
     except (AttributeError, RuntimeError):
         return False
 

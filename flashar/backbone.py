@@ -95,8 +95,7 @@ class KVCache:
 
 
 def write_kv(
-    kv: tuple[Tensor, Tensor], slots: Tensor, k: Tensor, v: Tensor, length: int | None = None
-) -> tuple[Tensor, Tensor]:
+    kv: tuple[Tensor, Tensor], slots: Tensor, k: Tensor, v: Tensor, length: int | None = None) -> tuple[Tensor, Tensor]:
     """Write k, v (B, H_kv, T, hd) at ``slots`` (T,); return the first ``length`` cache slots (B, H_kv, S', hd).
 
     Backends pass ``length = mask.shape[-1]``: a method that knows its queries see only a prefix of the
@@ -240,12 +239,9 @@ def decode_images(card: BackendCard, codes: Tensor, conditions: Sequence[Any]) -
     works, with a one-line deprecation warning naming the new parameter."""
     if len(inspect.signature(card.decode).parameters) >= 2:
         return card.decode(codes, conditions)
-    warnings.warn(
-        f"{type(card).__name__}.decode(codes) should also take the conditions the codes were drawn for: "
-        f"decode(codes, conditions=None); it is called without them for now",
-        DeprecationWarning,
-        stacklevel=2,
-    )
+    warnings.warn(f"{type(card).__name__}.decode(codes) should also take the conditions the codes were drawn for: "
+                  f"decode(codes, conditions=None); it is called without them for now", DeprecationWarning,
+                  stacklevel=2)
     return card.decode(codes)
 
 
@@ -255,10 +251,9 @@ class Backbone(nn.Module, BackendCard):
 
     codebook_size: int  # V: codes are [0, V)
     code_offset: int = 0  # token id of code 0 in the model's vocabulary
+    # emitted after every row but the last (Emu3.5's EOL); the native sequence forces it
     row_end_token: int | None = None
-    native_cfg: Literal["logits", "log_softmax"] = (
-        "logits"  # the space the model's own CFG mixes in (raster honours it)
-    )
+    native_cfg: Literal["logits", "log_softmax"] = "logits"  # the space of the model's own CFG (raster honours it)
 
     layers: nn.ModuleList
     norm: nn.Module

@@ -33,15 +33,8 @@ from flashar.cliutils import (
     user_errors,
     with_config_file,
 )
-from flashar.config import (
-    IMAGE_SIZE_HELP,
-    AdaptConfig,
-    BranchConfig,
-    CompareConfig,
-    RuntimeConfig,
-    SamplingConfig,
-    StageConfig,
-)
+from flashar.config import (IMAGE_SIZE_HELP, AdaptConfig, BranchConfig, CompareConfig, RuntimeConfig, SamplingConfig,
+                            StageConfig)
 from flashar.errors import FlashARError
 
 
@@ -82,8 +75,7 @@ def parse_conditions(classes: str | None, prompts: tuple[str, ...]) -> list:
     """Class ids from ``--classes`` or the ``--prompt`` texts (never both)."""
     if classes and prompts:
         raise FlashARError(
-            "pass either --classes (class-conditional backends) or --prompt (text-conditional ones), not both"
-        )
+            "pass either --classes (class-conditional backends) or --prompt (text-conditional ones), not both")
     return parse_classes(classes) or list(prompts)
 
 
@@ -94,12 +86,8 @@ def config_stage_options(fn):
     options = [
         o
         for stage in ("stage1", "stage2")
-        for o in field_options(
-            StageConfig,
-            prefix=stage,
-            defaults=getattr(defaults, stage),
-            skip=("backbone_lr_factor",) if stage == "stage1" else (),
-        )
+        for o in field_options(StageConfig, prefix=stage, defaults=getattr(defaults, stage),
+                               skip=("backbone_lr_factor",) if stage == "stage1" else ())
     ]
     fn.__click_params__ = getattr(fn, "__click_params__", []) + list(reversed(options))
     return fn
@@ -123,27 +111,17 @@ def config_options(*models, skip: tuple[str, ...] = ()):
 
 @cli.command(cls=PluginCommand, plugin_params=backend_and_method_options)
 @click.option("--backend", "-b", help="Backend id (see `flashar backends`); required.")
-@click.option(
-    "--method",
-    "-m",
-    default="raster",
-    show_default=True,
+@click.option("--method", "-m", default="raster", show_default=True,
     help="Decoding method id (see `flashar methods`), or ID:OPTION=VALUE;OPTION=VALUE with option values of its "
-    "own, as compare's --methods takes it (e.g. zipar:window=4).",
-)
+    "own, as compare's --methods takes it (e.g. zipar:window=4).")
 @click.option("--classes", help="Comma-separated class ids, one image each (class-conditional backends).")
-@click.option(
-    "--prompt",
-    "prompts",
-    multiple=True,
-    help="A prompt, one image each; repeat for several (text-conditional backends).",
-)
+@click.option("--prompt", "prompts", multiple=True,
+              help="A prompt, one image each; repeat for several (text-conditional backends).")
 @click.option("--image-size", type=IMAGE_SIZE, help=IMAGE_SIZE_HELP)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images decoded together.")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for one PNG per image.")
 @click.option(
-    "--save-tokens", type=click.Path(path_type=Path), help="Also save the token grids as int64 .npy, shape [N, H, W]."
-)
+    "--save-tokens", type=click.Path(path_type=Path), help="Also save the token grids as int64 .npy, shape [N, H, W].")
 @click.option("--config", type=click.Path(path_type=Path), help=CONFIG_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of a table.")
 @config_options(SamplingConfig, RuntimeConfig)
@@ -158,8 +136,7 @@ def generate(ctx: click.Context, **values) -> None:
     chosen = parse_methods(values["method"], registry)
     if len(chosen) != 1:
         raise FlashARError(
-            f"--method takes one method, got {values['method']!r}; `flashar compare --methods` runs several"
-        )
+            f"--method takes one method, got {values['method']!r}; `flashar compare --methods` runs several")
     [(label, (method_id, own))] = chosen.items()
     check_foreign(values, registry, values["backend"], [method_id])
     conditions = parse_conditions(values["classes"], values["prompts"])
@@ -197,45 +174,24 @@ def generate(ctx: click.Context, **values) -> None:
             "flashar generate",
             ["images", "grid", "forward passes / batch", "seconds", "sampling", "written to"],
             [
-                [
-                    len(conditions),
-                    "x".join(map(str, summary["grid"])),
-                    result.num_forward_passes,
-                    f"{result.seconds:.2f}",
-                    describe_sampling(sampling.model_dump()),
-                    values["out"] or "-",
-                ]
+                [len(conditions), "x".join(map(str, summary["grid"])), result.num_forward_passes,
+                 f"{result.seconds:.2f}", describe_sampling(sampling.model_dump()), values["out"] or "-"]
             ],
         )
 
 
 @cli.command(cls=PluginCommand, plugin_params=backend_options)
 @click.option("--backend", "-b", help="Backend id (see `flashar backends`); required.")
-@click.option(
-    "--data",
-    "data_dir",
-    type=click.Path(path_type=Path),
-    help="Image folder: class subfolders, or images + metadata.jsonl for text backends.",
-)
-@click.option(
-    "--codes",
-    "codes_dir",
-    type=click.Path(path_type=Path),
-    help="Pre-extracted LlamaGen codes (extract_codes_c2i.py output) instead of images.",
-)
-@click.option(
-    "--val-data",
-    "val_dir",
-    type=click.Path(path_type=Path),
-    help="Held-out image folder (laid out like --data) for held-out NLL, "
-    "best weights per stage and early stopping; or carve it out of --data with --val-fraction.",
-)
+@click.option("--data", "data_dir", type=click.Path(path_type=Path),
+              help="Image folder: class subfolders, or images + metadata.jsonl for text backends.")
+@click.option("--codes", "codes_dir", type=click.Path(path_type=Path),
+              help="Pre-extracted LlamaGen codes (extract_codes_c2i.py output) instead of images.")
+@click.option("--val-data", "val_dir", type=click.Path(path_type=Path),
+              help="Held-out image folder (laid out like --data) for held-out NLL, "
+              "best weights per stage and early stopping; or carve it out of --data with --val-fraction.")
 @click.option("--image-size", type=IMAGE_SIZE, help=IMAGE_SIZE_HELP)
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    help="Adapter folder to write (also holds metrics.jsonl, and checkpoints/ until the run finishes); required.",
-)
+@click.option("--out", type=click.Path(path_type=Path),
+    help="Adapter folder to write (also holds metrics.jsonl, and checkpoints/ until the run finishes); required.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
 @click.option(
     "--force-resume",
@@ -243,11 +199,8 @@ def generate(ctx: click.Context, **values) -> None:
     help="With --resume: continue even though --data/--codes/--val-data or the training options differ from the "
          "checkpoint's.",
 )
-@click.option(
-    "--cache-dir",
-    type=click.Path(path_type=Path),
-    help="Where tokenised data is cached [default: ~/.cache/flashar/tokens].",
-)
+@click.option("--cache-dir", type=click.Path(path_type=Path),
+              help="Where tokenised data is cached [default: ~/.cache/flashar/tokens].")
 @click.option("--config", type=click.Path(path_type=Path), help=CONFIG_HELP)
 @config_options(AdaptConfig, BranchConfig, RuntimeConfig, skip=("compile", "compile_mode"))  # adapt compiles nothing
 @config_stage_options
@@ -278,46 +231,23 @@ def adapt(ctx: click.Context, **values) -> None:
         config = api.resolve_branch(backbone, config, pick(BranchConfig, values))  # user > backend > library
         with main_first(place):  # the main process tokenises and fills the cache, the others read it
             with _Bars(quiet=not place.is_main) as bars:  # shown only when the images are not cached yet
-                data = api.load_data(
-                    backbone,
-                    values["data_dir"],
-                    values["codes_dir"],
-                    values["image_size"],
-                    values["cache_dir"],
-                    progress=bars.task("tokenising --data images").update,
-                )
+                data = api.load_data(backbone, values["data_dir"], values["codes_dir"], values["image_size"],
+                                     values["cache_dir"], progress=bars.task("tokenising --data images").update)
                 held = (
-                    api.load_data(
-                        backbone,
-                        values["val_dir"],
-                        None,
-                        values["image_size"],
-                        values["cache_dir"],
-                        progress=bars.task("tokenising --val-data images").update,
-                    )
+                    api.load_data(backbone, values["val_dir"], None, values["image_size"], values["cache_dir"],
+                                  progress=bars.task("tokenising --val-data images").update)
                     if values["val_dir"]
                     else None
                 )
         total = sum(
-            s.steps for s in (config.stage1, config.stage2) if s is config.stage1 or config.stage2_mode != "none"
-        )
+            s.steps for s in (config.stage1, config.stage2) if s is config.stage1 or config.stage2_mode != "none")
         with _train_progress(total, quiet=not place.is_main) as on_step:
-            api.adapt(
-                backbone,
-                data,
-                config,
-                values["out"],
-                resume=values["resume"],
-                on_step=on_step,
-                place=place,
-                val_data=held,
-                force_resume=values["force_resume"],
-            )
+            api.adapt(backbone, data, config, values["out"], resume=values["resume"], on_step=on_step, place=place,
+                      val_data=held, force_resume=values["force_resume"])
     if place.is_main:
         _print_held_out(api.held_out_curve(values["out"]))
         console().print(
-            f"adapter written to {values['out']} (use: flashar generate --method flashar --adapter {values['out']})"
-        )
+            f"adapter written to {values['out']} (use: flashar generate --method flashar --adapter {values['out']})")
 
 
 def _print_held_out(curve: list[dict]) -> None:
@@ -331,11 +261,9 @@ def _print_held_out(curve: list[dict]) -> None:
             r["step"],
             f"{r['val_nll_flashar']:.4f}",
             f"{r['val_nll_raster']:.4f}",
-            ", ".join(
-                note
-                for note, on in (("best", r["step"] == best[r["stage"]]), ("stopped early", r["stopped_early"]))
-                if on
-            ),
+            ", ".join(note
+                      for note, on in (("best", r["step"] == best[r["stage"]]), ("stopped early", r["stopped_early"]))
+                      if on),
         ]
         for r in curve
     ]
@@ -344,36 +272,20 @@ def _print_held_out(curve: list[dict]) -> None:
 
 @cli.command(cls=PluginCommand, plugin_params=backend_and_method_options)
 @click.option("--backend", "-b", default="digits", show_default=True, help="Backend id (see `flashar backends`).")
-@click.option(
-    "--methods",
-    default="raster,flashar",
-    show_default=True,
+@click.option("--methods", default="raster,flashar", show_default=True,
     help="Comma-separated method ids (see `flashar methods`), each a row; ID:OPTION=VALUE;OPTION=VALUE adds a "
     "variant with option values of its own, e.g. raster,zipar:window=4,zipar:window=16 or "
-    "flashar,flashar:adapter=other/ (quote a ';').",
-)
+    "flashar,flashar:adapter=other/ (quote a ';').")
 @click.option(
-    "--seeds", default="0", show_default=True, help="Comma-separated sampling seeds; quality is averaged over them."
-)
+    "--seeds", default="0", show_default=True, help="Comma-separated sampling seeds; quality is averaged over them.")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
+              help="Text file, one prompt per line (text-conditional backends).")
+@click.option("--fid-weights", type=click.Path(path_type=Path),
+              help="Inception weights (pt_inception-2015-12-05) for FID on non-digits backends.")
 @click.option(
-    "--prompts",
-    "prompts_file",
-    type=click.Path(path_type=Path),
-    help="Text file, one prompt per line (text-conditional backends).",
-)
-@click.option(
-    "--fid-weights",
-    type=click.Path(path_type=Path),
-    help="Inception weights (pt_inception-2015-12-05) for FID on non-digits backends.",
-)
-@click.option(
-    "--reference-images", type=click.Path(path_type=Path), help="Folder of real images to compare samples against."
-)
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    help="Folder for report.json, a sample grid per method and the speed/quality plot.",
-)
+    "--reference-images", type=click.Path(path_type=Path), help="Folder of real images to compare samples against.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Folder for report.json, a sample grid per method and the speed/quality plot.")
 @click.option("--config", type=click.Path(path_type=Path), help=CONFIG_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @config_options(CompareConfig, SamplingConfig, RuntimeConfig, skip=("methods", "seeds"))
@@ -392,8 +304,7 @@ def compare(ctx: click.Context, **values) -> None:
     if not names or not seeds:
         raise click.BadParameter(
             "expected at least one comma-separated value, e.g. --methods raster,flashar --seeds 0,1",
-            param_hint="--methods" if not names else "--seeds",
-        )
+            param_hint="--methods" if not names else "--seeds")
     check_foreign(values, registry, values["backend"], sorted({method for method, _ in variants.values()}))
     config = api.validated(CompareConfig, {**pick(CompareConfig, values), "methods": names, "seeds": seeds}, "compare")
     if values["out"]:
@@ -413,8 +324,7 @@ def compare(ctx: click.Context, **values) -> None:
     for method in methods.values():  # before any bar starts or any method is timed
         method.check_grid(method.backbone.grid(config.image_size))
     extractor, reference = api.quality_inputs(
-        backbone, config, values["fid_weights"], values["reference_images"], registry
-    )
+        backbone, config, values["fid_weights"], values["reference_images"], registry)
     total = config.num_samples * len(config.seeds) * len(names) if extractor is not None and config.metrics else 0
     from flashar.compare import timed_runs
 
@@ -440,14 +350,9 @@ class _train_progress:
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.bar = Progress(
-            TextColumn("stage {task.fields[stage]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  gate {task.fields[gate]:.3f}"),
-            TimeRemainingColumn(),
-            console=console(),
-        )
+        self.bar = Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]:.4f}  gate {task.fields[gate]:.3f}"),
+                            TimeRemainingColumn(), console=console())
         self.bar.start()
         task = self.bar.add_task("adapt", total=self.total, stage=1, loss=float("nan"), gate=0.5)
 
@@ -455,14 +360,12 @@ class _train_progress:
             if "val_nll_flashar" in r:  # a held-out evaluation
                 self.bar.console.print(
                     f"stage {r['stage']} step {r['step']}: held-out NLL flashar {r['val_nll_flashar']:.4f}  "
-                    f"raster {r['val_nll_raster']:.4f}" + ("  (stopped early)" if r["stopped_early"] else "")
-                )
+                    f"raster {r['val_nll_raster']:.4f}" + ("  (stopped early)" if r["stopped_early"] else ""))
             elif "diagonal_coupling" in r:  # the copula fit after training
                 self.bar.console.print(
                     f"diagonal coupling {r['diagonal_coupling']:.2f} fitted on {r['coupling_grids']} "
                     f"{'held-out' if r['held_out'] else 'training'} grids: their NLL under the FlashAR "
-                    f"sampler {r['nll_coupled']:.4f} nats/token coupled, {r['nll_independent']:.4f} independent"
-                )
+                    f"sampler {r['nll_coupled']:.4f} nats/token coupled, {r['nll_independent']:.4f} independent")
             else:
                 self.bar.update(task, completed=r["step"], stage=r["stage"], loss=r["loss"], gate=r["gate_mean"])
 
@@ -547,15 +450,9 @@ def backends(ctx: click.Context, as_json: bool) -> None:
         "flashar backends",
         ["id", "status", "plugin", "sampling defaults", "description"],
         [
-            [
-                r["id"],
-                "available" if r["available"] else f"unavailable: {r['install']}",
-                r["plugin"],
-                describe_sampling(r["sampling_defaults"])
-                if r["sampling_defaults"]
-                else "declared by the backbone once loaded",
-                r["description"],
-            ]
+            [r["id"], "available" if r["available"] else f"unavailable: {r['install']}", r["plugin"],
+             describe_sampling(r["sampling_defaults"]) if r["sampling_defaults"]
+             else "declared by the backbone once loaded", r["description"]]
             for r in rows
         ],
         no_wrap=("id", "status"),
@@ -578,13 +475,8 @@ def methods(ctx: click.Context, as_json: bool) -> None:
         "flashar methods",
         ["id", "passes at 32x32", "options (also as ID:OPTION=VALUE)", "plugin", "description"],
         [
-            [
-                r["id"],
-                r["forward_passes_32x32"],
-                ", ".join(o.replace("_", "-") for o in r["options"]) or "-",
-                r["plugin"],
-                r["description"],
-            ]
+            [r["id"], r["forward_passes_32x32"], ", ".join(o.replace("_", "-") for o in r["options"]) or "-",
+             r["plugin"], r["description"]]
             for r in rows
         ],
     )

@@ -77,8 +77,7 @@ def with_config_file(ctx: click.Context, values: dict[str, Any], required: tuple
     path = values.pop("config", None)
     params = {p.name: p for p in ctx.command.get_params(ctx) if p.name in values}
     aliases = {opt.lstrip("-").replace("-", "_"): p.name for p in params.values() for opt in p.opts} | {
-        n: n for n in params
-    }
+        n: n for n in params}
     given = _config_values(path, set(aliases)) if path is not None else {}
     typed_by_user = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     for alias, value in given.items():
@@ -88,8 +87,7 @@ def with_config_file(ctx: click.Context, values: dict[str, Any], required: tuple
     for name in required:
         if values.get(name) is None:
             raise click.UsageError(
-                f"Missing option '--{name.replace('_', '-')}' (on the command line or in --config)", ctx
-            )
+                f"Missing option '--{name.replace('_', '-')}' (on the command line or in --config)", ctx)
     return values
 
 
@@ -102,11 +100,8 @@ def _config_values(path: Path, names: set[str]) -> dict[str, Any]:
     given = {}
     for key, value in data.items():
         key = key.replace("-", "_")
-        section = (key not in names and any(n.startswith(key + "_") for n in names)) or key in (
-            "sampling",
-            "runtime",
-            "branch",
-        )
+        section = (key not in names and any(n.startswith(key + "_") for n in names)) or key in ("sampling", "runtime",
+                                                                                                "branch")
         if section and not isinstance(value, dict):
             raise FlashARError(f"'{key}' in --config {path} must be a JSON object of its fields, got {value!r}")
         for sub, item in (value.items() if section else [(None, value)]):
@@ -115,8 +110,7 @@ def _config_values(path: Path, names: set[str]) -> dict[str, Any]:
     if unknown := sorted(set(given) - names):
         raise FlashARError(
             f"--config {path} has unknown option '{unknown[0]}'; use the names of this command's options "
-            f"(see --help), e.g. cfg_scale for --cfg-scale"
-        )
+            f"(see --help), e.g. cfg_scale for --cfg-scale")
     return given
 
 
@@ -274,15 +268,13 @@ def check_foreign(values: dict[str, Any], registry: Registry, backend: str, meth
             if values.get(name) is not None:
                 raise FlashARError(
                     f"--{name.replace('_', '-')} is an option of backend '{spec.id}', not of '{backend}'; "
-                    f"drop it or use --backend {spec.id}"
-                )
+                    f"drop it or use --backend {spec.id}")
     for cls in registry.methods.values():
         for name in set(cls.Options.model_fields) - own:
             if values.get(name) is not None:
                 raise FlashARError(
                     f"--{name.replace('_', '-')} is an option of method '{cls.id}', which is not selected; "
-                    f"add --method {cls.id} or drop --{name.replace('_', '-')}"
-                )
+                    f"add --method {cls.id} or drop --{name.replace('_', '-')}")
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -329,8 +321,7 @@ def parse_classes(text: str | None, hint: str = "--classes") -> list[int]:
         return [int(part) for part in parts]
     except ValueError:
         raise click.BadParameter(
-            f"expected comma-separated integers like 207,360, got {text!r}", param_hint=hint
-        ) from None
+            f"expected comma-separated integers like 207,360, got {text!r}", param_hint=hint) from None
 
 
 def parse_methods(text: str, registry: Registry) -> dict[str, tuple[str, dict[str, str]]]:
@@ -399,8 +390,7 @@ def nested_config(model: type[BaseModel], values: dict[str, Any], base: dict[str
             from_file = merged.get(name, {})
             if not isinstance(from_file, dict):
                 raise FlashARError(
-                    f"'{name}' in the --config file must be a JSON object of {sub.__name__} fields, got {from_file!r}"
-                )
+                    f"'{name}' in the --config file must be a JSON object of {sub.__name__} fields, got {from_file!r}")
             start = {**getattr(defaults, name).model_dump(), **from_file}
             merged[name] = {**start, **given}
         elif values.get(name) is not None:

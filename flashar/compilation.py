@@ -138,8 +138,7 @@ def own_code(fn: Callable) -> Callable:
     first one built whenever its guards pass, and report no compilation of its own."""
     func = getattr(fn, "__func__", fn)
     copy = types.FunctionType(
-        func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__, func.__closure__
-    )
+        func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__, func.__closure__)
     copy.__kwdefaults__, copy.__qualname__ = func.__kwdefaults__, func.__qualname__
     owner = getattr(fn, "__self__", None)
     return types.MethodType(copy, owner) if owner is not None else copy

@@ -135,7 +135,6 @@ def fit_coupling(lo: Tensor, hi: Tensor, lag: int = 1, chunk: int = 65536) -> Co
         return CouplingFit(0.0, 0.0, 0)
     totals = [
         sum(pair_log_likelihood(*(p[i : i + chunk] for p in pairs), rho).sum().item() for i in range(0, count, chunk))
-        for rho in RHOS
-    ]
+        for rho in RHOS]
     best = max(range(len(RHOS)), key=totals.__getitem__)
     return CouplingFit(RHOS[best], (totals[best] - totals[0]) / count, count)

@@ -80,8 +80,7 @@ def sequence_mask(prefix_valid: Tensor, image_mask: Tensor) -> Tensor:
     mask = torch.zeros(batch, total, total, dtype=torch.bool, device=prefix_valid.device)
     prefix_causal = causal_mask(prefix_len).to(prefix_valid.device) & prefix_valid[:, None, :]
     mask[:, :prefix_len, :prefix_len] = prefix_causal | torch.eye(
-        prefix_len, dtype=torch.bool, device=prefix_valid.device
-    )
+        prefix_len, dtype=torch.bool, device=prefix_valid.device)
     mask[:, prefix_len:, :prefix_len] = prefix_valid[:, None, :]
     mask[:, prefix_len:, prefix_len:] = image_mask.to(prefix_valid.device)
     return mask[:, None]

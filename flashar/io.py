@@ -72,8 +72,7 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(
-            f"could not read {path} as safetensors ({exc}); the file may be truncated or corrupt"
-        ) from None
+            f"could not read {path} as safetensors ({exc}); the file may be truncated or corrupt") from None
 
 
 def select_state_dict(obj: Any, path: str | Path, marker: str) -> dict[str, Tensor]:
@@ -91,8 +90,7 @@ def select_state_dict(obj: Any, path: str | Path, marker: str) -> dict[str, Tens
 
 
 def strip_prefixes(
-    state: dict[str, Tensor], prefixes=("module.", "_orig_mod.", "_fsdp_wrapped_module.")
-) -> dict[str, Tensor]:
+    state: dict[str, Tensor], prefixes=("module.", "_orig_mod.", "_fsdp_wrapped_module.")) -> dict[str, Tensor]:
     out = {}
     for key, value in state.items():
         for prefix in prefixes:
@@ -117,8 +115,7 @@ def check_keys(expected: dict[str, tuple[int, ...]], state: dict[str, Tensor], p
         problems.append(f"wrong shapes ({_few(shapes)})")
     if problems:
         raise CheckpointError(
-            f"{path} does not match the model: {'; '.join(problems)}; check the model size/config options"
-        )
+            f"{path} does not match the model: {'; '.join(problems)}; check the model size/config options")
 
 
 def _few(items: list[str], n: int = 4) -> str:
@@ -143,8 +140,7 @@ def ensure_writable_dir(path: str | Path) -> Path:
             pass
     except OSError as exc:
         raise FlashARError(
-            f"cannot write to output folder {path}: {exc.strerror or exc}; choose a writable --out"
-        ) from None
+            f"cannot write to output folder {path}: {exc.strerror or exc}; choose a writable --out") from None
     return path
 
 
@@ -211,8 +207,7 @@ def folder_lock(folder: str | Path, command: str = "flashar adapt") -> Iterator[
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise FlashARError(
-                f"another {command} is writing to {folder}; wait for it to finish or choose another --out"
-            ) from None
+                f"another {command} is writing to {folder}; wait for it to finish or choose another --out") from None
         try:
             yield
         finally:

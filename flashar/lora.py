@@ -22,8 +22,7 @@ def inject_lora(backbone: nn.Module, rank: int, alpha: float, targets: list[str]
 
     if targets is None:
         targets = sorted(
-            {name.split(".")[-1] for name, m in backbone.layers.named_modules() if isinstance(m, nn.Linear)}
-        )
+            {name.split(".")[-1] for name, m in backbone.layers.named_modules() if isinstance(m, nn.Linear)})
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none")
     inject_adapter_in_model(config, backbone)
     return [p for n, p in backbone.named_parameters() if "lora_" in n]
@@ -32,8 +31,7 @@ def inject_lora(backbone: nn.Module, rank: int, alpha: float, targets: list[str]
 def lora_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA factors, keyed by the module they modify: ``layers.0.attention.wqkv.lora_A.weight``."""
     return {
-        name.replace(".default", ""): p.detach().clone() for name, p in backbone.named_parameters() if "lora_" in name
-    }
+        name.replace(".default", ""): p.detach().clone() for name, p in backbone.named_parameters() if "lora_" in name}
 
 
 def merge_lora(backbone: nn.Module, factors: dict[str, torch.Tensor], scaling: float | None, path: Path) -> None:
@@ -48,8 +46,7 @@ def merge_lora(backbone: nn.Module, factors: dict[str, torch.Tensor], scaling: f
             layer = modules.get(name)
             if a is None or b is None or not isinstance(layer, nn.Linear):
                 raise CheckpointError(
-                    f"adapter {path} has LoRA factors for '{name}', which is not a linear layer of this backbone"
-                )
+                    f"adapter {path} has LoRA factors for '{name}', which is not a linear layer of this backbone")
             layer.weight += (scaling * (b.float() @ a.float())).to(device=layer.weight.device, dtype=layer.weight.dtype)
 
 

@@ -175,8 +175,7 @@ class Registry:
                     raise PluginError(
                         f"option --{name.replace('_', '-')} is declared as {_describe(first[2])} by {first[0]} "
                         f"(plugin '{self.owners[first[1]]}') and as {_describe(kind)} by {owner} (plugin "
-                        f"'{self.owners[key]}'); one flag cannot mean both: rename one of them"
-                    )
+                        f"'{self.owners[key]}'); one flag cannot mean both: rename one of them")
 
     def _collect(self, kind: str, hook, table: dict) -> None:
         for impl in hook.get_hookimpls():

@@ -43,10 +43,8 @@ class Shapes:
         shapes = cls(compiled=bool(compile), static=bool(compile) and device.type == "cuda",
                      autotuned=compile == "max-autotune")
         if shapes.compiled and not shapes.static and attention_setting() == "flex":
-            raise FlashARError(
-                "FLASHAR_ATTENTION=flex runs eager or compiled on CUDA only: torch's CPU FlexAttention "
-                "does not compile the dynamic lengths of a compiled CPU step; unset it or use math or sdpa"
-            )
+            raise FlashARError("FLASHAR_ATTENTION=flex runs eager or compiled on CUDA only: torch's CPU FlexAttention "
+                "does not compile the dynamic lengths of a compiled CPU step; unset it or use math or sdpa")
         return shapes
 
     def mark_dynamic(self, tensors: Iterable[Tensor], dim: int, longest: int, shortest: int = 2) -> None:
@@ -63,18 +61,9 @@ class Shapes:
             self.mark_dynamic([window], 0, bounds[1], bounds[0])
         return window
 
-    def plan(
-        self,
-        steps: Tensor | None,
-        keys: Tensor,
-        key_lengths: list[int],
-        draws: list[int] | int = 0,
-        first_draws: int = 0,
-        table: Tensor | None = None,
-        widths: list[int] | None = None,
-        buckets: int | None = None,
-        shortest: int = 0,
-    ) -> Plan:
+    def plan(self, steps: Tensor | None, keys: Tensor, key_lengths: list[int], draws: list[int] | int = 0,
+             first_draws: int = 0, table: Tensor | None = None, widths: list[int] | None = None,
+             buckets: int | None = None, shortest: int = 0) -> Plan:
         """The arguments ``(step id, [table], key window)`` of every step.
 
         steps (K,): the step ids (None: a data-dependent loop that asks ``Plan.window`` and whose

@@ -46,12 +46,8 @@ from flashar.sampling import draw, new_uniform, processed_probs, refill_uniform
 class SpeculativeOptions(Config):
     """The window every method on this loop has (SJD's and GSD's options add to it)."""
 
-    draft_length: int = Field(
-        16,
-        ge=1,
-        le=256,
-        description="L: draft tokens verified per forward pass (the Jacobi window; official default 16).",
-    )
+    draft_length: int = Field(16, ge=1, le=256,
+        description="L: draft tokens verified per forward pass (the Jacobi window; official default 16).")
     draft_init: Literal["repeat_horizon", "random"] = Field(
         "repeat_horizon",
         description="How new draft tokens start: copy the token to their left in the row (SJD's official LlamaGen "
@@ -79,17 +75,8 @@ class SpeculativeState(SequenceState):  # the sequence padded by 2L entries that
         return self.draft_probs.shape[1]
 
 
-def build(
-    backbone: Backbone,
-    shapes: Shapes,
-    prefix: Prefix,
-    batch: int,
-    grid: tuple[int, int],
-    sampling: SamplingConfig,
-    draft_length: int,
-    draft_init: str,
-    coupled: bool,
-) -> SpeculativeState:
+def build(backbone: Backbone, shapes: Shapes, prefix: Prefix, batch: int, grid: tuple[int, int],
+          sampling: SamplingConfig, draft_length: int, draft_init: str, coupled: bool) -> SpeculativeState:
     """Allocate every buffer of a speculative generation (cache, window, randomness)."""
     length, device = draft_length, backbone.device
     # the window and the next one may run past the last entry
@@ -124,9 +111,8 @@ def _row_starts(cells: Tensor, padded: int) -> Tensor:
     return starts
 
 
-def token_mass(
-    state: SpeculativeState, logits: Tensor, probs: Tensor, draft_probs: Tensor, codes: Tensor
-) -> tuple[Tensor, Tensor]:
+def token_mass(state: SpeculativeState, logits: Tensor, probs: Tensor, draft_probs: Tensor,
+               codes: Tensor) -> tuple[Tensor, Tensor]:
     """SJD's rule (§4.1 step 2): p(x_i) and q(x_i) for draft codes (B, L) -> two (B, L) tensors."""
     return probs.gather(-1, codes[..., None])[..., 0], draft_probs.gather(-1, codes[..., None])[..., 0]
 
@@ -159,14 +145,12 @@ def step(backbone: Backbone, state: SpeculativeState, rule: Callable, keys: Tens
     one_hot = torch.zeros_like(state.draft_probs).scatter_(-1, init[..., None], 1.0)
     shifted_init = one_hot.index_select(1, (source - state.draft_length - 1).clamp(min=0))
     state.draft_probs.copy_(
-        torch.where(from_probs, probs.index_select(1, source.clamp(max=state.draft_length)), shifted_init)
-    )
+        torch.where(from_probs, probs.index_select(1, source.clamp(max=state.draft_length)), shifted_init))
     state.accepted.add_(num_accepted + 1)
 
 
 def jacobi_update(
-    state: SpeculativeState, probs: Tensor, drafts: Tensor, accept: Tensor, num_accepted: Tensor
-) -> Tensor:
+    state: SpeculativeState, probs: Tensor, drafts: Tensor, accept: Tensor, num_accepted: Tensor) -> Tensor:
     """Codes (B, T) for window positions 0..L: committed up to a, then next iteration's drafts (§4.1-4.2)."""
     batch = drafts.shape[0]
     no_draft = torch.zeros_like(probs[:, :1])  # the bonus position L has no draft: residual = p
@@ -201,9 +185,8 @@ def start(backbone: Backbone, state: SpeculativeState, h: Tensor) -> None:
     first = draw(processed_probs(logits, state.sampling), state.draw_uniform[:, 0])  # (B,)
     one = torch.ones((), dtype=torch.long, device=first.device)
     init = initial_drafts(state, one, first)  # (B, L) entries 1 .. L
-    commit(
-        backbone, state, torch.arange(state.draft_length + 1, device=first.device), torch.cat([first[:, None], init], 1)
-    )
+    commit(backbone, state, torch.arange(state.draft_length + 1, device=first.device),
+           torch.cat([first[:, None], init], 1))
     state.draft_probs.zero_().scatter_(-1, init[..., None], 1.0)
     state.accepted.fill_(1)
 

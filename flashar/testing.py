@@ -143,13 +143,8 @@ def cached_forward(backbone: Backbone, conditions, codes: torch.Tensor, chunks: 
         mask = key_mask(key_valid, slot_step[None, :] <= key_step.to(backbone.device)[chunk][:, None])
         if windowed:
             mask = mask[..., : prefix.length + int(chunk.max()) + 1]
-        h, _ = backbone(
-            backbone.embed(ids[:, chunk]),
-            backbone.cell_positions(cells[chunk], prefix.length, grid=grid),
-            mask,
-            cache,
-            prefix.length + chunk,
-        )
+        h, _ = backbone(backbone.embed(ids[:, chunk]), backbone.cell_positions(cells[chunk], prefix.length, grid=grid),
+                        mask, cache, prefix.length + chunk)
         out[:, chunk] = h
     return out
 
@@ -175,11 +170,8 @@ def greedy_reference(backbone: Backbone, conditions, grid: tuple[int, int], cfg_
                 logits = torch.log_softmax(logits, -1)
             cond, uncond = logits.chunk(2)
             logits = uncond + cfg_scale * (cond - uncond)
-        token = (
-            backbone.code_ids(logits.argmax(-1))
-            if is_cell[j]
-            else torch.full_like(tokens[:, 0], backbone.row_end_token)
-        )
+        token = (backbone.code_ids(logits.argmax(-1)) if is_cell[j]
+                 else torch.full_like(tokens[:, 0], backbone.row_end_token))
         tokens = torch.cat([tokens, token[:, None]], dim=1)
     return (tokens[:, is_cell.to(backbone.device)] - backbone.code_offset).view(len(conditions), height, width).cpu()
 
@@ -204,8 +196,7 @@ def card_hidden(backbone: Backbone) -> Iterator[Backbone]:
         def __getattribute__(self, name: str):
             if name in CARD_MEMBERS:
                 raise AssertionError(
-                    f"decoding read the backend card's {name!r}; a method may call only the compute protocol"
-                )
+                    f"decoding read the backend card's {name!r}; a method may call only the compute protocol")
             return super().__getattribute__(name)
 
     backbone.__class__ = Hidden
@@ -424,8 +415,7 @@ class BackboneConformance:
         torch._dynamo.reset()
         sampling = SamplingConfig(cfg_scale=self.cfg_scale, top_k=1)
         got = Raster(backbone, compile=True).generate(
-            self.conditions, self.grid, sampling, make_generator(0, backbone.device)
-        )
+            self.conditions, self.grid, sampling, make_generator(0, backbone.device))
         eager = Raster(backbone).generate(self.conditions, self.grid, sampling, make_generator(0, backbone.device))
         assert torch.equal(got.codes, eager.codes)
 
@@ -436,11 +426,8 @@ class BackboneConformance:
     def _raster_codes(self, backbone: Backbone) -> torch.Tensor:
         from flashar.methods.raster import Raster
 
-        return (
-            Raster(backbone)
-            .generate(self.conditions, self.grid, self._greedy(), make_generator(0, backbone.device))
-            .codes
-        )
+        return (Raster(backbone)
+                .generate(self.conditions, self.grid, self._greedy(), make_generator(0, backbone.device)) .codes)
 
     def _random_flashar(self, backbone: Backbone):
         """FlashAR with a random vertical block and position-dependent gates (trained gates are not 0.5)."""

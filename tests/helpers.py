@@ -147,8 +147,7 @@ def random_emu35_state(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     for key, shape in shapes.items():
         value = torch.randn(shape, generator=generator)
         state[key] = (1.0 + 0.1 * value if len(shape) == 1 else value * (0.5 if "embed" in key else 0.15)).to(
-            torch.bfloat16
-        )
+            torch.bfloat16)
     return state
 
 
@@ -198,13 +197,8 @@ def write_ibq(folder: Path, seed: int = 0, layout: str = "safetensors") -> Path:
     if layout == "safetensors":
         (folder / "config.json").write_text(
             json.dumps(
-                {
-                    "model_type": "Emu3p5VisionVQ",
-                    "architectures": ["Emu3p5VisionVQModel"],
-                    "double_z": False,
-                    "dropout": 0.0,
-                    **TINY_IBQ,
-                }
+                {"model_type": "Emu3p5VisionVQ", "architectures": ["Emu3p5VisionVQModel"], "double_z": False,
+                 "dropout": 0.0, **TINY_IBQ}
             )
         )
         save_file(state, str(folder / "model.safetensors"))
@@ -238,40 +232,23 @@ def write_emu35_flashar(folder: Path, model_path: Path, num_blocks: int, branch_
     for j in range(num_blocks):
         source = f"model.layers.{branch_layer + j}."
         state.update(
-            {f"vertical_block.{j}.{k[len(source) :]}": noisy(v) for k, v in base.items() if k.startswith(source)}
-        )
+            {f"vertical_block.{j}.{k[len(source) :]}": noisy(v) for k, v in base.items() if k.startswith(source)})
     dim = config["hidden_size"]
     width = max(64, dim // 8)
     state["vertical_norm.weight"] = noisy(torch.ones(dim), 0.1)
     state["vertical_head.weight"] = noisy(base["lm_head.weight"])
-    for name, shape, scale in (
-        ("hv_gate_mlp.0.weight", (width, 2 * dim), 0.1),
-        ("hv_gate_mlp.2.weight", (1, width), 0.3),
-        ("hv_gate_mlp.2.bias", (1,), 0.3),
-        ("hv_gate_corner.weight", (1, dim), 0.3),
-        ("hv_gate_corner.bias", (1,), 0.3),
-    ):
+    for name, shape, scale in (("hv_gate_mlp.0.weight", (width, 2 * dim), 0.1),
+                               ("hv_gate_mlp.2.weight", (1, width), 0.3), ("hv_gate_mlp.2.bias", (1,), 0.3),
+                               ("hv_gate_corner.weight", (1, dim), 0.3), ("hv_gate_corner.bias", (1,), 0.3)):
         state[name] = noisy(torch.zeros(shape), scale)
     folder.mkdir(parents=True, exist_ok=True)
     write_two_shards(folder, state, first=("backbone.embed_tokens", "backbone.layers.0."))
-    released = {
-        "model_type": "emu3_flashar",
-        "architectures": ["Emuflashar"],
-        "format": "hf_safetensors",
-        "format_version": 1,
-        "base_model_name_or_path": str(model_path),
-        "tokenizer_name_or_path": "",
-        "vq_model_name_or_path": "",
-        "torch_dtype": "bf16",
-        "vocab_size": config["vocab_size"],
-        "hidden_size": dim,
-        "visual_token_offset": config["eoi_token_id"] + 1,
-        "use_vertical_block": True,
-        "vertical_layers": num_blocks,
-        "vertical_start_layer": branch_layer,
-        "backbone_config": config,
-        **config_overrides,
-    }
+    released = {"model_type": "emu3_flashar", "architectures": ["Emuflashar"], "format": "hf_safetensors",
+                "format_version": 1, "base_model_name_or_path": str(model_path), "tokenizer_name_or_path": "",
+                "vq_model_name_or_path": "", "torch_dtype": "bf16", "vocab_size": config["vocab_size"],
+                "hidden_size": dim, "visual_token_offset": config["eoi_token_id"] + 1, "use_vertical_block": True,
+                "vertical_layers": num_blocks, "vertical_start_layer": branch_layer, "backbone_config": config,
+                **config_overrides}
     (folder / "config.json").write_text(json.dumps(released, indent=2))
     (folder / "checkpoint_meta.json").write_text(json.dumps({"format": "hf_safetensors", "global_step": 74000,
                                                              "epoch": None, "save_reason": "final"}))

@@ -32,9 +32,8 @@ def reference(q, k, v, mask, scale=None):
     return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=scale)
 
 
-EAGER_FLEX = (
-    "ignore:flex_attention called without torch.compile"  # flex's eager fallback says it is unfused, as intended here
-)
+# flex's eager fallback says it is unfused, as intended here
+EAGER_FLEX = "ignore:flex_attention called without torch.compile"
 
 
 @pytest.mark.filterwarnings(EAGER_FLEX)

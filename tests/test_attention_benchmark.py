@@ -40,15 +40,8 @@ def test_a_thread_clock_only_when_one_thread_does_all_the_work():
 def test_the_benchmark_times_every_path_on_cold_copies(monkeypatch):
     bench = load_script("attention")
     monkeypatch.setattr(bench, "SHAPES", {"tiny gqa": (2, 4, 2, 3, 17, 8)})
-    args = argparse.Namespace(
-        device="cpu",
-        dtypes="float32",
-        modes="eager,compiled",
-        paths="sdpa,math,flex,sdpa_repeat",
-        shapes="",
-        repeats=2,
-        cold_mib=1,
-    )
+    args = argparse.Namespace(device="cpu", dtypes="float32", modes="eager,compiled",
+                              paths="sdpa,math,flex,sdpa_repeat", shapes="", repeats=2, cold_mib=1)
     report = bench.run(args)
     assert torch.is_grad_enabled()  # the script's global settings stay in its main()
     assert report["cold_mib"] == 1
@@ -64,10 +57,7 @@ def test_a_negative_cold_budget_is_refused_in_one_line_before_anything_is_writte
     out = tmp_path / "attention.json"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
     done = subprocess.run(
-        [sys.executable, str(script), "--cold-mib", "-5", "--out", str(out)], capture_output=True, text=True
-    )
+        [sys.executable, str(script), "--cold-mib", "-5", "--out", str(out)], capture_output=True, text=True)
     assert done.returncode == 2 and not out.exists()
-    assert (
-        done.stderr.strip().splitlines()[-1]
-        == "attention.py: error: --cold-mib must be 0 (one warm cache) or more, not -5"
-    )
+    assert (done.stderr.strip().splitlines()[-1]
+            == "attention.py: error: --cold-mib must be 0 (one warm cache) or more, not -5")

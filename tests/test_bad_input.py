@@ -135,23 +135,9 @@ def smaller_vq_vocabulary(w: World) -> list:
     config = {**TINY_VQ, "codebook_size": 32}
     torch.save({"model": VQModel(VQConfig(**config)).state_dict()}, w.root / "vq32.pt")
     (w.root / "vq32.json").write_text(json.dumps(config))
-    return [
-        "generate",
-        "-b",
-        "llamagen",
-        "--checkpoint",
-        w.options["checkpoint"],
-        "--model-config",
-        w.options["config_file"],
-        "--vq-checkpoint",
-        w.root / "vq32.pt",
-        "--vq-config",
-        w.root / "vq32.json",
-        "--image-size",
-        8,
-        "--classes",
-        1,
-    ]
+    return ["generate", "-b", "llamagen", "--checkpoint", w.options["checkpoint"], "--model-config",
+            w.options["config_file"], "--vq-checkpoint", w.root / "vq32.pt", "--vq-config", w.root / "vq32.json",
+            "--image-size", 8, "--classes", 1]
 
 
 def adapter_without_config(w: World) -> list:
@@ -240,157 +226,81 @@ CASES = [
     Case("vq-checkpoint-as-gpt", vq_in_place_of_gpt, ("not a LlamaGen GPT checkpoint", "--vq-checkpoint")),
     Case("safetensors-wrong-shape", wrong_shape_safetensors, ("wrong shapes", "output.weight")),
     Case("vocabulary-mismatch", smaller_vq_vocabulary, ("32 codes", "64", "--vq-checkpoint")),
-    Case(
-        "missing-checkpoint-file",
-        lambda w: ["generate", "-b", "llamagen", "--checkpoint", w.root / "nope.pt", "--classes", 1],
-        ("checkpoint file not found",),
-    ),
+    Case("missing-checkpoint-file",
+         lambda w: ["generate", "-b", "llamagen", "--checkpoint", w.root / "nope.pt", "--classes", 1],
+         ("checkpoint file not found",)),
     # adapters
-    Case(
-        "adapter-other-backbone",
-        lambda w: w.gen("--method", "flashar", "--adapter", w.other),
-        ("made for another backbone", "load the checkpoint"),
-    ),
-    Case(
-        "adapter-other-grid",
-        lambda w: w.gen("--method", "flashar", "--adapter", w.adapter, "--image-size", 16),
-        ("trained for a 4x4 token grid", "image size 8x8"),
-    ),
+    Case("adapter-other-backbone", lambda w: w.gen("--method", "flashar", "--adapter", w.other),
+         ("made for another backbone", "load the checkpoint")),
+    Case("adapter-other-grid", lambda w: w.gen("--method", "flashar", "--adapter", w.adapter, "--image-size", 16),
+         ("trained for a 4x4 token grid", "image size 8x8")),
     Case(
         "compare-adapter-other-grid",
-        lambda w: [
-            "compare",
-            "-b",
-            "llamagen",
-            *w.model,
-            "--methods",
-            "raster,flashar",
-            "--adapter",
-            w.adapter,
-            "--image-size",
-            16,
-            "--no-metrics",
-            "--out",
-            w.out,
-        ],
+        lambda w: ["compare", "-b", "llamagen", *w.model, "--methods", "raster,flashar", "--adapter", w.adapter,
+                   "--image-size", 16, "--no-metrics", "--out", w.out],
         ("trained for a 4x4 token grid", "image size 8x8"),
     ),
     Case("adapter-without-config", adapter_without_config, ("not a flashar adapter folder", "flashar adapt")),
-    Case(
-        "adapter-config-not-json",
-        lambda w: w.gen("--method", "flashar", "--adapter", adapter_config(w, "{oops")),
-        ("is not valid JSON",),
-    ),
-    Case(
-        "adapter-config-wrong-types",
-        lambda w: w.gen("--method", "flashar", "--adapter", adapter_config(w, grid="big")),
-        ("not valid adapter metadata", "grid"),
-    ),
-    Case(
-        "adapter-other-backend",
-        lambda w: w.gen("--method", "flashar", "--adapter", adapter_config(w, backend="digits")),
-        ("made for backend 'digits'", "not 'llamagen'"),
-    ),
+    Case("adapter-config-not-json", lambda w: w.gen("--method", "flashar", "--adapter", adapter_config(w, "{oops")),
+         ("is not valid JSON",)),
+    Case("adapter-config-wrong-types",
+         lambda w: w.gen("--method", "flashar", "--adapter", adapter_config(w, grid="big")),
+         ("not valid adapter metadata", "grid")),
+    Case("adapter-other-backend",
+         lambda w: w.gen("--method", "flashar", "--adapter", adapter_config(w, backend="digits")),
+         ("made for backend 'digits'", "not 'llamagen'")),
     Case("flashar-without-adapter", lambda w: w.gen("--method", "flashar"), ("needs an adapter", "--adapter")),
-    Case(
-        "adapter-for-raster", lambda w: w.gen("--adapter", w.adapter), ("--adapter", "method 'flashar'", "not selected")
-    ),
+    Case("adapter-for-raster", lambda w: w.gen("--adapter", w.adapter),
+         ("--adapter", "method 'flashar'", "not selected")),
     # names and extras
-    Case(
-        "unknown-backend",
-        lambda w: ["generate", "-b", "llamgen", "--classes", 1],
-        ("unknown backend 'llamgen'", "flashar backends"),
-    ),
+    Case("unknown-backend", lambda w: ["generate", "-b", "llamgen", "--classes", 1],
+         ("unknown backend 'llamgen'", "flashar backends")),
     Case("unknown-method", lambda w: w.gen("--method", "nope"), ("unknown method 'nope'", "flashar methods")),
-    Case(
-        "compare-unknown-method",
-        lambda w: ["compare", "-b", "llamagen", *w.model, "--methods", "raster,nope", "--no-metrics"],
-        ("unknown method 'nope'",),
-    ),
+    Case("compare-unknown-method",
+         lambda w: ["compare", "-b", "llamagen", *w.model, "--methods", "raster,nope", "--no-metrics"],
+         ("unknown method 'nope'",)),
     Case("missing-extra", missing_extra, ("needs flashar_not_installed", "pip install 'flashar[fake]'")),
     # config values
     Case("top-p-zero", lambda w: w.gen("--top-p", 0), ("top_p", "--top-p", "greater than 0")),
-    Case(
-        "stage-option-names-its-flag",
-        lambda w: w.adapt("--out", w.out, "--stage1-lr", -1),
-        ("--stage1-lr", "greater than 0"),
-    ),
+    Case("stage-option-names-its-flag", lambda w: w.adapt("--out", w.out, "--stage1-lr", -1),
+         ("--stage1-lr", "greater than 0")),
     Case("cfg-scale-inf", lambda w: w.gen("--cfg-scale", "inf"), ("--cfg-scale", "finite number")),
     Case("cfg-scale-nan", lambda w: w.gen("--cfg-scale", "nan"), ("--cfg-scale", "finite number")),
     Case("seed-beyond-64-bits", lambda w: w.gen("--seed", 2**64), ("--seed", "less than")),
-    Case(
-        "compare-seed-beyond-64-bits",
-        lambda w: ["compare", "-b", "llamagen", *w.model, "--seeds", f"0,{2**70}", "--no-metrics"],
-        ("--seeds", "less than"),
-    ),
-    Case(
-        "compare-no-methods",
-        lambda w: ["compare", "-b", "llamagen", *w.model, "--methods", ",", "--no-metrics"],
-        ("--methods", "at least one"),
-        usage=True,
-    ),
-    Case(
-        "classes-with-an-empty-entry",
-        lambda w: w.gen("--classes", "1,,2"),
-        ("comma-separated integers", "'1,,2'"),
-        usage=True,
-    ),
-    Case(
-        "compare-no-seeds",
-        lambda w: ["compare", "-b", "llamagen", *w.model, "--seeds", ",", "--no-metrics"],
-        ("--seeds", "at least one"),
-        usage=True,
-    ),
+    Case("compare-seed-beyond-64-bits",
+         lambda w: ["compare", "-b", "llamagen", *w.model, "--seeds", f"0,{2**70}", "--no-metrics"],
+         ("--seeds", "less than")),
+    Case("compare-no-methods", lambda w: ["compare", "-b", "llamagen", *w.model, "--methods", ",", "--no-metrics"],
+         ("--methods", "at least one"), usage=True),
+    Case("classes-with-an-empty-entry", lambda w: w.gen("--classes", "1,,2"), ("comma-separated integers", "'1,,2'"),
+         usage=True),
+    Case("compare-no-seeds", lambda w: ["compare", "-b", "llamagen", *w.model, "--seeds", ",", "--no-metrics"],
+         ("--seeds", "at least one"), usage=True),
     Case("negative-temperature", lambda w: w.gen("--temperature", -1), ("temperature", "greater than or equal to 0")),
     Case("cfg-interval-below-minus-one", lambda w: w.gen("--cfg-interval", -2), ("cfg_interval", "-1")),
     Case("generate-batch-size-zero", lambda w: w.gen("--batch-size", 0), ("--batch-size", "0"), usage=True),
-    Case(
-        "adapt-batch-size-zero", lambda w: w.adapt("--out", w.out, "--batch-size", 0), ("batch_size", "greater than 0")
-    ),
-    Case(
-        "batch-not-multiple-of-accum",
-        lambda w: w.adapt("--out", w.out, "--batch-size", 3, "--grad-accum", 2),
-        ("multiple of grad_accum",),
-    ),
+    Case("adapt-batch-size-zero", lambda w: w.adapt("--out", w.out, "--batch-size", 0),
+         ("batch_size", "greater than 0")),
+    Case("batch-not-multiple-of-accum", lambda w: w.adapt("--out", w.out, "--batch-size", 3, "--grad-accum", 2),
+         ("multiple of grad_accum",)),
     Case("unknown-dtype", lambda w: w.gen("--dtype", "float8"), ("--dtype", "float8"), usage=True),
+    Case("config-file-not-json", lambda w: w.adapt("--out", w.out, "--config", write(w.root / "c.json", "stage1: {")),
+         ("is not valid JSON",)),
+    Case("config-file-not-an-object", lambda w: w.adapt("--out", w.out, "--config", write(w.root / "c.json", "[1, 2]")),
+         ("must hold a JSON object",)),
+    Case("config-file-stage-not-an-object",
+         lambda w: w.adapt("--out", w.out, "--config", write(w.root / "c.json", '{"stage1": 3}')),
+         ("stage1", "JSON object")),
     Case(
-        "config-file-not-json",
-        lambda w: w.adapt("--out", w.out, "--config", write(w.root / "c.json", "stage1: {")),
-        ("is not valid JSON",),
-    ),
-    Case(
-        "config-file-not-an-object",
-        lambda w: w.adapt("--out", w.out, "--config", write(w.root / "c.json", "[1, 2]")),
-        ("must hold a JSON object",),
-    ),
-    Case(
-        "config-file-stage-not-an-object",
-        lambda w: w.adapt("--out", w.out, "--config", write(w.root / "c.json", '{"stage1": 3}')),
-        ("stage1", "JSON object"),
-    ),
-    Case(
-        "config-file-is-a-folder", lambda w: w.gen("--config", mkdir(w.root / "c.json")), ("is a folder", "JSON file")
-    ),
-    Case(
-        "adapt-config-file-is-a-folder",
-        lambda w: w.adapt("--out", w.out, "--config", mkdir(w.root / "c.json")),
-        ("is a folder", "JSON file"),
-    ),
-    Case(
-        "config-file-unknown-option",
-        lambda w: w.gen("--config", write(w.root / "c.json", '{"top_q": 0.5}')),
-        ("unknown option 'top_q'",),
-    ),
-    Case(
-        "save-tokens-not-npy",
-        lambda w: w.gen("--out", w.out, "--save-tokens", w.root / "tokens.txt"),
-        ("--save-tokens", ".npy"),
-    ),
-    Case(
-        "save-tokens-is-a-folder",
-        lambda w: w.gen("--out", w.out, "--save-tokens", mkdir(w.root / "t.npy")),
-        ("--save-tokens", "is a folder"),
-    ),
+        "config-file-is-a-folder", lambda w: w.gen("--config", mkdir(w.root / "c.json")), ("is a folder", "JSON file")),
+    Case("adapt-config-file-is-a-folder", lambda w: w.adapt("--out", w.out, "--config", mkdir(w.root / "c.json")),
+         ("is a folder", "JSON file")),
+    Case("config-file-unknown-option", lambda w: w.gen("--config", write(w.root / "c.json", '{"top_q": 0.5}')),
+         ("unknown option 'top_q'",)),
+    Case("save-tokens-not-npy", lambda w: w.gen("--out", w.out, "--save-tokens", w.root / "tokens.txt"),
+         ("--save-tokens", ".npy")),
+    Case("save-tokens-is-a-folder", lambda w: w.gen("--out", w.out, "--save-tokens", mkdir(w.root / "t.npy")),
+         ("--save-tokens", "is a folder")),
     Case("unknown-attention-path", lambda w: w.gen(), ("FLASHAR_ATTENTION='fast'", "auto, math, sdpa, flex")),
     Case("flex-attention-compiled-on-cpu", lambda w: w.gen("--compile"), ("FLASHAR_ATTENTION=flex", "CUDA only")),
     Case("device-cuda-without-cuda", lambda w: w.gen("--device", "cuda"), ("CUDA is not available", "--device cpu")),
@@ -398,126 +308,62 @@ CASES = [
     # conditions and sizes
     Case("class-id-out-of-range", lambda w: w.gen("--classes", "99"), ("class id 99 is out of range", "[0, 10)")),
     Case("classes-not-integers", lambda w: w.gen("--classes", "cat"), ("comma-separated integers",), usage=True),
+    Case("prompts-for-class-backend", lambda w: ["generate", "-b", "llamagen", *w.model, "--prompt", "a cat"],
+         ("class-conditional", "--classes")),
+    Case("nothing-to-generate", lambda w: ["generate", "-b", "llamagen", *w.model],
+         ("nothing to generate", "--classes")),
+    Case("generate-size-not-divisible", lambda w: w.gen("--image-size", 7),
+         ("not a positive multiple", "downsampling factor 2")),
+    Case("generate-size-zero", lambda w: w.gen("--image-size", 0), ("--image-size", "positive pixel size", "'0'"),
+         usage=True),
+    Case("adapt-size-zero", lambda w: w.adapt("--out", w.out, "--image-size", 0),
+         ("--image-size", "positive pixel size", "'0'"), usage=True),
     Case(
-        "prompts-for-class-backend",
-        lambda w: ["generate", "-b", "llamagen", *w.model, "--prompt", "a cat"],
-        ("class-conditional", "--classes"),
-    ),
+        "adapt-size-not-divisible", lambda w: w.adapt("--out", w.out, "--image-size", 7), ("not a positive multiple",)),
     Case(
-        "nothing-to-generate", lambda w: ["generate", "-b", "llamagen", *w.model], ("nothing to generate", "--classes")
-    ),
-    Case(
-        "generate-size-not-divisible",
-        lambda w: w.gen("--image-size", 7),
-        ("not a positive multiple", "downsampling factor 2"),
-    ),
-    Case(
-        "generate-size-zero",
-        lambda w: w.gen("--image-size", 0),
-        ("--image-size", "positive pixel size", "'0'"),
-        usage=True,
-    ),
-    Case(
-        "adapt-size-zero",
-        lambda w: w.adapt("--out", w.out, "--image-size", 0),
-        ("--image-size", "positive pixel size", "'0'"),
-        usage=True,
-    ),
-    Case(
-        "adapt-size-not-divisible", lambda w: w.adapt("--out", w.out, "--image-size", 7), ("not a positive multiple",)
-    ),
-    Case(
-        "adapt-grid-too-small", lambda w: w.adapt("--out", w.out, "--image-size", 2), ("at least 2x2", "--image-size")
-    ),
+        "adapt-grid-too-small", lambda w: w.adapt("--out", w.out, "--image-size", 2), ("at least 2x2", "--image-size")),
     # data
-    Case(
-        "empty-data-folder",
-        lambda w: w.adapt("--out", w.out, data=mkdir(w.root / "empty")),
-        ("no images found", "subfolder"),
-    ),
-    Case(
-        "data-folder-is-a-file",
-        lambda w: w.adapt("--out", w.out, data=write(w.root / "data.txt", "x")),
-        ("not a folder",),
-    ),
+    Case("empty-data-folder", lambda w: w.adapt("--out", w.out, data=mkdir(w.root / "empty")),
+         ("no images found", "subfolder")),
+    Case("data-folder-is-a-file", lambda w: w.adapt("--out", w.out, data=write(w.root / "data.txt", "x")),
+         ("not a folder",)),
     Case("data-folder-missing", lambda w: w.adapt("--out", w.out, data=w.root / "nowhere"), ("data folder not found",)),
-    Case(
-        "image-not-an-image",
-        lambda w: w.adapt("--out", w.out, data=text_file_as_image(w)),
-        ("cannot read image", "broken.png"),
-    ),
-    Case(
-        "class-folders-without-images",
-        lambda w: w.adapt("--out", w.out, data=class_folders_without_images(w)),
-        ("no images found",),
-    ),
-    Case(
-        "class-id-in-data-out-of-range",
-        lambda w: w.adapt("--out", w.out, data=mkdir(w.root / "big" / "12", image=True)),
-        ("class ids in [0, 10)", "12"),
-    ),
-    Case(
-        "codes-outside-vocabulary",
-        lambda w: ["adapt", "-b", "llamagen", *w.model, "--codes", codes_folder(w, 70), "--out", w.out],
-        ("code 70", "codebook [0, 64)"),
-    ),
-    Case(
-        "codes-object-array",
-        lambda w: ["adapt", "-b", "llamagen", *w.model, "--codes", codes_with_objects(w), "--out", w.out],
-        ("cannot read codes file", "numeric .npy"),
-    ),
-    Case(
-        "codes-label-missing",
-        lambda w: ["adapt", "-b", "llamagen", *w.model, "--codes", codes_without_a_label(w), "--out", w.out],
-        ("label file", "2.npy", "is missing"),
-    ),
-    Case(
-        "cache-dir-is-a-file",
-        lambda w: w.adapt("--out", w.out, "--cache-dir", write(w.root / "cachefile", "x")),
-        ("--cache-dir", "is a file"),
-    ),
+    Case("image-not-an-image", lambda w: w.adapt("--out", w.out, data=text_file_as_image(w)),
+         ("cannot read image", "broken.png")),
+    Case("class-folders-without-images", lambda w: w.adapt("--out", w.out, data=class_folders_without_images(w)),
+         ("no images found",)),
+    Case("class-id-in-data-out-of-range",
+         lambda w: w.adapt("--out", w.out, data=mkdir(w.root / "big" / "12", image=True)),
+         ("class ids in [0, 10)", "12")),
+    Case("codes-outside-vocabulary",
+         lambda w: ["adapt", "-b", "llamagen", *w.model, "--codes", codes_folder(w, 70), "--out", w.out],
+         ("code 70", "codebook [0, 64)")),
+    Case("codes-object-array",
+         lambda w: ["adapt", "-b", "llamagen", *w.model, "--codes", codes_with_objects(w), "--out", w.out],
+         ("cannot read codes file", "numeric .npy")),
+    Case("codes-label-missing",
+         lambda w: ["adapt", "-b", "llamagen", *w.model, "--codes", codes_without_a_label(w), "--out", w.out],
+         ("label file", "2.npy", "is missing")),
+    Case("cache-dir-is-a-file", lambda w: w.adapt("--out", w.out, "--cache-dir", write(w.root / "cachefile", "x")),
+         ("--cache-dir", "is a file")),
     Case("data-and-codes", lambda w: w.adapt("--out", w.out, "--codes", w.root), ("exactly one of --data",)),
     # outputs and resume
-    Case(
-        "generate-out-under-a-file",
-        lambda w: w.gen("--out", write(w.root / "file", "x") / "sub"),
-        ("cannot write to", "is a file", "--out"),
-    ),
-    Case(
-        "adapt-out-under-a-file",
-        lambda w: w.adapt("--out", write(w.root / "file", "x") / "sub"),
-        ("cannot write to", "is a file", "--out"),
-    ),
-    Case(
-        "generate-out-holds-a-folder-named-like-an-image",
-        lambda w: w.gen("--out", folder_where_an_image_goes(w)),
-        ("is a folder where an image", "--out"),
-    ),
-    Case(
-        "resume-malformed-state",
-        lambda w: w.adapt("--out", malformed_resume_state(w), "--resume"),
-        ("state.json", "delete"),
-    ),
-    Case(
-        "resume-without-checkpoint",
-        lambda w: w.adapt("--out", w.out, "--resume"),
-        ("holds no checkpoint", "without --resume"),
-    ),
-    Case(
-        "out-holds-an-adapter",
-        lambda w: w.adapt("--out", finished_adapter_folder(w)),
-        ("already holds an adapter", "--resume"),
-    ),
-    Case(
-        "resume-with-other-config",
-        lambda w: w.adapt("--out", finished_adapter_folder(w), "--resume"),
-        ("different adaptation config", "same options"),
-    ),
-    Case(
-        "lora-without-peft",
-        lambda w: w.adapt("--out", w.out, "--stage2-mode", "lora", "--stage2-steps", 1),
-        ("peft", "pip install 'flashar[lora]'"),
-    ),
+    Case("generate-out-under-a-file", lambda w: w.gen("--out", write(w.root / "file", "x") / "sub"),
+         ("cannot write to", "is a file", "--out")),
+    Case("adapt-out-under-a-file", lambda w: w.adapt("--out", write(w.root / "file", "x") / "sub"),
+         ("cannot write to", "is a file", "--out")),
+    Case("generate-out-holds-a-folder-named-like-an-image", lambda w: w.gen("--out", folder_where_an_image_goes(w)),
+         ("is a folder where an image", "--out")),
+    Case("resume-malformed-state", lambda w: w.adapt("--out", malformed_resume_state(w), "--resume"),
+         ("state.json", "delete")),
+    Case("resume-without-checkpoint", lambda w: w.adapt("--out", w.out, "--resume"),
+         ("holds no checkpoint", "without --resume")),
+    Case("out-holds-an-adapter", lambda w: w.adapt("--out", finished_adapter_folder(w)),
+         ("already holds an adapter", "--resume")),
+    Case("resume-with-other-config", lambda w: w.adapt("--out", finished_adapter_folder(w), "--resume"),
+         ("different adaptation config", "same options")),
+    Case("lora-without-peft", lambda w: w.adapt("--out", w.out, "--stage2-mode", "lora", "--stage2-steps", 1),
+         ("peft", "pip install 'flashar[lora]'")),
 ]
 
 
@@ -543,14 +389,9 @@ def snapshot(root: Path) -> set[Path]:
 
 def prepare(case: Case, world: World, registry, monkeypatch) -> list[str]:
     if case.id == "missing-extra":
-        registry.backends["needs-extra"] = BackendSpec(
-            id="needs-extra",
-            description="test",
-            options=NoOptions,
-            load=lambda o, r: None,
-            extra="fake",
-            requires=("flashar_not_installed",),
-        )
+        registry.backends["needs-extra"] = BackendSpec(id="needs-extra", description="test", options=NoOptions,
+                                                       load=lambda o, r: None, extra="fake",
+                                                       requires=("flashar_not_installed",))
         registry.owners[("backend", "needs-extra")] = "test"
     if case.id in ("unknown-attention-path", "flex-attention-compiled-on-cpu"):
         from flashar import attention
@@ -588,8 +429,7 @@ def test_debug_raises_the_original_error(case, world, registry, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "case", [c for c in CASES if "code-execution" in c.id], ids=[c.id for c in CASES if "code-execution" in c.id]
-)
+    "case", [c for c in CASES if "code-execution" in c.id], ids=[c.id for c in CASES if "code-execution" in c.id])
 def test_no_user_file_runs_code(case, world, registry, monkeypatch):
     args = prepare(case, world, registry, monkeypatch)
     result = CliRunner().invoke(cli, args, obj=registry)
@@ -635,8 +475,7 @@ def test_resume_on_other_data_is_refused_unless_forced(world, registry):
     other = write_class_folder(world.root / "other-images", per_class=3)
     refused = run("--resume", data=other)
     assert refused.exit_code == 1 and "other data" in refused.output and "--force-resume" in refused.output, (
-        refused.output
-    )
+        refused.output)
     assert run("--resume", "--stage1-lr", 0.5).exit_code == 1  # other settings: refused too
     forced = run("--resume", "--force-resume", data=other)
     assert forced.exit_code == 0, forced.output

@@ -119,11 +119,9 @@ def test_missing_checkpoint_is_one_line(tmp_path, run):
 
 
 def test_debug_shows_the_traceback(tmp_path, registry):
-    result = CliRunner().invoke(
-        cli,
+    result = CliRunner().invoke(cli,
         ["--debug", "generate", "-b", "llamagen", "--checkpoint", str(tmp_path / "x.pt"), "--classes", "1"],
-        obj=registry,
-    )
+        obj=registry)
     assert result.exit_code != 0 and result.exception is not None
 
 

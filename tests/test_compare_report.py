@@ -51,19 +51,10 @@ def report(rows: list[dict]) -> CompareReport:
 
 
 def row(method: str, images_per_second: float, fid: float | None = None, state: float = 0.0001) -> dict:
-    return {
-        "method": method,
-        "forward_passes": 16,
-        "latency_per_image_ms": 1000 / images_per_second,
-        "latency_speedup_vs_raster": 1.0,
-        "images_per_second": images_per_second,
-        "throughput_speedup_vs_raster": 1.0,
-        "compile_seconds": 0.0,
-        "decode_state_mb": state,
-        "fid": fid,
-        "latency_batch": 1,
-        "throughput_batch": 8,
-    }
+    return {"method": method, "forward_passes": 16, "latency_per_image_ms": 1000 / images_per_second,
+            "latency_speedup_vs_raster": 1.0, "images_per_second": images_per_second,
+            "throughput_speedup_vs_raster": 1.0, "compile_seconds": 0.0, "decode_state_mb": state, "fid": fid,
+            "latency_batch": 1, "throughput_batch": 8}
 
 
 def test_slow_speeds_and_small_states_keep_their_significant_digits():
@@ -78,8 +69,7 @@ def test_kid_is_shown_with_its_spread_over_subsets():
     headers, rows = table_rows(report([dict(row("raster", 1.0), kid=19971.35, kid_std=1936.0)]))
     assert rows[0][headers.index("KID")] == "19971 ± 1936"
     headers, rows = table_rows(
-        report([dict(row("raster", 1.0), kid=0.012345, kid_std=0.00214), dict(row("sjd", 1.0), kid=0.5)])
-    )
+        report([dict(row("raster", 1.0), kid=0.012345, kid_std=0.00214), dict(row("sjd", 1.0), kid=0.5)]))
     assert [r[headers.index("KID")] for r in rows] == ["0.0123 ± 0.0021", "0.5000"]
 
 
@@ -100,10 +90,8 @@ def tick_label_overlaps(fig) -> list[tuple[str, str]]:
 def test_plot_tick_labels_do_not_overlap(speeds, with_metric):
     import matplotlib.pyplot as plt
 
-    rows = [
-        row(name, s, fid=(30.0 - i) if with_metric else None)
-        for i, (name, s) in enumerate(zip(["raster", "sjd", "flashar"], speeds))
-    ]
+    rows = [row(name, s, fid=(30.0 - i) if with_metric else None)
+            for i, (name, s) in enumerate(zip(["raster", "sjd", "flashar"], speeds))]
     fig = figure(report(rows))
     try:
         assert tick_label_overlaps(fig) == []
@@ -113,30 +101,9 @@ def test_plot_tick_labels_do_not_overlap(speeds, with_metric):
 
 def test_compare_out_without_metrics_writes_sample_grids_and_the_plot(registry, tmp_path):
     options = write_llamagen(tmp_path / "model")
-    args = [
-        "compare",
-        "-b",
-        "llamagen",
-        *cli_args(options),
-        "--methods",
-        "raster,zipar",
-        "--image-size",
-        8,
-        "--no-metrics",
-        "--num-samples",
-        4,
-        "--batch-size",
-        4,
-        "--latency-batch-size",
-        1,
-        "--repeats",
-        1,
-        "--warmup",
-        0,
-        "--out",
-        tmp_path / "cmp",
-        "--json",
-    ]
+    args = ["compare", "-b", "llamagen", *cli_args(options), "--methods", "raster,zipar", "--image-size", 8,
+            "--no-metrics", "--num-samples", 4, "--batch-size", 4, "--latency-batch-size", 1, "--repeats", 1,
+            "--warmup", 0, "--out", tmp_path / "cmp", "--json"]
     result = CliRunner().invoke(cli, [str(a) for a in args], obj=registry)
     assert result.exit_code == 0, result.output
     written = sorted(p.name for p in (tmp_path / "cmp").iterdir())
@@ -189,32 +156,10 @@ def test_compare_rows_variants_of_one_method_each_with_its_own_options(registry,
     """--methods id:OPTION=VALUE;OPTION=VALUE: each variant is a row with its own settings and sample grid; a
     variant's value beats the method's flag, which still sets the others."""
     options = write_llamagen(tmp_path / "model")
-    args = [
-        "compare",
-        "-b",
-        "llamagen",
-        *cli_args(options),
-        "--methods",
-        "raster,zipar:window=2,zipar:window=3;mask-unwritten=false",
-        "--window",
-        1,
-        "--image-size",
-        8,
-        "--no-metrics",
-        "--num-samples",
-        2,
-        "--batch-size",
-        2,
-        "--latency-batch-size",
-        1,
-        "--repeats",
-        1,
-        "--warmup",
-        0,
-        "--out",
-        tmp_path / "cmp",
-        "--json",
-    ]
+    args = ["compare", "-b", "llamagen", *cli_args(options), "--methods",
+            "raster,zipar:window=2,zipar:window=3;mask-unwritten=false", "--window", 1, "--image-size", 8,
+            "--no-metrics", "--num-samples", 2, "--batch-size", 2, "--latency-batch-size", 1, "--repeats", 1,
+            "--warmup", 0, "--out", tmp_path / "cmp", "--json"]
     result = CliRunner().invoke(cli, [str(a) for a in args], obj=registry)
     assert result.exit_code == 0, result.output
     rows = {r["method"]: r for r in json.loads((tmp_path / "cmp" / "report.json").read_text())["methods"]}
@@ -234,8 +179,7 @@ def test_method_specs_parse_to_ids_and_their_own_option_values(registry):
         "raster": ("raster", {}), "flashar:adapter=a/b;buckets=4": ("flashar", {"adapter": "a/b", "buckets": "4"}),
         "zipar:mask-unwritten=false": ("zipar", {"mask_unwritten": "false"})}
     with pytest.raises(
-        FlashARError, match=r"'windw=4' is not OPTION=VALUE for an option of method 'zipar' \(its options: window, "
-    ):
+        FlashARError, match=r"'windw=4' is not OPTION=VALUE for an option of method 'zipar' \(its options: window, "):
         parse_methods("zipar:windw=4", registry)
     with pytest.raises(FlashARError, match="'window' is not OPTION=VALUE"):
         parse_methods("zipar:window", registry)

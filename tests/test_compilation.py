@@ -58,8 +58,7 @@ def test_max_autotune_tunes_matmuls_quietly_on_cpu(monkeypatch):
 
 
 @pytest.mark.skipif(
-    not (torch._C.has_mkl and torch.backends.mkldnn.is_available()), reason="needs MKL and oneDNN (x86)"
-)
+    not (torch._C.has_mkl and torch.backends.mkldnn.is_available()), reason="needs MKL and oneDNN (x86)")
 def test_frozen_fp32_linears_are_packed_for_onednn_off_intel_cpus(monkeypatch):
     """Inductor packs a static-row fp32 linear for MKL; off Intel CPUs (raster 1.77x faster on an AVX2 EPYC)
     compiled steps get oneDNN's kernel instead, the same numbers, and the switch is not left on."""
@@ -98,8 +97,7 @@ def test_every_method_instance_compiles_its_own_step():
     counter = CompileCounter()
     for _ in range(2):
         Raster(backbone, compile=True, compile_backend=counter).generate(
-            [1], (2, 3), SamplingConfig(), make_generator(0, "cpu")
-        )
+            [1], (2, 3), SamplingConfig(), make_generator(0, "cpu"))
     assert counter.frames == 2
 
 

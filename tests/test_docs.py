@@ -32,8 +32,7 @@ def test_the_plugin_guide_documents_every_backbone_member_and_the_metric_hooks()
     fields = {f.name for spec in (BackendSpec, MetricSpec) for f in dataclasses.fields(spec)}
     wanted = members | fields | {"grid=", "unconditional=", "native=", "flashar_register_metrics", "MetricSpec"}
     missing = sorted(
-        n for n in wanted if not re.search(r"(?<!\w)" + re.escape(n) + (r"(?!\w)" if n[-1].isalnum() else ""), code)
-    )
+        n for n in wanted if not re.search(r"(?<!\w)" + re.escape(n) + (r"(?!\w)" if n[-1].isalnum() else ""), code))
     assert missing == [], f"docs/writing-a-backend-plugin.md does not mention {missing}"
 
 

@@ -46,12 +46,10 @@ def without_vq(options: dict) -> list[str]:
 
 def test_generate_out_without_the_image_tokenizer_is_refused_before_loading(unloadable, llamagen, tmp_path):
     out = refused(
-        unloadable, "generate", "-b", "llamagen", *without_vq(llamagen), "--classes", "1", "--out", tmp_path / "png"
-    )
+        unloadable, "generate", "-b", "llamagen", *without_vq(llamagen), "--classes", "1", "--out", tmp_path / "png")
     assert "--vq-checkpoint" in out and "--out" in out
     out = refused(
-        unloadable, "generate", "-b", "emu35", "--model-path", tmp_path, "--prompt", "a cat", "--out", tmp_path / "png"
-    )
+        unloadable, "generate", "-b", "emu35", "--model-path", tmp_path, "--prompt", "a cat", "--out", tmp_path / "png")
     assert "--vq-path" in out and "Emu3.5-VisionTokenizer" in out
     assert not (tmp_path / "png").exists()
 
@@ -59,8 +57,7 @@ def test_generate_out_without_the_image_tokenizer_is_refused_before_loading(unlo
 def test_adapt_on_images_without_the_image_tokenizer_is_refused_before_loading(unloadable, llamagen, tmp_path):
     images = write_class_folder(tmp_path / "images", per_class=1)
     out = refused(
-        unloadable, "adapt", "-b", "llamagen", *without_vq(llamagen), "--data", images, "--out", tmp_path / "a"
-    )
+        unloadable, "adapt", "-b", "llamagen", *without_vq(llamagen), "--data", images, "--out", tmp_path / "a")
     assert "--vq-checkpoint" in out and "tokenising" in out
 
 

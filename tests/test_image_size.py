@@ -32,8 +32,7 @@ class WidePlugin:
             return backbone
 
         register(
-            BackendSpec(id="wide", description="a non-square test backend", options=LlamaGenOptions, load=load_wide)
-        )
+            BackendSpec(id="wide", description="a non-square test backend", options=LlamaGenOptions, load=load_wide))
 
 
 @pytest.fixture
@@ -67,25 +66,9 @@ def test_a_square_size_and_bad_spellings(tmp_path, wide):
 def test_adapt_on_images_at_the_native_non_square_size_then_generate_with_the_adapter(tmp_path, wide):
     options = write_llamagen(tmp_path / "model")
     write_class_folder(tmp_path / "images", per_class=4)
-    result = invoke(
-        wide,
-        "adapt",
-        "-b",
-        "wide",
-        *cli_args(options),
-        "--data",
-        tmp_path / "images",
-        "--out",
-        tmp_path / "a",
-        "--stage1-steps",
-        2,
-        "--stage2-steps",
-        1,
-        "--batch-size",
-        2,
-        "--cache-dir",
-        tmp_path / "cache",
-    )
+    result = invoke(wide, "adapt", "-b", "wide", *cli_args(options), "--data", tmp_path / "images", "--out",
+                    tmp_path / "a", "--stage1-steps", 2, "--stage2-steps", 1, "--batch-size", 2, "--cache-dir",
+                    tmp_path / "cache")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "a" / "config.json").read_text())["grid"] == [4, 6]
     gen = invoke(wide, "generate", "-b", "wide", *cli_args(options), "--method", "flashar", "--adapter", tmp_path / "a",
@@ -111,26 +94,8 @@ def test_codes_of_a_non_square_grid_are_read(tmp_path, wide, flat):
     backbone = api.load_backbone("wide", options, registry=wide)
     data = api.load_data(backbone, codes_dir=tmp_path / "codes")
     assert data.grid == (4, 6) and len(data) == 12
-    result = invoke(
-        wide,
-        "adapt",
-        "-b",
-        "wide",
-        *cli_args(options),
-        "--codes",
-        tmp_path / "codes",
-        "--image-size",
-        8,
-        12,
-        "--out",
-        tmp_path / "a",
-        "--stage1-steps",
-        1,
-        "--stage2-steps",
-        0,
-        "--batch-size",
-        2,
-    )
+    result = invoke(wide, "adapt", "-b", "wide", *cli_args(options), "--codes", tmp_path / "codes", "--image-size", 8,
+                    12, "--out", tmp_path / "a", "--stage1-steps", 1, "--stage2-steps", 0, "--batch-size", 2)
     assert result.exit_code == 0, result.output
 
 

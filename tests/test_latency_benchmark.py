@@ -121,8 +121,7 @@ def test_replayed_linears_are_the_prepacked_kernels_and_compute_f_linear(monkeyp
 
 
 @pytest.mark.skipif(
-    not (torch._C.has_mkl and torch.backends.mkldnn.is_available()), reason="needs MKL and oneDNN (x86)"
-)
+    not (torch._C.has_mkl and torch.backends.mkldnn.is_available()), reason="needs MKL and oneDNN (x86)")
 def test_the_packing_ab_compiles_each_arm_once_with_its_own_kernel(tmp_path, monkeypatch):
     """fp32_packing.py: MKL against oneDNN on any x86 CPU, whichever the vendor rule picks here."""
     from torch._inductor.utils import run_and_get_code
@@ -212,14 +211,9 @@ def test_the_latency_table_sets_each_kind_of_replayed_kernel_against_its_own_bou
            "vs_raster": 6.0, "ideal_s": 1.0, "vs_roofline": 3.0, "kernel_s": 2.5, "vs_kernels": 1.2, "compile_s": 9.0,
            "graphs": 1, "kernel_s_by_kind": {"linear": 1.5, "attention": 0.9},
            "ideal_s_by_kind": {"linear": 0.75, "attention": 0.3}}
-    report = {
-        "cpu": "Some CPU",
-        "threads": 2,
-        "torch": "2.x",
-        "bandwidth_gbs": 20.0,
-        "matmul_gflops": {"float32": 300.0},
-        "rows": [row | {"method": "flashar/eager"}, row | {"method": "flashar/compiled"}],
-    }
+    report = {"cpu": "Some CPU", "threads": 2, "torch": "2.x", "bandwidth_gbs": 20.0,
+              "matmul_gflops": {"float32": 300.0},
+              "rows": [row | {"method": "flashar/eager"}, row | {"method": "flashar/compiled"}]}
     text = load_tables().latency(report)
     split = [line for line in text.splitlines() if line.startswith("| GPT-B | float32 | 32x32 | 1 | flashar |")]
     # once per method
@@ -280,38 +274,15 @@ def test_the_gpu_script_runs_end_to_end_on_cpu_with_tiny_models(tmp_path):
     out = tmp_path / "ladder.json"
     # the C++ wrapper only slows compiling here
     subprocess.run(
-        [
-            sys.executable,
-            str(LADDER),
-            "--tiny",
-            "--device",
-            "cpu",
-            "--methods",
-            "raster,flashar",
-            "--ladder",
-            "GPT-L",
-            "--grids",
-            "4",
-            "--emu35-layers",
-            "2",
-            "--repeats",
-            "1",
-            "--budget-s",
-            "1e9",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, str(LADDER), "--tiny", "--device", "cpu", "--methods", "raster,flashar", "--ladder", "GPT-L",
+         "--grids", "4", "--emu35-layers", "2", "--repeats", "1", "--budget-s", "1e9", "--out", str(out)],
         check=True,
         timeout=3600,  # 2 Emu3.5 layers: compiling all 64 tiny ones took 4 of 11 minutes on an AVX2 CPU
         env={**os.environ, "FLASHAR_CPP_WRAPPER": "0"},
     )
     report = json.loads(out.read_text())
-    assert {r["method"] for r in report["rows"]} == {
-        "raster/eager",
-        "raster/compiled",
-        "flashar/eager",
-        "flashar/compiled",
-    }
+    assert {r["method"] for r in report["rows"]} == {"raster/eager", "raster/compiled", "flashar/eager",
+                                                     "flashar/compiled"}
     assert [(r["model"], r["method"]) for r in report["ladder"]] == [
         ("GPT-B", "raster/compiled"), ("GPT-B", "flashar:buckets=1/compiled"),  # through the other attention path
         ("Emu3.5-34B", "raster/compiled"), ("Emu3.5-34B", "flashar:buckets=1/compiled"),
@@ -332,8 +303,7 @@ def test_a_failing_ladder_arm_costs_only_itself_and_the_budget_skips_the_rest():
 
     configs = [("GPT-B", 32, "math"), ("GPT-3B", 32, None), ("GPT-L", 24, None), ("GPT-XL", 24, None)]
     ladder.run_arms(
-        configs, arm, report, over=lambda: next(clock) >= 3, save=lambda: saved.append(len(report["ladder"]))
-    )
+        configs, arm, report, over=lambda: next(clock) >= 3, save=lambda: saved.append(len(report["ladder"])))
     assert report["ladder"] == [{"model": "GPT-B"}, {"model": "GPT-L"}]
     assert report["failed"] == ["GPT-3B 32x32: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"]
     assert report["skipped"] == ["GPT-XL 24x24"] and saved == [1, 1, 2]

@@ -6,11 +6,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "flashar"
-CORE = (
-    [p for p in PACKAGE.glob("*.py")]
-    + list((PACKAGE / "adapt").glob("*.py"))
-    + list((PACKAGE / "compare").glob("*.py"))
-)
+CORE = ([p for p in PACKAGE.glob("*.py")] + list((PACKAGE / "adapt").glob("*.py"))
+        + list((PACKAGE / "compare").glob("*.py")))
 
 # The layer order, top to bottom: a module imports only from its own layer or lower ones (lazy imports
 # included). Backends sit beside the stack: they use the core, and only the core (cli -> api ->
@@ -51,11 +48,8 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_core_never_imports_a_backend():
     allowed = {"plugins.py"}  # lists the built-in plugin module names as strings only
-    offenders = [
-        p.name
-        for p in CORE
-        if p.name not in allowed and any(m.startswith("flashar.backends") for m in imported_modules(p))
-    ]
+    offenders = [p.name for p in CORE
+                 if p.name not in allowed and any(m.startswith("flashar.backends") for m in imported_modules(p))]
     assert offenders == []
 
 
@@ -108,19 +102,15 @@ def test_no_import_circles_in_the_core():
     graph = {}
     for path in PACKAGE.glob("*.py"):
         tree = _ast.parse(path.read_text())
-        type_only = {
-            id(n)
-            for node in _ast.walk(tree)
-            if isinstance(node, _ast.If) and "TYPE_CHECKING" in _ast.unparse(node.test)
-            for n in _ast.walk(node)
-        }
+        type_only = {id(n) for node in _ast.walk(tree)
+                     if isinstance(node, _ast.If) and "TYPE_CHECKING" in _ast.unparse(node.test)
+                     for n in _ast.walk(node)}
         graph[module_name(path)] = {n.module for n in _ast.walk(tree)
                                     if isinstance(n, _ast.ImportFrom) and n.module and id(n) not in type_only}
 
     def reaches(start: str, goal: str, seen: set) -> bool:
         return any(
-            m == goal or (m not in seen and not seen.add(m) and reaches(m, goal, seen)) for m in graph.get(start, ())
-        )
+            m == goal or (m not in seen and not seen.add(m) and reaches(m, goal, seen)) for m in graph.get(start, ()))
 
     circles = [m for m in graph if reaches(m, m, set())]
     assert circles == []

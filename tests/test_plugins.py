@@ -57,10 +57,8 @@ def test_duplicate_ids_are_rejected_naming_both_plugins():
         def flashar_register_backends(self, register):
             register(spec("llamagen"))
 
-    with pytest.raises(
-        PluginError,
-        match="'llamagen' is registered twice, by plugin 'flashar.backends.llamagen' and by plugin 'test-plugin-0'",
-    ):
+    with pytest.raises(PluginError,
+        match="'llamagen' is registered twice, by plugin 'flashar.backends.llamagen' and by plugin 'test-plugin-0'"):
         registry_with(Plugin())
 
 
@@ -169,8 +167,7 @@ def test_a_flag_two_backends_declare_is_resolved_per_selected_backend(registry):
         def flashar_register_backends(self, register):
             register(
                 BackendSpec(
-                    id="toy", description="toy", options=ToyOptions, load=lambda o, r: loaded.setdefault("o", o)
-                )
+                    id="toy", description="toy", options=ToyOptions, load=lambda o, r: loaded.setdefault("o", o))
             )
 
     reg = registry_with(Plugin())
@@ -229,8 +226,7 @@ def test_a_backend_flag_that_clashes_with_a_method_flag_fails_registration():
             register(BackendSpec(id="clash", description="clash", options=ClashOptions, load=lambda o, r: None))
 
     with pytest.raises(
-        PluginError, match=r"--buckets is declared as int by method 'flashar' .* and as str by backend 'clash'"
-    ):
+        PluginError, match=r"--buckets is declared as int by method 'flashar' .* and as str by backend 'clash'"):
         registry_with(Plugin())
 
 

@@ -17,8 +17,7 @@ def test_tokenising_reports_progress_during_the_folder(tmp_path, registry):
     images = write_class_folder(tmp_path / "images", per_class=4)  # 12 images
     reports = []
     data = api.load_data(
-        backbone, images, image_size=8, cache_dir=tmp_path / "cache", progress=lambda d, t: reports.append((d, t))
-    )
+        backbone, images, image_size=8, cache_dir=tmp_path / "cache", progress=lambda d, t: reports.append((d, t)))
     assert len(data) == 12
     assert reports[0] == (0, 12) and reports[-1] == (12, 12) and len(reports) >= 3  # not one report for the lot
     assert [d for d, _ in reports] == sorted(d for d, _ in reports)
@@ -59,8 +58,7 @@ def test_compare_reports_every_timing_run(registry):
     methods = {n: api.build_method(n, backbone, registry=registry) for n in ("raster", "zipar")}
     sampling = {n: SamplingConfig(top_k=4) for n in methods}
     config = CompareConfig(
-        num_samples=4, batch_size=4, latency_batch_size=1, repeats=2, warmup=1, metrics=False, image_size=64
-    )
+        num_samples=4, batch_size=4, latency_batch_size=1, repeats=2, warmup=1, metrics=False, image_size=64)
     runs = []
     run_compare(methods, sampling, config, None, None, on_run=runs.append)
     assert len(runs) == timed_runs(config, 2) == 2 * (1 + 2) * 2 and set(runs) == {"raster", "zipar"}

@@ -56,5 +56,4 @@ def test_cfg_order_is_cond_then_uncond():
     torch.testing.assert_close(mixed, uncond + 3.0 * (cond - uncond))
     logp = cfg_mix(torch.cat([cond, uncond]), 2.0, "log_softmax")
     torch.testing.assert_close(
-        logp, torch.log_softmax(uncond, -1) + 2.0 * (torch.log_softmax(cond, -1) - torch.log_softmax(uncond, -1))
-    )
+        logp, torch.log_softmax(uncond, -1) + 2.0 * (torch.log_softmax(cond, -1) - torch.log_softmax(uncond, -1)))

@@ -166,6 +166,5 @@ def load_best(out_dir: Path, stage: int, step: int) -> dict[str, torch.Tensor]:
     if not (folder / "best.json").is_file() or load_json(folder / "best.json").get("step") != step:
         raise CheckpointError(
             f"{folder} does not hold the best weights of stage {stage} (step {step}) that the run recorded; "
-            f"start again with a new --out"
-        )
+            f"start again with a new --out")
     return load_weights(folder / "weights.safetensors")

@@ -91,8 +91,7 @@ def list_caption_folder(folder: Path) -> list[tuple[Path, str]]:
             name, text = row.get("file_name") or row["image"], str(row.get("text") or row["caption"])
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise DataError(
-                f"{folder / 'metadata.jsonl'} line {n} needs a JSON object with 'file_name' and 'text'"
-            ) from None
+                f"{folder / 'metadata.jsonl'} line {n} needs a JSON object with 'file_name' and 'text'") from None
         path = file_in(folder, name, f"{folder / 'metadata.jsonl'} line {n}", DataError)
         if not path.is_file():
             raise DataError(f"{folder / 'metadata.jsonl'} line {n} names {name!r}, which is not a file in {folder}")
@@ -107,8 +106,7 @@ def list_images(folder: str | Path, condition_kind: str | None) -> list[tuple[Pa
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise DataError(
-            f"--data {folder} is a file, not a folder; pass a folder of class subfolders (or images + metadata.jsonl)"
-        )
+            f"--data {folder} is a file, not a folder; pass a folder of class subfolders (or images + metadata.jsonl)")
     if not folder.is_dir():
         raise DataError(f"data folder not found: {folder}; check the --data path")
     text = condition_kind == "text" or (condition_kind is None and (folder / "metadata.jsonl").exists())
@@ -116,8 +114,7 @@ def list_images(folder: str | Path, condition_kind: str | None) -> list[tuple[Pa
         if text and not (folder / "metadata.jsonl").is_file():
             raise DataError(
                 f'{folder} needs a metadata.jsonl with one {{"file_name": ..., "text": ...}} line per image for a '
-                'text-conditional backend'
-            )
+                'text-conditional backend')
         items = list_caption_folder(folder) if text else list_class_folder(folder)
     except OSError as exc:
         raise DataError(f"cannot read the data folder {folder} ({exc.strerror or exc}: {exc.filename or folder}); "
@@ -131,8 +128,7 @@ def list_images(folder: str | Path, condition_kind: str | None) -> list[tuple[Pa
 
 def cache_key(items: list[tuple[Path, Any]], image_size: int | tuple[int, int], backbone: Backbone) -> str:
     digest = hashlib.sha256(
-        f"{image_size}|{backbone.backend_id}|{backbone.fingerprint()}|{backbone.downsample}".encode()
-    )
+        f"{image_size}|{backbone.backend_id}|{backbone.fingerprint()}|{backbone.downsample}".encode())
     tokenizer = getattr(backbone, "tokenizer", None)
     if tokenizer is not None and hasattr(tokenizer, "model"):
         first = next(iter(tokenizer.model.state_dict().values()))
@@ -158,10 +154,8 @@ def tokenize_folder(backbone: Backbone, folder: str | Path, image_size: int | tu
     items = list_images(folder, backbone.condition_kind)
     cache = (cache_dir or default_cache_dir()) / cache_key(items, size, backbone)
     if (cache / "codes.safetensors").is_file() and (cache / "conditions.json").is_file():
-        return TokenData(
-            load_weights(cache / "codes.safetensors")["codes"].long(),
-            json.loads((cache / "conditions.json").read_text()),
-        )
+        return TokenData(load_weights(cache / "codes.safetensors")["codes"].long(),
+                         json.loads((cache / "conditions.json").read_text()))
     codes = []
     if progress:
         progress(0, len(items))
@@ -202,8 +196,7 @@ def list_llamagen_codes(folder: str | Path) -> tuple[Path, Path, list[Path]]:
         files = sorted(code_dir.glob("*.npy"), key=lambda p: int(p.stem) if p.stem.isdigit() else p.stem)
     except OSError as exc:
         raise DataError(
-            f"cannot read the codes folder {folder} ({exc.strerror or exc}); check its permissions"
-        ) from None
+            f"cannot read the codes folder {folder} ({exc.strerror or exc}); check its permissions") from None
     if not files or not label_dir.is_dir():
         raise DataError(f"{code_dir} has no .npy codes or {label_dir} is missing")
     return code_dir, label_dir, files
@@ -226,8 +219,7 @@ def load_llamagen_codes(folder: str | Path, grid: tuple[int, int] | None = None)
     shapes = sorted({tuple(c.shape[1:]) for c in codes})
     if len(shapes) > 1:
         raise DataError(
-            f"the codes in {code_dir} form grids of several shapes {shapes}; extract them at one image size"
-        )
+            f"the codes in {code_dir} form grids of several shapes {shapes}; extract them at one image size")
     return TokenData(torch.cat(codes), labels)
 
 
@@ -242,8 +234,7 @@ def _as_grids(array: np.ndarray, grid: tuple[int, int] | None, path: Path) -> np
     if side * side != count:
         wanted = f"the {grid[0]}x{grid[1]} grid of this image size" if grid else "a square grid"
         raise DataError(
-            f"codes in {path} have {count} tokens, not {wanted}; pass the --image-size they were extracted at"
-        )
+            f"codes in {path} have {count} tokens, not {wanted}; pass the --image-size they were extracted at")
     return flat.reshape(-1, side, side)
 
 
@@ -259,6 +250,5 @@ def _read_npy(path: Path, what: str) -> np.ndarray:
         ) from None
     if not np.issubdtype(array.dtype, np.integer) or array.ndim == 0 or array.size == 0:
         raise DataError(
-            f"{what} file {path} holds a {array.dtype} array of shape {array.shape}; expected integer codes/labels"
-        )
+            f"{what} file {path} holds a {array.dtype} array of shape {array.shape}; expected integer codes/labels")
     return array

@@ -21,15 +21,8 @@ from flashar.branch import FlashARHead
 from flashar.config import AdaptConfig, StageConfig
 from flashar.coupling import latent_intervals
 from flashar.lora import inject_lora, lora_state
-from flashar.teacher import (
-    IGNORE,
-    cross_entropy,
-    distillation_kl,
-    flashar_logits,
-    horizontal_distillation_kl,
-    raster_logits,
-    vertical_cross_entropy,
-)
+from flashar.teacher import (IGNORE, cross_entropy, distillation_kl, flashar_logits, horizontal_distillation_kl,
+                             raster_logits, vertical_cross_entropy)
 
 
 class AdaptModel(nn.Module):
@@ -95,8 +88,7 @@ class AdaptModel(nn.Module):
         fused = self._fused(codes, conditions)
         raster = raster_logits(self.backbone, self._prefix(codes, conditions), codes)
         return tuple(
-            F.cross_entropy(logits.flatten(0, 1).float(), target, reduction="sum").item() for logits in (fused, raster)
-        )
+            F.cross_entropy(logits.flatten(0, 1).float(), target, reduction="sum").item() for logits in (fused, raster))
 
     def _prefix(self, codes: Tensor, conditions: list) -> Prefix:
         """The FlashAR decoder's rows (for Emu3.5 padded as in training), for held-out evaluation."""
@@ -136,8 +128,7 @@ def stage_parameters(model: AdaptModel, stage: int, config: AdaptConfig) -> list
     if stage == 2 and config.stage2_mode == "full":
         model.backbone.requires_grad_(True)
         groups.append(
-            {"params": list(model.backbone.parameters()), "lr": cfg.lr * cfg.backbone_lr_factor, "name": "backbone"}
-        )
+            {"params": list(model.backbone.parameters()), "lr": cfg.lr * cfg.backbone_lr_factor, "name": "backbone"})
     elif stage == 2 and config.stage2_mode == "lora":
         params = [p for n, p in model.backbone.named_parameters() if "lora_" in n]
         for p in params:

@@ -91,8 +91,7 @@ class Sampler:
 
     def _permutation(self) -> Tensor:
         return torch.randperm(
-            self.size, generator=torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**64)
-        )
+            self.size, generator=torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**64))
 
     def next(self, count: int, drop_prob: float) -> tuple[Tensor, Tensor]:
         picked, have = [], 0
@@ -255,33 +254,27 @@ def _start(model: AdaptModel, run: Run, resume: bool, base: str) -> tuple[Positi
     if checkpoint is None and (run.out_dir / "config.json").is_file():
         raise FlashARError(
             f"{run.out_dir} holds a finished adapter and no checkpoints to resume from (a finished run removes "
-            f"them unless --keep-checkpoints); choose a new --out"
-        )
+            f"them unless --keep-checkpoints); choose a new --out")
     if checkpoint is None:
         raise FlashARError(
-            f"--resume was given but {run.out_dir / 'checkpoints'} holds no checkpoint; run without --resume"
-        )
+            f"--resume was given but {run.out_dir / 'checkpoints'} holds no checkpoint; run without --resume")
     weights, opt_tensors, state = load_checkpoint(checkpoint)
     if not isinstance(state, dict):
         raise CheckpointError(
             f"{checkpoint / 'state.json'} is not a checkpoint state; delete {checkpoint} to resume from the previous "
-            "one"
-        )
+            "one")
     if not _same_config(state.get("config"), config) and not run.force_resume:
         raise FlashARError(
             f"{checkpoint} was written with a different adaptation config; resume with the same options, "
-            f"use a new --out, or pass --force-resume to continue with these options"
-        )
+            f"use a new --out, or pass --force-resume to continue with these options")
     if state.get("data_fingerprint", _fingerprint(run)) != _fingerprint(run) and not run.force_resume:
         raise FlashARError(
             f"{checkpoint} was written while training (or evaluating) on other data; resume with the same "
-            f"--data/--codes/--val-data, use a new --out, or pass --force-resume to continue on this data"
-        )
+            f"--data/--codes/--val-data, use a new --out, or pass --force-resume to continue on this data")
     if state.get("backbone_fingerprint", base) != base:
         raise CheckpointError(
             f"{checkpoint} was written while adapting another backbone (fingerprint {state['backbone_fingerprint']}, "
-            f"this one is {base}); resume with the checkpoint it started from or use a new --out"
-        )
+            f"this one is {base}); resume with the checkpoint it started from or use a new --out")
     try:
         load_trainable_state(model, weights)
     except (RuntimeError, KeyError) as exc:
@@ -353,8 +346,7 @@ def _train_stage(model: AdaptModel, run: Run, place: Distributed, position: Posi
 
 
 def _checkpoint(
-    model: AdaptModel, optimizer: torch.optim.Optimizer, run: Run, place: Distributed, position: Position
-) -> None:
+    model: AdaptModel, optimizer: torch.optim.Optimizer, run: Run, place: Distributed, position: Position) -> None:
     """Gather the full state (collectives under FSDP), write it from the main process, then wait for it."""
     keep = place.is_main
     weights = full_tensors(trainable_state(model, position.stage, run.config), keep)
@@ -377,8 +369,7 @@ def _evaluate(model: AdaptModel, run: Run, place: Distributed, position: Positio
     sums = [sum(part[i] for part in parts) for i in range(2)]
     tokens = data.codes.numel()
     values = mean_over_processes(
-        {"val_nll_flashar": sums[0] / tokens, "val_nll_raster": sums[1] / tokens}, place, device
-    )
+        {"val_nll_flashar": sums[0] / tokens, "val_nll_raster": sums[1] / tokens}, place, device)
     if best.nll is None or values["val_nll_flashar"] < best.nll:
         best.nll, best.step, best.bad = values["val_nll_flashar"], position.step, 0
         weights = full_tensors(trainable_state(model, position.stage, config), place.is_main)
@@ -391,15 +382,8 @@ def _evaluate(model: AdaptModel, run: Run, place: Distributed, position: Positio
     if place.is_main:
         _log(
             run,
-            {
-                "step": position.step,
-                "stage": position.stage,
-                "in_stage": position.in_stage,
-                **values,
-                "best_step": best.step,
-                "stopped_early": best.stopped,
-                "seconds": round(time.perf_counter() - began, 4),
-            },
+            {"step": position.step, "stage": position.stage, "in_stage": position.in_stage, **values,
+             "best_step": best.step, "stopped_early": best.stopped, "seconds": round(time.perf_counter() - began, 4)},
         )
 
 
@@ -412,11 +396,8 @@ def _held_out_passes(model: AdaptModel, run: Run, data: TokenData, count: int, *
     with torch.no_grad(), torch.random.fork_rng(devices=[]), _autocast(model.backbone.device, config.precision):
         # draws nothing; fork_rng guards the stream anyway
         parts = [
-            model(
-                data.codes[start : min(start + batch, count)],
-                data.conditions[start : min(start + batch, count)],
-                **kwargs,
-            )
+            model(data.codes[start : min(start + batch, count)], data.conditions[start : min(start + batch, count)],
+                  **kwargs)
             for start in range(0, count, batch)
         ]
     model.train()
@@ -497,17 +478,10 @@ def _fit_coupling(model: AdaptModel, run: Run, place: Distributed, position: Pos
                (("independent", 0.0), ("coupled", fit.rho))}
         _log(
             run,
-            {
-                "step": position.step,
-                "stage": position.stage,
-                "diagonal_coupling": fit.rho,
-                "coupling_gain_nats_per_pair": round(fit.gain, 6),
-                "coupling_pairs": fit.pairs,
-                **nll,
-                "coupling_grids": count,
-                "held_out": run.val_data is not None,
-                "seconds": round(time.perf_counter() - began, 4),
-            },
+            {"step": position.step, "stage": position.stage, "diagonal_coupling": fit.rho,
+             "coupling_gain_nats_per_pair": round(fit.gain, 6), "coupling_pairs": fit.pairs, **nll,
+             "coupling_grids": count, "held_out": run.val_data is not None,
+             "seconds": round(time.perf_counter() - began, 4)},
         )
     return fit.rho
 
@@ -544,28 +518,24 @@ def check_run(backbone: Backbone, run: Run, place: Distributed = SINGLE) -> None
     if distills_in_stage2(config) and config.strategy == "fsdp" and place.active:
         raise FlashARError(
             "stage-2 distillation keeps a frozen copy of the backbone on every process, which --strategy fsdp "
-            "is meant to avoid; use --strategy ddp or --stage2-distill-weight 0"
-        )
+            "is meant to avoid; use --strategy ddp or --stage2-distill-weight 0")
     shares = config.grad_accum * place.world_size
     if config.batch_size % shares:
         raise FlashARError(
             f"batch_size {config.batch_size} does not split into {config.grad_accum} micro-batch(es) on each of "
-            f"{place.world_size} process(es); use a multiple of {shares}"
-        )
+            f"{place.world_size} process(es); use a multiple of {shares}")
     check_config(config)
     _check_data(backbone, run.data)
     if config.branch.row_lag > run.data.grid[1]:
         raise DataError(
             f"--row-lag {config.branch.row_lag} exceeds the grid's width {run.data.grid[1]}; use a row lag of at most "
-            f"the width (equal to it is raster order)"
-        )
+            f"the width (equal to it is raster order)")
     if run.val_data is not None:
         _check_data(backbone, run.val_data, "held-out ")
         if run.val_data.grid != run.data.grid:
             raise DataError(
                 f"the held-out data forms {run.val_data.grid[0]}x{run.val_data.grid[1]} grids but the training data "
-                f"{run.data.grid[0]}x{run.data.grid[1]}; use images of the same size (and the same --image-size)"
-            )
+                f"{run.data.grid[0]}x{run.data.grid[1]}; use images of the same size (and the same --image-size)")
 
 
 def check_config(config: AdaptConfig) -> None:
@@ -575,8 +545,7 @@ def check_config(config: AdaptConfig) -> None:
     if config.stage1.steps + stage2 == 0:
         raise FlashARError(
             "both adaptation stages have 0 steps, which would write an untrained adapter; set --stage1-steps "
-            "and/or --stage2-steps"
-        )
+            "and/or --stage2-steps")
     if uses_lora(config):
         require("peft", "lora")
 
@@ -591,13 +560,11 @@ def _check_data(backbone: Backbone, data: TokenData, which: str = "") -> None:
     if low < 0 or high >= backbone.codebook_size:
         raise DataError(
             f"the adaptation data holds token code {low if low < 0 else high}, outside this model's codebook "
-            f"[0, {backbone.codebook_size}); extract the codes with the tokenizer this model was trained with"
-        )
+            f"[0, {backbone.codebook_size}); extract the codes with the tokenizer this model was trained with")
     if backbone.condition_kind == "class":
         bad = [c for c in data.conditions if isinstance(c, bool) or not isinstance(c, int)
                or (backbone.num_classes is not None and not 0 <= c < backbone.num_classes)]
         if bad:
             raise DataError(
                 f"this class-conditional backbone needs class ids in [0, {backbone.num_classes}) as labels, "
-                f"got {bad[0]!r}; use a folder of class subfolders (or codes with matching labels)"
-            )
+                f"got {bad[0]!r}; use a folder of class subfolders (or codes with matching labels)")

@@ -52,14 +52,8 @@ def cpu_model() -> str:
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    env = {
-        "torch": torch.__version__,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "dtype": str(dtype).replace("torch.", ""),
-        "cpu": cpu_model(),
-        "python": platform.python_version(),
-    }
+    env = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+           "dtype": str(dtype).replace("torch.", ""), "cpu": cpu_model(), "python": platform.python_version()}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
@@ -74,8 +68,7 @@ def balanced_conditions(backbone: Backbone, count: int, prompts: Sequence[str] |
     if not backbone.num_classes:
         raise FlashARError(
             f"backend '{backbone.backend_id}' is class-conditional but its backbone sets no num_classes, "
-            f"so compare cannot draw class-balanced conditions; set Backbone.num_classes in the backend"
-        )
+            f"so compare cannot draw class-balanced conditions; set Backbone.num_classes in the backend")
     return [i % backbone.num_classes for i in range(count)]
 
 
@@ -96,48 +89,26 @@ def run_compare(methods: dict[str, Method], sampling: dict[str, SamplingConfig],
     conditions = balanced_conditions(first, config.num_samples, prompts)
     report = CompareReport(first.backend_id, grid, config.model_dump(), environment(first.device, first.dtype),
                            metric_label=extractor.label if extractor else "FID")
-    latency = time_methods(
-        methods,
-        conditions[: config.latency_batch_size],
-        grid,
-        sampling,
-        config.repeats,
-        config.warmup,
-        config.seeds[0],
-        on_run,
-    )
+    latency = time_methods(methods, conditions[: config.latency_batch_size], grid, sampling, config.repeats,
+                           config.warmup, config.seeds[0], on_run)
     throughput = (
         latency
         if config.latency_batch_size == config.batch_size
-        else time_methods(
-            methods,
-            conditions[: config.batch_size],
-            grid,
-            sampling,
-            config.repeats,
-            config.warmup,
-            config.seeds[0],
-            on_run,
-        )
+        else time_methods(methods, conditions[: config.batch_size], grid, sampling, config.repeats, config.warmup,
+                          config.seeds[0], on_run)
     )
     for name, method in methods.items():
-        row = {
-            "method": name,
-            "forward_passes": latency[name].forward_passes,
-            **speed_columns(latency, name, "latency"),
-            **speed_columns(throughput, name, "throughput"),
-            "latency_per_image_ms": 1000 * latency[name].median / config.latency_batch_size,
-            "images_per_second": config.batch_size / throughput[name].median,
-            "compile_seconds": latency[name].compile_seconds,
-            "decode_state_mb": throughput[name].state_bytes / 2**20,
-            "peak_memory_mb": None if throughput[name].peak_bytes is None else throughput[name].peak_bytes / 2**20,
-            "sampling": sampling[name].model_dump(),
-            "settings": method.settings(),
-        }
+        row = {"method": name, "forward_passes": latency[name].forward_passes,
+               **speed_columns(latency, name, "latency"), **speed_columns(throughput, name, "throughput"),
+               "latency_per_image_ms": 1000 * latency[name].median / config.latency_batch_size,
+               "images_per_second": config.batch_size / throughput[name].median,
+               "compile_seconds": latency[name].compile_seconds,
+               "decode_state_mb": throughput[name].state_bytes / 2**20,
+               "peak_memory_mb": None if throughput[name].peak_bytes is None else throughput[name].peak_bytes / 2**20,
+               "sampling": sampling[name].model_dump(), "settings": method.settings()}
         if config.metrics and extractor is not None and reference is not None:
             row.update(
-                score(name, method, conditions, grid, sampling[name], config, extractor, reference, report, progress)
-            )
+                score(name, method, conditions, grid, sampling[name], config, extractor, reference, report, progress))
         elif samples and throughput[name].codes is not None:
             codes = throughput[name].codes[:100]
             report.samples[name] = to_uint8(decode_all(method.backbone, codes, config.batch_size, conditions))

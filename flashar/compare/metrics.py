@@ -57,8 +57,7 @@ def inception_extractor(weights: str | Path) -> Extractor:
     except RuntimeError as exc:
         raise CheckpointError(
             f"{weights} does not hold torch-fidelity's Inception weights ({str(exc).strip().splitlines()[0][:120]}); "
-            f"pass the pt_inception-2015-12-05 file with --fid-weights"
-        ) from None
+            f"pass the pt_inception-2015-12-05 file with --fid-weights") from None
     return Extractor(name, "FID", {"flashar_inception_state": state, **INCEPTION_LAYERS})
 
 
@@ -66,13 +65,11 @@ def inception_state(weights: str | Path) -> dict[str, Tensor]:
     """The tensors of an Inception weights file: safetensors, or a pickle of plain tensors (weights only)."""
     if not Path(weights).is_file():
         raise FlashARError(
-            f"Inception weights not found: {weights}; pass the pt_inception-2015-12-05 file with --fid-weights"
-        )
+            f"Inception weights not found: {weights}; pass the pt_inception-2015-12-05 file with --fid-weights")
     state = load_weights(weights)
     if not state or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise CheckpointError(
-            f"{weights} is not a state dict of tensors; pass the pt_inception-2015-12-05 file with --fid-weights"
-        )
+            f"{weights} is not a state dict of tensors; pass the pt_inception-2015-12-05 file with --fid-weights")
     return state
 
 
@@ -109,8 +106,7 @@ class _Images(torch.utils.data.Dataset):
 
 
 def quality(
-    samples: Tensor, reference: Tensor, extractor: Extractor, labels: list[int] | None = None
-) -> dict[str, float]:
+    samples: Tensor, reference: Tensor, extractor: Extractor, labels: list[int] | None = None) -> dict[str, float]:
     """FID / KID / IS / precision / recall and the two-sample test of uint8 ``samples`` against uint8 ``reference``.
 
     Features are extracted once per image set with torch-fidelity's extractor and fed to its metric functions."""
@@ -122,20 +118,13 @@ def quality(
     if min(len(samples), len(reference)) < 2 * FOLDS:
         raise DataError(
             f"quality metrics need at least {2 * FOLDS} generated and reference images (the two-sample test "
-            f"holds out a fifth of each); pass --num-samples {2 * FOLDS} or more, or --no-metrics"
-        )
-    kwargs = {
-        "feature_extractor": extractor.name,
-        "cuda": torch.cuda.is_available(),
-        "verbose": False,
-        "save_cpu_ram": True,
-        **extractor.kwargs,
-    }
+            f"holds out a fifth of each); pass --num-samples {2 * FOLDS} or more, or --no-metrics")
+    kwargs = {"feature_extractor": extractor.name, "cuda": torch.cuda.is_available(), "verbose": False,
+              "save_cpu_ram": True, **extractor.kwargs}
     layers = {m: resolve_layer(m, kwargs) for m in ("fid", "kid", "prc", "isc")}
     fake, real = extract_features([samples, reference], sorted(set(layers.values())), kwargs)
     fid = fid_statistics_to_metric(
-        fid_features_to_statistics(fake[layers["fid"]]), fid_features_to_statistics(real[layers["fid"]]), False
-    )
+        fid_features_to_statistics(fake[layers["fid"]]), fid_features_to_statistics(real[layers["fid"]]), False)
     kid, kid_std = kernel_inception_distance(fake[layers["kid"]], real[layers["kid"]])
     isc = isc_features_to_metric(fake[layers["isc"]])
     prc = prc_features_to_metric(fake[layers["prc"]], real[layers["prc"]], **kwargs)
@@ -189,8 +178,7 @@ def extract_features(image_sets: list[Tensor], layers: list[str], kwargs: dict[s
 
     net = create_feature_extractor(kwargs["feature_extractor"], layers, **kwargs)
     return [
-        get_featuresdict_from_dataset(_Images(images), net, 256, kwargs["cuda"], True, False) for images in image_sets
-    ]
+        get_featuresdict_from_dataset(_Images(images), net, 256, kwargs["cuda"], True, False) for images in image_sets]
 
 
 def two_sample_accuracy(fake: Tensor, real: Tensor, folds: int = FOLDS, l2: float = 1e-2) -> float:
@@ -223,8 +211,7 @@ def _logistic_regression(x: Tensor, y: Tensor, l2: float) -> Tensor:
     xb = _with_bias(x)
     w = torch.zeros(xb.shape[1], dtype=x.dtype, requires_grad=True)
     opt = torch.optim.LBFGS(
-        [w], lr=1.0, max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe"
-    )
+        [w], lr=1.0, max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
     def loss():
         opt.zero_grad()

@@ -53,11 +53,8 @@ COLUMNS = [  # (key, header, format: a format string or a function)
 def table_rows(report) -> tuple[list[str], list[list[str]]]:
     present = [c for c in COLUMNS if any(row.get(c[0]) is not None for row in report.rows)]
     first = report.rows[0] if report.rows else {}
-    labels = {
-        "fid": report.metric_label,
-        "latency_batch": first.get("latency_batch"),
-        "throughput_batch": first.get("throughput_batch"),
-    }
+    labels = {"fid": report.metric_label, "latency_batch": first.get("latency_batch"),
+              "throughput_batch": first.get("throughput_batch")}
     headers = [h.format(**labels) for _, h, _ in present]
     rows = [[_cell(fmt, row, key) for key, _, fmt in present] for row in report.rows]
     return headers, rows
@@ -81,8 +78,7 @@ def print_report(report) -> None:
     env = report.environment
     where = env.get("gpu") or f"{env['cpu']}, {env['threads']} threads"
     table = Table(
-        title=f"flashar compare: {report.backend}, {report.grid[0]}x{report.grid[1]} tokens, {where}, {env['dtype']}"
-    )
+        title=f"flashar compare: {report.backend}, {report.grid[0]}x{report.grid[1]} tokens, {where}, {env['dtype']}")
     for header in headers:
         table.add_column(header, justify="right")
     for row in rows:

@@ -48,22 +48,15 @@ class FlashAROptions(Config):
         description="Adapter folder written by `flashar adapt` (or a released FlashAR checkpoint the backend can "
                     "read).",
     )
-    buckets: int | None = Field(
-        None,
-        ge=1,
+    buckets: int | None = Field(None, ge=1,
         description="Static diagonal sizes: 1 pads every diagonal to the longest (one compiled graph); "
         "N pads each to the nearest of N sizes, cutting padded compute at the cost of N graphs. "
         "Default: every diagonal at its own length (eager, or compiled on CPU with the length as the one dynamic "
-        "dimension); 1 when compiled for CUDA graphs, which need static shapes.",
-    )
-    diagonal_coupling: float | None = Field(
-        None,
-        ge=0.0,
-        lt=1.0,
+        "dimension); 1 when compiled for CUDA graphs, which need static shapes.")
+    diagonal_coupling: float | None = Field(None, ge=0.0, lt=1.0,
         description="Correlation of the Gaussian copula coupling the draws of "
         "neighbouring cells on one anti-diagonal (0: independent, as in the paper). Default: the "
-        "value `flashar adapt` fitted on held-out grids and stored in the adapter (0 if none).",
-    )
+        "value `flashar adapt` fitted on held-out grids and stored in the adapter (0 if none).")
 
 
 NEVER = 1 << 30  # step id of scratch slots: never visible
@@ -101,8 +94,7 @@ class FlashAR(Method[FlashARState]):
             path = options.adapter if options is not None and options.adapter is not None else backbone.default_adapter
             if path is None:
                 raise FlashARError(
-                    "method 'flashar' needs an adapter; pass --adapter DIR (a folder written by `flashar adapt`)"
-                )
+                    "method 'flashar' needs an adapter; pass --adapter DIR (a folder written by `flashar adapt`)")
             adapter = load_adapter(path, backbone, copy_backbone=not own_backbone)
         super().__init__(adapter.backbone, options, compile=compile, compile_backend=compile_backend)
         self.adapter, self.head = adapter, adapter.head
@@ -151,17 +143,10 @@ class FlashAR(Method[FlashARState]):
         # least: the branch's window is this without the prefix), and needs a diagonal table that wide
         seen = torch.tensor(counts).cumsum(0).tolist()
         ts = range(1, len(counts))
-        plan = self.shapes.plan(
-            torch.arange(len(counts), device=device)[1:],
-            slot_step.to(device),
-            [prefix.length + seen[t - 1] for t in ts],
-            draws=counts[1:],
-            first_draws=1,
-            table=diagonals.to(device),
-            widths=[max(counts[t - 1], counts[t]) for t in ts],
-            buckets=self.options.buckets,
-            shortest=prefix.length + 2,
-        )
+        plan = self.shapes.plan(torch.arange(len(counts), device=device)[1:], slot_step.to(device),
+                                [prefix.length + seen[t - 1] for t in ts], draws=counts[1:], first_draws=1,
+                                table=diagonals.to(device), widths=[max(counts[t - 1], counts[t]) for t in ts],
+                                buckets=self.options.buckets, shortest=prefix.length + 2)
         cells = torch.cat([G.raster_cells(height, width), torch.zeros(1, 2, dtype=torch.long)])
         left, up = G.neighbour_index(height, width)
         scratch = torch.tensor([num_cells])
@@ -251,8 +236,7 @@ class FlashAR(Method[FlashARState]):
         state.tokens[:, :-1] = codes.flatten(1).to(state.tokens.device)
         tokens = state.tokens
         logits = torch.zeros(
-            state.prefix.batch_size, tokens.shape[1], self.backbone.codebook_size, device=tokens.device
-        )
+            state.prefix.batch_size, tokens.shape[1], self.backbone.codebook_size, device=tokens.device)
         with torch.no_grad():
             corner, corner_logits = self._corner(state)
             logits[:, :1] = corner_logits

@@ -39,8 +39,7 @@ class GSDOptions(speculative.SpeculativeOptions):
                     "script: 14; 1 = SJD).",
     )
     group_prob_margin: float = Field(
-        0.15, gt=0, description="δ: drop candidates whose probability differs from the draft's by this much or more."
-    )
+        0.15, gt=0, description="δ: drop candidates whose probability differs from the draft's by this much or more.")
     group_embed_distance: float = Field(
         0.5,
         gt=0,
@@ -100,9 +99,8 @@ class GSD(speculative.SpeculativeMethod):
     Options = GSDOptions
     options: GSDOptions
 
-    def build(
-        self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig
-    ) -> speculative.SpeculativeState:
+    def build(self, prefix: Prefix, batch: int, grid: tuple[int, int],
+              sampling: SamplingConfig) -> speculative.SpeculativeState:
         bb, opts = self.backbone, self.options
         state = speculative.build(bb, self.shapes, prefix, batch, grid, sampling, opts.draft_length, opts.draft_init,
                                   coupled=False)

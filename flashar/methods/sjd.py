@@ -41,14 +41,12 @@ class SJDOptions(speculative.SpeculativeOptions):
 class SJD(speculative.SpeculativeMethod):
     id = "sjd"
     description = (
-        "Speculative Jacobi decoding (lossless, training-free): verifies a window of draft tokens per forward pass."
-    )
+        "Speculative Jacobi decoding (lossless, training-free): verifies a window of draft tokens per forward pass.")
     Options = SJDOptions
     options: SJDOptions
 
-    def build(
-        self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig
-    ) -> speculative.SpeculativeState:
+    def build(self, prefix: Prefix, batch: int, grid: tuple[int, int],
+              sampling: SamplingConfig) -> speculative.SpeculativeState:
         opts = self.options
         return speculative.build(self.backbone, self.shapes, prefix, batch, grid, sampling, opts.draft_length,
                                  opts.draft_init, coupled=opts.coupling == "maximal")

@@ -108,9 +108,8 @@ def num_passes(row_lengths: Sequence[int], window: int) -> int:
     return row_starts(row_lengths, window)[-1] + row_lengths[-1]
 
 
-def _tables(
-    steps: list[list[Feed]], num_entries: int, width: int, prefix_length: int, mask_unwritten: bool
-) -> dict[str, Tensor]:
+def _tables(steps: list[list[Feed]], num_entries: int, width: int, prefix_length: int,
+            mask_unwritten: bool) -> dict[str, Tensor]:
     """(K, T) tensors of the schedule; padding feeds a scratch entry into a scratch slot that only it sees.
 
     Slots: the prefix, then the T scratch slots (P + i), then entry j at P + T + j."""
@@ -186,8 +185,7 @@ class ZipAR(Method[ZipARState]):
         cache = bb.new_cache(prefix.batch_size, prefix.length + width + num_entries + 1)  # the last slot is never read
         table = _tables(steps, num_entries, width, prefix.length, self.options.mask_unwritten)
         slot_raster, slot_written = _slot_tables(
-            table, cache.length, num_entries, width, prefix.length, self.options.mask_unwritten
-        )
+            table, cache.length, num_entries, width, prefix.length, self.options.mask_unwritten)
         forced = torch.cat([forced, forced.new_full((width,), -1)])  # the scratch entries are never forced
         at_cells = torch.where(table["real"][..., None], cells[table["at"].clamp(max=num_entries - 1)], 0)
         # step k reads the prefix, the T scratch slots and the entries up to its last query's raster index
@@ -224,14 +222,12 @@ class ZipAR(Method[ZipARState]):
         bb, sampling = self.backbone, state.sampling
         fed = chunks.index_select(0, k.view(1))[0]  # (T',) index_select, not t[k]: a 0-d index would become an int
         src, dst, slots, raster = (
-            t.view(-1).index_select(0, fed) for t in (state.src, state.dst, state.slots, state.query_raster)
-        )
+            t.view(-1).index_select(0, fed) for t in (state.src, state.dst, state.slots, state.query_raster))
         length = keys.shape[0]
         visible = (state.slot_raster[None, :length] <= raster[:, None]) & (state.slot_written[None, :length] <= k)
         positions = state.positions.index_select(0, fed)
         h, _ = feed(
-            bb, state, state.tokens.index_select(1, src), positions, visible | (keys[None, :] == slots[:, None]), slots
-        )
+            bb, state, state.tokens.index_select(1, src), positions, visible | (keys[None, :] == slots[:, None]), slots)
         # chunk position i draws with uniform i (gathered: a slice as wide as the buffer would be specialised on)
         uniform = state.uniform.index_select(1, fed - k * state.uniform.shape[1])
         codes = sample(guided(bb.logits(h), sampling, bb.native_cfg, entries=dst), uniform, sampling)  # (B, T')

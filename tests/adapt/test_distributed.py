@@ -91,17 +91,8 @@ def adapt_args(tmp_path: Path, out: str) -> list[str]:
 
 def torchrun(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "flashar",
-        *args,
-    ]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "flashar",
+               *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -162,8 +153,7 @@ def test_a_checkpoint_resumes_with_another_process_count(tmp_path, reference, fi
     else:
         two_processes(out, first, stop_after=5)
     assert json.loads((out / "checkpoints" / "step-00000004" / "state.json").read_text())["world_size"] == (
-        1 if first == "one" else 2
-    )
+        1 if first == "one" else 2)
     if then == "one":
         one_process(out, resume=True)
     else:
@@ -178,8 +168,7 @@ def _emu35_worker(rank: int, world: int, port: int, options: dict, out: str) -> 
     torch.set_num_threads(1)
     with session("cpu") as (place, _):
         adapt(
-            api.load_backbone("emu35", options), Run(prompt_data(), emu35_config(grad_accum=1), Path(out), place=place)
-        )
+            api.load_backbone("emu35", options), Run(prompt_data(), emu35_config(grad_accum=1), Path(out), place=place))
 
 
 def prompt_data():
@@ -230,20 +219,8 @@ def test_torchrun_on_cuda_matches_one_process(tmp_path, registry, strategy):
     single = CliRunner().invoke(cli, adapt_args(tmp_path, "one") + cuda, obj=registry)
     assert single.exit_code == 0, single.output
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(gpus),
-        "-m",
-        "flashar",
-        *adapt_args(tmp_path, "many"),
-        *cuda,
-        "--strategy",
-        strategy,
-    ]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus), "-m",
+               "flashar", *adapt_args(tmp_path, "many"), *cuda, "--strategy", strategy]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     wa, wb = load_weights(tmp_path / "one" / "model.safetensors"), load_weights(tmp_path / "many" / "model.safetensors")

@@ -49,11 +49,9 @@ def test_both_held_out_curves_at_the_start_every_n_steps_and_the_end_of_each_sta
 
 def test_a_finished_run_leaves_the_adapter_and_its_metrics_only(tmp_path):
     adapt(random_gpt(), Run(stripes(), config(), tmp_path / "plain"))
-    assert sorted(p.name for p in (tmp_path / "plain").iterdir() if p.name != ".flashar.lock") == [
-        "config.json",
-        "metrics.jsonl",
-        "model.safetensors",
-    ]
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir() if p.name != ".flashar.lock") == ["config.json",
+                                                                                                   "metrics.jsonl",
+                                                                                                   "model.safetensors"]
     adapt(random_gpt(), Run(stripes(), config(keep_checkpoints=True), tmp_path / "kept"))
     kept = sorted(p.name for p in (tmp_path / "kept" / "checkpoints").iterdir())
     assert kept == ["best-stage1", "best-stage2", "step-00000006", "step-00000008"]
@@ -156,8 +154,6 @@ def test_adapt_on_the_digits_default_with_a_held_out_fraction_reports_both_curve
     held = [r for r in records(tmp_path / "a") if "val_nll_flashar" in r]
     assert {r["stage"] for r in held} == {1, 2} and held[0]["val_nll_raster"] > 0
     assert any(r["stopped_early"] for r in held if r["stage"] == 1)
-    assert sorted(p.name for p in (tmp_path / "a").iterdir() if p.name != ".flashar.lock") == [
-        "config.json",
-        "metrics.jsonl",
-        "model.safetensors",
-    ]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir() if p.name != ".flashar.lock") == ["config.json",
+                                                                                               "metrics.jsonl",
+                                                                                               "model.safetensors"]

@@ -27,10 +27,8 @@ def config(steps1=3, steps2=3, **kw):
 
 def test_loss_falls_on_a_tiny_model(tmp_path):
     losses = []
-    adapt(
-        random_gpt(),
-        Run(stripes(), config(steps1=20, steps2=20), tmp_path, on_step=lambda r: "ce" in r and losses.append(r["ce"])),
-    )
+    adapt(random_gpt(),
+        Run(stripes(), config(steps1=20, steps2=20), tmp_path, on_step=lambda r: "ce" in r and losses.append(r["ce"])))
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
 
 
@@ -113,31 +111,15 @@ def test_adapt_then_generate_from_an_image_folder(tmp_path, registry):
     fit = records[-1]  # then the coupling fit, on the training grids (none held out), stored in the adapter
     assert fit["held_out"] is False and fit["coupling_grids"] == len(list((tmp_path / "images").rglob("*.png")))
     assert (
-        json.loads((tmp_path / "adapter" / "config.json").read_text())["diagonal_coupling"] == fit["diagonal_coupling"]
-    )
+        json.loads((tmp_path / "adapter" / "config.json").read_text())["diagonal_coupling"] == fit["diagonal_coupling"])
     again = runner.invoke(cli, [str(a) for a in args], obj=registry)
     assert again.exit_code == 1 and "pass --resume" in again.output
     gen = runner.invoke(
         cli,
         [
             str(a)
-            for a in [
-                "generate",
-                "-b",
-                "llamagen",
-                *cli_args(options),
-                "--image-size",
-                8,
-                "--classes",
-                "0,1,2",
-                "--method",
-                "flashar",
-                "--adapter",
-                tmp_path / "adapter",
-                "--out",
-                tmp_path / "png",
-                "--json",
-            ]
+            for a in ["generate", "-b", "llamagen", *cli_args(options), "--image-size", 8, "--classes", "0,1,2",
+                      "--method", "flashar", "--adapter", tmp_path / "adapter", "--out", tmp_path / "png", "--json"]
         ],
         obj=registry,
     )
@@ -200,8 +182,7 @@ def test_context_noise_feeds_random_codes_and_skips_them_in_the_loss(tmp_path):
     from flashar.adapt.model import dropout_prefix
 
     prefix = dropout_prefix(
-        backbone.prefix(conditions, cfg=True, grid=tuple(codes.shape[1:]), unconditional="empty"), dropped
-    )
+        backbone.prefix(conditions, cfg=True, grid=tuple(codes.shape[1:]), unconditional="empty"), dropped)
     fused = flashar_logits(backbone, model.head, prefix, noisy).fused
     kept = (noisy == codes).flatten(1)
     expected = torch.nn.functional.cross_entropy(fused[kept], codes.flatten(1)[kept])
@@ -210,8 +191,7 @@ def test_context_noise_feeds_random_codes_and_skips_them_in_the_loss(tmp_path):
 
 def test_context_noise_run_resumes_to_the_same_adapter(tmp_path):
     noisy = lambda: config().model_copy(
-        update={"stage2": StageConfig(steps=3, lr=1e-3, flat_steps=1, context_noise=0.2)}
-    )
+        update={"stage2": StageConfig(steps=3, lr=1e-3, flat_steps=1, context_noise=0.2)})
     adapt(random_gpt(), Run(stripes(), noisy(), tmp_path / "full"))
     assert adapt(random_gpt(), Run(stripes(), noisy(), tmp_path / "cut", stop_after=5)) is None
     adapt(random_gpt(), Run(stripes(), noisy(), tmp_path / "cut"), resume=True)

@@ -74,8 +74,7 @@ def test_the_reference_is_the_test_split_shifted_with_copies_adjacent():
     test_codes, test_labels = load_splits().test
     assert codes.shape == (900, 16, 16) and torch.equal(labels, test_labels.repeat_interleave(3))
     assert torch.equal(
-        codes.sum((1, 2)) <= test_codes.repeat_interleave(3, 0).sum((1, 2)), torch.ones(900, dtype=torch.bool)
-    )
+        codes.sum((1, 2)) <= test_codes.repeat_interleave(3, 0).sum((1, 2)), torch.ones(900, dtype=torch.bool))
     assert not torch.equal(codes, test_codes.repeat_interleave(3, 0))  # shifted, not copied
     assert torch.equal(held_out_reference(copies=3)[0], codes)  # fixed
 
@@ -117,22 +116,8 @@ def test_compare_on_the_default_writes_table_json_grids_and_plot(tmp_path, regis
     out = tmp_path / "report"
     result = CliRunner().invoke(
         cli,
-        [
-            "compare",
-            "--methods",
-            "raster,flashar",
-            "--num-samples",
-            "20",
-            "--batch-size",
-            "20",
-            "--repeats",
-            "1",
-            "--warmup",
-            "0",
-            "--out",
-            str(out),
-            "--json",
-        ],
+        ["compare", "--methods", "raster,flashar", "--num-samples", "20", "--batch-size", "20", "--repeats", "1",
+         "--warmup", "0", "--out", str(out), "--json"],
         obj=registry,
     )
     assert result.exit_code == 0, result.output
@@ -141,18 +126,9 @@ def test_compare_on_the_default_writes_table_json_grids_and_plot(tmp_path, regis
     # the default adapter: row lag 2
     assert rows["raster"]["forward_passes"] == 256 and rows["flashar"]["forward_passes"] == 46
     for row in rows.values():
-        for key in (
-            "fid",
-            "kid",
-            "precision",
-            "recall",
-            "class_accuracy",
-            "two_sample_accuracy",
-            "latency_per_image_ms",
-            "images_per_second",
-            "latency_speedup_vs_raster",
-            "throughput_speedup_vs_raster",
-        ):
+        for key in ("fid", "kid", "precision", "recall", "class_accuracy", "two_sample_accuracy",
+                    "latency_per_image_ms", "images_per_second", "latency_speedup_vs_raster",
+                    "throughput_speedup_vs_raster"):
             assert row[key] is not None
         assert (row["latency_batch"], row["throughput_batch"]) == (1, 20)  # one image's wait; the quality batch's rate
         assert row["images_per_second"] == pytest.approx(20 / row["throughput_seconds_median"])

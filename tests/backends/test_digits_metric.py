@@ -27,8 +27,7 @@ def scores():
     labels = splits.val[1].tolist() * 3
     rungs = {"unshifted": held_out, **ladder(held_out)}
     return {
-        name: quality(to_uint8(backbone.decode(codes)), reference, extractor, labels) for name, codes in rungs.items()
-    }
+        name: quality(to_uint8(backbone.decode(codes)), reference, extractor, labels) for name, codes in rungs.items()}
 
 
 @pytest.mark.parametrize("kind", ["blob", "break"])

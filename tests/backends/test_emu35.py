@@ -10,17 +10,8 @@ import json
 
 import pytest
 import torch
-from helpers import (
-    EMU35_TOKENIZER_SHA256,
-    TINY_EMU35,
-    TINY_IBQ,
-    emu35_tokenizer_dir,
-    emu35_tokenizer_files,
-    random_ibq,
-    write_emu35,
-    write_ibq,
-    write_two_shards,
-)
+from helpers import (EMU35_TOKENIZER_SHA256, TINY_EMU35, TINY_IBQ, emu35_tokenizer_dir, emu35_tokenizer_files,
+                     random_ibq, write_emu35, write_ibq, write_two_shards)
 
 from flashar import api
 from flashar.backends.emu35.backbone import Emu35Backbone
@@ -177,8 +168,7 @@ def test_native_layout_puts_eol_between_rows_only(emu35_options):
     cells = torch.tensor([[0, 0], [1, 0], [2, 3]])
     expected = prefix_length + cells[:, 0] * (width + 1) + cells[:, 1]
     assert torch.equal(
-        backbone.cell_positions(cells, prefix_length, native=True, grid=(height, width)), backbone.rope(expected)
-    )
+        backbone.cell_positions(cells, prefix_length, native=True, grid=(height, width)), backbone.rope(expected))
     assert torch.equal(backbone.cell_positions(cells, prefix_length, grid=(height, width)),
                        backbone.rope(prefix_length + cells[:, 0] * width + cells[:, 1]))
 
@@ -354,23 +344,14 @@ def test_ibq_has_the_published_key_names():
     keys = {k: tuple(v.shape) for k, v in random_ibq().state_dict().items()}
     assert keys["quantize.embedding.weight"] == (131072, 8)
     assert keys["quant_conv.weight"] == (8, 32, 1, 1) and keys["post_quant_conv.weight"] == (32, 8, 1, 1)
-    for key in (
-        "encoder.down.0.block.0.norm1.weight",
-        "encoder.down.0.downsample.conv.weight",
-        "encoder.down.2.block.0.nin_shortcut.weight",
-        "encoder.down.4.attn.0.q.weight",
-        "encoder.mid.block_1.conv1.weight",
-        "encoder.mid.attn_1.proj_out.weight",
-        "decoder.up.4.attn.1.k.weight",
-        "decoder.up.1.upsample.conv.weight",
-        "decoder.up.0.block.1.conv2.weight",
-        "decoder.mid.block_2.norm2.bias",
-        "decoder.conv_out.weight",
-    ):
+    for key in ("encoder.down.0.block.0.norm1.weight", "encoder.down.0.downsample.conv.weight",
+                "encoder.down.2.block.0.nin_shortcut.weight", "encoder.down.4.attn.0.q.weight",
+                "encoder.mid.block_1.conv1.weight", "encoder.mid.attn_1.proj_out.weight",
+                "decoder.up.4.attn.1.k.weight", "decoder.up.1.upsample.conv.weight",
+                "decoder.up.0.block.1.conv2.weight", "decoder.mid.block_2.norm2.bias", "decoder.conv_out.weight"):
         assert key in keys, key
     assert not any(
-        k.startswith(("encoder.down.4.downsample", "decoder.up.0.upsample", "encoder.down.3.attn")) for k in keys
-    )
+        k.startswith(("encoder.down.4.downsample", "decoder.up.0.upsample", "encoder.down.3.attn")) for k in keys)
 
 
 def test_published_ibq_config_has_455m_parameters():

@@ -71,8 +71,7 @@ def test_released_checkpoint_reads_k_and_b_and_replaces_the_backbone_in_place(fi
     assert adapter.backbone is backbone and backbone.lm_head.weight.data_ptr() == storage  # no second backbone
     assert torch.equal(backbone.lm_head.weight, released_tensor(released, "horizontal_head.weight"))
     assert torch.equal(
-        backbone.layers[2].mlp.up_proj.weight, released_tensor(released, "backbone.layers.2.mlp.up_proj.weight")
-    )
+        backbone.layers[2].mlp.up_proj.weight, released_tensor(released, "backbone.layers.2.mlp.up_proj.weight"))
     assert torch.equal(adapter.head.vertical_block[1].self_attn.k_norm.weight,
                        released_tensor(released, "vertical_block.1.self_attn.k_norm.weight"))
     assert torch.equal(adapter.head.hv_gate_corner.bias, released_tensor(released, "hv_gate_corner.bias"))

@@ -35,11 +35,8 @@ from flashar.testing import BackboneConformance, raster_hidden
 PROMPTS = ["a red fox", "two cats on the sofa in the snow"]
 GRID = (3, 4)  # 96 x 128 pixels; the preview is 13 x 18
 HAS_DIFFUSERS = has_glm_image_diffusers()
-needs_diffusers = pytest.mark.skipif(
-    not HAS_DIFFUSERS, reason="diffusers with GLM-Image (GlmImagePipeline) is not installed"
-)
-
-
+needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS,
+                                     reason="diffusers with GLM-Image (GlmImagePipeline) is not installed")
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return write_tiny_glm_image(tmp_path_factory.mktemp("glm_image") / "GLM-Image")
@@ -83,8 +80,7 @@ class TestGlmImage(BackboneConformance):
         reference = random_model()
         state = {k: v for k, v in reference.state_dict().items() if k.startswith(("model.visual.", "model.vqmodel."))}
         state.update(
-            {(f"model.{k}" if k.startswith("language_model.") else k): v for k, v in backbone.state_dict().items()}
-        )
+            {(f"model.{k}" if k.startswith("language_model.") else k): v for k, v in backbone.state_dict().items()})
         write_vle(tmp_path / "saved" / "vision_language_encoder", state)
         loaded = load(tmp_path / "saved")
         ours, theirs = backbone.state_dict(), loaded.state_dict()
@@ -153,9 +149,7 @@ def test_published_config_sizes():
     assert backbone.lm_head.weight.shape == (16512, 4096) and backbone.codebook_size == 16384
     assert sum(p.numel() for p in backbone.parameters()) == 8_914_788_352  # 8.91 B: 17.8 GB in bf16
     # KV bytes per token, bf16
-    assert (
-        2 * backbone.num_layers * backbone.num_kv_heads * backbone.head_dim * 2 == 40 * 1024
-    )
+    assert (2 * backbone.num_layers * backbone.num_kv_heads * backbone.head_dim * 2 == 40 * 1024)
 
 
 # --- loader errors -------------------------------------------------------------------------------------------
@@ -174,8 +168,7 @@ def test_missing_and_unexpected_keys_are_named(root, tmp_path):
     state["model.language_model.extra.weight"] = torch.zeros(1)
     write_two_shards(vle, state, "model.language_model.layers.0.")
     with pytest.raises(
-        CheckpointError, match=r"missing 1 keys \(model.language_model.norm.weight\).*unexpected 1 keys"
-    ):
+        CheckpointError, match=r"missing 1 keys \(model.language_model.norm.weight\).*unexpected 1 keys"):
         load(tmp_path / "bad")
 
 
@@ -211,10 +204,8 @@ def write_official_checkpoint(path, root, num_blocks=2, branch_layer=1, grid=GRI
     noisy = lambda t, scale=0.02: t.float() + scale * torch.randn(t.shape, generator=generator)
     prefix = "model.language_model."
     backbone = {k[len(prefix):]: noisy(v) for k, v in base.items() if k.startswith(prefix)}
-    flashar = {
-        "horizontal_head.weight": noisy(base["lm_head.weight"]),
-        "vertical_head.weight": noisy(base["lm_head.weight"]),
-    }
+    flashar = {"horizontal_head.weight": noisy(base["lm_head.weight"]),
+               "vertical_head.weight": noisy(base["lm_head.weight"])}
     for j in range(num_blocks):
         source = f"layers.{branch_layer + j}."
         flashar.update({f"_fsdp_wrapped_module.vertical_block.{j}.{k[len(source):]}": noisy(v)
@@ -222,13 +213,9 @@ def write_official_checkpoint(path, root, num_blocks=2, branch_layer=1, grid=GRI
     dim = tiny_config()["text_config"]["hidden_size"]
     width = max(64, dim // 8)
     flashar["vertical_norm.weight"] = noisy(torch.ones(dim), 0.1)
-    for name, shape in (
-        ("hv_gate_mlp.0.weight", (width, 2 * dim)),
-        ("hv_gate_mlp.2.weight", (1, width)),
-        ("hv_gate_mlp.2.bias", (1,)),
-        ("hv_gate_corner.weight", (1, dim)),
-        ("hv_gate_corner.bias", (1,)),
-    ):
+    for name, shape in (("hv_gate_mlp.0.weight", (width, 2 * dim)), ("hv_gate_mlp.2.weight", (1, width)),
+                        ("hv_gate_mlp.2.bias", (1,)), ("hv_gate_corner.weight", (1, dim)),
+                        ("hv_gate_corner.bias", (1,))):
         flashar[name] = noisy(torch.zeros(shape), 0.3)
     args = {"vertical_layers": num_blocks, "vertical_start_layer": branch_layer, "target_h": grid[0] * 32,
             "target_w": grid[1] * 32, "train_backbone": True, "codebook_size": CODEBOOK}
@@ -303,29 +290,9 @@ def test_cached_flashar_logits_equal_the_recomputed_training_forward(method):
 def test_cli_compare_runs_raster_and_flashar(root, registry, tmp_path):
     official = write_official_checkpoint(tmp_path / "flashar_full_step7.pt", root, grid=(3, 3))
     (tmp_path / "prompts.txt").write_text("a red fox\ntwo cats on the sofa\n")
-    args = [
-        "compare",
-        "-b",
-        "glm_image",
-        "--model-path",
-        root,
-        "--preview",
-        "greedy",
-        "--methods",
-        "raster,flashar",
-        "--prompts",
-        tmp_path / "prompts.txt",
-        "--adapter",
-        official,
-        "--image-size",
-        "96",
-        "--no-metrics",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
-        "--json",
-    ]
+    args = ["compare", "-b", "glm_image", "--model-path", root, "--preview", "greedy", "--methods", "raster,flashar",
+            "--prompts", tmp_path / "prompts.txt", "--adapter", official, "--image-size", "96", "--no-metrics",
+            "--repeats", "1", "--warmup", "0", "--json"]
     result = CliRunner().invoke(cli, [str(a) for a in args], obj=registry)
     assert result.exit_code == 0, result.output
     rows = {row["method"]: row for row in json.loads(result.output)["methods"]}
@@ -400,10 +367,8 @@ def test_pixels_refuse_a_dit_folder_with_other_weights(root, tmp_path, change):
     save_file(weights, path, metadata={"format": "pt"})
     backbone = load(tmp_path / "edited")
     found = f"missing keys {name}" if change == "drop" else f"{name} expected shape"
-    with pytest.raises(
-        CheckpointError,
-        match=re.escape(f"transformer does not hold the weights of GlmImageTransformer2DModel ({found}"),
-    ):
+    with pytest.raises(CheckpointError,
+        match=re.escape(f"transformer does not hold the weights of GlmImageTransformer2DModel ({found}")):
         backbone.decode(torch.zeros(1, *GRID, dtype=torch.long), ["a red fox"])
 
 
@@ -435,26 +400,9 @@ def test_adapt_from_captioned_images_then_generate_with_flashar(root, tmp_path, 
         lines.append(json.dumps({"file_name": f"{i}.png", "text": ["a red fox", "a blue house"][i % 2]}))
     (tmp_path / "images" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     model = ["-b", "glm_image", "--model-path", root, "--preview", "greedy"]
-    args = [
-        "adapt",
-        *model,
-        "--data",
-        tmp_path / "images",
-        "--image-size",
-        96,
-        "--out",
-        tmp_path / "adapter",
-        "--num-blocks",
-        2,
-        "--stage1-steps",
-        2,
-        "--stage2-steps",
-        1,
-        "--batch-size",
-        2,
-        "--cache-dir",
-        tmp_path / "cache",
-    ]
+    args = ["adapt", *model, "--data", tmp_path / "images", "--image-size", 96, "--out", tmp_path / "adapter",
+            "--num-blocks", 2, "--stage1-steps", 2, "--stage2-steps", 1, "--batch-size", 2, "--cache-dir",
+            tmp_path / "cache"]
     runner = CliRunner()
     result = runner.invoke(cli, [str(a) for a in args], obj=registry)
     assert result.exit_code == 0, result.output

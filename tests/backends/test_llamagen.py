@@ -64,8 +64,7 @@ class FakeT5:
 
     def __call__(self, prompts):
         feats = torch.stack(
-            [torch.randn(self.length, self.dim, generator=torch.Generator().manual_seed(len(p))) for p in prompts]
-        )
+            [torch.randn(self.length, self.dim, generator=torch.Generator().manual_seed(len(p))) for p in prompts])
         mask = torch.zeros(len(prompts), self.length, dtype=torch.bool)
         for i, p in enumerate(prompts):
             mask[i, : len(p) % 5 + 1] = True
@@ -92,18 +91,9 @@ def test_t2i_xl_has_the_published_parameter_and_buffer_sizes():
 def test_rope_table_matches_the_reference_values():
     # reference/llamagen.md §4.3: hd = 64, positions 2 (0,1), 17 (1,0), 54 (3,5)
     table = rope_table(torch.tensor([[0, 1], [1, 0], [3, 5]]), 64, 10000.0)
-    expect = {
-        (0, 16): (0.54030, 0.84147),
-        (0, 17): (0.84601, 0.53317),
-        (0, 0): (1.0, 0.0),
-        (1, 0): (0.54030, 0.84147),
-        (1, 1): (0.84601, 0.53317),
-        (1, 20): (1.0, 0.0),
-        (2, 0): (-0.98999, 0.14112),
-        (2, 1): (-0.11597, 0.99325),
-        (2, 16): (0.28366, -0.95892),
-        (2, 17): (-0.94608, 0.32394),
-    }
+    expect = {(0, 16): (0.54030, 0.84147), (0, 17): (0.84601, 0.53317), (0, 0): (1.0, 0.0), (1, 0): (0.54030, 0.84147),
+              (1, 1): (0.84601, 0.53317), (1, 20): (1.0, 0.0), (2, 0): (-0.98999, 0.14112), (2, 1): (-0.11597, 0.99325),
+              (2, 16): (0.28366, -0.95892), (2, 17): (-0.94608, 0.32394)}
     for (row, pair), value in expect.items():
         torch.testing.assert_close(table[row, pair], torch.tensor(value), atol=1e-5, rtol=0)
 
@@ -157,9 +147,8 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     state["extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "bad.pt")
     (tmp_path / "gpt.json").write_text(json.dumps(TINY_GPT))
-    with pytest.raises(
-        CheckpointError, match=r"missing 1 keys \(layers.1.feed_forward.w2.weight\).*unexpected 1 keys \(extra.weight\)"
-    ):
+    with pytest.raises(CheckpointError,
+                       match=r"missing 1 keys \(layers.1.feed_forward.w2.weight\).*unexpected 1 keys \(extra.weight\)"):
         load_gpt(tmp_path / "bad.pt", config_file=tmp_path / "gpt.json")
 
 

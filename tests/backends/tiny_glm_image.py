@@ -137,18 +137,10 @@ def write_pixel_parts(root: Path, seed: int = 0) -> None:
     dit = GlmImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
                                      num_attention_heads=2, text_embed_dim=32, time_embed_dim=16, condition_dim=8,
                                      prior_vq_quantizer_codebook_size=CODEBOOK)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(4, 8, 16, 16),
-        latent_channels=4,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        norm_num_groups=4,
-        sample_size=128,
-        latents_mean=[0.1, -0.2, 0.0, 0.3],
-        latents_std=[1.5, 0.8, 1.0, 1.2],
-    )
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(4, 8, 16, 16), latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                        norm_num_groups=4, sample_size=128, latents_mean=[0.1, -0.2, 0.0, 0.3],
+                        latents_std=[1.5, 0.8, 1.0, 1.2])
     parts = {"text_encoder": glyphs, "tokenizer": ByT5Tokenizer(), "transformer": dit, "vae": vae,
              "scheduler": FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.25, max_shift=0.75)}
     for name, part in parts.items():

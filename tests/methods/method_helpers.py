@@ -55,13 +55,11 @@ def exact_joint(backbone, condition, grid, sampling, depth: int) -> dict[tuple[i
 
 
 def sample_codes(
-    method, condition, grid, sampling, batch: int, calls: int, seed: int = 0
-) -> tuple[torch.Tensor, float]:
+    method, condition, grid, sampling, batch: int, calls: int, seed: int = 0) -> tuple[torch.Tensor, float]:
     """``batch * calls`` independent grids (N, H, W) from one seeded generator, and the mean forward passes."""
     generator = make_generator(seed, "cpu")
     results = [method.generate([condition] * batch, grid, sampling, generator) for _ in range(calls)]
     return torch.cat([r.codes for r in results]), sum(r.num_forward_passes for r in results) / calls
-
 
 def chi_square(samples: torch.Tensor, expected: dict[tuple[int, ...], float], depth: int) -> tuple[float, int, int]:
     """Pearson statistic of the first ``depth`` codes of each sample against ``expected``.
@@ -92,7 +90,6 @@ def compile_and_compare(cls, options, sampling: SamplingConfig):
     counter = CompileCounter()
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = cls(backbone, options, compile=True, compile_backend=counter).generate(
-            [3, 7], (4, 5), sampling, make_generator(3, "cpu")
-        )
+            [3, 7], (4, 5), sampling, make_generator(3, "cpu"))
     eager = cls(backbone, options).generate([3, 7], (4, 5), sampling, make_generator(3, "cpu"))
     return compiled, eager, counter.frames

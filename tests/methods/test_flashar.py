@@ -57,8 +57,7 @@ def test_a_row_lag_decodes_k_r_plus_c_diagonals_with_the_teacher_forced_logits(r
         cached = method.teacher_logits([1, 2], codes, SamplingConfig(cfg_scale=2.0))
         teacher = flashar_logits(method.backbone, method.head, method.backbone.prefix([1, 2], cfg=True), codes).fused
         lag1 = flashar_logits(
-            method.backbone, make_method(grid=grid).head, method.backbone.prefix([1, 2], cfg=True), codes
-        ).fused
+            method.backbone, make_method(grid=grid).head, method.backbone.prefix([1, 2], cfg=True), codes).fused
     torch.testing.assert_close(cached, teacher, atol=2e-4, rtol=1e-4)
     assert not torch.allclose(teacher, lag1, atol=1e-3)  # the mask differs from the anti-diagonal one
     calls = []
@@ -68,8 +67,7 @@ def test_a_row_lag_decodes_k_r_plus_c_diagonals_with_the_teacher_forced_logits(r
     assert method.passes(grid) == result.num_forward_passes  # the instance's own count (progress bars read it)
     with torch.no_grad():
         fused = flashar_logits(
-            method.backbone, method.head, method.backbone.prefix([0, 9], cfg=True), result.codes
-        ).fused
+            method.backbone, method.head, method.backbone.prefix([0, 9], cfg=True), result.codes).fused
     cond, uncond = fused.chunk(2)
     assert torch.equal((uncond + 2.5 * (cond - uncond)).argmax(-1).view(2, *grid), result.codes)
 
@@ -108,8 +106,7 @@ def test_gate_is_one_half_at_initialisation():
     codes = torch.randint(0, 64, (2, 3, 4))
     out = flashar_logits(method.backbone, method.head, method.backbone.prefix([1, 2], cfg=False), codes)
     torch.testing.assert_close(
-        out.gate[:, out.kind == INTERIOR], torch.full_like(out.gate[:, out.kind == INTERIOR], 0.5)
-    )
+        out.gate[:, out.kind == INTERIOR], torch.full_like(out.gate[:, out.kind == INTERIOR], 0.5))
     assert out.gate[:, 0].allclose(torch.tensor(0.5))  # the corner gate too
 
 
@@ -136,8 +133,7 @@ def test_greedy_decoding_is_argmax_of_the_teacher_forced_logits():
     result = method.generate([0, 9], grid, sampling, make_generator(0, "cpu"))
     with torch.no_grad():
         fused = flashar_logits(
-            method.backbone, method.head, method.backbone.prefix([0, 9], cfg=True), result.codes
-        ).fused
+            method.backbone, method.head, method.backbone.prefix([0, 9], cfg=True), result.codes).fused
     cond, uncond = fused.chunk(2)
     assert torch.equal((uncond + 2.5 * (cond - uncond)).argmax(-1).view(2, *grid), result.codes)
 
@@ -287,8 +283,7 @@ def test_card_hidden_names_a_card_member_read_while_decoding():
     method = make_method(grid=(3, 4))
     build = method.build
     method.build = lambda prefix, batch, grid, sampling: (method.backbone.grid(), build(prefix, batch, grid, sampling))[
-        1
-    ]
+        1]
     with card_hidden(method.backbone), pytest.raises(AssertionError, match="card's 'grid'"):
         method.generate([1], (3, 4), SamplingConfig(), make_generator(0, "cpu"))
     assert method.backbone.grid(32) == (2, 2)  # and the card is back afterwards

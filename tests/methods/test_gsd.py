@@ -8,14 +8,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from helpers import cli_args, random_gpt, write_llamagen
-from method_helpers import (
-    chi_square,
-    chi_square_bound,
-    compile_and_compare,
-    exact_joint,
-    sample_codes,
-    weakly_contextual,
-)
+from method_helpers import (chi_square, chi_square_bound, compile_and_compare, exact_joint, sample_codes,
+                            weakly_contextual)
 
 from flashar.cli import cli
 from flashar.config import SamplingConfig
@@ -31,8 +25,7 @@ EMBED = torch.tensor([[5.0, 5], [4, 4], [0.5, 0], [0, 0], [1, 0], [0.1, 0], [3, 
 def masses(code: int, size: int, margin: float, distance: float) -> tuple[float, float]:
     logits = torch.linspace(8, 1, 8)  # rank r is code r
     p, q = grouped_mass(
-        logits[None, None], P[None, None], Q[None, None], torch.tensor([[code]]), EMBED, size, margin, distance
-    )
+        logits[None, None], P[None, None], Q[None, None], torch.tensor([[code]]), EMBED, size, margin, distance)
     return round(p.item(), 6), round(q.item(), 6)
 
 
@@ -79,11 +72,9 @@ def test_group_of_one_is_sjd(draft_init):
     backbone = random_gpt()
     sampling = SamplingConfig(cfg_scale=3.0, top_k=8)
     sjd = SJD(backbone, SJD.Options(draft_length=4, draft_init=draft_init)).generate(
-        [3, 7], (4, 5), sampling, make_generator(3, "cpu")
-    )
+        [3, 7], (4, 5), sampling, make_generator(3, "cpu"))
     gsd = GSD(backbone, GSD.Options(draft_length=4, draft_init=draft_init, group_size=1)).generate(
-        [3, 7], (4, 5), sampling, make_generator(3, "cpu")
-    )
+        [3, 7], (4, 5), sampling, make_generator(3, "cpu"))
     assert torch.equal(gsd.codes, sjd.codes) and gsd.num_forward_passes == sjd.num_forward_passes
 
 
@@ -92,8 +83,7 @@ def test_relaxed_groups_accept_more_and_are_lossy():
     sampling, grid = SamplingConfig(cfg_scale=2.0, top_k=3), (2, 2)
     expected = exact_joint(backbone, 3, grid, sampling, depth=3)
     loose = GSD(
-        backbone, GSD.Options(draft_length=3, group_size=8, group_prob_margin=1.0, group_embed_distance=float("inf"))
-    )
+        backbone, GSD.Options(draft_length=3, group_size=8, group_prob_margin=1.0, group_embed_distance=float("inf")))
     samples, loose_passes = sample_codes(loose, 3, grid, sampling, batch=16, calls=40)
     _, sjd_passes = sample_codes(SJD(backbone, SJD.Options(draft_length=3)), 3, grid, sampling, batch=16, calls=40)
     assert loose_passes < sjd_passes

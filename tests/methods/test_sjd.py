@@ -9,15 +9,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from helpers import cli_args, random_gpt, write_llamagen
-from method_helpers import (
-    chi_square,
-    chi_square_bound,
-    compile_and_compare,
-    exact_joint,
-    row_end_backbone,
-    sample_codes,
-    weakly_contextual,
-)
+from method_helpers import (chi_square, chi_square_bound, compile_and_compare, exact_joint, row_end_backbone,
+                            sample_codes, weakly_contextual)
 
 from flashar.cli import cli
 from flashar.config import SamplingConfig
@@ -33,12 +26,8 @@ GREEDY = [SamplingConfig(cfg_scale=3.0, top_k=1), SamplingConfig(temperature=0.0
 @pytest.mark.parametrize("sampling", GREEDY, ids=["cfg-top1", "temperature0", "cfg-interval"])
 @pytest.mark.parametrize(
     "draft_length, draft_init, coupling",
-    [
-        (1, "repeat_horizon", "none"),
-        (3, "random", "none"),
-        (3, "repeat_horizon", "maximal"),
-        (16, "repeat_horizon", "none"),
-    ],
+    [(1, "repeat_horizon", "none"), (3, "random", "none"), (3, "repeat_horizon", "maximal"),
+     (16, "repeat_horizon", "none")],
 )
 def test_greedy_sjd_gives_raster_tokens(sampling, draft_length, draft_init, coupling):
     backbone = random_gpt()
@@ -85,8 +74,7 @@ def test_the_distribution_test_rejects_a_lossy_rule():
     sampling, grid = SamplingConfig(cfg_scale=2.0, top_k=3), (2, 2)
     expected = exact_joint(backbone, 3, grid, sampling, depth=3)
     samples, _ = sample_codes(
-        AcceptEverything(backbone, SJD.Options(draft_length=3)), 3, grid, sampling, batch=16, calls=30
-    )
+        AcceptEverything(backbone, SJD.Options(draft_length=3)), 3, grid, sampling, batch=16, calls=30)
     stat, df, _ = chi_square(samples, expected, depth=3)
     assert stat > 10 * chi_square_bound(df)
 
@@ -143,29 +131,9 @@ def test_sjd_step_compiles_once(coupling):
 
 def test_cli_generates_with_sjd(tmp_path, registry):
     options = write_llamagen(tmp_path / "model")
-    args = [
-        "generate",
-        "-b",
-        "llamagen",
-        *cli_args(options),
-        "--image-size",
-        8,
-        "--classes",
-        "3,7",
-        "--method",
-        "sjd",
-        "--draft-length",
-        4,
-        "--coupling",
-        "maximal",
-        "--top-k",
-        5,
-        "--cfg-scale",
-        2.0,
-        "--save-tokens",
-        tmp_path / "t.npy",
-        "--json",
-    ]
+    args = ["generate", "-b", "llamagen", *cli_args(options), "--image-size", 8, "--classes", "3,7", "--method", "sjd",
+            "--draft-length", 4, "--coupling", "maximal", "--top-k", 5, "--cfg-scale", 2.0, "--save-tokens",
+            tmp_path / "t.npy", "--json"]
     result = CliRunner().invoke(cli, [str(a) for a in args], obj=registry)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)

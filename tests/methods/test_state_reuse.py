@@ -141,6 +141,5 @@ def test_unguarded_generations_draw_the_tokens_of_guarded_ones(name, monkeypatch
         monkeypatch.setenv("FLASHAR_SKIP_GUARDS", setting)
         method = METHODS[name](random_gpt(), compile=True, compile_backend=CompileCounter())
         runs[setting] = [
-            method.generate([1, 2], GRID, sampling, make_generator(seed, "cpu")).codes for seed in (0, 1, 2)
-        ]
+            method.generate([1, 2], GRID, sampling, make_generator(seed, "cpu")).codes for seed in (0, 1, 2)]
     assert all(torch.equal(a, b) for a, b in zip(runs["1"], runs["0"]))

@@ -30,12 +30,8 @@ def test_step_count_matches_the_formula(grid, window):
     backbone = random_gpt()
     method = ZipAR(backbone, ZipAR.Options(window=window))
     result = method.generate([3], grid, SamplingConfig(top_k=4), make_generator(0, "cpu"))
-    assert (
-        result.num_forward_passes
-        == formula(*grid, window)
-        == ZipAR.num_forward_passes(*grid, window)
-        == method.passes(grid)
-    )
+    assert (result.num_forward_passes == formula(*grid, window) == ZipAR.num_forward_passes(*grid, window)
+            == method.passes(grid))
     assert result.codes.shape == (1, *grid)
 
 
@@ -56,8 +52,7 @@ def test_schedule_predicts_every_cell_once_from_finished_tokens(row_lengths, win
     for k, chunk in enumerate(steps, start=1):
         for feed in chunk:
             assert feed.src in predicted_at or not is_cell[feed.src], (
-                f"step {k} reads entry {feed.src} before it exists"
-            )
+                f"step {k} reads entry {feed.src} before it exists")
             assert feed.provisional or feed.src == feed.at, "only a provisional stand-in moves a token"
         for feed in chunk:
             if feed.dst >= 0:
@@ -67,8 +62,7 @@ def test_schedule_predicts_every_cell_once_from_finished_tokens(row_lengths, win
     real_writes = Counter(feed.at for chunk in steps for feed in chunk if not feed.provisional)
     assert max(real_writes.values(), default=1) == 1
     assert all(real_writes[e] == 1 for e, k in predicted_at.items() if k < len(steps)), (
-        "a finished token reaches its slot"
-    )
+        "a finished token reaches its slot")
 
 
 @pytest.mark.parametrize("mask_unwritten", [True, False])
@@ -77,8 +71,7 @@ def test_window_of_a_full_row_is_raster_decoding(mask_unwritten):
     sampling = SamplingConfig(cfg_scale=3.0, top_k=1)
     expected = Raster(backbone).generate([3, 7], (4, 5), sampling, make_generator(0, "cpu"))
     got = ZipAR(backbone, ZipAR.Options(window=5, mask_unwritten=mask_unwritten)).generate(
-        [3, 7], (4, 5), sampling, make_generator(0, "cpu")
-    )
+        [3, 7], (4, 5), sampling, make_generator(0, "cpu"))
     assert torch.equal(got.codes, expected.codes) and got.num_forward_passes == 20
 
 
@@ -87,13 +80,11 @@ def test_row_end_tokens_are_forced(mask_unwritten):
     backbone = row_end_backbone()
     sampling = SamplingConfig(cfg_scale=3.0, top_k=1)
     raster_like = ZipAR(backbone, ZipAR.Options(window=5, mask_unwritten=mask_unwritten)).generate(
-        [1, 2], (3, 4), sampling, make_generator(0, "cpu")
-    )
+        [1, 2], (3, 4), sampling, make_generator(0, "cpu"))
     with torch.no_grad():
         assert torch.equal(raster_like.codes, greedy_reference(backbone, [1, 2], (3, 4), 3.0))
     parallel = ZipAR(backbone, ZipAR.Options(window=2, mask_unwritten=mask_unwritten)).generate(
-        [1, 2], (3, 4), SamplingConfig(top_k=5), make_generator(0, "cpu")
-    )
+        [1, 2], (3, 4), SamplingConfig(top_k=5), make_generator(0, "cpu"))
     assert parallel.num_forward_passes == 5 + 2 + 4  # rows of 5 native entries (4 cells + row end), then 4
     assert parallel.codes.shape == (2, 3, 4) and parallel.codes.max() < 64
 
@@ -131,26 +122,8 @@ def test_zipar_step_compiles_once(mask_unwritten):
 
 def test_cli_generates_with_zipar_and_lists_its_passes(tmp_path, registry):
     options = write_llamagen(tmp_path / "model")
-    args = [
-        "generate",
-        "-b",
-        "llamagen",
-        *cli_args(options),
-        "--image-size",
-        8,
-        "--classes",
-        "3,7",
-        "--method",
-        "zipar",
-        "--window",
-        2,
-        "--no-mask-unwritten",
-        "--top-k",
-        5,
-        "--cfg-scale",
-        2.0,
-        "--json",
-    ]
+    args = ["generate", "-b", "llamagen", *cli_args(options), "--image-size", 8, "--classes", "3,7", "--method",
+            "zipar", "--window", 2, "--no-mask-unwritten", "--top-k", 5, "--cfg-scale", 2.0, "--json"]
     result = CliRunner().invoke(cli, [str(a) for a in args], obj=registry)
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["forward_passes_per_batch"] == formula(4, 4, 2)

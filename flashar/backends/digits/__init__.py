@@ -18,10 +18,8 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"  # the shipped checkpoint, adapt
 
 
 class DigitsOptions(Config):
-    checkpoint: Path = Field(
-        WEIGHTS_DIR / "raster.safetensors",
-        description="Raster GPT weights (safetensors; the GPT config JSON sits beside it).",
-    )
+    checkpoint: Path = Field(WEIGHTS_DIR / "raster.safetensors",
+                             description="Raster GPT weights (safetensors; the GPT config JSON sits beside it).")
 
 
 def load(options: DigitsOptions, runtime: RuntimeConfig):
@@ -67,11 +65,6 @@ def flashar_register_backends(register):
 @hookimpl
 def flashar_register_metrics(register):
     register(
-        MetricSpec(
-            id="fid-digits",
-            description="FID/KID/IS/PRC on a digits CNN (FID-digits), plus class accuracy.",
-            register=_register_metric,
-            label="FID-digits",
-            classify=_classify,
-        )
+        MetricSpec(id="fid-digits", description="FID/KID/IS/PRC on a digits CNN (FID-digits), plus class accuracy.",
+                   register=_register_metric, label="FID-digits", classify=_classify)
     )

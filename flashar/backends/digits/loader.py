@@ -10,10 +10,8 @@ from flashar.backends.llamagen.model import GPTConfig
 from flashar.errors import CheckpointError
 from flashar.io import atomic_path, load_json, load_weights, save_safetensors
 
-RASTER_CONFIG = dict(
-    dim=128, n_layer=4, n_head=4, multiple_of=32, vocab_size=17, num_classes=10, class_dropout_prob=0.1
-)
-
+RASTER_CONFIG = dict(dim=128, n_layer=4, n_head=4, multiple_of=32, vocab_size=17, num_classes=10,
+                     class_dropout_prob=0.1)
 
 def save_raster(model, folder: Path) -> None:
     save_safetensors(model.state_dict(), folder / "raster.safetensors")

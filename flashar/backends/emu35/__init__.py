@@ -23,20 +23,15 @@ class Emu35Options(Config):
                                         "default: --model-path.")
     vq_path: Path | None = Field(None, description="Emu3.5-VisionTokenizer folder (config.json + model.safetensors, "
                                  "or config.yaml + model.ckpt); needed to write images and to tokenise data.")
-    device_map: Literal["auto"] | None = Field(
-        None,
-        description="'auto' splits the decoder layers evenly over every "
-        "visible GPU (embedding on the first, lm_head on the last); --device is then ignored.",
-    )
+    device_map: Literal["auto"] | None = Field(None, description="'auto' splits the decoder layers evenly over every "
+        "visible GPU (embedding on the first, lm_head on the last); --device is then ignored.")
     text_max_length: int = Field(128, ge=0, description="Cut the prompt so the text template is at most this many "
                                  "tokens (FlashAR's training length); 0 = no limit.")
-    prefix_padding: Literal["right", "left"] = Field(
-        "right",
+    prefix_padding: Literal["right", "left"] = Field("right",
         description="Pad the FlashAR decoder's shorter prompt rows "
         "(adapt and --method flashar) on the right (the released FlashAR code) "
         "or on the left (every row then computes what it would alone). Raster and "
-        "the training-free methods always pad left: they are Emu3.5's own sampler.",
-    )
+        "the training-free methods always pad left: they are Emu3.5's own sampler.")
 
 
 def load(options: Emu35Options, runtime: RuntimeConfig):
@@ -49,8 +44,7 @@ def load(options: Emu35Options, runtime: RuntimeConfig):
 
     if not options.model_path.is_dir():
         raise CheckpointError(
-            f"--model-path {options.model_path} is not a folder; pass the Emu3.5(-Image) download folder"
-        )
+            f"--model-path {options.model_path} is not a folder; pass the Emu3.5(-Image) download folder")
     config_file = options.model_path / "config.json"
     qwen3_config(load_json(config_file), config_file)  # a wrong folder fails here, before the tokenizer is read
     placement = Placement.from_options(runtime.device, options.device_map)

@@ -79,8 +79,7 @@ class Emu35Backbone(PublishedModules, Backbone):
             return super().new_cache(batch, length, num_layers)
         devices = self.placement.layer_devices[-(num_layers or self.num_layers) :]
         return KVCache(
-            len(devices), batch, self.num_kv_heads, (length + 7) // 8 * 8, self.head_dim, self.dtype, devices
-        )
+            len(devices), batch, self.num_kv_heads, (length + 7) // 8 * 8, self.head_dim, self.dtype, devices)
 
     @property
     def num_kv_heads(self) -> int:
@@ -127,8 +126,7 @@ class Emu35Backbone(PublishedModules, Backbone):
         height, width = grid
         if not (0 < height < 1000 and 0 < width < 1000):
             raise FlashARError(
-                f"grid {height}x{width} is outside what Emu3.5's size text can say; use 1..999 tokens per side"
-            )
+                f"grid {height}x{width} is outside what Emu3.5's size text can say; use 1..999 tokens per side")
         return height, width
 
     def _text(self):

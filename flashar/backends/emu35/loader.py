@@ -53,8 +53,7 @@ def qwen3_config(raw: dict[str, Any], path: str | Path):
     scaling = values.pop("rope_scaling")
     if scaling is not None and scaling.get("type", scaling.get("rope_type")) != "linear":
         raise CheckpointError(
-            f"{path} sets rope_scaling {scaling}; flashar supports none (as published) or linear scaling"
-        )
+            f"{path} sets rope_scaling {scaling}; flashar supports none (as published) or linear scaling")
     values["num_key_value_heads"] = values["num_key_value_heads"] or values["num_attention_heads"]
     rope = {"rope_type": "default", "rope_theta": values.pop("rope_theta")}
     if scaling is not None:
@@ -168,16 +167,8 @@ def load_vision(path: str | Path) -> IBQTokenizer:
     return IBQTokenizer(model)
 
 
-IBQ_FIELDS = (
-    "ch",
-    "ch_mult",
-    "num_res_blocks",
-    "attn_resolutions",
-    "resolution",
-    "z_channels",
-    "in_channels",
-    "out_ch",
-)
+IBQ_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "z_channels", "in_channels",
+              "out_ch")
 
 
 def ibq_config_from_json(raw: dict[str, Any], path: Path) -> IBQConfig:
@@ -185,8 +176,7 @@ def ibq_config_from_json(raw: dict[str, Any], path: Path) -> IBQConfig:
         raise CheckpointError(f"{path} is not an Emu3.5 vision-tokenizer config "
                               f"(model_type {raw.get('model_type')!r}, expected 'Emu3p5VisionVQ')")
     return _ibq_config(
-        {k: raw[k] for k in IBQ_FIELDS + ("codebook_size", "embed_dim") if k in raw}, raw.get("double_z"), path
-    )
+        {k: raw[k] for k in IBQ_FIELDS + ("codebook_size", "embed_dim") if k in raw}, raw.get("double_z"), path)
 
 
 def ibq_config_from_yaml(path: Path) -> IBQConfig:
@@ -199,8 +189,7 @@ def ibq_config_from_yaml(path: Path) -> IBQConfig:
         raise CheckpointError(f"{path} is not an IBQ config (needs ddconfig, n_embed and embed_dim at the top level)")
     values = {k: dd[k] for k in IBQ_FIELDS if k in dd}
     return _ibq_config(
-        {**values, "codebook_size": raw["n_embed"], "embed_dim": raw["embed_dim"]}, dd.get("double_z"), path
-    )
+        {**values, "codebook_size": raw["n_embed"], "embed_dim": raw["embed_dim"]}, dd.get("double_z"), path)
 
 
 def _ibq_config(values: dict[str, Any], double_z: Any, path: Path) -> IBQConfig:

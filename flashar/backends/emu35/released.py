@@ -78,8 +78,7 @@ def read_config(path: Path, backbone: Emu35Backbone) -> ReleasedConfig:
     where, raw = path / "config.json", load_json(path / "config.json")
     if raw.get("use_vertical_block") is False:
         raise CheckpointError(
-            f"{where} sets use_vertical_block false; flashar decodes only checkpoints with a vertical branch"
-        )
+            f"{where} sets use_vertical_block false; flashar decodes only checkpoints with a vertical branch")
     ours = {"hidden_size": backbone.config.hidden_size, "vocab_size": backbone.config.vocab_size,
             "visual_token_offset": backbone.code_offset}
     for field, value in ours.items():
@@ -89,8 +88,7 @@ def read_config(path: Path, backbone: Emu35Backbone) -> ReleasedConfig:
     num_blocks, branch_layer = raw.get("vertical_layers"), raw.get("vertical_start_layer")
     if not isinstance(num_blocks, int) or num_blocks < 1:
         raise CheckpointError(
-            f"{where} has vertical_layers {num_blocks!r}; expected the number of vertical blocks K >= 1"
-        )
+            f"{where} has vertical_layers {num_blocks!r}; expected the number of vertical blocks K >= 1")
     if not isinstance(branch_layer, int):
         raise CheckpointError(f"{where} has no integer vertical_start_layer (got {branch_layer!r}); "
                               "it names the branch layer b, write it into config.json")
@@ -99,8 +97,7 @@ def read_config(path: Path, backbone: Emu35Backbone) -> ReleasedConfig:
     if branch_layer + num_blocks > num_layers:
         raise CheckpointError(
             f"{where} puts K={num_blocks} vertical blocks at layer b={branch_layer}, which does not fit "
-            f"the {num_layers}-layer --model-path model; pass the base model it was trained from"
-        )
+            f"the {num_layers}-layer --model-path model; pass the base model it was trained from")
     meta = load_json(path / META_FILE) if (path / META_FILE).is_file() else {}
     step = meta.get("global_step", meta.get("step", 0)) if isinstance(meta, dict) else 0
     return ReleasedConfig(num_blocks, branch_layer, int(step or 0))

@@ -34,8 +34,7 @@ class IBQConfig(BaseModel):
     num_res_blocks: int = Field(4, gt=0)
     attn_resolutions: tuple[int, ...] = (16,)
     resolution: int = Field(
-        256, gt=0, description="Training resolution; with attn_resolutions it places the attention blocks."
-    )
+        256, gt=0, description="Training resolution; with attn_resolutions it places the attention blocks.")
     z_channels: int = Field(256, gt=0)
     in_channels: int = 3
     out_ch: int = 3

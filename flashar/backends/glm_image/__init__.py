@@ -21,37 +21,23 @@ PIXELS = {"commands": ["generate", "compare"]}  # the DiT turns codes into pixel
 
 
 class GlmImageOptions(Config):
-    model_path: Path = Field(
-        ...,
-        description="GLM-Image folder as published (zai-org/GLM-Image): vision_language_encoder/ "
-        "(config.json, generation_config.json, safetensors shards + index) and processor/.",
-    )
-    preview: Literal["sample", "greedy"] = Field(
-        "sample",
+    model_path: Path = Field(...,
+                             description="GLM-Image folder as published (zai-org/GLM-Image): vision_language_encoder/ "
+                             "(config.json, generation_config.json, safetensors shards + index) and processor/.")
+    preview: Literal["sample", "greedy"] = Field("sample",
         description="How the preview grid GLM-Image writes before the "
         "large grid is drawn: sampled with the model's generation_config values, "
-        "or greedy. Drawn once per prompt, so every method sees the same preview.",
-    )
+        "or greedy. Drawn once per prompt, so every method sees the same preview.")
     preview_seed: int = Field(0, description="Seed of the preview grid's sampling (the large grid follows --seed).")
-    dit_steps: int = Field(
-        50,
-        ge=1,
-        description="Flow-matching steps of GLM-Image's DiT when it turns the large grid into "
-        "pixels (--out; GlmImagePipeline's num_inference_steps).",
-        json_schema_extra=PIXELS,
-    )
-    dit_guidance_scale: float = Field(
-        1.5,
-        ge=0.0,
+    dit_steps: int = Field(50, ge=1,
+                           description="Flow-matching steps of GLM-Image's DiT when it turns the large grid into "
+                           "pixels (--out; GlmImagePipeline's num_inference_steps).", json_schema_extra=PIXELS)
+    dit_guidance_scale: float = Field(1.5, ge=0.0,
         description="Classifier-free guidance scale of the DiT (GlmImagePipeline's guidance_scale; 1 turns it off).",
-        json_schema_extra=PIXELS,
-    )
-    dit_seed: int = Field(
-        0,
-        description="Seed of the DiT's starting noise, the same for every image: an image depends on "
-        "its codes, prompt and this seed only.",
-        json_schema_extra=PIXELS,
-    )
+        json_schema_extra=PIXELS)
+    dit_seed: int = Field(0,
+                          description="Seed of the DiT's starting noise, the same for every image: an image depends on "
+                          "its codes, prompt and this seed only.", json_schema_extra=PIXELS)
 
 
 def load(options: GlmImageOptions, runtime: RuntimeConfig):

@@ -102,8 +102,7 @@ class GlmImageBackbone(PublishedModules, Backbone):
         grid = self._grid(grid)
         if max(grid) > 4 * min(grid):
             raise FlashARError(
-                f"grid {grid[0]}x{grid[1]} has an aspect ratio above 4, which GLM-Image's processor refuses"
-            )
+                f"grid {grid[0]}x{grid[1]} has an aspect ratio above 4, which GLM-Image's processor refuses")
         prompts = self._prompts()
         captions = [self._caption(c) for c in conditions]
         texts = [prompts.ids(c, grid) for c in captions]
@@ -189,8 +188,7 @@ class GlmImageBackbone(PublishedModules, Backbone):
     def _prompts(self) -> GlmImagePrompts:
         if self.prompts is None:
             raise FlashARError(
-                "no GLM-Image processor is loaded; pass the GLM-Image folder (with processor/) as --model-path"
-            )
+                "no GLM-Image processor is loaded; pass the GLM-Image folder (with processor/) as --model-path")
         return self.prompts
 
     # --- positions and layers -------------------------------------------------------------------

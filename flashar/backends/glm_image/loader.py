@@ -85,15 +85,13 @@ def load_glm_image(root: str | Path, dtype: torch.dtype, device: str | torch.dev
     if prompts.image_start != config.image_start_token_id:
         raise CheckpointError(
             f"the processor's {processor.bos_token!r} is token {prompts.image_start}, but the model's "
-            f"image_start_token_id is {config.image_start_token_id}; use the processor published with the model"
-        )
+            f"image_start_token_id is {config.image_start_token_id}; use the processor published with the model")
     defaults = sampling_defaults(vle)
     if defaults["top_k"] >= config.vq_config.num_embeddings:
         defaults["top_k"] = 0
     with torch.device("meta"):
         model = GlmImageBackbone(
-            config, prompts, preview=preview, preview_seed=preview_seed, sampling_defaults=defaults
-        )
+            config, prompts, preview=preview, preview_seed=preview_seed, sampling_defaults=defaults)
     names = {f"model.{k}" if k.startswith("language_model.") else k: k for k in model.state_dict()}
     state = {names[k]: v.to(device=device, dtype=dtype) for k, v in iter_shard_tensors({k: shards[k] for k in names})}
     model.load_state_dict(state, strict=True, assign=True)

@@ -52,8 +52,7 @@ def require_diffusers():
     except ImportError:
         raise MissingExtraError(
             "writing GLM-Image pixels needs the Python package 'diffusers' (GLM-Image's DiT and VAE), "
-            f"which is not installed; {fix}"
-        ) from None
+            f"which is not installed; {fix}") from None
     if Version(diffusers.__version__) < Version(MIN_DIFFUSERS):
         raise MissingExtraError(f"writing GLM-Image pixels needs diffusers >= {MIN_DIFFUSERS} (GlmImagePipeline), but "
                                 f"diffusers {diffusers.__version__} is installed; {fix}")
@@ -68,10 +67,8 @@ def load_pipeline(root: Path, dtype: torch.dtype, device: torch.device):
     missing = [f"{part}/" for part in PARTS if not (root / part).is_dir()]
     missing += [] if (root / "model_index.json").is_file() else ["model_index.json"]
     if missing:
-        raise CheckpointError(
-            f"GLM-Image pixels need the diffusers parts of the published folder, but {root} lacks "
-            f"{', '.join(missing)}; download all of zai-org/GLM-Image, or drop --out to keep tokens only"
-        )
+        raise CheckpointError(f"GLM-Image pixels need the diffusers parts of the published folder, but {root} lacks "
+            f"{', '.join(missing)}; download all of zai-org/GLM-Image, or drop --out to keep tokens only")
     classes = load_json(root / "model_index.json")
     parts = {part: _load_part(root, part, classes.get(part), dtype) for part in PARTS}
     pipeline = GlmImagePipeline(**parts, vision_language_encoder=None, processor=None)
@@ -91,8 +88,7 @@ def _load_part(root: Path, part: str, named: list | None, dtype: torch.dtype):
     if cls is None:
         raise CheckpointError(
             f"{root / 'model_index.json'} names {named[0]}.{named[1]} for {part!r}, which the installed "
-            f"{named[0]} lacks; upgrade it"
-        )
+            f"{named[0]} lacks; upgrade it")
     if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):  # tokenizer, scheduler: no weights
         return cls.from_pretrained(root / part)
     refuse = lambda found: CheckpointError(f"{root / part} does not hold the weights of {named[1]} ({found}); "
@@ -102,14 +98,12 @@ def _load_part(root: Path, part: str, named: list | None, dtype: torch.dtype):
     except (ValueError, RuntimeError) as exc:  # diffusers refuses a mis-shaped weight itself, at length
         raise refuse(str(exc).split(". ")[0].replace("Cannot load  because ", "")) from None
     problems = {
-        kind.replace("_", " "): info.get(kind) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
-    }
+        kind.replace("_", " "): info.get(kind) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     problems = {kind: sorted(map(str, keys)) for kind, keys in problems.items() if keys}
     if problems:
         raise refuse(
             "; ".join(
-                f"{kind} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for kind, keys in problems.items()
-            )
+                f"{kind} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for kind, keys in problems.items())
         )
     return model.eval()
 

@@ -60,8 +60,7 @@ def clean(state: dict, where: Path) -> dict[str, torch.Tensor]:
             name = name[len("module."):]
         if name in out:
             raise CheckpointError(
-                f"{where} holds two tensors named {name} once wrapper prefixes are dropped; re-export it"
-            )
+                f"{where} holds two tensors named {name} once wrapper prefixes are dropped; re-export it")
         out[name] = value
     return out
 
@@ -98,15 +97,13 @@ def branch_of(args: dict, flashar: dict, num_layers: int, path: Path) -> tuple[i
     if not isinstance(num_blocks, int) or num_blocks < 1 or num_blocks != len(held):
         raise CheckpointError(
             f"{path} says vertical_layers={num_blocks!r} but holds {len(held)} vertical_block layers; "
-            "flashar decodes only checkpoints with a vertical branch, re-export it"
-        )
+            "flashar decodes only checkpoints with a vertical branch, re-export it")
     branch_layer = args.get("vertical_start_layer", -1)
     branch_layer = num_layers - num_blocks if branch_layer is None or branch_layer < 0 else int(branch_layer)
     if branch_layer + num_blocks > num_layers:
         raise CheckpointError(
             f"{path} puts K={num_blocks} vertical blocks at layer b={branch_layer}, which does not fit "
-            f"the {num_layers}-layer --model-path model; pass the base model it was trained from"
-        )
+            f"the {num_layers}-layer --model-path model; pass the base model it was trained from")
     return num_blocks, branch_layer
 
 

@@ -69,8 +69,7 @@ class GlmImageTokenizer:
                 raise FlashARError(
                     f"GLM-Image's image processor turns a {image.shape[-2]}x{image.shape[-1]} image into a "
                     f"{grid[0, 1]}x{grid[0, 2]} grid, not {height}x{width}; use sizes that are multiples of 32 "
-                    "within its pixel limits (e.g. 1024x1024)"
-                )
+                    "within its pixel limits (e.g. 1024x1024)")
             pixels = inputs["pixel_values"].to(self.device)
             features = self.visual(pixels, grid_thw=grid.to(self.device)).pooler_output  # (h*w, C)
             features = features.view(1, height, width, -1).permute(0, 3, 1, 2)  # (1, C, h, w)

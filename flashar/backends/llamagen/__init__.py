@@ -16,25 +16,19 @@ from flashar.plugins import BackendSpec
 
 class LlamaGenOptions(Config):
     checkpoint: Path = Field(
-        ..., description="GPT checkpoint as published (.pt with a 'model' entry or a bare state dict) or .safetensors."
-    )
+        ..., description="GPT checkpoint as published (.pt with a 'model' entry or a bare state dict) or .safetensors.")
     gpt_model: str | None = Field(
         None,
         description="Size preset as in the official scripts (GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B, ...); default: "
                     "read off the checkpoint.",
     )
-    config_file: Path | None = Field(
-        None,
-        description="JSON file of GPTConfig fields, for a custom size.",
-        json_schema_extra={"flag": "model-config"},
-    )
+    config_file: Path | None = Field(None, description="JSON file of GPTConfig fields, for a custom size.",
+                                     json_schema_extra={"flag": "model-config"})
     vq_checkpoint: Path | None = Field(
-        None, description="VQ tokenizer checkpoint (e.g. vq_ds16_c2i.pt); needed to write images and to tokenise data."
-    )
+        None, description="VQ tokenizer checkpoint (e.g. vq_ds16_c2i.pt); needed to write images and to tokenise data.")
     vq_model: str = Field("VQ-16", description="VQ preset: VQ-16 or VQ-8.")
     vq_config: Path | None = Field(
-        None, description="JSON file of VQConfig fields, for a custom tokenizer (overrides --vq-model)."
-    )
+        None, description="JSON file of VQConfig fields, for a custom tokenizer (overrides --vq-model).")
     t5_path: Path | None = Field(None, description="Local FLAN-T5-XL folder, for text-conditional (t2i) models.")
 
 

@@ -92,8 +92,7 @@ class LlamaGenBackbone(Backbone):
         """Left-padded caption features -> ([cond; uncond] embeddings, validity mask); spec §7."""
         if self.text_encoder is None:
             raise FlashARError(
-                "this text-conditional LlamaGen model needs a text encoder; pass --t5-path DIR (a FLAN-T5-XL folder)"
-            )
+                "this text-conditional LlamaGen model needs a text encoder; pass --t5-path DIR (a FLAN-T5-XL folder)")
         features, mask = self.text_encoder(list(conditions))  # (B, 120, 2048) zero-padded on the left, (B, 120)
         features, mask = features.to(self.device, torch.float32), mask.to(self.device)
         if cfg:

@@ -86,8 +86,7 @@ def load_gpt(path: str | Path, preset: str | None = None, config_file: str | Pat
     if "tok_embeddings.weight" not in state:
         raise CheckpointError(
             f"{path} is not a LlamaGen GPT checkpoint (no tok_embeddings.weight); pass the GPT weights "
-            f"with --checkpoint (a VQ tokenizer goes to --vq-checkpoint)"
-        )
+            f"with --checkpoint (a VQ tokenizer goes to --vq-checkpoint)")
     cfg = infer_config(state, preset, config_file, cls_token_num)
     check_preset(cfg, preset, path)
     return build_gpt(cfg, state, path, preset, **components)

@@ -105,8 +105,7 @@ def _run_level(level: nn.Module, h: Tensor) -> Tensor:
 
 def _mid(channels: int, groups: int) -> nn.ModuleList:
     return nn.ModuleList(
-        [ResnetBlock(channels, channels, groups), AttnBlock(channels, groups), ResnetBlock(channels, channels, groups)]
-    )
+        [ResnetBlock(channels, channels, groups), AttnBlock(channels, groups), ResnetBlock(channels, channels, groups)])
 
 
 class Encoder(nn.Module):

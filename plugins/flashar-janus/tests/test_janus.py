@@ -13,9 +13,7 @@ from PIL import Image
 from tiny_janus import SPECIAL, random_model, save_folder, write_tiny_janus
 
 flashar_janus = pytest.importorskip(
-    "flashar_janus", reason="flashar-janus is not installed; run: pip install -e plugins/flashar-janus"
-)
-
+    "flashar_janus", reason="flashar-janus is not installed; run: pip install -e plugins/flashar-janus")
 from flashar import api  # noqa: E402
 from flashar import grid as G  # noqa: E402
 from flashar.cli import cli  # noqa: E402
@@ -160,12 +158,8 @@ def test_only_the_native_grid_is_accepted(janus_folder, registry):
 # --- the save_pretrained folder --------------------------------------------------------------------
 
 def test_sampling_defaults_come_from_generation_config(janus_folder, registry, tmp_path):
-    assert load(janus_folder, registry).sampling_defaults == {
-        "cfg_scale": 5.0,
-        "temperature": 1.0,
-        "top_k": 0,
-        "top_p": 1.0,
-    }
+    assert load(janus_folder, registry).sampling_defaults == {"cfg_scale": 5.0, "temperature": 1.0, "top_k": 0,
+                                                              "top_p": 1.0}
     folder = shutil.copytree(janus_folder, tmp_path / "copy")
     settings = json.loads((folder / "generation_config.json").read_text())
     (folder / "generation_config.json").write_text(json.dumps({**settings, "guidance_scale": 4.0}))
@@ -221,9 +215,8 @@ def test_cuda_graph_raster_equals_eager_and_transformers(janus_folder, registry,
     if dtype == "float32":
         model = hf_model(janus_folder).cuda()
         ids, valid = backbone.prompts.batch(PROMPTS, cfg=False)
-        theirs = model.generate(
-            ids.cuda(), attention_mask=valid.long().cuda(), generation_mode="image", do_sample=False, guidance_scale=3.0
-        )
+        theirs = model.generate(ids.cuda(), attention_mask=valid.long().cuda(), generation_mode="image",
+                                do_sample=False, guidance_scale=3.0)
         assert torch.equal(eager.codes.flatten(1), theirs.cpu())
 
 
@@ -248,8 +241,7 @@ def test_cli_generates_pngs_with_the_janus_backend(janus_folder, registry, tmp_p
 ])
 def test_cli_bad_input_is_one_line(janus_folder, registry, args, message):
     result = CliRunner().invoke(
-        cli, ["generate", "-b", "janus", "--model-path", str(janus_folder), *args], obj=registry
-    )
+        cli, ["generate", "-b", "janus", "--model-path", str(janus_folder), *args], obj=registry)
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
 
 
@@ -299,27 +291,9 @@ def test_adapt_then_generate_with_flashar_through_the_cli(janus_folder, registry
     runner = CliRunner()
     adapted = runner.invoke(
         cli,
-        [
-            "adapt",
-            "-b",
-            "janus",
-            "--model-path",
-            str(janus_folder),
-            "--data",
-            str(data),
-            "--image-size",
-            "48",
-            "--out",
-            str(tmp_path / "adapter"),
-            "--stage1-steps",
-            "2",
-            "--stage2-steps",
-            "1",
-            "--batch-size",
-            "2",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-        ],
+        ["adapt", "-b", "janus", "--model-path", str(janus_folder), "--data", str(data), "--image-size", "48", "--out",
+         str(tmp_path / "adapter"), "--stage1-steps", "2", "--stage2-steps", "1", "--batch-size", "2", "--cache-dir",
+         str(tmp_path / "cache")],
         obj=registry,
     )
     assert adapted.exit_code == 0, adapted.output

@@ -20,11 +20,8 @@ DEFAULT_TEMPLATE = "<|User|>: {prompt}\n\n<|Assistant|>:"
 
 
 class JanusOptions(Config):
-    model_path: Path = Field(
-        ...,
-        description="A Janus or Janus-Pro folder written by transformers' save_pretrained "
-        "(config.json, model*.safetensors, generation_config.json, tokenizer), e.g. Janus-Pro-1B.",
-    )
+    model_path: Path = Field(..., description="A Janus or Janus-Pro folder written by transformers' save_pretrained "
+                             "(config.json, model*.safetensors, generation_config.json, tokenizer), e.g. Janus-Pro-1B.")
     prompt_template: str = Field(DEFAULT_TEMPLATE, description="Chat template around each prompt, with {prompt}; "
                                                               "BOS is prepended and <begin_of_image> appended.")
 

@@ -69,8 +69,7 @@ def read_shapes(files: list[Path]) -> dict[str, torch.Tensor]:
                 shapes.update({k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()})
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(
-                f"could not read {path} as safetensors ({exc}); the file may be truncated or corrupt"
-            ) from None
+                f"could not read {path} as safetensors ({exc}); the file may be truncated or corrupt") from None
     return shapes
 
 
@@ -91,19 +90,16 @@ def read_config(folder: Path):
 
     if not (folder / "config.json").is_file():
         raise CheckpointError(
-            f"no config.json in {folder}; pass a folder written by JanusForConditionalGeneration.save_pretrained"
-        )
+            f"no config.json in {folder}; pass a folder written by JanusForConditionalGeneration.save_pretrained")
     model_type = load_json(folder / "config.json").get("model_type")
     if model_type != "janus":
         raise CheckpointError(
-            f"{folder}/config.json describes a '{model_type}' model, not 'janus'; pass a Janus or Janus-Pro folder"
-        )
+            f"{folder}/config.json describes a '{model_type}' model, not 'janus'; pass a Janus or Janus-Pro folder")
     config = JanusConfig.from_pretrained(str(folder))
     if config.text_config.model_type != "llama":
         raise CheckpointError(
             f"{folder} has a '{config.text_config.model_type}' language model; flashar-janus supports Llama (Janus, "
-            "Janus-Pro)"
-        )
+            "Janus-Pro)")
     return config
 
 
@@ -148,12 +144,8 @@ def sampling_defaults(folder: Path) -> dict[str, Any]:
     """cfg scale and temperature from generation_config.json, else the official sampler's values."""
     generation = _generation_json(folder)
     values = dict(OFFICIAL_SAMPLING)
-    for ours, theirs in (
-        ("cfg_scale", "guidance_scale"),
-        ("temperature", "temperature"),
-        ("top_k", "top_k"),
-        ("top_p", "top_p"),
-    ):
+    for ours, theirs in (("cfg_scale", "guidance_scale"), ("temperature", "temperature"), ("top_k", "top_k"),
+                         ("top_p", "top_p")):
         if generation.get(theirs) is not None:
             values[ours] = generation[theirs]
     return values
