@@ -43,7 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from flashar.attention import PATHS as LIBRARY_PATHS
 from flashar.attention import attention_path, sdpa_attention
 from flashar.compare import cpu_model
-from flashar.decoding import synchronize
+from flashar.batches import synchronize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -66,7 +66,7 @@ from flashar.compare import cpu_model
 from flashar.compare.timing import time_methods
 from flashar.compilation import onednn_fp32_wanted
 from flashar.config import BranchConfig, SamplingConfig
-from flashar.decoding import synchronize
+from flashar.batches import synchronize
 from flashar.plugins import Registry, build_manager
 
 RESULTS = Path(__file__).resolve().parent / "results"

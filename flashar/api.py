@@ -23,7 +23,8 @@ import torch
 from flashar.attention import CPU_NATIVE
 from flashar.backbone import Backbone, decode_images
 from flashar.config import Config, RuntimeConfig, SamplingConfig, flag_of, validated  # noqa: F401 (validated: public here too)
-from flashar.decoding import GenerateResult, Method, generate_batches  # noqa: F401 (GenerateResult: public here too)
+from flashar.batches import GenerateResult, generate_batches  # noqa: F401 (GenerateResult: public here too)
+from flashar.decoding import Method
 from flashar.errors import FlashARError, FlashARWarning
 from flashar.io import atomic_path, check_writable_dir, ensure_writable_dir, save_png
 from flashar.plugins import Registry, get_registry

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import random_gpt, write_class_folder, write_llamagen
 
-from flashar import api, decoding
+from flashar import api, batches
 from flashar.config import CompareConfig, SamplingConfig
 
 
@@ -25,7 +25,7 @@ def test_tokenising_reports_progress_during_the_folder(tmp_path, registry):
 
 @pytest.mark.parametrize("name", ["raster", "flashar", "sjd"])
 def test_generate_reports_progress_within_a_batch(name, registry, tmp_path, monkeypatch):
-    monkeypatch.setattr(decoding, "PROGRESS_INTERVAL", 0.0)
+    monkeypatch.setattr(batches, "PROGRESS_INTERVAL", 0.0)
     backbone = random_gpt()
     options = {}
     if name == "flashar":

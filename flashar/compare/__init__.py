@@ -23,7 +23,8 @@ from flashar.compare.metrics import Extractor, quality, to_uint8
 from flashar.compare.timing import Timing, time_methods
 from flashar.compilation import cpuinfo
 from flashar.config import CompareConfig, SamplingConfig
-from flashar.decoding import Method, generate_batches
+from flashar.batches import generate_batches
+from flashar.decoding import Method
 from flashar.errors import FlashARError
 
 

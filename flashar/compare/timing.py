@@ -16,7 +16,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from flashar.config import SamplingConfig
-from flashar.decoding import Method, synchronize
+from flashar.batches import synchronize
+from flashar.decoding import Method
 from flashar.sampling import make_generator
 
 
