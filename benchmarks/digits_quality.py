@@ -162,11 +162,9 @@ def main() -> None:
     folders = {"flashar": "flashar", LAG1: "flashar-lag1"}
     for kind, batch, compile in (("latency", 1, False), ("throughput", args.batch_size, False),
                                  ("latency, compiled", 1, True)):
-        methods = {
-            "raster": Raster(backbone, compile=compile),
-            **{name: FlashAR(backbone, compile=compile, adapter=load_adapter(args.adapters / folder, backbone))
-               for name, folder in folders.items()},
-        }
+        methods = {"raster": Raster(backbone, compile=compile),
+                   **{name: FlashAR(backbone, compile=compile, adapter=load_adapter(args.adapters / folder, backbone))
+                   for name, folder in folders.items()}}
         timed = time_methods(
             methods, conditions[:batch], backbone.grid(), {m: sampling for m in methods}, args.repeats, warmup=1)
         report["timing"][kind] = {"batch": batch, "speedup": timed["raster"].median / timed["flashar"].median, **{

@@ -87,12 +87,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed generations per method and mode in each process")
     parser.add_argument(
         "--modes", default="eager,compiled", help="compile modes, of eager and compiled [default: %(default)s]")
-    parser.add_argument(
-        "--model",
-        default="digits",
+    parser.add_argument("--model", default="digits",
         help="digits (the embedded default) or a LlamaGen preset (GPT-B, GPT-L) with random weights [default: "
-             "%(default)s]",
-    )
+        "%(default)s]")
     parser.add_argument("--grid", type=int, default=16, help="grid side for a LlamaGen preset [default: %(default)s]")
     parser.add_argument("--dtype", default="bfloat16", help="dtype of a LlamaGen preset [default: %(default)s]")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_ab.json"))

@@ -71,19 +71,12 @@ def main() -> None:
     torch.set_grad_enabled(False)
     started = time.perf_counter()
     device = torch.device(args.device)
-    report = {
-        "torch": torch.__version__,
-        "device": str(device),
-        "cpu": latency.cpu_model(),
-        "threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-        "options": {"attention": os.environ.get("FLASHAR_ATTENTION", "auto"),
-                    "coordinate_descent": args.coordinate_descent, "buckets": args.buckets},
-        "rows": [],
-        "ladder": [],
-        "skipped": [],
-        "failed": [],
-    }
+    report = {"torch": torch.__version__, "device": str(device), "cpu": latency.cpu_model(),
+              "threads": torch.get_num_threads(),
+              "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+              "options": {"attention": os.environ.get("FLASHAR_ATTENTION", "auto"),
+              "coordinate_descent": args.coordinate_descent, "buckets": args.buckets}, "rows": [], "ladder": [],
+              "skipped": [], "failed": []}
     peaks = latency.Peaks(device)
     peaks.probe("bfloat16")
     save = lambda: Path(args.out).write_text(__import__("json").dumps(report, indent=1) + "\n")  # noqa: E731

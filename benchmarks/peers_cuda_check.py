@@ -90,10 +90,9 @@ def timing() -> list[dict]:
         began = time.perf_counter()
         result = generate(method, list(range(8)), (16, 16), sampling, 1)
         warm = time.perf_counter() - began
-        rows.append(
-            {"method": cls.id, "first_s": round(first, 2), "warm_s": round(warm, 4),
-             "passes": result.num_forward_passes, "ms_per_pass": round(warm / result.num_forward_passes * 1e3, 3)}
-        )
+        rows.append({"method": cls.id, "first_s": round(first, 2), "warm_s": round(warm, 4),
+                    "passes": result.num_forward_passes,
+                    "ms_per_pass": round(warm / result.num_forward_passes * 1e3, 3)})
     return rows
 
 

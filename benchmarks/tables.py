@@ -52,14 +52,11 @@ def digits(report: dict) -> str:
 
 def latency(report: dict) -> str:
     kernels = any("kernel_s" in r for r in report["rows"])  # receipts before the kernel replay lack it
-    rows = [
-        [r["model"], r["dtype"], r["grid"], str(r["batch"]), r["method"], str(r["forward_passes"]),
-         f"{r['median_s']:.3f}", f"{r['vs_raster']:.2f}x", f"{r['ideal_s']:.3f}", f"{r['vs_roofline']:.2f}"]
-        + ([f"{r['kernel_s']:.3f}", f"{r['vs_kernels']:.2f}"] if kernels else [])
-        + [f"{r['compile_s']:.1f}",
-           f"{r['graphs']}" + (f" (+{r['recompiles']})" if r.get("recompiles") else "") if "graphs" in r else "-"]
-        for r in report["rows"]
-    ]
+    rows = [[r["model"], r["dtype"], r["grid"], str(r["batch"]), r["method"], str(r["forward_passes"]),
+            f"{r['median_s']:.3f}", f"{r['vs_raster']:.2f}x", f"{r['ideal_s']:.3f}", f"{r['vs_roofline']:.2f}"]
+            + ([f"{r['kernel_s']:.3f}", f"{r['vs_kernels']:.2f}"] if kernels else []) + [f"{r['compile_s']:.1f}",
+            f"{r['graphs']}" + (f" (+{r['recompiles']})" if r.get("recompiles") else "") if "graphs" in r else "-"]
+            for r in report["rows"]]
     table = markdown(["model", "dtype", "grid", "batch", "method / mode", "passes", "median s", "vs raster (same mode)",
                       "ideal s", "measured / ideal"] + (["kernels s", "measured / kernels"] if kernels else [])
                      + ["compile s", "graphs"], rows)
@@ -73,18 +70,13 @@ def latency(report: dict) -> str:
     steps = [r for r in report["rows"] if "kernels_per_step" in r]
     if steps:  # CUDA receipts: what bounds a small model's step there
         guarded = lambda r: f" ({r['host_us_per_step_guarded']:.0f})" if "host_us_per_step_guarded" in r else ""
-        rows = [
-            [r["model"], r["grid"], r["method"], f"{r['median_s'] / r['forward_passes'] * 1e6:.0f}",
-             f"{r['kernels_per_step']:.0f}", f"{r['host_us_per_step']:.0f}{guarded(r)}",
-             f"{r['ideal_s'] / r['forward_passes'] * 1e6:.0f}",
-             f"{r['launch_floor_s'] / r['forward_passes'] * 1e6:.0f}", f"{r['vs_bound']:.2f}"]
-            for r in steps
-        ]
+        rows = [[r["model"], r["grid"], r["method"], f"{r['median_s'] / r['forward_passes'] * 1e6:.0f}",
+                f"{r['kernels_per_step']:.0f}", f"{r['host_us_per_step']:.0f}{guarded(r)}",
+                f"{r['ideal_s'] / r['forward_passes'] * 1e6:.0f}",
+                f"{r['launch_floor_s'] / r['forward_passes'] * 1e6:.0f}", f"{r['vs_bound']:.2f}"] for r in steps]
         text += "\n\n" + markdown(
             ["model", "grid", "method / mode", "us per step", "kernels per step", "host us per step",
-             "roofline us per step", "launch floor us per step", "measured / bound"],
-            rows,
-        )
+            "roofline us per step", "launch floor us per step", "measured / bound"], rows)
         text += (f"\n\nLaunch floor: kernels per step x {report['node_us']:.2f} us per replayed graph node (measured). "
                  "Host us per step: guards skipped (in brackets: evaluated, FLASHAR_SKIP_GUARDS=0).")
     return text
@@ -98,12 +90,11 @@ def ladder(report: dict) -> str:
 
     rows = [
         [label(r), r["grid"], r["method"], str(r["forward_passes"]), f"{r['median_s']:.3f}", f"{r['us_per_step']:.0f}",
-         f"{r.get('kernels_per_step', float('nan')):.0f}", f"{r.get('host_us_per_step', float('nan')):.0f}",
-         f"{r['ideal_s'] / r['forward_passes'] * 1e6:.0f}", f"{r['launch_floor_s'] / r['forward_passes'] * 1e6:.0f}",
-         f"{r['vs_bound']:.2f}",
-         f"{r['vs_raster']:.2f}x (ideal {r['ideal_vs_raster']:.2f}x)" if "vs_raster" in r else "-"]
-        for r in report["ladder"]
-    ]
+        f"{r.get('kernels_per_step', float('nan')):.0f}", f"{r.get('host_us_per_step', float('nan')):.0f}",
+        f"{r['ideal_s'] / r['forward_passes'] * 1e6:.0f}", f"{r['launch_floor_s'] / r['forward_passes'] * 1e6:.0f}",
+        f"{r['vs_bound']:.2f}",
+        f"{r['vs_raster']:.2f}x (ideal {r['ideal_vs_raster']:.2f}x)" if "vs_raster" in r else "-"]
+        for r in report["ladder"]]
     table = markdown(["model", "grid", "method / mode", "passes", "median s", "us per step", "kernels per step",
                       "host us per step", "roofline us per step", "launch floor us per step", "measured / bound",
                       "vs raster"], rows)
@@ -247,10 +238,8 @@ def gpu_targets(report: dict) -> list[tuple[bool, str]]:
     for r in report.get("ladder", []):
         if r["model"] == "Emu3.5-34B" and r["grid"] == "32x32" and r["method"].startswith("flashar"):
             scaled = f" ({r['layers_run']} layers run, scaled)" if "layers_run" in r else ""
-            found.append(
-                (r["median_s"] <= 2.0,
-                 f"Emu3.5-34B-shaped 32x32 FlashAR image {r['median_s']:.2f} s{scaled} (target <= 2.0)")
-            )
+            found.append((r["median_s"] <= 2.0,
+                         f"Emu3.5-34B-shaped 32x32 FlashAR image {r['median_s']:.2f} s{scaled} (target <= 2.0)"))
     return found
 
 

@@ -83,12 +83,9 @@ def config_stage_options(fn):
     """--stage1-* and --stage2-* options, one per StageConfig field, showing each stage's defaults."""
     defaults = AdaptConfig()
     # stage 1 freezes the backbone: no backbone learning rate
-    options = [
-        o
-        for stage in ("stage1", "stage2")
-        for o in field_options(StageConfig, prefix=stage, defaults=getattr(defaults, stage),
-                               skip=("backbone_lr_factor",) if stage == "stage1" else ())
-    ]
+    options = [o for stage in ("stage1", "stage2")
+               for o in field_options(StageConfig, prefix=stage, defaults=getattr(defaults, stage),
+               skip=("backbone_lr_factor",) if stage == "stage1" else ())]
     fn.__click_params__ = getattr(fn, "__click_params__", []) + list(reversed(options))
     return fn
 
@@ -170,14 +167,10 @@ def generate(ctx: click.Context, **values) -> None:
     if values["as_json"]:
         echo_json(summary)
     else:
-        print_table(
-            "flashar generate",
+        print_table("flashar generate",
             ["images", "grid", "forward passes / batch", "seconds", "sampling", "written to"],
-            [
-                [len(conditions), "x".join(map(str, summary["grid"])), result.num_forward_passes,
-                 f"{result.seconds:.2f}", describe_sampling(sampling.model_dump()), values["out"] or "-"]
-            ],
-        )
+            [[len(conditions), "x".join(map(str, summary["grid"])), result.num_forward_passes, f"{result.seconds:.2f}",
+            describe_sampling(sampling.model_dump()), values["out"] or "-"]])
 
 
 @cli.command(cls=PluginCommand, plugin_params=backend_options)
@@ -193,12 +186,9 @@ def generate(ctx: click.Context, **values) -> None:
 @click.option("--out", type=click.Path(path_type=Path),
     help="Adapter folder to write (also holds metrics.jsonl, and checkpoints/ until the run finishes); required.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
-@click.option(
-    "--force-resume",
-    is_flag=True,
+@click.option("--force-resume", is_flag=True,
     help="With --resume: continue even though --data/--codes/--val-data or the training options differ from the "
-         "checkpoint's.",
-)
+    "checkpoint's.")
 @click.option("--cache-dir", type=click.Path(path_type=Path),
               help="Where tokenised data is cached [default: ~/.cache/flashar/tokens].")
 @click.option("--config", type=click.Path(path_type=Path), help=CONFIG_HELP)
@@ -233,12 +223,8 @@ def adapt(ctx: click.Context, **values) -> None:
             with _Bars(quiet=not place.is_main) as bars:  # shown only when the images are not cached yet
                 data = api.load_data(backbone, values["data_dir"], values["codes_dir"], values["image_size"],
                                      values["cache_dir"], progress=bars.task("tokenising --data images").update)
-                held = (
-                    api.load_data(backbone, values["val_dir"], None, values["image_size"], values["cache_dir"],
-                                  progress=bars.task("tokenising --val-data images").update)
-                    if values["val_dir"]
-                    else None
-                )
+                held = (api.load_data(backbone, values["val_dir"], None, values["image_size"], values["cache_dir"],
+                        progress=bars.task("tokenising --val-data images").update) if values["val_dir"] else None)
         total = sum(
             s.steps for s in (config.stage1, config.stage2) if s is config.stage1 or config.stage2_mode != "none")
         with _train_progress(total, quiet=not place.is_main) as on_step:
@@ -256,17 +242,8 @@ def _print_held_out(curve: list[dict]) -> None:
         return
     best = {r["stage"]: r["best_step"] for r in curve}
     rows = [
-        [
-            r["stage"],
-            r["step"],
-            f"{r['val_nll_flashar']:.4f}",
-            f"{r['val_nll_raster']:.4f}",
-            ", ".join(note
-                      for note, on in (("best", r["step"] == best[r["stage"]]), ("stopped early", r["stopped_early"]))
-                      if on),
-        ]
-        for r in curve
-    ]
+        [r["stage"], r["step"], f"{r['val_nll_flashar']:.4f}", f"{r['val_nll_raster']:.4f}", ", ".join(note for note,
+        on in (("best", r["step"] == best[r["stage"]]), ("stopped early", r["stopped_early"])) if on)] for r in curve]
     print_table("held-out NLL (nats/token)", ["stage", "step", "flashar", "raster", ""], rows)
 
 
@@ -446,17 +423,10 @@ def backends(ctx: click.Context, as_json: bool) -> None:
                      "sampling_defaults": spec.sampling_defaults or None, "options": sorted(spec.options.model_fields)})
     if as_json:
         return echo_json(rows)
-    print_table(
-        "flashar backends",
-        ["id", "status", "plugin", "sampling defaults", "description"],
-        [
-            [r["id"], "available" if r["available"] else f"unavailable: {r['install']}", r["plugin"],
-             describe_sampling(r["sampling_defaults"]) if r["sampling_defaults"]
-             else "declared by the backbone once loaded", r["description"]]
-            for r in rows
-        ],
-        no_wrap=("id", "status"),
-    )
+    print_table("flashar backends", ["id", "status", "plugin", "sampling defaults", "description"],
+                [[r["id"], "available" if r["available"] else f"unavailable: {r['install']}", r["plugin"],
+                describe_sampling(r["sampling_defaults"]) if r["sampling_defaults"]
+                else "declared by the backbone once loaded", r["description"]] for r in rows], no_wrap=("id", "status"))
 
 
 @cli.command()
@@ -471,15 +441,10 @@ def methods(ctx: click.Context, as_json: bool) -> None:
             for cls in sorted(registry.methods.values(), key=lambda c: c.id)]
     if as_json:
         return echo_json(rows)
-    print_table(
-        "flashar methods",
+    print_table("flashar methods",
         ["id", "passes at 32x32", "options (also as ID:OPTION=VALUE)", "plugin", "description"],
-        [
-            [r["id"], r["forward_passes_32x32"], ", ".join(o.replace("_", "-") for o in r["options"]) or "-",
-             r["plugin"], r["description"]]
-            for r in rows
-        ],
-    )
+        [[r["id"], r["forward_passes_32x32"], ", ".join(o.replace("_", "-") for o in r["options"]) or "-", r["plugin"],
+        r["description"]] for r in rows])
 
 
 def _passes(cls, height: int, width: int):

@@ -234,26 +234,17 @@ class AdapterMetadata(Config):
 class CompareConfig(Config):
     """``flashar compare``: every method on the same backbone, conditions and seeds."""
 
-    methods: list[str] = Field(
-        default_factory=lambda: ["raster", "flashar"],
-        min_length=1,
+    methods: list[str] = Field(default_factory=lambda: ["raster", "flashar"], min_length=1,
         description="Method ids, or variants ID:OPTION=VALUE;OPTION=VALUE with option values of their own, in report "
-                    "order.",
-    )
-    num_samples: int = Field(
-        1000,
-        gt=0,
+        "order.")
+    num_samples: int = Field(1000, gt=0,
         description="Images per method and seed for the quality metrics (class-balanced for class-conditional "
-                    "backends).",
-    )
+        "backends).")
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1,
                               description="Sampling seeds; quality metrics are averaged over them.")
-    batch_size: int = Field(
-        100,
-        gt=0,
+    batch_size: int = Field(100, gt=0,
         description="Images per forward batch for the quality metrics, and the batch throughput (images/s) is timed "
-                    "at.",
-    )
+        "at.")
     latency_batch_size: int = Field(
         1, gt=0, description="Images per timed batch for the latency and speedup columns (1: the wait for one image).")
     repeats: int = Field(

@@ -48,11 +48,9 @@ class SpeculativeOptions(Config):
 
     draft_length: int = Field(16, ge=1, le=256,
         description="L: draft tokens verified per forward pass (the Jacobi window; official default 16).")
-    draft_init: Literal["repeat_horizon", "random"] = Field(
-        "repeat_horizon",
+    draft_init: Literal["repeat_horizon", "random"] = Field("repeat_horizon",
         description="How new draft tokens start: copy the token to their left in the row (SJD's official LlamaGen "
-                    "default) or a uniform random code (the GSD script's).",
-    )
+        "default) or a uniform random code (the GSD script's).")
 
 
 @dataclass

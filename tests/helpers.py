@@ -196,11 +196,8 @@ def write_ibq(folder: Path, seed: int = 0, layout: str = "safetensors") -> Path:
     state = random_ibq(seed).state_dict()
     if layout == "safetensors":
         (folder / "config.json").write_text(
-            json.dumps(
-                {"model_type": "Emu3p5VisionVQ", "architectures": ["Emu3p5VisionVQModel"], "double_z": False,
-                 "dropout": 0.0, **TINY_IBQ}
-            )
-        )
+            json.dumps({"model_type": "Emu3p5VisionVQ", "architectures": ["Emu3p5VisionVQModel"], "double_z": False,
+            "dropout": 0.0, **TINY_IBQ}))
         save_file(state, str(folder / "model.safetensors"))
     else:
         dd = {k: v for k, v in TINY_IBQ.items() if k not in ("codebook_size", "embed_dim")}

@@ -380,11 +380,8 @@ def _evaluate(model: AdaptModel, run: Run, place: Distributed, position: Positio
         best.bad += 1
         best.stopped = config.patience > 0 and best.bad >= config.patience
     if place.is_main:
-        _log(
-            run,
-            {"step": position.step, "stage": position.stage, "in_stage": position.in_stage, **values,
-             "best_step": best.step, "stopped_early": best.stopped, "seconds": round(time.perf_counter() - began, 4)},
-        )
+        _log(run, {"step": position.step, "stage": position.stage, "in_stage": position.in_stage, **values,
+             "best_step": best.step, "stopped_early": best.stopped, "seconds": round(time.perf_counter() - began, 4)})
 
 
 def _held_out_passes(model: AdaptModel, run: Run, data: TokenData, count: int, **kwargs) -> list:
@@ -397,9 +394,7 @@ def _held_out_passes(model: AdaptModel, run: Run, data: TokenData, count: int, *
         # draws nothing; fork_rng guards the stream anyway
         parts = [
             model(data.codes[start : min(start + batch, count)], data.conditions[start : min(start + batch, count)],
-                  **kwargs)
-            for start in range(0, count, batch)
-        ]
+            **kwargs) for start in range(0, count, batch)]
     model.train()
     return parts
 
@@ -476,13 +471,10 @@ def _fit_coupling(model: AdaptModel, run: Run, place: Distributed, position: Pos
     if place.is_main:  # the NLL per token of the grids under the coupled sampler, against independent draws
         nll = {f"nll_{name}": -grid_log_likelihood(lo, hi, rho, lag).sum().item() / lo.numel() for name, rho in
                (("independent", 0.0), ("coupled", fit.rho))}
-        _log(
-            run,
-            {"step": position.step, "stage": position.stage, "diagonal_coupling": fit.rho,
+        _log(run, {"step": position.step, "stage": position.stage, "diagonal_coupling": fit.rho,
              "coupling_gain_nats_per_pair": round(fit.gain, 6), "coupling_pairs": fit.pairs, **nll,
              "coupling_grids": count, "held_out": run.val_data is not None,
-             "seconds": round(time.perf_counter() - began, 4)},
-        )
+             "seconds": round(time.perf_counter() - began, 4)})
     return fit.rho
 
 

@@ -92,12 +92,9 @@ def run_compare(methods: dict[str, Method], sampling: dict[str, SamplingConfig],
                            metric_label=extractor.label if extractor else "FID")
     latency = time_methods(methods, conditions[: config.latency_batch_size], grid, sampling, config.repeats,
                            config.warmup, config.seeds[0], on_run)
-    throughput = (
-        latency
-        if config.latency_batch_size == config.batch_size
+    throughput = (latency if config.latency_batch_size == config.batch_size
         else time_methods(methods, conditions[: config.batch_size], grid, sampling, config.repeats, config.warmup,
-                          config.seeds[0], on_run)
-    )
+        config.seeds[0], on_run))
     for name, method in methods.items():
         row = {"method": name, "forward_passes": latency[name].forward_passes,
                **speed_columns(latency, name, "latency"), **speed_columns(throughput, name, "throughput"),

@@ -43,11 +43,9 @@ from flashar.sampling import ar1_mixing, new_uniform, refill_uniform, sample
 
 
 class FlashAROptions(Config):
-    adapter: Path | None = Field(
-        None,
+    adapter: Path | None = Field(None,
         description="Adapter folder written by `flashar adapt` (or a released FlashAR checkpoint the backend can "
-                    "read).",
-    )
+        "read).")
     buckets: int | None = Field(None, ge=1,
         description="Static diagonal sizes: 1 pads every diagonal to the longest (one compiled graph); "
         "N pads each to the nearest of N sizes, cutting padded compute at the cost of N graphs. "

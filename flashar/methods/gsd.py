@@ -32,21 +32,14 @@ from flashar.hookspecs import hookimpl
 class GSDOptions(speculative.SpeculativeOptions):
     """Grouped speculative decoding."""
 
-    group_size: int = Field(
-        14,
-        ge=1,
+    group_size: int = Field(14, ge=1,
         description="G: candidates nearest to the draft in the target's logit ranking, the draft included (released "
-                    "script: 14; 1 = SJD).",
-    )
+        "script: 14; 1 = SJD).")
     group_prob_margin: float = Field(
         0.15, gt=0, description="δ: drop candidates whose probability differs from the draft's by this much or more.")
-    group_embed_distance: float = Field(
-        0.5,
-        gt=0,
-        allow_inf_nan=True,
+    group_embed_distance: float = Field(0.5, gt=0, allow_inf_nan=True,
         description="d: drop candidates at this squared L2 distance or more from the draft in the input-embedding "
-                    "table (inf = off).",
-    )
+        "table (inf = off).")
 
 
 def grouped_mass(logits: Tensor, probs: Tensor, draft_probs: Tensor, codes: Tensor, embeddings: Tensor,

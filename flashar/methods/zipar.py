@@ -45,12 +45,9 @@ from flashar.sampling import new_uniform, sample
 class ZipAROptions(Config):
     """ZipAR."""
 
-    window: int = Field(
-        8,
-        ge=1,
+    window: int = Field(8, ge=1,
         description="w: a row starts once the row above has w tokens (official LlamaGen c2i script: 8); w >= W is "
-                    "raster order.",
-    )
+        "raster order.")
     mask_unwritten: bool = Field(
         True, description="Hide cache slots not yet written and keep provisional row-start tokens out of the cache; "
         "--no-mask-unwritten reproduces the official code, which attends to unwritten (zero) slots.")

@@ -114,15 +114,9 @@ def test_adapt_then_generate_from_an_image_folder(tmp_path, registry):
         json.loads((tmp_path / "adapter" / "config.json").read_text())["diagonal_coupling"] == fit["diagonal_coupling"])
     again = runner.invoke(cli, [str(a) for a in args], obj=registry)
     assert again.exit_code == 1 and "pass --resume" in again.output
-    gen = runner.invoke(
-        cli,
-        [
-            str(a)
-            for a in ["generate", "-b", "llamagen", *cli_args(options), "--image-size", 8, "--classes", "0,1,2",
-                      "--method", "flashar", "--adapter", tmp_path / "adapter", "--out", tmp_path / "png", "--json"]
-        ],
-        obj=registry,
-    )
+    gen = runner.invoke(cli,
+        [str(a) for a in ["generate", "-b", "llamagen", *cli_args(options), "--image-size", 8, "--classes", "0,1,2",
+        "--method", "flashar", "--adapter", tmp_path / "adapter", "--out", tmp_path / "png", "--json"]], obj=registry)
     assert gen.exit_code == 0, gen.output
     summary = json.loads(gen.output)
     assert summary["forward_passes_per_batch"] == 7 and len(summary["outputs"]) == 3

@@ -114,12 +114,9 @@ def test_fid_digits_separates_real_from_noise():
 def test_compare_on_the_default_writes_table_json_grids_and_plot(tmp_path, registry):
     pytest.importorskip("torch_fidelity")
     out = tmp_path / "report"
-    result = CliRunner().invoke(
-        cli,
+    result = CliRunner().invoke(cli,
         ["compare", "--methods", "raster,flashar", "--num-samples", "20", "--batch-size", "20", "--repeats", "1",
-         "--warmup", "0", "--out", str(out), "--json"],
-        obj=registry,
-    )
+        "--warmup", "0", "--out", str(out), "--json"], obj=registry)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     rows = {row["method"]: row for row in report["methods"]}

@@ -24,11 +24,9 @@ GREEDY = [SamplingConfig(cfg_scale=3.0, top_k=1), SamplingConfig(temperature=0.0
 
 
 @pytest.mark.parametrize("sampling", GREEDY, ids=["cfg-top1", "temperature0", "cfg-interval"])
-@pytest.mark.parametrize(
-    "draft_length, draft_init, coupling",
-    [(1, "repeat_horizon", "none"), (3, "random", "none"), (3, "repeat_horizon", "maximal"),
-     (16, "repeat_horizon", "none")],
-)
+@pytest.mark.parametrize("draft_length, draft_init, coupling",
+                         [(1, "repeat_horizon", "none"), (3, "random", "none"), (3, "repeat_horizon", "maximal"),
+                         (16, "repeat_horizon", "none")])
 def test_greedy_sjd_gives_raster_tokens(sampling, draft_length, draft_init, coupling):
     backbone = random_gpt()
     options = SJD.Options(draft_length=draft_length, draft_init=draft_init, coupling=coupling)

@@ -66,5 +66,4 @@ def flashar_register_backends(register):
 def flashar_register_metrics(register):
     register(
         MetricSpec(id="fid-digits", description="FID/KID/IS/PRC on a digits CNN (FID-digits), plus class accuracy.",
-                   register=_register_metric, label="FID-digits", classify=_classify)
-    )
+        register=_register_metric, label="FID-digits", classify=_classify))

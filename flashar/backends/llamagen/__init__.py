@@ -17,11 +17,9 @@ from flashar.plugins import BackendSpec
 class LlamaGenOptions(Config):
     checkpoint: Path = Field(
         ..., description="GPT checkpoint as published (.pt with a 'model' entry or a bare state dict) or .safetensors.")
-    gpt_model: str | None = Field(
-        None,
+    gpt_model: str | None = Field(None,
         description="Size preset as in the official scripts (GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B, ...); default: "
-                    "read off the checkpoint.",
-    )
+        "read off the checkpoint.")
     config_file: Path | None = Field(None, description="JSON file of GPTConfig fields, for a custom size.",
                                      json_schema_extra={"flag": "model-config"})
     vq_checkpoint: Path | None = Field(

@@ -289,13 +289,10 @@ def test_adapt_then_generate_with_flashar_through_the_cli(janus_folder, registry
         rows.append(json.dumps({"file_name": f"{i}.png", "text": PROMPTS[i % 2]}))
     (data / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     runner = CliRunner()
-    adapted = runner.invoke(
-        cli,
+    adapted = runner.invoke(cli,
         ["adapt", "-b", "janus", "--model-path", str(janus_folder), "--data", str(data), "--image-size", "48", "--out",
-         str(tmp_path / "adapter"), "--stage1-steps", "2", "--stage2-steps", "1", "--batch-size", "2", "--cache-dir",
-         str(tmp_path / "cache")],
-        obj=registry,
-    )
+        str(tmp_path / "adapter"), "--stage1-steps", "2", "--stage2-steps", "1", "--batch-size", "2", "--cache-dir",
+        str(tmp_path / "cache")], obj=registry)
     assert adapted.exit_code == 0, adapted.output
     result = runner.invoke(cli, ["generate", "-b", "janus", "--model-path", str(janus_folder), "--method", "flashar",
                                  "--adapter", str(tmp_path / "adapter"), "--prompt", "a cat", "--image-size", "48",
