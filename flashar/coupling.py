@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flashar import grid as G
+from flashar import geometry
 
 RHOS = tuple(round(0.05 * i, 2) for i in range(20))  # 0, 0.05, ..., 0.95: the candidates the fit compares
 _NODES, _WEIGHTS = (torch.from_numpy(x) for x in np.polynomial.legendre.leggauss(32))  # quadrature on [-1, 1]
@@ -118,7 +118,7 @@ def grid_log_likelihood(lo: Tensor, hi: Tensor, rho: float, lag: int = 1) -> Ten
     draws of one diagonal (of row lag ``lag``) are coupled at rho. rho = 0 gives the sum of the cells' own
     log-probabilities."""
     height, width = lo.shape[1:]
-    slots, valid = G.diagonal_slots(height, width, lag)
+    slots, valid = geometry.diagonal_slots(height, width, lag)
     flat_lo, flat_hi = lo.flatten(1), hi.flatten(1)
     total = torch.zeros(lo.shape[0], dtype=lo.dtype)
     for cells, ok in zip(slots, valid):

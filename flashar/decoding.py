@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar, Generic, Iterator, Protocol, Sequenc
 import torch
 from torch import Tensor
 
-from flashar import grid as G
+from flashar import geometry
 from flashar.backbone import Backbone, KVCache, Prefix
 from flashar.compilation import compile_step, guards_skipped, mark_static
 from flashar.config import CompileMode, Config, SamplingConfig
@@ -279,7 +279,7 @@ class SequenceState(DecodeState):
 
 def native_sequence(backbone: Backbone, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """Cells (M, 2) of the native sequence and the token forced at each entry (M,), -1 where sampled."""
-    cells, is_cell = G.raster_sequence(*grid, backbone.row_end_token is not None)
+    cells, is_cell = geometry.raster_sequence(*grid, backbone.row_end_token is not None)
     return cells, torch.where(is_cell, -1, -1 if backbone.row_end_token is None else backbone.row_end_token)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flashar import grid as G
+from flashar import geometry
 from flashar.backbone import Backbone, Prefix
 from flashar.branch import FIRST_COL, FlashARHead, cell_kinds
 
@@ -25,7 +25,7 @@ def grid_inputs(backbone: Backbone, prefix: Prefix, codes: Tensor) -> tuple[Tens
     ids = backbone.code_ids(codes.flatten(1).to(backbone.device))
     if ids.shape[0] != prefix.batch_size:  # CFG prefixes carry twice the rows; both halves see the same grid
         ids = ids.repeat(prefix.batch_size // ids.shape[0], 1)
-    cells = G.raster_cells(height, width).to(backbone.device)
+    cells = geometry.raster_cells(height, width).to(backbone.device)
     cell_positions = backbone.cell_positions(cells, prefix.length, grid=(height, width))
     x = torch.cat([prefix.embeds, backbone.embed(ids)], dim=1)
     return x, torch.cat([prefix.positions, cell_positions]), cell_positions
@@ -39,7 +39,7 @@ def raster_logits(backbone: Backbone, prefix: Prefix, codes: Tensor) -> Tensor:
     """Logits (B, N, V) of every cell under the raster-causal mask: cell q is predicted from q-1."""
     height, width = codes.shape[1:]
     x, positions, _ = grid_inputs(backbone, prefix, codes)
-    mask = G.sequence_mask(prefix.valid, G.causal_mask(height * width))
+    mask = geometry.sequence_mask(prefix.valid, geometry.causal_mask(height * width))
     h, _ = backbone(x, positions, mask)
     first = _at_last(h, prefix)[:, None]  # the last prefix state predicts cell 0
     return backbone.logits(torch.cat([first, h[:, prefix.length : -1]], dim=1))
@@ -61,12 +61,12 @@ def flashar_logits(backbone: Backbone, head: FlashARHead, prefix: Prefix, codes:
     batch, height, width = prefix.batch_size, *codes.shape[1:]
     num_cells = height * width
     x, positions, cell_positions = grid_inputs(backbone, prefix, codes)
-    proximity = G.proximity_mask(height, width, head.config.row_lag).to(backbone.device)
-    h, h_tap = backbone(x, positions, G.sequence_mask(prefix.valid, proximity), tap=head.branch_layer)
+    proximity = geometry.proximity_mask(height, width, head.config.row_lag).to(backbone.device)
+    h, h_tap = backbone(x, positions, geometry.sequence_mask(prefix.valid, proximity), tap=head.branch_layer)
     image_mask = proximity[None, None].expand(batch, 1, num_cells, num_cells)
     v = head.vertical(backbone, h_tap[:, prefix.length :], cell_positions, image_mask)
     h_img = h[:, prefix.length :]
-    left, up = (i.to(backbone.device) for i in G.neighbour_index(height, width))
+    left, up = (i.to(backbone.device) for i in geometry.neighbour_index(height, width))
     kind = cell_kinds(height, width).to(backbone.device)
     # Sources per target cell; the corner reads the last prefix state (final and layer-b), §4.
     h_left = torch.cat([h_img, _at_last(h, prefix)[:, None]], dim=1)[:, left]

@@ -83,7 +83,7 @@ from typing import Any, Iterator, Mapping
 import pytest
 import torch
 
-from flashar import grid as G
+from flashar import geometry
 from flashar.backbone import CARD_MEMBERS, Backbone
 from flashar.compilation import CompileCounter
 from flashar.config import SamplingConfig
@@ -104,9 +104,9 @@ def full_forward(backbone: Backbone, conditions, codes: torch.Tensor, image_mask
     ids = backbone.code_ids(codes.flatten(1).to(backbone.device))
     ids = torch.cat([ids, ids]) if cfg else ids
     x = torch.cat([prefix.embeds, backbone.embed(ids)], dim=1)
-    cells = G.raster_cells(*grid).to(backbone.device)
+    cells = geometry.raster_cells(*grid).to(backbone.device)
     positions = torch.cat([prefix.positions, backbone.cell_positions(cells, prefix.length, grid=grid)])
-    mask = G.sequence_mask(prefix.valid, image_mask.to(backbone.device))
+    mask = geometry.sequence_mask(prefix.valid, image_mask.to(backbone.device))
     h, h_tap = backbone(x, positions, mask, tap=tap)
     cut = prefix.length
     return h[:, cut:], (None if h_tap is None else h_tap[:, cut:])
@@ -126,7 +126,7 @@ def cached_forward(backbone: Backbone, conditions, codes: torch.Tensor, chunks: 
     num_cells = height * width
     cache = backbone.new_cache(prefix.batch_size, prefix.length + num_cells)
     prefill(backbone, prefix, cache)
-    cells = G.raster_cells(height, width).to(backbone.device)
+    cells = geometry.raster_cells(height, width).to(backbone.device)
     ids = backbone.code_ids(codes.flatten(1).to(backbone.device))
     ids = torch.cat([ids, ids]) if cfg else ids
     slot_step = torch.full((cache.length,), -1, device=backbone.device)
@@ -154,14 +154,14 @@ def greedy_reference(backbone: Backbone, conditions, grid: tuple[int, int], cfg_
     height, width = grid
     cfg = cfg_scale != 1.0
     prefix = backbone.prefix(conditions, cfg=cfg, grid=grid)
-    cells, is_cell = G.raster_sequence(height, width, backbone.row_end_token is not None)
+    cells, is_cell = geometry.raster_sequence(height, width, backbone.row_end_token is not None)
     positions_all = backbone.cell_positions(cells.to(backbone.device), prefix.length, native=True, grid=grid)
     tokens = torch.zeros(len(conditions), 0, dtype=torch.long, device=backbone.device)
     for j in range(len(cells)):
         ids = torch.cat([tokens, tokens]) if cfg else tokens
         x = torch.cat([prefix.embeds, backbone.embed(ids)], dim=1)
         positions = torch.cat([prefix.positions, positions_all[:j]])
-        mask = G.sequence_mask(prefix.valid, G.causal_mask(j))
+        mask = geometry.sequence_mask(prefix.valid, geometry.causal_mask(j))
         h, _ = backbone(x, positions, mask)
         last = h[:, -1] if j else h[torch.arange(h.shape[0]), prefix.last]
         logits = backbone.logits(last)
@@ -181,8 +181,8 @@ def raster_hidden(backbone: Backbone, codes: torch.Tensor) -> torch.Tensor:
     num_cells = codes[0].numel()
     x = backbone.embed(backbone.code_ids(codes.flatten(1).to(backbone.device)))
     grid = tuple(codes.shape[1:])
-    positions = backbone.cell_positions(G.raster_cells(*grid).to(backbone.device), 0, grid=grid)
-    mask = G.causal_mask(num_cells).to(backbone.device)[None, None].expand(len(codes), 1, num_cells, num_cells)
+    positions = backbone.cell_positions(geometry.raster_cells(*grid).to(backbone.device), 0, grid=grid)
+    mask = geometry.causal_mask(num_cells).to(backbone.device)[None, None].expand(len(codes), 1, num_cells, num_cells)
     return backbone(x, positions, mask)[0]
 
 
@@ -287,7 +287,7 @@ class BackboneConformance:
         assert both.valid[torch.arange(2 * batch), both.last].all()
 
     def test_positions_do_not_depend_on_order(self, backbone):
-        cells = G.raster_cells(*self.grid).to(backbone.device)
+        cells = geometry.raster_cells(*self.grid).to(backbone.device)
         order = torch.randperm(len(cells), generator=torch.Generator().manual_seed(0)).to(backbone.device)
         prefix_length = backbone.prefix(self.conditions, cfg=False, grid=self.grid).length
         in_order = backbone.cell_positions(cells, prefix_length, grid=self.grid)
@@ -300,7 +300,7 @@ class BackboneConformance:
         codes = self.random_codes(backbone)
         num_cells = codes[0].numel()
         with torch.no_grad():
-            ref, _ = full_forward(backbone, self.conditions, codes, G.causal_mask(num_cells))
+            ref, _ = full_forward(backbone, self.conditions, codes, geometry.causal_mask(num_cells))
             sizes = [1, 2, 3] * num_cells
             chunks, start = [], 0
             for size in sizes:
@@ -318,22 +318,22 @@ class BackboneConformance:
         num_cells = codes[0].numel()
         chunks = list(torch.arange(num_cells).split(3))
         with torch.no_grad():
-            ref, _ = full_forward(backbone, self.conditions, codes, G.causal_mask(num_cells))
+            ref, _ = full_forward(backbone, self.conditions, codes, geometry.causal_mask(num_cells))
             got = cached_forward(backbone, self.conditions, codes, chunks, torch.arange(num_cells), windowed=True)
         torch.testing.assert_close(got, ref, atol=ATOL, rtol=ATOL)
 
     def test_diagonal_chunks_in_cache_match_proximity_forward(self, backbone):
         codes = self.random_codes(backbone)
-        index, valid = G.diagonal_slots(*self.grid)
+        index, valid = geometry.diagonal_slots(*self.grid)
         with torch.no_grad():
-            ref, _ = full_forward(backbone, self.conditions, codes, G.proximity_mask(*self.grid))
+            ref, _ = full_forward(backbone, self.conditions, codes, geometry.proximity_mask(*self.grid))
             chunks = [row[ok] for row, ok in zip(index, valid)]
-            got = cached_forward(backbone, self.conditions, codes, chunks, G.step_ids(*self.grid))
+            got = cached_forward(backbone, self.conditions, codes, chunks, geometry.step_ids(*self.grid))
         torch.testing.assert_close(got, ref, atol=ATOL, rtol=ATOL)
 
     def test_tap_is_hidden_state_entering_layer(self, backbone):
         codes = self.random_codes(backbone)
-        mask = G.causal_mask(codes[0].numel())
+        mask = geometry.causal_mask(codes[0].numel())
         tap = backbone.num_layers - 1
         with torch.no_grad():
             _, h_tap = full_forward(backbone, self.conditions, codes, mask, tap=tap)
@@ -353,9 +353,9 @@ class BackboneConformance:
         assert clones[0] is not original
         assert all(p.data_ptr() != q.data_ptr() for p, q in zip(clones.parameters(), original.parameters()))
         x = torch.randn(2, 5, backbone.dim, dtype=backbone.dtype, device=backbone.device)
-        cells = G.raster_cells(1, 5).to(backbone.device)
+        cells = geometry.raster_cells(1, 5).to(backbone.device)
         positions = backbone.cell_positions(cells, 0, grid=(1, 5))
-        mask = G.causal_mask(5).to(backbone.device)[None, None].expand(2, 1, 5, 5)
+        mask = geometry.causal_mask(5).to(backbone.device)[None, None].expand(2, 1, 5, 5)
         with torch.no_grad():
             torch.testing.assert_close(backbone.layer_forward(clones[0], x, positions, mask, None, None),
                                        backbone.layer_forward(original, x, positions, mask, None, None))
@@ -479,7 +479,7 @@ class BackboneConformance:
         assert torch.equal(full.codes, self._raster_codes(backbone))
         narrow = ZipAR(backbone, ZipAROptions(window=1)).generate(self.conditions, self.grid, self._greedy(),
                                                                   make_generator(0, backbone.device))
-        cells, _ = G.raster_sequence(height, width, backbone.row_end_token is not None)
+        cells, _ = geometry.raster_sequence(height, width, backbone.row_end_token is not None)
         # rows hold their row ends
         assert narrow.num_forward_passes == num_passes(torch.bincount(cells[:, 0]).tolist(), 1)
         assert narrow.codes.shape == (len(self.conditions), *self.grid)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from flashar import grid as G
+from flashar import geometry
 from flashar.config import SamplingConfig
 from flashar.coupling import (RHOS, chain_log_likelihood, fit_coupling, grid_log_likelihood, latent_intervals,
                               pair_log_likelihood)
@@ -20,7 +20,7 @@ def latent_grids(count: int, height: int, width: int, rho: float, seed: int, lag
     ``lag`` (rows ascending) and independent across diagonals: what :func:`refill_uniform` feeds the draws
     with a mixing."""
     generator = torch.Generator().manual_seed(seed)
-    slots, valid = G.diagonal_slots(height, width, lag)
+    slots, valid = geometry.diagonal_slots(height, width, lag)
     z = torch.zeros(count, height * width + 1)
     for cells, ok in zip(slots, valid):
         cells = cells[ok]

@@ -32,7 +32,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from flashar import grid as G
+from flashar import geometry
 from flashar.backbone import KVCache, Prefix
 from flashar.branch import CORNER, cell_kinds
 from flashar.config import Config, SamplingConfig
@@ -101,7 +101,7 @@ class FlashAR(Method[FlashARState]):
 
     @staticmethod
     def num_forward_passes(height: int, width: int, row_lag: int = 1) -> int:
-        return G.num_diagonals(height, width, row_lag)
+        return geometry.num_diagonals(height, width, row_lag)
 
     def passes(self, grid: tuple[int, int]) -> int:
         return self.num_forward_passes(*grid, self.head.config.row_lag)
@@ -125,12 +125,12 @@ class FlashAR(Method[FlashARState]):
         num_cells, rows = height * width, prefix.batch_size
         cache = bb.new_cache(rows, prefix.length + num_cells + 1)
         lag = self.head.config.row_lag
-        diagonals, valid = G.diagonal_slots(height, width, lag)
+        diagonals, valid = geometry.diagonal_slots(height, width, lag)
         counts = valid.sum(1).tolist()  # cells of diagonal t
         order = torch.cat([diagonals[valid], torch.tensor([num_cells])])  # raster index by slot, scratch last
         slot = torch.empty_like(order)
         slot[order] = torch.arange(num_cells + 1)
-        steps = torch.cat([G.step_ids(height, width, lag), torch.tensor([NEVER])])[order]  # (N + 1,) by slot
+        steps = torch.cat([geometry.step_ids(height, width, lag), torch.tensor([NEVER])])[order]  # (N + 1,) by slot
         slot_step = torch.full((cache.length,), NEVER)
         slot_step[: prefix.length] = -1
         slot_step[prefix.length : prefix.length + num_cells + 1] = steps
@@ -145,8 +145,8 @@ class FlashAR(Method[FlashARState]):
                                 [prefix.length + seen[t - 1] for t in ts], draws=counts[1:], first_draws=1,
                                 table=diagonals.to(device), widths=[max(counts[t - 1], counts[t]) for t in ts],
                                 buckets=self.options.buckets, shortest=prefix.length + 2)
-        cells = torch.cat([G.raster_cells(height, width), torch.zeros(1, 2, dtype=torch.long)])
-        left, up = G.neighbour_index(height, width)
+        cells = torch.cat([geometry.raster_cells(height, width), torch.zeros(1, 2, dtype=torch.long)])
+        left, up = geometry.neighbour_index(height, width)
         scratch = torch.tensor([num_cells])
         state = FlashARState(
             prefix=prefix, grid=grid, sampling=sampling, cache=cache, key_valid=image_key_valid(prefix, cache.length),

@@ -8,7 +8,7 @@ from collections import Counter
 import torch
 from helpers import random_gpt
 
-from flashar import grid as G
+from flashar import geometry
 from flashar.compilation import CompileCounter
 from flashar.config import SamplingConfig
 from flashar.decoding import guided
@@ -44,9 +44,9 @@ def exact_joint(backbone, condition, grid, sampling, depth: int) -> dict[tuple[i
                 ids = backbone.code_ids(torch.tensor([codes], dtype=torch.long))
                 ids = torch.cat([ids, ids]) if sampling.use_cfg else ids
                 x = torch.cat([prefix.embeds, backbone.embed(ids)], dim=1)
-                cells = G.raster_cells(height, width)[:j]
+                cells = geometry.raster_cells(height, width)[:j]
                 positions = torch.cat([prefix.positions, backbone.cell_positions(cells, prefix.length, grid=grid)])
-                h, _ = backbone(x, positions, G.sequence_mask(prefix.valid, G.causal_mask(j)))
+                h, _ = backbone(x, positions, geometry.sequence_mask(prefix.valid, geometry.causal_mask(j)))
                 p = processed_probs(guided(backbone.logits(h[:, -1]), sampling), sampling)[0]
                 for code in torch.nonzero(p).flatten().tolist():
                     grown[codes + (code,)] = mass * p[code].item()

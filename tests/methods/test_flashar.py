@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import random_gpt
 
-from flashar import grid as G
+from flashar import geometry
 from flashar.adapter import Adapter, new_metadata
 from flashar.branch import INTERIOR, FlashARHead
 from flashar.compilation import CompileCounter
@@ -120,7 +120,8 @@ def test_gate_fixed_at_one_gives_the_horizontal_logits():
     with torch.no_grad():
         out = flashar_logits(backbone, method.head, backbone.prefix([5], cfg=False), codes)
         x, positions, _ = grid_inputs(backbone, backbone.prefix([5], cfg=False), codes)  # the backbone alone
-        h, _ = backbone(x, positions, G.sequence_mask(torch.ones(1, 1, dtype=torch.bool), G.proximity_mask(3, 4)))
+        mask = geometry.sequence_mask(torch.ones(1, 1, dtype=torch.bool), geometry.proximity_mask(3, 4))
+        h, _ = backbone(x, positions, mask)
     horizontal = backbone.logits(h[:, :-1])  # state at position p predicts the next raster cell
     cols = torch.arange(12) % 4
     torch.testing.assert_close(out.fused[0, cols > 0], horizontal[0, cols > 0], atol=1e-4, rtol=1e-4)
@@ -207,10 +208,10 @@ def test_bucketed_diagonals_decode_the_same_tokens_with_one_graph_per_size():
 
 
 def test_bucket_sizes_cover_every_step():
-    from flashar import grid as G
+    from flashar import geometry
     from flashar.shapes import Shapes
 
-    index, valid = G.diagonal_slots(8, 8)
+    index, valid = geometry.diagonal_slots(8, 8)
     lengths = valid.sum(1).tolist()
     need = [max(lengths[t - 1], lengths[t]) for t in range(1, len(lengths))]
     steps = torch.arange(len(lengths))[1:]

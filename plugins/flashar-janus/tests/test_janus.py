@@ -15,7 +15,7 @@ from tiny_janus import SPECIAL, random_model, save_folder, write_tiny_janus
 flashar_janus = pytest.importorskip(
     "flashar_janus", reason="flashar-janus is not installed; run: pip install -e plugins/flashar-janus")
 from flashar import api  # noqa: E402
-from flashar import grid as G  # noqa: E402
+from flashar import geometry  # noqa: E402
 from flashar.cli import cli  # noqa: E402
 from flashar.config import RuntimeConfig, SamplingConfig  # noqa: E402
 from flashar.errors import CheckpointError, FlashARError  # noqa: E402
@@ -75,7 +75,7 @@ def test_forward_matches_transformers_language_model(janus_folder, registry):
     codes = torch.randint(0, backbone.codebook_size, (2, 3, 3), generator=torch.Generator().manual_seed(0))
     ids, valid = backbone.prompts.batch(PROMPTS, cfg=False)
     with torch.no_grad():
-        ours, _ = full_forward(backbone, PROMPTS, codes, G.causal_mask(9), cfg=False)
+        ours, _ = full_forward(backbone, PROMPTS, codes, geometry.causal_mask(9), cfg=False)
         x = torch.cat([model.model.language_model.embed_tokens(ids),
                        model.prepare_embeddings_for_image_generation(codes.flatten(1))], dim=1)
         mask = torch.cat([valid, torch.ones(2, 9, dtype=torch.bool)], dim=1).long()
