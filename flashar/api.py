@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from flashar.attention import CPU_NATIVE
-from flashar.backbone import Backbone, decode_images
+from flashar.backbone import Backbone
+from flashar.card import decode_images
 from flashar.config import Config, RuntimeConfig, SamplingConfig, flag_of, validated  # noqa: F401 (validated: public here too)
 from flashar.batches import GenerateResult, generate_batches  # noqa: F401 (GenerateResult: public here too)
 from flashar.decoding import Method

@@ -30,7 +30,7 @@ HOMES = {  # name -> the module that defines it
     "load_json": "flashar.io",
     # the Backbone protocol (section 4)
     "Backbone": "flashar.backbone",
-    "BackendCard": "flashar.backbone",
+    "BackendCard": "flashar.card",
     "PublishedModules": "flashar.backbone",
     "Prefix": "flashar.backbone",
     "KVCache": "flashar.backbone",
@@ -45,7 +45,8 @@ __all__ = sorted(HOMES)
 
 if TYPE_CHECKING:  # what type checkers and editors see; tests/test_sdk.py keeps it equal to HOMES
     from flashar.attention import attention  # noqa: F401
-    from flashar.backbone import Backbone, BackendCard, KVCache, Prefix, PublishedModules, write_kv  # noqa: F401
+    from flashar.backbone import Backbone, KVCache, Prefix, PublishedModules, write_kv  # noqa: F401
+    from flashar.card import BackendCard  # noqa: F401
     from flashar.config import Config, RuntimeConfig, SamplingConfig  # noqa: F401
     from flashar.decoding import DecodeState, Generation, Method  # noqa: F401
     from flashar.errors import CheckpointError, FlashARError  # noqa: F401

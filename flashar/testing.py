@@ -39,7 +39,7 @@ Then run ``python -m pytest <your test file>``. Every check below runs on CPU in
   traces with ``fullgraph=True`` into one graph (``slow``: inductor); with CFG, a batch of conditions
   decodes as each condition alone (the baseline is the model's own sampler, whatever the padding);
 * every registered method decodes with the backend card hidden (``card_hidden``): methods read only the
-  compute members of :class:`~flashar.backbone.Backbone`, never its :class:`~flashar.backbone.BackendCard`;
+  compute members of :class:`~flashar.backbone.Backbone`, never its :class:`~flashar.card.BackendCard`;
 * the other methods on this backbone: FlashAR (a random head and gates) decodes greedily the argmax of its
   teacher-forced fused logits in H + W - 1 passes, ZipAR with a full-row window and greedy speculative
   Jacobi decoding give raster's tokens, ZipAR with a one-token window its pass count;
@@ -84,7 +84,8 @@ import pytest
 import torch
 
 from flashar import geometry
-from flashar.backbone import CARD_MEMBERS, Backbone
+from flashar.backbone import Backbone
+from flashar.card import CARD_MEMBERS
 from flashar.compilation import CompileCounter
 from flashar.config import SamplingConfig
 from flashar.decoding import key_mask, prefill
@@ -188,7 +189,7 @@ def raster_hidden(backbone: Backbone, codes: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def card_hidden(backbone: Backbone) -> Iterator[Backbone]:
-    """Within the block, reading any :class:`~flashar.backbone.BackendCard` member of ``backbone`` raises
+    """Within the block, reading any :class:`~flashar.card.BackendCard` member of ``backbone`` raises
     an AssertionError naming it: what a decoding method may not need."""
     base = type(backbone)
 

@@ -18,7 +18,8 @@ import torch
 
 from flashar import __version__
 from flashar.attention import CPU_AMX
-from flashar.backbone import Backbone, decode_images
+from flashar.backbone import Backbone
+from flashar.card import decode_images
 from flashar.compare.metrics import Extractor, quality, to_uint8
 from flashar.compare.timing import Timing, time_methods
 from flashar.compilation import cpuinfo
