@@ -11,7 +11,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -214,6 +214,35 @@ class Case:
     args: Callable[[World], list]
     words: tuple[str, ...]
     usage: bool = False  # a click usage error (exit code 2, usage line above the error)
+    setup: Callable[[Any, pytest.MonkeyPatch], None] | None = None  # (registry, monkeypatch) before the command
+
+
+def register_backend_needing_an_extra(registry, monkeypatch) -> None:
+    registry.backends["needs-extra"] = BackendSpec(id="needs-extra", description="test", options=NoOptions,
+                                                   load=lambda o, r: None, extra="fake",
+                                                   requires=("flashar_not_installed",))
+    registry.owners[("backend", "needs-extra")] = "test"
+
+
+def attention_path(name: str) -> Callable[[Any, pytest.MonkeyPatch], None]:
+    def setup(registry, monkeypatch) -> None:
+        from flashar import attention
+
+        monkeypatch.setattr(attention, "ATTENTION", name)
+
+    return setup
+
+
+def without_cuda(registry, monkeypatch) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+
+
+def without_peft(registry, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
 
 
 CASES = [
@@ -256,7 +285,8 @@ CASES = [
     Case("compare-unknown-method",
          lambda w: ["compare", "-b", "llamagen", *w.model, "--methods", "raster,nope", "--no-metrics"],
          ("unknown method 'nope'",)),
-    Case("missing-extra", missing_extra, ("needs flashar_not_installed", "pip install 'flashar[fake]'")),
+    Case("missing-extra", missing_extra, ("needs flashar_not_installed", "pip install 'flashar[fake]'"),
+         setup=register_backend_needing_an_extra),
     # config values
     Case("top-p-zero", lambda w: w.gen("--top-p", 0), ("top_p", "--top-p", "greater than 0")),
     Case("stage-option-names-its-flag", lambda w: w.adapt("--out", w.out, "--stage1-lr", -1),
@@ -298,9 +328,12 @@ CASES = [
          ("--save-tokens", ".npy")),
     Case("save-tokens-is-a-folder", lambda w: w.gen("--out", w.out, "--save-tokens", mkdir(w.root / "t.npy")),
          ("--save-tokens", "is a folder")),
-    Case("unknown-attention-path", lambda w: w.gen(), ("FLASHAR_ATTENTION='fast'", "auto, math, sdpa, flex")),
-    Case("flex-attention-compiled-on-cpu", lambda w: w.gen("--compile"), ("FLASHAR_ATTENTION=flex", "CUDA only")),
-    Case("device-cuda-without-cuda", lambda w: w.gen("--device", "cuda"), ("CUDA is not available", "--device cpu")),
+    Case("unknown-attention-path", lambda w: w.gen(), ("FLASHAR_ATTENTION='fast'", "auto, math, sdpa, flex"),
+         setup=attention_path("fast")),
+    Case("flex-attention-compiled-on-cpu", lambda w: w.gen("--compile"), ("FLASHAR_ATTENTION=flex", "CUDA only"),
+         setup=attention_path("flex")),
+    Case("device-cuda-without-cuda", lambda w: w.gen("--device", "cuda"), ("CUDA is not available", "--device cpu"),
+         setup=without_cuda),
     Case("unknown-device", lambda w: w.gen("--device", "tpu9"), ("unknown device 'tpu9'",)),
     # conditions and sizes
     Case("class-id-out-of-range", lambda w: w.gen("--classes", "99"), ("class id 99 is out of range", "[0, 10)")),
@@ -360,7 +393,7 @@ CASES = [
     Case("resume-with-other-config", lambda w: w.adapt("--out", finished_adapter_folder(w), "--resume"),
          ("different adaptation config", "same options")),
     Case("lora-without-peft", lambda w: w.adapt("--out", w.out, "--stage2-mode", "lora", "--stage2-steps", 1),
-         ("peft", "pip install 'flashar[lora]'")),
+         ("peft", "pip install 'flashar[lora]'"), setup=without_peft),
 ]
 
 
@@ -385,22 +418,8 @@ def snapshot(root: Path) -> set[Path]:
 
 
 def prepare(case: Case, world: World, registry, monkeypatch) -> list[str]:
-    if case.id == "missing-extra":
-        registry.backends["needs-extra"] = BackendSpec(id="needs-extra", description="test", options=NoOptions,
-                                                       load=lambda o, r: None, extra="fake",
-                                                       requires=("flashar_not_installed",))
-        registry.owners[("backend", "needs-extra")] = "test"
-    if case.id in ("unknown-attention-path", "flex-attention-compiled-on-cpu"):
-        from flashar import attention
-
-        monkeypatch.setattr(attention, "ATTENTION", "fast" if case.id == "unknown-attention-path" else "flex")
-    if case.id == "device-cuda-without-cuda" and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    if case.id == "lora-without-peft":
-        import importlib.util
-
-        real = importlib.util.find_spec
-        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    if case.setup is not None:
+        case.setup(registry, monkeypatch)
     return [str(a) for a in case.args(world)]
 
 
