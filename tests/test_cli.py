@@ -70,18 +70,6 @@ def test_a_dtype_this_cpu_emulates_gets_a_one_line_warning_and_the_run_goes_on(t
             assert warned == []
 
 
-def test_same_seed_same_tokens_other_seed_other_tokens(tmp_path, run):
-    options = write_llamagen(tmp_path / "model")
-    def tokens(seed, name):
-        path = tmp_path / name
-        result = run("generate", "-b", "llamagen", *cli_args(options), "--image-size", 8, "--classes", "1,2",
-                     "--top-k", 0, "--seed", seed, "--save-tokens", path, "--json")
-        assert result.exit_code == 0, result.output
-        return np.load(path)
-    assert np.array_equal(tokens(0, "a.npy"), tokens(0, "b.npy"))
-    assert not np.array_equal(tokens(0, "a.npy"), tokens(1, "c.npy"))
-
-
 def test_greedy_top_k_1_equals_temperature_0(tmp_path, run):
     options = write_llamagen(tmp_path / "model")
     grids = []
