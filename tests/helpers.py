@@ -251,3 +251,19 @@ def write_emu35_flashar(folder: Path, model_path: Path, num_blocks: int, branch_
                                                              "epoch": None, "save_reason": "final"}))
     (folder / "configuration.json").write_text(json.dumps({"framework": "pytorch", "task": "text-to-image"}))
     return folder
+
+
+def adapt_config(steps1: int = 3, steps2: int = 3, lr1: float = 3e-3, lr2: float = 1e-3, **overrides):
+    """A tiny two-stage adaptation for the trainer tests: distillation and one warm-up step in stage 1, one flat step
+    in stage 2, batches of 4 in two micro-batches, a checkpoint every 2 steps; ``overrides`` replace any field."""
+    from flashar.config import AdaptConfig, StageConfig
+
+    return AdaptConfig(**{"stage1": StageConfig(steps=steps1, lr=lr1, distill_weight=0.2, warmup_steps=1),
+                          "stage2": StageConfig(steps=steps2, lr=lr2, flat_steps=1), "batch_size": 4, "grad_accum": 2,
+                          "checkpoint_every": 2, **overrides})
+
+
+def steps_logged(out: Path) -> list[int]:
+    """The steps of an adaptation's training records (not the held-out evaluations or the coupling fit)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if "loss" in r]

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli_args, random_gpt, stripes, write_class_folder, write_llamagen
-from test_distributed import config, steps_logged
+from helpers import adapt_config, cli_args, random_gpt, steps_logged, stripes, write_class_folder, write_llamagen
 
 from flashar.adapt.trainer import Run, adapt
 from flashar.api import ensure_output
@@ -69,16 +68,16 @@ def test_leftovers_of_a_kill_are_never_picked_up(tmp_path):
     """A half-written checkpoint (staging folder), a metrics line cut mid-write and steps logged after the
     last checkpoint: --resume ignores the first, drops the others, and ends where an uninterrupted run ends."""
     full, cut = tmp_path / "full", tmp_path / "cut"
-    adapt(random_gpt(), Run(stripes(), config(keep_checkpoints=True), full))
+    adapt(random_gpt(), Run(stripes(), adapt_config(keep_checkpoints=True), full))
     # checkpoint at step 4, step 5 logged
-    adapt(random_gpt(), Run(stripes(), config(keep_checkpoints=True), cut, stop_after=5))
+    adapt(random_gpt(), Run(stripes(), adapt_config(keep_checkpoints=True), cut, stop_after=5))
     staging = cut / "checkpoints" / ".staging-x"
     staging.mkdir()
     (staging / "weights.safetensors").write_bytes(b"\x00" * 10)
     with open(cut / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "lo')  # killed mid-write
     ensure_output(cut, resume=True)
-    adapt(random_gpt(), Run(stripes(), config(), cut), resume=True)
+    adapt(random_gpt(), Run(stripes(), adapt_config(), cut), resume=True)
     assert_bitwise_same(full, cut)
     assert steps_logged(cut) == [1, 2, 3, 4, 5, 6]
     assert not staging.exists()
@@ -90,8 +89,8 @@ def test_a_folder_with_only_a_staging_checkpoint_is_a_fresh_start(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     ensure_output(tmp_path)
     with pytest.raises(FlashARError, match="holds no checkpoint"):
-        adapt(random_gpt(), Run(stripes(), config(), tmp_path), resume=True)
-    adapt(random_gpt(), Run(stripes(), config(), tmp_path))
+        adapt(random_gpt(), Run(stripes(), adapt_config(), tmp_path), resume=True)
+    adapt(random_gpt(), Run(stripes(), adapt_config(), tmp_path))
     assert steps_logged(tmp_path) == [1, 2, 3, 4, 5, 6]
 
 
@@ -99,15 +98,15 @@ def test_leftovers_of_a_kill_during_the_final_write_or_pruning_are_removed(tmp_p
     """A stray temporary file of the adapter's config, an old checkpoint half deleted (by a version that
     pruned in place) and one half pruned: the next run removes them all."""
     full, cut = tmp_path / "full", tmp_path / "cut"
-    adapt(random_gpt(), Run(stripes(), config(keep_checkpoints=True), full))
-    adapt(random_gpt(), Run(stripes(), config(keep_checkpoints=True), cut, stop_after=5))
+    adapt(random_gpt(), Run(stripes(), adapt_config(keep_checkpoints=True), full))
+    adapt(random_gpt(), Run(stripes(), adapt_config(keep_checkpoints=True), cut, stop_after=5))
     stray = cut / ".config.json.k1ll3d.tmp"
     stray.write_text("{")
     half_deleted = cut / "checkpoints" / "step-00000001"
     half_deleted.mkdir()
     (half_deleted / "state.json").write_text("{}")
     (cut / "checkpoints" / ".pruning-step-00000002").mkdir()
-    adapt(random_gpt(), Run(stripes(), config(keep_checkpoints=True), cut), resume=True)
+    adapt(random_gpt(), Run(stripes(), adapt_config(keep_checkpoints=True), cut), resume=True)
     assert_bitwise_same(full, cut)
     assert not stray.exists() and not half_deleted.exists()
     assert [p.name for p in (cut / "checkpoints").iterdir()] == sorted(p.name for p in (full / "checkpoints").iterdir())
@@ -125,10 +124,10 @@ def test_a_kill_while_pruning_never_leaves_a_half_checkpoint(tmp_path, monkeypat
         next(p for p in Path(path).iterdir()).unlink()  # one file gone, then the process dies
         raise Killed
 
-    adapt(random_gpt(), Run(stripes(), config(), tmp_path, stop_after=4))  # step-00000004 + one older
+    adapt(random_gpt(), Run(stripes(), adapt_config(), tmp_path, stop_after=4))  # step-00000004 + one older
     monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
     with pytest.raises(Killed):
-        adapt(random_gpt(), Run(stripes(), config(), tmp_path), resume=True)
+        adapt(random_gpt(), Run(stripes(), adapt_config(), tmp_path), resume=True)
     monkeypatch.setattr(checkpoint.shutil, "rmtree", shutil.rmtree)
     assert all(checkpoint.is_complete(p) for p in (tmp_path / "checkpoints").glob("step-*"))
 
@@ -139,7 +138,7 @@ def test_leftover_cleanup_keeps_the_best_weights_and_resume_ends_with_them(tmp_p
     resumed run ends with the uninterrupted run's adapter; the finished folder holds no checkpoints."""
     from flashar.adapt.checkpoint import remove_leftovers
 
-    cfg = config(val_fraction=0.25, eval_every=1, patience=2)
+    cfg = adapt_config(val_fraction=0.25, eval_every=1, patience=2)
     full, cut = tmp_path / "full", tmp_path / "cut"
     adapt(random_gpt(), Run(stripes(), cfg, full))
     adapt(random_gpt(), Run(stripes(), cfg, cut, stop_after=3))
@@ -158,7 +157,7 @@ def test_leftover_cleanup_keeps_the_best_weights_and_resume_ends_with_them(tmp_p
 
 def test_resume_with_other_held_out_data_is_refused_unless_forced(tmp_path):
     """The data fingerprint covers the held-out split too: its best weights and early stop depend on it."""
-    cfg = config(eval_every=1)
+    cfg = adapt_config(eval_every=1)
     adapt(random_gpt(), Run(stripes(), cfg, tmp_path, stop_after=2, val_data=stripes(4)))
     with pytest.raises(FlashARError, match="other data"):
         adapt(random_gpt(), Run(stripes(), cfg, tmp_path, val_data=stripes(5)), resume=True)

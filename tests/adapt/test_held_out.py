@@ -9,21 +9,19 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import random_gpt, stripes
+from helpers import adapt_config, random_gpt, stripes
 from PIL import Image
 
 from flashar.adapt.data import TokenData
 from flashar.adapt.trainer import Run, adapt
 from flashar.cli import cli
-from flashar.config import AdaptConfig, StageConfig
+from flashar.config import StageConfig
 from flashar.io import load_json, load_weights
 from flashar.teacher import flashar_logits, horizontal_distillation_kl, raster_logits
 
 
 def config(steps1=4, steps2=4, **kw):
-    return AdaptConfig(**{"stage1": StageConfig(steps=steps1, lr=3e-3, distill_weight=0.2, warmup_steps=1),
-                          "stage2": StageConfig(steps=steps2, lr=1e-3, flat_steps=1), "batch_size": 4, "grad_accum": 2,
-                          "checkpoint_every": 2, "val_fraction": 0.25, "eval_every": 3, **kw})
+    return adapt_config(steps1, steps2, **{"val_fraction": 0.25, "eval_every": 3, **kw})
 
 
 def records(out):

@@ -8,36 +8,31 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import cli_args, random_gpt, stripes, write_class_folder, write_llamagen
+from helpers import adapt_config, cli_args, random_gpt, stripes, write_class_folder, write_llamagen
 
 from flashar.adapt.trainer import Run, adapt, lr_factor
 from flashar.adapter import load_adapter
 from flashar.cli import cli
-from flashar.config import AdaptConfig, SamplingConfig, StageConfig
+from flashar.config import SamplingConfig, StageConfig
 from flashar.errors import FlashARError
 from flashar.io import load_weights
 from flashar.methods.flashar import FlashAR
 
 
-def config(steps1=3, steps2=3, **kw):
-    return AdaptConfig(stage1=StageConfig(steps=steps1, lr=3e-3, distill_weight=0.2, warmup_steps=1),
-                       stage2=StageConfig(steps=steps2, lr=1e-3, flat_steps=1), batch_size=4, grad_accum=2,
-                       checkpoint_every=2, **kw)
-
-
 def test_loss_falls_on_a_tiny_model(tmp_path):
     losses = []
     adapt(random_gpt(),
-        Run(stripes(), config(steps1=20, steps2=20), tmp_path, on_step=lambda r: "ce" in r and losses.append(r["ce"])))
+        Run(stripes(), adapt_config(steps1=20, steps2=20), tmp_path,
+            on_step=lambda r: "ce" in r and losses.append(r["ce"])))
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
 
 
 def test_interrupted_run_resumed_ends_with_the_same_adapter(tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    adapt(random_gpt(), Run(stripes(), config(), full))
-    assert adapt(random_gpt(), Run(stripes(), config(), cut, stop_after=5)) is None  # "killed" after step 5
+    adapt(random_gpt(), Run(stripes(), adapt_config(), full))
+    assert adapt(random_gpt(), Run(stripes(), adapt_config(), cut, stop_after=5)) is None  # "killed" after step 5
     assert not (cut / "model.safetensors").exists()
-    adapt(random_gpt(), Run(stripes(), config(), cut), resume=True)  # resumes from the step-4 checkpoint
+    adapt(random_gpt(), Run(stripes(), adapt_config(), cut), resume=True)  # resumes from the step-4 checkpoint
     a, b = load_weights(full / "model.safetensors"), load_weights(cut / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -47,7 +42,7 @@ def test_interrupted_run_resumed_ends_with_the_same_adapter(tmp_path):
 def test_stage_one_trains_only_the_flashar_parts(tmp_path):
     backbone = random_gpt()
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    adapter = adapt(backbone, Run(stripes(), config(steps2=0), tmp_path))
+    adapter = adapt(backbone, Run(stripes(), adapt_config(steps2=0), tmp_path))
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
     assert adapter.metadata.backbone_weights == "none"
     assert not any(k.startswith("backbone.") for k in load_weights(tmp_path / "model.safetensors"))
@@ -55,7 +50,7 @@ def test_stage_one_trains_only_the_flashar_parts(tmp_path):
 
 def test_stage_two_changes_the_backbone_and_the_adapter_carries_it(tmp_path):
     backbone = random_gpt()
-    adapt(backbone, Run(stripes(), config(), tmp_path))
+    adapt(backbone, Run(stripes(), adapt_config(), tmp_path))
     loaded = load_adapter(tmp_path, random_gpt())
     assert loaded.metadata.backbone_weights == "full"
     assert torch.equal(loaded.backbone.output.weight, backbone.output.weight)
@@ -65,7 +60,7 @@ def test_stage_two_changes_the_backbone_and_the_adapter_carries_it(tmp_path):
 def test_lora_stage_two_merges_on_load(tmp_path):
     pytest.importorskip("peft")
     backbone = random_gpt()
-    adapter = adapt(backbone, Run(stripes(), config(stage2_mode="lora", lora_rank=2), tmp_path))
+    adapter = adapt(backbone, Run(stripes(), adapt_config(stage2_mode="lora", lora_rank=2), tmp_path))
     keys = load_weights(tmp_path / "model.safetensors").keys()
     assert any(k.startswith("lora.") for k in keys) and not any(k.startswith("backbone.") for k in keys)
     loaded = load_adapter(tmp_path, random_gpt())
@@ -78,15 +73,15 @@ def test_lora_stage_two_merges_on_load(tmp_path):
 
 
 def test_adapter_from_another_backbone_is_refused(tmp_path):
-    adapt(random_gpt(), Run(stripes(), config(steps2=0), tmp_path))
+    adapt(random_gpt(), Run(stripes(), adapt_config(steps2=0), tmp_path))
     with pytest.raises(FlashARError, match="made for another backbone"):
         load_adapter(tmp_path, random_gpt(seed=3))
 
 
 def test_resuming_with_another_backbone_is_refused(tmp_path):
-    adapt(random_gpt(), Run(stripes(), config(), tmp_path, stop_after=2))
+    adapt(random_gpt(), Run(stripes(), adapt_config(), tmp_path, stop_after=2))
     with pytest.raises(FlashARError, match="while adapting another backbone"):
-        adapt(random_gpt(seed=3), Run(stripes(), config(), tmp_path), resume=True)
+        adapt(random_gpt(seed=3), Run(stripes(), adapt_config(), tmp_path), resume=True)
 
 
 def test_schedule_warms_up_holds_and_decays():
@@ -184,7 +179,7 @@ def test_context_noise_feeds_random_codes_and_skips_them_in_the_loss(tmp_path):
 
 
 def test_context_noise_run_resumes_to_the_same_adapter(tmp_path):
-    noisy = lambda: config().model_copy(
+    noisy = lambda: adapt_config().model_copy(
         update={"stage2": StageConfig(steps=3, lr=1e-3, flat_steps=1, context_noise=0.2)})
     adapt(random_gpt(), Run(stripes(), noisy(), tmp_path / "full"))
     assert adapt(random_gpt(), Run(stripes(), noisy(), tmp_path / "cut", stop_after=5)) is None
@@ -192,7 +187,7 @@ def test_context_noise_run_resumes_to_the_same_adapter(tmp_path):
     a, b = load_weights(tmp_path / "full" / "model.safetensors"), load_weights(tmp_path / "cut" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     clean = tmp_path / "clean"
-    adapt(random_gpt(), Run(stripes(), config(), clean))
+    adapt(random_gpt(), Run(stripes(), adapt_config(), clean))
     c = load_weights(clean / "model.safetensors")
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the noise changed what stage 2 learned
 
