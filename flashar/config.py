@@ -70,8 +70,7 @@ class RuntimeConfig(Config):
         "default",
         description="With --compile: max-autotune also benchmarks every matmul shape of the step at the first compile "
         "(on CPU inductor's C++ GEMM templates on the frozen weights vs oneDNN; on CUDA Triton templates) and keeps "
-        "the fastest: "
-        "a longer first compile (cached), faster steps.",
+        "the fastest: a longer first compile (cached), faster steps.",
     )
     seed: Seed = Field(0, description="Seed of the torch.Generator that drives sampling.")
 
@@ -120,8 +119,7 @@ class BranchConfig(Config):
     gate: Literal["hidden", "logits", "scalar", "fixed"] = Field(
         "hidden",
         description="Fusion gate: per-position MLP on [left final hidden; upper vertical hidden] (the released "
-                    "Emu3.5 gate), "
-        "per-position MLP on the detached logit pair, one learned scalar, or a fixed 0.5 average.",
+        "Emu3.5 gate), per-position MLP on the detached logit pair, one learned scalar, or a fixed 0.5 average.",
     )
     gate_hidden: int | None = Field(
         None, gt=0, description="Gate MLP width; default max(64, d/8) for 'hidden', max(32, V/512) for 'logits'.")
