@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from flashar.attention import attention  # noqa: F401 (backends call it as flashar.backbone.attention)
 from flashar.card import BackendCard
+from flashar.compilation import mark_static
 from flashar.errors import FlashARError
 
 
@@ -67,9 +68,7 @@ class KVCache:
         shape = (batch, num_kv_heads, length, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]  # L x (B, H_kv, S, hd)
         self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
-        for buffer in self.k + self.v:
-            if buffer.device.type == "cuda":
-                torch._dynamo.mark_static_address(buffer)
+        mark_static(*self.k, *self.v)
 
     @property
     def length(self) -> int:

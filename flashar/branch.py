@@ -23,6 +23,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from flashar import geometry
 from flashar.backbone import Backbone, KVCache, copy_module
 from flashar.config import BranchConfig
 
@@ -32,8 +33,7 @@ INTERIOR, FIRST_ROW, FIRST_COL, CORNER = 0, 1, 2, 3
 
 def cell_kinds(height: int, width: int) -> Tensor:
     """The kind of every cell in raster order, (H*W,) int64."""
-    rows = torch.arange(height).repeat_interleave(width)
-    cols = torch.arange(width).repeat(height)
+    rows, cols = geometry.raster_cells(height, width).unbind(1)
     kind = torch.full((height * width,), INTERIOR)
     kind[(rows == 0) & (cols > 0)] = FIRST_ROW
     kind[(cols == 0) & (rows > 0)] = FIRST_COL

@@ -5,8 +5,8 @@ On CUDA the mode is ``reduce-overhead`` (CUDA graphs). Tests pass ``backend="eag
 without inductor. ``mode="max-autotune"`` also autotunes every matmul shape at the first compile: on CPU
 against inductor's C++ GEMM templates (AMX / AVX-512 micro-kernels on the frozen weights), on CUDA
 against Triton templates (still with CUDA graphs). A method whose per-step work varies in size (FlashAR's
-diagonals) may mark that one dimension dynamic off CUDA (:func:`mark_dynamic_length`): still one graph,
-without padded compute. Off Intel CPUs, frozen fp32 linears are packed for oneDNN rather than MKL
+diagonals) may mark that one dimension dynamic off CUDA (``flashar.shapes``): still one graph, without padded
+compute. Off Intel CPUs, frozen fp32 linears are packed for oneDNN rather than MKL
 (:func:`onednn_fp32_linears`).
 """
 
@@ -156,23 +156,10 @@ class CompileCounter:
 
 
 def mark_static(*tensors: torch.Tensor) -> None:
-    """Mark decode-state tensors (tables the compiled step reads, buffers it mutates or the loop refills) as
-    static addresses: CUDA graphs then read and replay into them in place instead of copying them in (or
-    skipping the graph). They must outlive the graph: methods keep their states across generations. A no-op
-    off CUDA."""
+    """Mark tensors that outlive a compiled step (a decode state's tables, the buffers it mutates or the loop
+    refills, KV caches) as static addresses: CUDA graphs then read and replay into them in place instead of
+    copying them in (or skipping the graph). They must outlive the graph: methods keep their states across
+    generations. A no-op off CUDA."""
     for tensor in tensors:
         if tensor.device.type == "cuda":
             torch._dynamo.mark_static_address(tensor)
-
-
-def mark_dynamic_length(tensors, dim: int, longest: int, shortest: int = 2, hint: int | None = None) -> None:
-    """Let ``dim`` of these tensors take any size in [shortest, longest] within one compiled graph, off CUDA.
-
-    CUDA graphs need static shapes, so there (and for sizes below 2, which dynamo specialises) the caller
-    pads instead. Tensors are index tables a step receives; everything sized from them follows (a size
-    derived from them must not reach 1 either: ``shortest`` says how far the caller keeps it away). ``hint`` is
-    the size inductor optimises for (autotuning included) instead of the first call's."""
-    shortest = max(shortest, 2)
-    for tensor in tensors:
-        if tensor.device.type != "cuda" and shortest <= tensor.shape[dim] <= longest and longest > shortest:
-            torch._dynamo.mark_dynamic(tensor, dim, min=shortest, max=longest, hint_override=hint)

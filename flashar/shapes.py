@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 
 from flashar.attention import attention_setting
-from flashar.compilation import mark_dynamic_length
 from flashar.errors import FlashARError
 
 
@@ -48,8 +47,15 @@ class Shapes:
         return shapes
 
     def mark_dynamic(self, tensors: Iterable[Tensor], dim: int, longest: int, shortest: int = 2) -> None:
-        """Let ``dim`` take any size in [shortest, longest] within the one compiled graph (off CUDA)."""
-        mark_dynamic_length(tensors, dim, longest, shortest, hint=longest if self.autotuned else None)
+        """Let ``dim`` of these tensors (index tables a step receives; everything sized from them follows) take any
+        size in [shortest, longest] within the one compiled graph, off CUDA; CUDA graphs need static shapes, so
+        there (and for sizes below 2, which dynamo specialises) the caller pads instead. Max-autotune optimises
+        for the longest size rather than the first call's."""
+        shortest = max(shortest, 2)
+        for tensor in tensors:
+            if tensor.device.type != "cuda" and shortest <= tensor.shape[dim] <= longest and longest > shortest:
+                torch._dynamo.mark_dynamic(tensor, dim, min=shortest, max=longest,
+                                           hint_override=longest if self.autotuned else None)
 
     def window(self, keys: Tensor, length: int, bounds: tuple[int, int]) -> Tensor:
         """The first ``length`` entries of a per-slot table (S,), or all S under CUDA graphs (masked);
