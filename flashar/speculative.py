@@ -3,7 +3,7 @@
 The native raster sequence has M entries (H*W cells, plus the row-end slots of backbones that have a
 ``row_end_token``, which are forced and always accepted). Entries ``[0, n)`` are committed; a window of L
 draft tokens covers entries ``[n, n + L)``, each with the distribution q it was drawn from (one-hot for
-initialised drafts, the model's processed p for Jacobi-updated ones). One iteration (:func:`step`):
+initialised drafts, the model's processed p for Jacobi-updated ones). One iteration (:meth:`SpeculativeMethod._step`):
 
 1. feed ``[entry n-1, drafts n .. n+L-1]`` (T = L + 1 tokens) under the raster-causal mask, giving the
    processed distribution p (CFG, temperature, top-k/top-p) for entries ``n .. n+L``;
@@ -29,17 +29,16 @@ that length is the dynamic dimension of the one compiled graph, ``flashar.shapes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from flashar.backbone import Backbone, Prefix
+from flashar.backbone import Prefix
 from flashar.config import Config, SamplingConfig
-from flashar.decoding import (Generation, Method, SequenceState, causal_chunk, commit, guided, image_key_valid, prefill,
-                              sequence_codes, sequence_fields)
-from flashar.shapes import Shapes
+from flashar.decoding import (Generation, Method, SequenceState, causal_chunk, commit, guided, image_key_valid,
+                              sequence_codes, sequence_fields, start_sequence)
 from flashar.sampling import draw, new_uniform, processed_probs, refill_uniform
 
 
@@ -73,33 +72,6 @@ class SpeculativeState(SequenceState):  # the sequence padded by 2L entries that
         return self.draft_probs.shape[1]
 
 
-def build(backbone: Backbone, shapes: Shapes, prefix: Prefix, batch: int, grid: tuple[int, int],
-          sampling: SamplingConfig, draft_length: int, draft_init: str, coupled: bool) -> SpeculativeState:
-    """Allocate every buffer of a speculative generation (cache, window, randomness)."""
-    length, device = draft_length, backbone.device
-    # the window and the next one may run past the last entry
-    cells, sequence = sequence_fields(backbone, prefix, grid, batch, pad=2 * length)
-    num_entries = sequence["num_entries"]
-    cache = backbone.new_cache(prefix.batch_size, prefix.length + num_entries + length)
-    entry = torch.arange(num_entries + 2 * length, device=device)
-    # a window reads the slots before P + n + L, for n committed entries, 1 <= n < M
-    plan = shapes.plan(None, torch.arange(cache.length, device=device),
-                       [prefix.length + length + 1, prefix.length + length + num_entries - 1])
-    state = SpeculativeState(
-        prefix=prefix, grid=grid, sampling=sampling, cache=cache, key_valid=image_key_valid(prefix, cache.length),
-        plan=plan, **sequence, draft_init=draft_init, coupled=coupled,
-        auto_accept=(sequence["forced"] >= 0) | (entry >= num_entries),
-        row_start=_row_starts(cells, len(entry)).to(device),
-        offsets=torch.arange(length + 1, device=device),
-        draft_probs=torch.zeros(batch, length, backbone.codebook_size, device=device),
-        accepted=torch.zeros((), dtype=torch.long, device=device),
-        uniform=torch.zeros(batch, length, device=device),
-        init_codes=torch.zeros(batch, length, dtype=torch.long, device=device),
-        draw_uniform=new_uniform((batch, length + 1), device),  # zeros when greedy: draws of one-hot p are its argmax
-    )
-    return state
-
-
 def _row_starts(cells: Tensor, padded: int) -> Tensor:
     """(padded,) index of the first entry of every entry's row; padding past the sequence points to itself."""
     starts = torch.arange(padded)
@@ -113,38 +85,6 @@ def token_mass(state: SpeculativeState, logits: Tensor, probs: Tensor, draft_pro
                codes: Tensor) -> tuple[Tensor, Tensor]:
     """SJD's rule (§4.1 step 2): p(x_i) and q(x_i) for draft codes (B, L) -> two (B, L) tensors."""
     return probs.gather(-1, codes[..., None])[..., 0], draft_probs.gather(-1, codes[..., None])[..., 0]
-
-
-def window_logits(backbone: Backbone, state: SpeculativeState, entries: Tensor, keys: Tensor) -> Tensor:
-    """Feed entries (T,) in one causal chunk (both CFG halves see the same drafts, C7) -> guided logits
-    (B, T, V) predicting entries + 1. ``keys`` (S',) are the cache slots attention reads, at least up to
-    the window's last slot."""
-    h = causal_chunk(backbone, state, entries, keys)
-    return guided(backbone.logits(h), state.sampling, backbone.native_cfg, entries=entries + 1)
-
-
-def step(backbone: Backbone, state: SpeculativeState, rule: Callable, keys: Tensor) -> None:
-    """One speculative Jacobi iteration (module docstring, steps 1-4); static shapes, no host sync."""
-    vocab = backbone.codebook_size
-    entries = state.accepted - 1 + state.offsets  # (T,) last committed entry, then the L drafts
-    logits = window_logits(backbone, state, entries, keys)  # (B, T, V)
-    probs = processed_probs(logits, state.sampling)  # (B, T, V) the target p of entries n .. n+L
-    drafts = (state.tokens.index_select(1, entries[1:]) - backbone.code_offset).clamp(0, vocab - 1)  # (B, L)
-    p_mass, q_mass = rule(state, logits[:, :-1], probs[:, :-1], state.draft_probs, drafts)
-    accept = (state.uniform * q_mass < p_mass) | state.auto_accept.index_select(0, entries[1:])  # (B, L)
-    num_accepted = accept.long().cumprod(1).sum(1).min()  # 0-d a, the batch minimum (official SJD)
-    codes = jacobi_update(state, probs, drafts, accept, num_accepted)  # (B, T) entries n .. n+L
-    first_new = state.accepted + state.draft_length + 1  # entries past the window need initial drafts
-    init = initial_drafts(state, first_new, codes[:, -1])  # (B, L) entries n+L+1 .. n+2L
-    commit(backbone, state, state.accepted + torch.arange(2 * state.draft_length + 1, device=codes.device),
-           torch.cat([codes, init], dim=1))
-    source = num_accepted + 1 + state.offsets[:-1]  # (L,) next window j <- this window position a+1+j
-    from_probs = (source <= state.draft_length)[None, :, None]
-    one_hot = torch.zeros_like(state.draft_probs).scatter_(-1, init[..., None], 1.0)
-    shifted_init = one_hot.index_select(1, (source - state.draft_length - 1).clamp(min=0))
-    state.draft_probs.copy_(
-        torch.where(from_probs, probs.index_select(1, source.clamp(max=state.draft_length)), shifted_init))
-    state.accepted.add_(num_accepted + 1)
 
 
 def jacobi_update(
@@ -177,30 +117,43 @@ def initial_drafts(state: SpeculativeState, first: Tensor, left: Tensor) -> Tens
     return torch.where((row_start < first)[None, :], left[:, None], state.init_codes.index_select(1, own_start))
 
 
-def start(backbone: Backbone, state: SpeculativeState, h: Tensor) -> None:
-    """Commit entry 0 from the prefill state h (B', D) and fill the first window with initial drafts."""
-    logits = guided(backbone.logits(h), state.sampling, backbone.native_cfg)  # (B, V)
-    first = draw(processed_probs(logits, state.sampling), state.draw_uniform[:, 0])  # (B,)
-    one = torch.ones((), dtype=torch.long, device=first.device)
-    init = initial_drafts(state, one, first)  # (B, L) entries 1 .. L
-    commit(backbone, state, torch.arange(state.draft_length + 1, device=first.device),
-           torch.cat([first[:, None], init], 1))
-    state.draft_probs.zero_().scatter_(-1, init[..., None], 1.0)
-    state.accepted.fill_(1)
-
-
 class SpeculativeMethod(Method[SpeculativeState]):
-    """A method on this loop: a subclass gives ``build`` and its verification rule ``_rule`` (see :func:`step`)."""
+    """A method on this loop: a subclass gives its verification rule ``_rule`` (see :meth:`_step`)."""
 
     options: SpeculativeOptions
+
+    @property
+    def coupled(self) -> bool:
+        """Whether the Jacobi update keeps drafts under the SCD maximal coupling (SJD's ``coupling`` option)."""
+        return False
 
     def _rule(self, state: SpeculativeState, logits: Tensor, probs: Tensor, draft_probs: Tensor,
               codes: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def _step(self, state: SpeculativeState, keys: Tensor) -> None:
-        """Verify the window with ``_rule``, commit, Jacobi-update the rest (static shapes, no host sync)."""
-        step(self.backbone, state, self._rule, keys)
+    def build(self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig) -> SpeculativeState:
+        """Allocate every buffer of a speculative generation (cache, window, randomness)."""
+        bb, length, device = self.backbone, self.options.draft_length, self.backbone.device
+        # the window and the next one may run past the last entry
+        cells, sequence = sequence_fields(bb, prefix, grid, batch, pad=2 * length)
+        num_entries = sequence["num_entries"]
+        cache = bb.new_cache(prefix.batch_size, prefix.length + num_entries + length)
+        entry = torch.arange(num_entries + 2 * length, device=device)
+        # a window reads the slots before P + n + L, for n committed entries, 1 <= n < M
+        plan = self.shapes.plan(None, torch.arange(cache.length, device=device),
+                                [prefix.length + length + 1, prefix.length + length + num_entries - 1])
+        return SpeculativeState(
+            prefix=prefix, grid=grid, sampling=sampling, cache=cache, key_valid=image_key_valid(prefix, cache.length),
+            plan=plan, **sequence, draft_init=self.options.draft_init, coupled=self.coupled,
+            auto_accept=(sequence["forced"] >= 0) | (entry >= num_entries),
+            row_start=_row_starts(cells, len(entry)).to(device),
+            offsets=torch.arange(length + 1, device=device),
+            draft_probs=torch.zeros(batch, length, bb.codebook_size, device=device),
+            accepted=torch.zeros((), dtype=torch.long, device=device),
+            uniform=torch.zeros(batch, length, device=device),
+            init_codes=torch.zeros(batch, length, dtype=torch.long, device=device),
+            draw_uniform=new_uniform((batch, length + 1), device),  # zeros when greedy: one-hot p draws its argmax
+        )
 
     def reset(self, state: SpeculativeState) -> None:
         state.tokens.fill_(self.backbone.code_offset)
@@ -215,8 +168,40 @@ class SpeculativeMethod(Method[SpeculativeState]):
         refill_uniform(state.draw_uniform, state.sampling, generator)
 
     def start(self, state: SpeculativeState) -> None:
-        h, _ = prefill(self.backbone, state.prefix, state.cache)
-        start(self.backbone, state, h)
+        """Prefill and commit entry 0, then fill the first window with initial drafts."""
+        bb = self.backbone
+        start_sequence(bb, state, state.draw_uniform[:, 0])
+        one = torch.ones((), dtype=torch.long, device=bb.device)
+        init = initial_drafts(state, one, state.tokens[:, 0] - bb.code_offset)  # (B, L) entries 1 .. L
+        commit(bb, state, one + state.offsets[:-1], init)
+        state.draft_probs.zero_().scatter_(-1, init[..., None], 1.0)
+        state.accepted.fill_(1)
+
+    def _step(self, state: SpeculativeState, keys: Tensor) -> None:
+        """One speculative Jacobi iteration (module docstring, steps 1-4); static shapes, no host sync.
+
+        ``keys`` (S',) are the cache slots attention reads, at least up to the window's last slot."""
+        bb, vocab = self.backbone, self.backbone.codebook_size
+        entries = state.accepted - 1 + state.offsets  # (T,) last committed entry, then the L drafts
+        h = causal_chunk(bb, state, entries, keys)  # both CFG halves see the same drafts (C7)
+        logits = guided(bb.logits(h), state.sampling, bb.native_cfg, entries=entries + 1)  # (B, T, V)
+        probs = processed_probs(logits, state.sampling)  # (B, T, V) the target p of entries n .. n+L
+        drafts = (state.tokens.index_select(1, entries[1:]) - bb.code_offset).clamp(0, vocab - 1)  # (B, L)
+        p_mass, q_mass = self._rule(state, logits[:, :-1], probs[:, :-1], state.draft_probs, drafts)
+        accept = (state.uniform * q_mass < p_mass) | state.auto_accept.index_select(0, entries[1:])  # (B, L)
+        num_accepted = accept.long().cumprod(1).sum(1).min()  # 0-d a, the batch minimum (official SJD)
+        codes = jacobi_update(state, probs, drafts, accept, num_accepted)  # (B, T) entries n .. n+L
+        first_new = state.accepted + state.draft_length + 1  # entries past the window need initial drafts
+        init = initial_drafts(state, first_new, codes[:, -1])  # (B, L) entries n+L+1 .. n+2L
+        commit(bb, state, state.accepted + torch.arange(2 * state.draft_length + 1, device=codes.device),
+               torch.cat([codes, init], dim=1))
+        source = num_accepted + 1 + state.offsets[:-1]  # (L,) next window j <- this window position a+1+j
+        from_probs = (source <= state.draft_length)[None, :, None]
+        one_hot = torch.zeros_like(state.draft_probs).scatter_(-1, init[..., None], 1.0)
+        shifted_init = one_hot.index_select(1, (source - state.draft_length - 1).clamp(min=0))
+        state.draft_probs.copy_(
+            torch.where(from_probs, probs.index_select(1, source.clamp(max=state.draft_length)), shifted_init))
+        state.accepted.add_(num_accepted + 1)
 
     def steps(self, state: SpeculativeState):
         """Steps until every entry is committed: the window grows with the count read back after each."""

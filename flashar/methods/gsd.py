@@ -94,9 +94,7 @@ class GSD(speculative.SpeculativeMethod):
 
     def build(self, prefix: Prefix, batch: int, grid: tuple[int, int],
               sampling: SamplingConfig) -> speculative.SpeculativeState:
-        bb, opts = self.backbone, self.options
-        state = speculative.build(bb, self.shapes, prefix, batch, grid, sampling, opts.draft_length, opts.draft_init,
-                                  coupled=False)
+        bb, state = self.backbone, super().build(prefix, batch, grid, sampling)
         codes = torch.arange(bb.codebook_size, device=bb.device)
         with torch.no_grad():
             state.embeddings = bb.embed(bb.code_ids(codes)[None])[0]  # (V, D) image codes only

@@ -23,8 +23,6 @@ from typing import Literal
 from pydantic import Field
 
 from flashar import speculative
-from flashar.backbone import Prefix
-from flashar.config import SamplingConfig
 from flashar.hookspecs import hookimpl
 
 
@@ -45,11 +43,9 @@ class SJD(speculative.SpeculativeMethod):
     Options = SJDOptions
     options: SJDOptions
 
-    def build(self, prefix: Prefix, batch: int, grid: tuple[int, int],
-              sampling: SamplingConfig) -> speculative.SpeculativeState:
-        opts = self.options
-        return speculative.build(self.backbone, self.shapes, prefix, batch, grid, sampling, opts.draft_length,
-                                 opts.draft_init, coupled=opts.coupling == "maximal")
+    @property
+    def coupled(self) -> bool:
+        return self.options.coupling == "maximal"
 
     _rule = staticmethod(speculative.token_mass)
 
