@@ -1,9 +1,11 @@
-"""Decoding machinery every method shares, written against the Backbone protocol only.
+"""The decode engine every method shares, written against the Backbone protocol only.
 
-* :class:`Method` is the base of every registered decoding method: ``id``, a pydantic ``Options``, a
-  ``generate`` that returns a :class:`Generation`, and compiling as an explicit constructor option.
-* :func:`prefill` runs the prefix once into a static cache and returns the hidden states that predict
-  cell (0, 0); :func:`key_mask` builds the boolean (B, 1, T, S) masks used over a static cache.
+* :class:`Method`: the base of every registered method (``id``, a pydantic ``Options``, compiling as a
+  constructor option) and the engine: a state per set of shapes, kept and reset in place, and the one loop
+  (:meth:`Method.decode`) that drives a method's ``start`` and compiled ``_step`` over its plan.
+* :func:`prefill` runs the prefix into a static cache; :func:`feed` runs one chunk of tokens over it under the
+  boolean (B, 1, T, S) masks of :func:`key_mask`; :func:`guided` applies CFG.
+* The native raster sequence that raster, SJD, GSD and ZipAR decode (:class:`TokenState` and its helpers).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from collections import OrderedDict
-from typing import Any, Callable, ClassVar, Generic, Iterator, Protocol, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Generic, Iterator, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -135,35 +137,32 @@ class Method(ABC, Generic[State]):
         refill_uniform(state.uniform[:draws] if draws else state.uniform, state.sampling, generator)
 
     # --- the engine ---------------------------------------------------------------------------------
-    def setup(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> State:
-        """A fresh state for these conditions."""
-        height, width = grid
-        state = self._allocate(self.prefix(conditions, grid, sampling), len(conditions), (height, width), sampling)
-        self.reset(state)
-        return state
-
-    def _allocate(self, prefix: Prefix, batch: int, grid: tuple[int, int], sampling: SamplingConfig) -> State:
-        """``build``, then every tensor of the state marked as a static address: the state is kept across
-        generations, so a CUDA graph reads its tables and mutates its buffers in place, with no input copies."""
-        state = self.build(prefix, batch, grid, sampling)
+    def setup(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig,
+              prefix: Prefix | None = None) -> State:
+        """A fresh state for these conditions: ``build``, then every tensor of the state marked as a static
+        address (the state is kept across generations, so a CUDA graph reads its tables and mutates its
+        buffers in place, with no input copies), then ``reset``."""
+        prefix = prefix if prefix is not None else self.prefix(conditions, grid, sampling)
+        state = self.build(prefix, len(conditions), (grid[0], grid[1]), sampling)
         mark_static(*state_tensors(state))
+        self.reset(state)
         return state
 
     def state_for(self, conditions: Sequence[Any], grid: tuple[int, int], sampling: SamplingConfig) -> State:
         """The kept state for these shapes, reset in place, or a new one (least recently used is dropped)."""
-        prefix, (height, width) = self.prefix(conditions, grid, sampling), grid
-        key = (self.options, sampling, len(conditions), (height, width), tuple(prefix.embeds.shape),
+        prefix = self.prefix(conditions, grid, sampling)
+        key = (self.options, sampling, len(conditions), tuple(grid), tuple(prefix.embeds.shape),
                tuple(prefix.positions.shape), bool(prefix.valid.all()))
         state = self._states.pop(key, None)
         if state is None:
-            state = self._allocate(prefix, len(conditions), (height, width), sampling)
+            state = self.setup(conditions, grid, sampling, prefix)
         else:
             state.prefix = prefix
             state.key_valid.copy_(image_key_valid(prefix, state.key_valid.shape[1]))
             for value in vars(state).values():
                 if isinstance(value, KVCache):
                     value.reset()
-        self.reset(state)
+            self.reset(state)
         self._states[key] = state
         while len(self._states) > self.MAX_STATES:
             self._states.popitem(last=False)
@@ -217,14 +216,11 @@ def prefill(backbone: Backbone, prefix: Prefix, cache: KVCache, tap: int | None 
     Returns the final-normed hidden state (B, D) and the tapped hidden state (B, D) at each row's last
     valid prefix position, the states that predict cell (0, 0).
     """
-    length, device = prefix.length, prefix.embeds.device
-    slots = torch.arange(length, device=device)
-    key_ok = torch.zeros(length, cache.length, dtype=torch.bool, device=device)
-    key_ok[:, :length] = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    key_valid = torch.ones(prefix.batch_size, cache.length, dtype=torch.bool, device=device)
-    key_valid[:, :length] = prefix.valid
-    mask = key_mask(key_valid, key_ok)[..., :length]  # attention reads the prefix slots only
-    mask[:, 0, slots, slots] = True  # a padded position attends to itself, so no row is empty
+    device = prefix.embeds.device
+    slots = torch.arange(prefix.length, device=device)
+    # the training mask over the prefix alone (causal over valid positions, a padded one sees itself): attention
+    # reads the prefix slots only
+    mask = geometry.sequence_mask(prefix.valid, torch.zeros(0, 0, dtype=torch.bool))
     h, h_tap = backbone(prefix.embeds, prefix.positions, mask, cache, slots, tap=tap)
     rows = torch.arange(prefix.batch_size, device=device)
     return h[rows, prefix.last], (None if h_tap is None else h_tap[rows, prefix.last])
@@ -266,15 +262,21 @@ def feed(backbone: Backbone, state: DecodeState, ids: Tensor, positions: Tensor,
 
 # --- the native raster sequence (raster, SJD and GSD, ZipAR) ------------------------------------------------
 @dataclass
-class SequenceState(DecodeState):
-    """A state over the backbone's own raster sequence: M entries, the cells, plus a forced row-end entry after
-    every row but the last on backbones that have a ``row_end_token`` (Emu3.5's EOL); entry j at slot P + j."""
+class TokenState(DecodeState):
+    """A state over the token ids of the backbone's own raster sequence: M entries, the cells, plus a forced
+    row-end entry after every row but the last on backbones that have a ``row_end_token`` (Emu3.5's EOL)."""
 
     num_entries: int  # M
-    positions: Tensor  # (M + pad, ...) native position of every entry (padding repeats the last cell's)
-    slots: Tensor  # (M + pad,) cache slot of every entry, P + j
     forced: Tensor  # (M + pad,) token id forced at entry j (row ends), -1 where sampled
     tokens: Tensor  # (B, M + pad) token ids
+
+
+@dataclass
+class SequenceState(TokenState):
+    """Entries fed in sequence order: entry j at cache slot P + j (raster, SJD and GSD)."""
+
+    positions: Tensor  # (M + pad, ...) native position of every entry (padding repeats the last cell's)
+    slots: Tensor  # (M + pad,) cache slot of every entry, P + j
 
 
 def native_sequence(backbone: Backbone, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -307,33 +309,21 @@ def causal_chunk(backbone: Backbone, state: SequenceState, entries: Tensor, keys
                 keys[None, :] <= slots[:, None], slots)[0]
 
 
-class Entries(Protocol):
-    """A state over the native sequence's token ids: :class:`SequenceState`, or ZipAR's, whose tables differ."""
-
-    prefix: Prefix
-    grid: tuple[int, int]
-    sampling: SamplingConfig
-    cache: KVCache
-    num_entries: int  # M
-    forced: Tensor  # (M + pad,) token id forced at entry j (row ends), -1 where sampled
-    tokens: Tensor  # (B, M + pad) token ids
-
-
-def commit(backbone: Backbone, state: Entries, entries: Tensor, codes: Tensor) -> None:
+def commit(backbone: Backbone, state: TokenState, entries: Tensor, codes: Tensor) -> None:
     """Store codes (B, T) at the entries (T,) of ``state.tokens`` as token ids, the token ``state.forced`` holds
     (a row end) where an entry has one."""
     forced = state.forced.index_select(0, entries)[None, :]
     state.tokens.index_copy_(1, entries, torch.where(forced >= 0, forced, backbone.code_ids(codes)))
 
 
-def start_sequence(backbone: Backbone, state: Entries, uniform: Tensor) -> None:
+def start_sequence(backbone: Backbone, state: TokenState, uniform: Tensor) -> None:
     """Prefill, then sample entry 0 (cell (0, 0)) with the uniforms (B,)."""
     h, _ = prefill(backbone, state.prefix, state.cache)
     code = sample(guided(backbone.logits(h), state.sampling, backbone.native_cfg), uniform, state.sampling)
     state.tokens[:, 0] = backbone.code_ids(code)
 
 
-def sequence_codes(backbone: Backbone, state: Entries) -> Tensor:
+def sequence_codes(backbone: Backbone, state: TokenState) -> Tensor:
     """The grid (B, H, W) of codes on CPU, read from the sequence's sampled entries."""
     forced, tokens = state.forced[: state.num_entries], state.tokens[:, : state.num_entries]
     return (tokens[:, forced < 0] - backbone.code_offset).view(-1, *state.grid).cpu()

@@ -148,7 +148,7 @@ class FlashAR(Method[FlashARState]):
         cells = torch.cat([geometry.raster_cells(height, width), torch.zeros(1, 2, dtype=torch.long)])
         left, up = geometry.neighbour_index(height, width)
         scratch = torch.tensor([num_cells])
-        state = FlashARState(
+        return FlashARState(
             prefix=prefix, grid=grid, sampling=sampling, cache=cache, key_valid=image_key_valid(prefix, cache.length),
             plan=plan, branch_cache=branch_cache, slot=slot.to(device),
             positions=bb.cell_positions(cells.to(device), prefix.length, grid=grid),
@@ -161,7 +161,6 @@ class FlashAR(Method[FlashARState]):
             uniform=new_uniform((diagonals.shape[1], batch), device),
             mixing=ar1_mixing(diagonals.shape[1], self.coupling).to(device) if self.coupling > 0 else None,
         )
-        return state
 
     def reset(self, state: FlashARState) -> None:
         for buffer in (state.hidden, state.vertical, state.tokens, state.uniform):

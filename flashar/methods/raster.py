@@ -45,10 +45,9 @@ class Raster(Method[RasterState]):
         # step j feeds entry j-1 and reads the P + j slots written so far
         plan = self.shapes.plan(torch.arange(num_entries, device=device)[1:], torch.arange(cache.length, device=device),
                                 [prefix.length + j for j in range(1, num_entries)])
-        state = RasterState(prefix=prefix, grid=grid, sampling=sampling, cache=cache, plan=plan,
-                            key_valid=image_key_valid(prefix, cache.length), **sequence,
-                            uniform=new_uniform((batch,), device))
-        return state
+        return RasterState(prefix=prefix, grid=grid, sampling=sampling, cache=cache, plan=plan,
+                           key_valid=image_key_valid(prefix, cache.length), **sequence,
+                           uniform=new_uniform((batch,), device))
 
     def reset(self, state: RasterState) -> None:
         state.tokens.zero_()

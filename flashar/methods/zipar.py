@@ -36,7 +36,7 @@ from torch import Tensor
 
 from flashar.backbone import Prefix
 from flashar.config import Config, SamplingConfig
-from flashar.decoding import (DecodeState, Generation, Method, commit, feed, guided, image_key_valid, native_sequence,
+from flashar.decoding import (Generation, Method, TokenState, commit, feed, guided, image_key_valid, native_sequence,
                               sequence_codes, start_sequence)
 from flashar.hookspecs import hookimpl
 from flashar.sampling import new_uniform, sample
@@ -145,8 +145,7 @@ def _slot_tables(table: dict[str, Tensor], cache_length: int, num_entries: int, 
 
 
 @dataclass
-class ZipARState(DecodeState):
-    num_entries: int  # M, entries of the native sequence; entries [M, M + T) are scratch
+class ZipARState(TokenState):  # entries [M, M + T) are scratch, one per chunk position
     src: Tensor  # (K, T) entry whose token each chunk position feeds
     dst: Tensor  # (K, T) entry each chunk position predicts (a scratch entry when none)
     slots: Tensor  # (K, T) cache slot each chunk position writes
@@ -154,9 +153,7 @@ class ZipARState(DecodeState):
     positions: Tensor  # (K*T, ...) position encoding of every chunk position
     slot_raster: Tensor  # (S,) raster index held by each slot: -1 prefix, M + T + S scratch
     slot_written: Tensor  # (S,) step from which a slot is visible (-1: always)
-    forced: Tensor  # (M + T,) forced token id (row ends), -1 where sampled
     initial: Tensor  # (M + T,) token ids before decoding: forced ones, the first code elsewhere
-    tokens: Tensor  # (B, M + T) token ids
     uniform: Tensor  # (B, T) U[0, 1) for the step's draws, refilled every step
 
 
@@ -191,7 +188,7 @@ class ZipAR(Method[ZipARState]):
         plan = self.shapes.plan(torch.arange(len(steps), device=device), torch.arange(cache.length, device=device),
                                 (prefix.length + width + 1 + table["raster"].amax(1)).tolist(), table=position_index,
                                 widths=[len(chunk) for chunk in steps])
-        state = ZipARState(
+        return ZipARState(
             prefix=prefix, grid=grid, sampling=sampling, cache=cache, key_valid=image_key_valid(prefix, cache.length),
             plan=plan, num_entries=num_entries,
             src=table["src"].to(device), dst=table["dst"].to(device), slots=table["slot"].to(device),
@@ -202,7 +199,6 @@ class ZipAR(Method[ZipARState]):
             tokens=torch.empty(batch, num_entries + width, dtype=torch.long, device=device),
             uniform=new_uniform((batch, width), device),
         )
-        return state
 
     def reset(self, state: ZipARState) -> None:
         state.tokens.copy_(state.initial.expand_as(state.tokens))
