@@ -23,7 +23,8 @@ import torch
 from flashar.attention import CPU_NATIVE
 from flashar.backbone import Backbone
 from flashar.card import decode_images
-from flashar.config import Config, RuntimeConfig, SamplingConfig, flag_of, validated  # noqa: F401 (validated: public here too)
+from flashar.config import CompileMode, Config, RuntimeConfig, SamplingConfig, flag_of
+from flashar.config import validated  # noqa: F401 (public here too)
 from flashar.batches import GenerateResult, generate_batches  # noqa: F401 (GenerateResult: public here too)
 from flashar.decoding import Method
 from flashar.errors import FlashARError, FlashARWarning
@@ -48,8 +49,10 @@ def check_image_tokenizer(backend: str, options: Mapping[str, Any] | Config, nee
     and the backend's optional tokenizer option (``BackendSpec.image_tokenizer``) was not given."""
     spec = (registry or get_registry()).backend(backend)
     name = spec.image_tokenizer
+    if name is None:
+        return
     given = getattr(options, name, None) if isinstance(options, Config) else dict(options or {}).get(name)
-    if name and given is None:
+    if given is None:
         field = spec.options.model_fields.get(name)
         what = f" ({field.description.split(';')[0].rstrip('.')})" if field is not None and field.description else ""
         raise FlashARError(
@@ -97,7 +100,8 @@ def _warn_slow_dtype(runtime: RuntimeConfig) -> None:
 
 
 def build_method(name: str, backbone: Backbone, options: Mapping[str, Any] | Config | None = None, *,
-                 compile: bool | str = False, registry: Registry | None = None, own_backbone: bool = False) -> Method:
+                 compile: bool | CompileMode = False, registry: Registry | None = None,
+                 own_backbone: bool = False) -> Method:
     """A registered decoding method bound to ``backbone`` (see ``flashar methods``).
 
     ``own_backbone=True`` when no other method uses ``backbone``: an adapter's backbone weights are then
@@ -270,6 +274,7 @@ def load_data(backbone: Backbone, data_dir: str | Path | None = None, codes_dir:
         return data
     if cache_dir is not None:
         check_writable_dir(cache_dir, "--cache-dir")
+    assert data_dir is not None  # exactly one of the two was given
     return tokenize_folder(backbone, data_dir, image_size, Path(cache_dir) if cache_dir else None, progress=progress)
 
 

@@ -136,8 +136,14 @@ def _click_type(annotation) -> Any:
     return {int: int, float: float, bool: bool}.get(base, str)
 
 
+class ScopedOption(click.Option):
+    """A config field's option; the field may scope it to some commands (``json_schema_extra={"commands": [...]}``)."""
+
+    commands: list[str] | None = None  # None: every command
+
+
 def field_options(model: type[BaseModel], skip: Iterable[str] = (), prefix: str = "",
-                  defaults: BaseModel | None = None) -> list[click.Option]:
+                  defaults: BaseModel | None = None) -> list[ScopedOption]:
     """One click option per field of ``model``; defaults stay None so only what the user typed is set.
 
     ``prefix`` (e.g. "stage1") names options ``--stage1-lr`` with destination ``stage1_lr``; ``defaults``
@@ -156,10 +162,11 @@ def field_options(model: type[BaseModel], skip: Iterable[str] = (), prefix: str 
         shown = (defaults is not None or not field.is_required()) and default is not None
         help_text = (field.description or "") + (f"  [default: {default}]" if shown else "")
         if ctype is bool:
-            option = click.Option([f"--{flag}/--no-{flag}", dest], default=None, help=help_text)
+            option = ScopedOption([f"--{flag}/--no-{flag}", dest], default=None, help=help_text)
         else:
-            option = click.Option([f"--{flag}", dest], type=ctype, default=None, help=help_text)
-        option.commands = (field.json_schema_extra or {}).get("commands")  # None: every command
+            option = ScopedOption([f"--{flag}", dest], type=ctype, default=None, help=help_text)
+        commands = field.json_schema_extra.get("commands") if isinstance(field.json_schema_extra, dict) else None
+        option.commands = [str(c) for c in commands] if isinstance(commands, list) else None
         options.append(option)
     return options
 
@@ -215,7 +222,7 @@ class PluginCommand(click.Command):
         params = [with_backend_defaults(p, registry) for p in super().get_params(ctx)]
         seen = {opt for p in params for opt in p.opts}
         for param in self.plugin_params(registry, ctx.meta.get("flashar.selected", {})):
-            if getattr(param, "commands", None) is not None and self.name not in param.commands:
+            if isinstance(param, ScopedOption) and param.commands is not None and self.name not in param.commands:
                 continue  # the owner scoped this option to other commands
             if not seen.intersection(param.opts):
                 params.append(param)

@@ -7,7 +7,7 @@ Each default is written once, here. Backends may recommend other sampling values
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
@@ -253,7 +253,10 @@ class CompareConfig(Config):
         True, description="Compute FID/KID/IS/precision/recall with torch-fidelity (needs flashar[metrics]).")
 
 
-def validated(model: type[Config], values: Mapping[str, Any] | Config | None, what: str) -> Config:
+C = TypeVar("C", bound=Config)
+
+
+def validated(model: type[C], values: Mapping[str, Any] | Config | None, what: str) -> C:
     """Build a pydantic config, turning validation errors into one-line :class:`FlashARError`."""
     if isinstance(values, model):
         return values

@@ -17,12 +17,16 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pluggy
 
 from flashar import hookspecs
 from flashar.errors import MissingExtraError, PluginError, UnknownNameError
+
+if TYPE_CHECKING:  # for annotations only: the registry loads before torch and the engine
+    from flashar.config import Config
+    from flashar.decoding import Method
 
 ENTRY_POINT_GROUP = "flashar"
 BUILTIN_PLUGINS = (
@@ -57,7 +61,7 @@ class BackendSpec:
 
     id: str
     description: str
-    options: type
+    options: type[Config]
     load: Callable[..., Any]
     extra: str | None = None
     requires: tuple[str, ...] = ()
@@ -146,7 +150,7 @@ class Registry:
     pm: pluggy.PluginManager
     plugins: list[PluginInfo] = field(default_factory=list)
     backends: dict[str, BackendSpec] = field(default_factory=dict)
-    methods: dict[str, type] = field(default_factory=dict)
+    methods: dict[str, type[Method]] = field(default_factory=dict)
     metrics: dict[str, MetricSpec] = field(default_factory=dict)
     owners: dict[tuple[str, str], str] = field(default_factory=dict)
 
@@ -209,7 +213,7 @@ class Registry:
     def backend(self, name: str) -> BackendSpec:
         return _lookup("backend", name, self.backends, "flashar backends")
 
-    def method(self, name: str) -> type:
+    def method(self, name: str) -> type[Method]:
         return _lookup("method", name, self.methods, "flashar methods")
 
 

@@ -97,20 +97,20 @@ def run_compare(methods: dict[str, Method], sampling: dict[str, SamplingConfig],
         else time_methods(methods, conditions[: config.batch_size], grid, sampling, config.repeats, config.warmup,
         config.seeds[0], on_run))
     for name, method in methods.items():
+        peak, codes = throughput[name].peak_bytes, throughput[name].codes
         row = {"method": name, "forward_passes": latency[name].forward_passes,
                **speed_columns(latency, name, "latency"), **speed_columns(throughput, name, "throughput"),
                "latency_per_image_ms": 1000 * latency[name].median / config.latency_batch_size,
                "images_per_second": config.batch_size / throughput[name].median,
                "compile_seconds": latency[name].compile_seconds,
                "decode_state_mb": throughput[name].state_bytes / 2**20,
-               "peak_memory_mb": None if throughput[name].peak_bytes is None else throughput[name].peak_bytes / 2**20,
+               "peak_memory_mb": None if peak is None else peak / 2**20,
                "sampling": sampling[name].model_dump(), "settings": method.settings()}
         if config.metrics and extractor is not None and reference is not None:
             row.update(
                 score(name, method, conditions, grid, sampling[name], config, extractor, reference, report, progress))
-        elif samples and throughput[name].codes is not None:
-            codes = throughput[name].codes[:100]
-            report.samples[name] = to_uint8(decode_all(method.backbone, codes, config.batch_size, conditions))
+        elif samples and codes is not None:
+            report.samples[name] = to_uint8(decode_all(method.backbone, codes[:100], config.batch_size, conditions))
         report.rows.append(row)
     return report
 
@@ -131,7 +131,7 @@ def speed_columns(timings: dict[str, Timing], name: str, kind: str) -> dict[str,
 
 def score(name: str, method: Method, conditions: list[Any], grid: tuple[int, int], sampling: SamplingConfig,
           config: CompareConfig, extractor: Extractor, reference: torch.Tensor, report: CompareReport,
-          progress) -> dict[str, float]:
+          progress) -> dict[str, Any]:
     """Quality metrics of ``num_samples`` images per seed of the row ``name``, averaged over the seeds (per-seed
     values kept)."""
     per_seed = []

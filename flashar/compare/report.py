@@ -93,7 +93,7 @@ def sampling_caption(report) -> str | None:
 
     used = {r["method"]: describe_sampling(r["sampling"]) for r in report.rows if r.get("sampling")}
     if len(set(used.values())) == 1:
-        caption = f"sampling: {next(iter(used.values()))}"
+        caption: str | None = f"sampling: {next(iter(used.values()))}"
     else:
         caption = "sampling: " + "; ".join(f"{m} {s}" for m, s in used.items()) if used else None
     own = [f"{r['method']}: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in r["settings"].items())
