@@ -8,7 +8,7 @@ Backends and methods add their own options (``--checkpoint``, ``--adapter``, ...
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -36,6 +36,9 @@ from flashar.cliutils import (
 from flashar.config import (IMAGE_SIZE_HELP, AdaptConfig, BranchConfig, CompareConfig, RuntimeConfig, SamplingConfig,
                             StageConfig)
 from flashar.errors import FlashARError
+
+if TYPE_CHECKING:  # rich loads only when a bar is shown
+    from rich.progress import Progress, TaskID
 
 
 class FlashARGroup(click.Group):
@@ -358,44 +361,60 @@ class _Bars:
     bar, and the display, appear on its first report."""
 
     def __init__(self, quiet: bool):
-        self.quiet, self.display = quiet, None
+        self.quiet = quiet
+        self.display: Progress | None = None
 
     def __enter__(self):
         return self
 
-    def task(self, label: str, total: int | None = None, show: bool = False) -> Callable[[float], None]:
-        """``advance(n)``; ``advance.update(done, total)`` sets both. ``show``: appear now, not on the first report."""
-        task = []
+    def open(self) -> Progress | None:
+        """The display, started on first use (None when quiet)."""
+        if self.quiet:
+            return None
+        if self.display is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        def ensure():
-            if self.quiet:
-                return None
-            if self.display is None:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            self.display = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                    TimeElapsedColumn(), console=console())
+            self.display.start()
+        return self.display
 
-                self.display = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                        TimeElapsedColumn(), console=console())
-                self.display.start()
-            if not task:
-                task.append(self.display.add_task(label, total=total or None))
-            return task[0]
-
-        def advance(n: float) -> None:
-            if (t := ensure()) is not None:
-                self.display.advance(t, n)
-
-        def update(done: float, all_: int) -> None:
-            if (t := ensure()) is not None:
-                self.display.update(t, completed=done, total=all_)
-
-        advance.update = update
+    def task(self, label: str, total: int | None = None, show: bool = False) -> _Task:
+        """A bar: ``task(n)`` advances it, ``task.update(done, total)`` sets both. ``show``: appear now, not on the
+        first report."""
+        task = _Task(self, label, total)
         if show:
-            ensure()
-        return advance
+            task.bar()
+        return task
 
     def __exit__(self, *exc):
         if self.display is not None:
             self.display.stop()
+
+
+class _Task:
+    """One bar of a :class:`_Bars` display (see :meth:`_Bars.task`)."""
+
+    def __init__(self, bars: _Bars, label: str, total: int | None):
+        self.bars, self.label, self.total = bars, label, total
+        self.id: TaskID | None = None
+
+    def bar(self) -> tuple[Progress, TaskID] | None:
+        """The display and this task's bar in it, both added on first use (None when quiet)."""
+        display = self.bars.open()
+        if display is None:
+            return None
+        if self.id is None:
+            self.id = display.add_task(self.label, total=self.total or None)
+        return display, self.id
+
+    def __call__(self, n: float) -> None:
+        if bar := self.bar():
+            bar[0].advance(bar[1], n)
+
+    def update(self, done: float, total: int) -> None:
+        if bar := self.bar():
+            bar[0].update(bar[1], completed=done, total=total)
 
 
 class _progress(_Bars):
@@ -415,7 +434,7 @@ class _progress(_Bars):
 def backends(ctx: click.Context, as_json: bool) -> None:
     """List the registered backends and whether they can be used here."""
     registry = registry_of(ctx)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for spec in sorted(registry.backends.values(), key=lambda s: s.id):
         missing = spec.missing()
         rows.append({"id": spec.id, "available": not missing, "install": spec.install_hint() if missing else None,
@@ -460,7 +479,7 @@ def _passes(cls, height: int, width: int):
 def plugins(ctx: click.Context, as_json: bool) -> None:
     """List the loaded plugins, their packages and versions, and any that failed to load."""
     registry = registry_of(ctx)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for info in registry.plugins:
         owned = sorted(f"{kind}:{item}" for (kind, item), owner in registry.owners.items() if owner == info.name)
         rows.append({"name": info.name, "package": info.package, "version": info.version, "builtin": info.builtin,

@@ -81,7 +81,7 @@ class RuntimeConfig(Config):
         return self
 
     @property
-    def compile_as(self) -> bool | str:
+    def compile_as(self) -> bool | CompileMode:
         """What methods take as ``compile``: False, or the compile mode."""
         return self.compile and self.compile_mode
 
