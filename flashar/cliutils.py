@@ -166,7 +166,7 @@ def field_options(model: type[BaseModel], skip: Iterable[str] = (), prefix: str 
         else:
             option = ScopedOption([f"--{flag}", dest], type=ctype, default=None, help=help_text)
         commands = field.json_schema_extra.get("commands") if isinstance(field.json_schema_extra, dict) else None
-        option.commands = [str(c) for c in commands] if isinstance(commands, list) else None
+        option.commands = [str(c) for c in commands] if isinstance(commands, (list, tuple)) else None
         options.append(option)
     return options
 
