@@ -54,8 +54,6 @@ class SpeculativeOptions(Config):
 
 @dataclass
 class SpeculativeState(SequenceState):  # the sequence padded by 2L entries that repeat the last cell's position
-    draft_init: str  # "repeat_horizon" | "random"
-    coupled: bool  # SCD maximal coupling of the Jacobi update
     auto_accept: Tensor  # (M + 2L,) bool: forced entries and the padding past M always pass verification
     row_start: Tensor  # (M + 2L,) first entry of each entry's row (padding: itself)
     offsets: Tensor  # (T,) arange(L + 1), window positions
@@ -87,9 +85,10 @@ def token_mass(state: SpeculativeState, logits: Tensor, probs: Tensor, draft_pro
     return probs.gather(-1, codes[..., None])[..., 0], draft_probs.gather(-1, codes[..., None])[..., 0]
 
 
-def jacobi_update(
-    state: SpeculativeState, probs: Tensor, drafts: Tensor, accept: Tensor, num_accepted: Tensor) -> Tensor:
-    """Codes (B, T) for window positions 0..L: committed up to a, then next iteration's drafts (§4.1-4.2)."""
+def jacobi_update(state: SpeculativeState, probs: Tensor, drafts: Tensor, accept: Tensor, num_accepted: Tensor,
+                  coupled: bool) -> Tensor:
+    """Codes (B, T) for window positions 0..L: committed up to a, then next iteration's drafts (§4.1-4.2);
+    ``coupled``: the SCD maximal coupling instead of fresh draws."""
     batch = drafts.shape[0]
     no_draft = torch.zeros_like(probs[:, :1])  # the bonus position L has no draft: residual = p
     residual = (probs - torch.cat([state.draft_probs, no_draft], dim=1)).clamp_min(0)
@@ -97,19 +96,19 @@ def jacobi_update(
     accept = torch.cat([accept, accept.new_zeros(batch, 1)], dim=1)  # (B, T)
     drafts = torch.cat([drafts, drafts.new_zeros(batch, 1)], dim=1)
     kept = torch.where(accept, drafts, draw(residual, state.draw_uniform))  # accept-or-residual: marginal p
-    if state.coupled:
+    if coupled:
         return kept  # SCD: every later position keeps its draft with probability min(1, p/q)
     fresh = draw(probs, state.draw_uniform)  # plain Jacobi update; position a uses `kept`, so one uniform each
     return torch.where(state.offsets[None, :] <= num_accepted, kept, fresh)
 
 
-def initial_drafts(state: SpeculativeState, first: Tensor, left: Tensor) -> Tensor:
+def initial_drafts(state: SpeculativeState, first: Tensor, left: Tensor, draft_init: str) -> Tensor:
     """Codes (B, L) for new drafts at entries first .. first+L-1; ``left`` (B,) is the code at entry first-1.
 
     ``repeat_horizon`` copies the nearest known token to the left in the same row (a row that starts inside
     the block repeats the random code drawn for its first entry); ``random`` takes uniform codes (§4.1).
     """
-    if state.draft_init == "random":
+    if draft_init == "random":
         return state.init_codes
     entries = first + state.offsets[:-1]  # (L,)
     row_start = state.row_start.index_select(0, entries)
@@ -144,7 +143,7 @@ class SpeculativeMethod(Method[SpeculativeState]):
                                 [prefix.length + length + 1, prefix.length + length + num_entries - 1])
         return SpeculativeState(
             prefix=prefix, grid=grid, sampling=sampling, cache=cache, key_valid=image_key_valid(prefix, cache.length),
-            plan=plan, **sequence, draft_init=self.options.draft_init, coupled=self.coupled,
+            plan=plan, **sequence,
             auto_accept=(sequence["forced"] >= 0) | (entry >= num_entries),
             row_start=_row_starts(cells, len(entry)).to(device),
             offsets=torch.arange(length + 1, device=device),
@@ -172,7 +171,7 @@ class SpeculativeMethod(Method[SpeculativeState]):
         bb = self.backbone
         start_sequence(bb, state, state.draw_uniform[:, 0])
         one = torch.ones((), dtype=torch.long, device=bb.device)
-        init = initial_drafts(state, one, state.tokens[:, 0] - bb.code_offset)  # (B, L) entries 1 .. L
+        init = initial_drafts(state, one, state.tokens[:, 0] - bb.code_offset, self.options.draft_init)  # entries 1..L
         commit(bb, state, one + state.offsets[:-1], init)
         state.draft_probs.zero_().scatter_(-1, init[..., None], 1.0)
         state.accepted.fill_(1)
@@ -190,9 +189,9 @@ class SpeculativeMethod(Method[SpeculativeState]):
         p_mass, q_mass = self._rule(state, logits[:, :-1], probs[:, :-1], state.draft_probs, drafts)
         accept = (state.uniform * q_mass < p_mass) | state.auto_accept.index_select(0, entries[1:])  # (B, L)
         num_accepted = accept.long().cumprod(1).sum(1).min()  # 0-d a, the batch minimum (official SJD)
-        codes = jacobi_update(state, probs, drafts, accept, num_accepted)  # (B, T) entries n .. n+L
+        codes = jacobi_update(state, probs, drafts, accept, num_accepted, self.coupled)  # (B, T) entries n .. n+L
         first_new = state.accepted + state.draft_length + 1  # entries past the window need initial drafts
-        init = initial_drafts(state, first_new, codes[:, -1])  # (B, L) entries n+L+1 .. n+2L
+        init = initial_drafts(state, first_new, codes[:, -1], self.options.draft_init)  # (B, L) n+L+1 .. n+2L
         commit(bb, state, state.accepted + torch.arange(2 * state.draft_length + 1, device=codes.device),
                torch.cat([codes, init], dim=1))
         source = num_accepted + 1 + state.offsets[:-1]  # (L,) next window j <- this window position a+1+j
