@@ -21,8 +21,8 @@ from flashar.errors import FlashARError
 # "math", "sdpa" or "flex" everywhere. Read once; benchmarks compare the paths by setting FLASHAR_ATTENTION.
 ATTENTION = os.environ.get("FLASHAR_ATTENTION", "auto")
 # CPUs whose bf16 matmuls run on AMX tiles. There the stock SDPA kernel is the fastest bf16 path at GPT-B's
-# decode shapes; without AMX (an AVX512-BF16 EPYC) it ran ~9x slower than the math path at one
-# query and 1.4x slower at 32 (GPT-B shapes, bf16). benchmarks/attention.py measures both on any machine.
+# decode shapes; without AMX (an AVX512-BF16 AMD EPYC) it ran 2.5x slower than the math path eager and 4.1x
+# compiled at one query (receipt attention_cpu_avx512.json). benchmarks/attention.py measures both anywhere.
 CPU_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
@@ -40,8 +40,9 @@ def _cpu_multiplies(kind: str) -> bool:
 # against SDPA's 4 ms. There the math path is taken for one query row per KV head only.
 CPU_NATIVE = {torch.bfloat16: _cpu_multiplies("bf16"), torch.float16: _cpu_multiplies("fp16")}
 # The math path materialises float32 scores, so it is chosen only for decode-sized chunks: at most this
-# many query rows per KV head (heads per KV head x T).
-MATH_ROWS = 64
+# many query rows per KV head (heads per KV head x T); with native bf16/fp16 matmuls but no AMX, up to
+# MATH_ROWS_NATIVE, where it was still as fast as SDPA or faster (Emu3.5's 8 query heads x a 32-cell diagonal).
+MATH_ROWS, MATH_ROWS_NATIVE = 64, 256
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:
@@ -57,14 +58,16 @@ def attention_path(q: Tensor, k: Tensor) -> str:
     """"math" or "sdpa" for these shapes on this device; ``ATTENTION`` overrides "auto" (with "flex" too).
 
     By measurement (benchmarks/attention.py, cold KV caches as in a decode step), on CPU for decode-sized
-    chunks (at most ``MATH_ROWS`` query rows per KV head):
+    chunks (at most ``MATH_ROWS`` query rows per KV head, or ``MATH_ROWS_NATIVE`` where stated):
 
     * bf16/fp16 with AMX: SDPA (the fastest multi-head path; grouped, math gains 1.1x compiled, loses 1.3x eager);
-    * bf16/fp16 multiplied natively without AMX (AVX512): math (SDPA ~9x slower at one query, 1.4x at 32);
+    * bf16/fp16 multiplied natively without AMX (an AVX512 EPYC): math up to ``MATH_ROWS_NATIVE`` rows (SDPA
+      2.5x / 4.1x slower eager / compiled at one query, 5.4x / 7.3x with 8 grouped heads; compiled, math is
+      1.1-1.7x faster from 32 to 256 rows; eager, 0.75-1.0x SDPA's speed at 32-128 multi-head rows);
     * bf16/fp16 emulated (AVX2 only, ``CPU_NATIVE``): math at one row per KV head (3.4x faster compiled,
       1.14x slower eager), SDPA beyond it (math 17-23x slower at 32 rows);
     * fp32: math with grouped heads (1.0-1.3x faster on an AMX Xeon, 1.7-2.3x at one query on an AVX2
-      EPYC), SDPA without (ties at one query, 1.4-1.5x faster at 32).
+      EPYC, 1.25-1.7x on an AVX512 one), SDPA without (ties at one query, 1.2-1.5x faster at 32).
 
     Everything else (prefill-sized chunks; CUDA, until a GPU receipt says otherwise) takes SDPA. Only sizes
     provably in range count, so that under torch.compile a dynamic diagonal length adds no guard.
@@ -72,13 +75,15 @@ def attention_path(q: Tensor, k: Tensor) -> str:
     if attention_setting() != "auto":
         return ATTENTION
     rows = q.shape[1] // k.shape[1] * q.shape[2]  # query rows per KV head
-    if q.device.type != "cpu" or not statically_known_true(rows <= MATH_ROWS):
+    if q.device.type != "cpu":
         return "sdpa"
     if q.dtype in (torch.bfloat16, torch.float16):
         if CPU_AMX:
             return "sdpa"
-        return "math" if CPU_NATIVE[q.dtype] or statically_known_true(rows == 1) else "sdpa"
-    return "math" if q.shape[1] > k.shape[1] else "sdpa"
+        if CPU_NATIVE[q.dtype]:
+            return "math" if statically_known_true(rows <= MATH_ROWS_NATIVE) else "sdpa"
+        return "math" if statically_known_true(rows == 1) else "sdpa"
+    return "math" if q.shape[1] > k.shape[1] and statically_known_true(rows <= MATH_ROWS) else "sdpa"
 
 
 def attention_setting() -> str:

@@ -66,11 +66,13 @@ def test_the_path_follows_device_dtype_shape_and_the_override(monkeypatch):
     monkeypatch.setattr(A, "CPU_AMX", False)
     monkeypatch.setitem(A.CPU_NATIVE, torch.bfloat16, True)
     assert A.attention_path(*bf16) == "math"  # no AMX: SDPA's bf16 kernel is slow at decode shapes
-    assert A.attention_path(q65.bfloat16(), k65.bfloat16()) == "sdpa"  # a prefill-sized chunk
+    assert A.attention_path(q65.bfloat16(), k65.bfloat16()) == "math"  # 65 rows: within the native limit
     assert A.attention_path(q32, k32) == "sdpa"  # fp32
     grouped = qkv(queries=20, kv_heads=1)  # 4 heads per KV head x 20 queries = 80 rows per KV head
-    assert A.attention_path(grouped[0].bfloat16(), grouped[1].bfloat16()) == "sdpa"
-    assert A.attention_path(*grouped[:2]) == "sdpa"
+    assert A.attention_path(grouped[0].bfloat16(), grouped[1].bfloat16()) == "math"  # native bf16: up to 256 rows
+    assert A.attention_path(*grouped[:2]) == "sdpa"  # fp32: up to 64
+    wide = qkv(queries=65, kv_heads=1)  # 260 rows per KV head
+    assert A.attention_path(wide[0].bfloat16(), wide[1].bfloat16()) == "sdpa"
     small = qkv(queries=16, kv_heads=1)  # 64 rows per KV head, fp32: the math path reads each KV head once
     assert A.attention_path(*small[:2]) == "math"
     monkeypatch.setitem(A.CPU_NATIVE, torch.bfloat16, False)  # emulated bf16 (AVX2): math's matmuls cost per row
